@@ -1,0 +1,186 @@
+"""The pure core: a batch of (slot, features) plus the state bank in, scores and new state out.
+
+`advance` is the single definition of one event's step (surprise against the previous
+prediction, normaliser update, GRU step, calibration). Training calls it with gradients on
+whole sequences; the daemon calls it through `Detector.process`, which splits an arbitrary
+batch into wavefronts: wavefront k holds the k-th event of every stream in the batch, so each
+stream advances exactly one step per event and in order, while all streams of a wavefront
+share one GRU call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models.calibration import CalibrationConfig, calibrate
+from models.gru import StreamGRU, gaussian_nll
+from models.state import StateBank
+
+
+@dataclass
+class StepOutput:
+    """Per event: raw surprise (NLL, nats), calibrated score, decision, per-feature NLL."""
+
+    surprise: torch.Tensor  # float64 [B]
+    score: torch.Tensor  # float64 [B]
+    is_anomaly: torch.Tensor  # bool [B]
+    contributions: torch.Tensor  # float32 [B, F], 0 for absent features or before a prediction
+    valid: torch.Tensor  # bool [B]: there was a prediction to be surprised against
+
+
+def _std(cfg_rel: float, cfg_abs: float, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    return torch.maximum(torch.sqrt(var.clamp(min=0.0)), cfg_rel * mean.abs() + cfg_abs)
+
+
+def advance(
+    model: StreamGRU,
+    cal: CalibrationConfig,
+    state: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    mask: torch.Tensor,
+) -> tuple[dict[str, torch.Tensor], StepOutput]:
+    """One event for each of B distinct streams. x: float64 [B, F] (anything where ~mask)."""
+    cfg = model.config
+    x = torch.where(mask, x, torch.zeros_like(x))
+    n, mean, var = state["norm_n"], state["norm_mean"], state["norm_var"]
+
+    # Surprise of this event under the prediction made after the stream's previous event,
+    # in the normalised units that prediction was made in.
+    z_prev = ((x - mean) / _std(cfg.rel_std_floor, cfg.abs_std_floor, mean, var)).float()
+    has_pred = mask & (n >= 2)
+    nll = gaussian_nll(z_prev, state["pred_mu"], state["pred_log_sigma"]).clamp(max=cfg.max_feature_nll)
+    nll = torch.where(has_pred, nll, torch.zeros_like(nll))
+    surprise = nll.double().sum(dim=1)
+    valid = has_pred.any(dim=1)
+
+    # Online normaliser: exact mean/variance at first, exponential window later.
+    n_new = torch.where(mask, n + 1, n)
+    alpha = torch.clamp(1.0 / n_new.clamp(min=1.0), min=cfg.norm_alpha)
+    delta = x - mean
+    mean_new = torch.where(mask, mean + alpha * delta, mean)
+    var_new = torch.where(mask, (1.0 - alpha) * (var + alpha * delta * delta), var)
+    z_in = (x - mean_new) / _std(cfg.rel_std_floor, cfg.abs_std_floor, mean_new, var_new)
+    z_in = torch.where(mask, z_in, torch.zeros_like(z_in)).float()
+
+    b, f = x.shape
+    h = state["h"]
+    h_step, mu, log_sigma = model.step(z_in.reshape(b * f), h.reshape(b * f, -1))
+    h_new = torch.where(mask.unsqueeze(-1), h_step.reshape(h.shape), h)
+    mu_new = torch.where(mask, mu.reshape(b, f), state["pred_mu"])
+    ls_new = torch.where(mask, log_sigma.reshape(b, f), state["pred_log_sigma"])
+
+    steps = state["steps"]
+    score, is_anomaly, (cal_n, cal_mean, cal_var) = calibrate(
+        cal, surprise, valid, state["cal_n"], state["cal_mean"], state["cal_var"], steps
+    )
+    new_state = {
+        "h": h_new,
+        "norm_n": n_new,
+        "norm_mean": mean_new,
+        "norm_var": var_new,
+        "pred_mu": mu_new,
+        "pred_log_sigma": ls_new,
+        "cal_n": cal_n,
+        "cal_mean": cal_mean,
+        "cal_var": cal_var,
+        "steps": steps + 1,
+    }
+    return new_state, StepOutput(surprise, score, is_anomaly, nll, valid)
+
+
+def wavefronts(slots: np.ndarray) -> list[np.ndarray]:
+    """Split event indices into wavefronts: the k-th event of every slot, in input order.
+
+    Vectorised: a stable sort by slot gives each event its rank within its stream; a stable
+    sort by rank then lays the wavefronts out one after another.
+    """
+    n = len(slots)
+    if n == 0:
+        return []
+    by_slot = np.argsort(slots, kind="stable")
+    sorted_slots = slots[by_slot]
+    starts = np.r_[True, sorted_slots[1:] != sorted_slots[:-1]]
+    group_start = np.maximum.accumulate(np.where(starts, np.arange(n), 0))
+    rank = np.empty(n, dtype=np.int64)
+    rank[by_slot] = np.arange(n) - group_start
+    by_rank = np.argsort(rank, kind="stable")
+    counts = np.bincount(rank)
+    return np.split(by_rank, np.cumsum(counts)[:-1])
+
+
+@dataclass
+class BatchResult:
+    """Host-side results for a batch, in input order."""
+
+    surprise: np.ndarray  # float64 [N]
+    score: np.ndarray  # float64 [N]
+    is_anomaly: np.ndarray  # bool [N]
+    contributions: np.ndarray  # float32 [N, F]
+    valid: np.ndarray  # bool [N]
+    wavefronts: int
+
+    def top_feature(self, mask: np.ndarray) -> np.ndarray:
+        """Index of the feature with the largest surprise per event, -1 where none scored."""
+        contrib = np.where(mask & self.valid[:, None], self.contributions, -np.inf)
+        top = contrib.argmax(axis=1)
+        return np.where(np.isfinite(contrib.max(axis=1)), top, -1)
+
+
+class Detector:
+    """The model, its calibration settings and the state bank, on one device."""
+
+    def __init__(
+        self,
+        model: StreamGRU,
+        calibration: CalibrationConfig | None = None,
+        device: str | torch.device = "cpu",
+        capacity: int = 1024,
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.calibration = calibration or CalibrationConfig()
+        self.bank = StateBank(model.config, self.device, capacity)
+
+    @property
+    def max_features(self) -> int:
+        return self.model.config.max_features
+
+    @torch.no_grad()
+    def process(self, slots: np.ndarray, x: np.ndarray, mask: np.ndarray) -> BatchResult:
+        """Step every event once, in order per slot. slots: int [N]; x: float [N, F]; mask: bool [N, F]."""
+        n = len(slots)
+        f = self.max_features
+        dev = self.device
+        out_surprise = torch.zeros(n, dtype=torch.float64, device=dev)
+        out_score = torch.zeros(n, dtype=torch.float64, device=dev)
+        out_anom = torch.zeros(n, dtype=torch.bool, device=dev)
+        out_contrib = torch.zeros((n, f), dtype=torch.float32, device=dev)
+        out_valid = torch.zeros(n, dtype=torch.bool, device=dev)
+        if n == 0:
+            return BatchResult(np.zeros(0), np.zeros(0), np.zeros(0, bool), np.zeros((0, f), np.float32), np.zeros(0, bool), 0)
+        self.bank.ensure_capacity(int(slots.max()) + 1)
+        x_dev = torch.as_tensor(x, dtype=torch.float64).to(dev, non_blocking=True)
+        mask_dev = torch.as_tensor(mask, dtype=torch.bool).to(dev, non_blocking=True)
+        slots_dev = torch.as_tensor(slots, dtype=torch.int64).to(dev, non_blocking=True)
+        waves = wavefronts(np.asarray(slots))
+        for wave in waves:
+            idx = torch.as_tensor(wave).to(dev, non_blocking=True)
+            rows = slots_dev[idx]
+            new_state, out = advance(self.model, self.calibration, self.bank.gather(rows), x_dev[idx], mask_dev[idx])
+            self.bank.scatter(rows, new_state)
+            out_surprise[idx] = out.surprise
+            out_score[idx] = out.score
+            out_anom[idx] = out.is_anomaly
+            out_contrib[idx] = out.contributions
+            out_valid[idx] = out.valid
+        return BatchResult(
+            out_surprise.cpu().numpy(),
+            out_score.cpu().numpy(),
+            out_anom.cpu().numpy(),
+            out_contrib.cpu().numpy(),
+            out_valid.cpu().numpy(),
+            len(waves),
+        )

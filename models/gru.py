@@ -1,0 +1,121 @@
+"""The network: one small GRU cell shared by every feature channel of every stream.
+
+Each feature of a stream is its own channel with its own hidden state, and all channels share
+the weights. That keeps the model independent of how many features a stream has and of their
+order, so weights pretrained on univariate synthetic series apply unchanged to a four-sensor
+pump. The cell reads the online-normalised value of one event and predicts a Gaussian over the
+next normalised value; the negative log-likelihood of what then arrives is the raw surprise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+CHECKPOINT_FORMAT = "streamer-gru"
+CHECKPOINT_VERSION = 1
+DEFAULT_WEIGHTS = Path(__file__).with_name("weights") / "default.pt"
+LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and the fixed numerics around it; saved inside every checkpoint."""
+
+    hidden: int = 32
+    max_features: int = 8
+    # Normaliser: exact running mean/variance for the first 1/norm_alpha events, then an
+    # exponential window of that length, so level changes are absorbed over ~1,000 events.
+    norm_alpha: float = 1e-3
+    # Relative and absolute floors on the normaliser's standard deviation so a flat series
+    # does not divide by zero.
+    rel_std_floor: float = 1e-4
+    abs_std_floor: float = 1e-6
+    # Bounds on the predicted log standard deviation, in normalised units.
+    min_log_sigma: float = -4.0
+    max_log_sigma: float = 3.0
+    # A single feature's surprise is capped so one absurd value cannot dominate calibration.
+    max_feature_nll: float = 200.0
+
+    @property
+    def input_size(self) -> int:
+        return 2
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        return cls(**data)
+
+
+class StreamGRU(nn.Module):
+    """GRU cell plus a Gaussian head; stateless, the hidden states live in the state bank."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.cell = nn.GRUCell(config.input_size, config.hidden)
+        self.head = nn.Linear(config.hidden, 2)
+
+    @staticmethod
+    def encode(z: torch.Tensor) -> torch.Tensor:
+        """Both a clipped linear view (precision near the mean) and asinh (range far from it)."""
+        return torch.stack((z.clamp(-8.0, 8.0) / 4.0, torch.asinh(z) / 3.0), dim=-1)
+
+    def step(self, z: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Advance channels by one event.
+
+        z: [N] normalised values, h: [N, hidden]. Returns (new h, predicted mean of the next
+        normalised value, its log standard deviation).
+        """
+        h_new = self.cell(self.encode(z), h)
+        out = self.head(h_new)
+        cfg = self.config
+        log_sigma = out[:, 1].clamp(cfg.min_log_sigma, cfg.max_log_sigma)
+        return h_new, out[:, 0], log_sigma
+
+
+def gaussian_nll(z: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of z under N(mu, exp(log_sigma)^2), elementwise."""
+    r = (z - mu) * torch.exp(-log_sigma)
+    return 0.5 * r * r + log_sigma + LOG_SQRT_2PI
+
+
+def save_checkpoint(path: str | Path, model: StreamGRU, training: dict[str, Any]) -> None:
+    """Write weights with the config and a description of the training data.
+
+    Only tensors and plain Python values go in, so the file loads with weights_only=True.
+    """
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "config": asdict(model.config),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "training": training,
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[StreamGRU, dict[str, Any]]:
+    """Load a checkpoint safely (weights_only=True); returns the model in eval mode and its metadata."""
+    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint")
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint version {payload.get('version')} is not {CHECKPOINT_VERSION}")
+    model = StreamGRU(ModelConfig.from_dict(payload["config"]))
+    model.load_state_dict(payload["state_dict"])
+    model.to(device).eval()
+    meta = {k: v for k, v in payload.items() if k != "state_dict"}
+    return model, meta

@@ -1,0 +1,111 @@
+"""The state bank: every stream's state as one row of a few device tensors.
+
+Keeping all streams in the same tensors is what lets one GRU call advance thousands of streams
+at once; a row index (the "slot") is the only handle the rest of the system holds. The bank
+knows nothing of stream ids or partitions: the slot table in `streamer/` does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from models.gru import ModelConfig
+
+
+@dataclass(frozen=True)
+class Field:
+    """One per-stream tensor: its per-row shape (in terms of F features and H hidden) and dtype."""
+
+    name: str
+    per_feature: bool
+    hidden: bool
+    dtype: torch.dtype
+
+
+# Normaliser statistics and the calibrator are kept in float64: a sensor reading 1e4 with noise
+# of 0.01 loses its variance in float32.
+FIELDS: tuple[Field, ...] = (
+    Field("h", True, True, torch.float32),  # GRU hidden state per feature channel
+    Field("norm_n", True, False, torch.float64),  # events seen per feature
+    Field("norm_mean", True, False, torch.float64),
+    Field("norm_var", True, False, torch.float64),
+    Field("pred_mu", True, False, torch.float32),  # prediction for the next event, normalised
+    Field("pred_log_sigma", True, False, torch.float32),
+    Field("cal_n", False, False, torch.float64),  # surprises the calibrator has seen
+    Field("cal_mean", False, False, torch.float64),
+    Field("cal_var", False, False, torch.float64),
+    Field("steps", False, False, torch.int64),  # events seen by the stream
+)
+
+
+def empty_state(config: ModelConfig, rows: int, features: int | None = None, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Zeroed state for `rows` never-seen streams; training uses it with features=1."""
+    f = config.max_features if features is None else features
+    out = {}
+    for field in FIELDS:
+        shape: tuple[int, ...] = (rows,)
+        if field.per_feature:
+            shape += (f,)
+        if field.hidden:
+            shape += (config.hidden,)
+        out[field.name] = torch.zeros(shape, dtype=field.dtype, device=device)
+    return out
+
+
+class StateBank:
+    """Rows of per-stream state on one device, grown by doubling."""
+
+    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu", capacity: int = 1024) -> None:
+        self.config = config
+        self.device = torch.device(device)
+        self.capacity = 0
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._grow_to(max(1, capacity))
+
+    def _grow_to(self, capacity: int) -> None:
+        fresh = empty_state(self.config, capacity, device=self.device)
+        for field in FIELDS:
+            new = fresh[field.name]
+            old = self.tensors.get(field.name)
+            if old is not None:
+                new[: old.shape[0]] = old
+            self.tensors[field.name] = new
+        self.capacity = capacity
+
+    def ensure_capacity(self, rows: int) -> None:
+        """Make room for row indices below `rows`."""
+        if rows > self.capacity:
+            cap = self.capacity
+            while cap < rows:
+                cap *= 2
+            self._grow_to(cap)
+
+    def reset(self, rows: torch.Tensor) -> None:
+        """Return rows to the state of a never-seen stream."""
+        for t in self.tensors.values():
+            t[rows] = 0
+
+    def gather(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: t[rows] for name, t in self.tensors.items()}
+
+    def scatter(self, rows: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
+        for name, v in values.items():
+            self.tensors[name][rows] = v
+
+    def export_rows(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Copy rows to CPU for a snapshot (plain tensors, loadable with weights_only=True)."""
+        return {name: t[rows].cpu() for name, t in self.tensors.items()}
+
+    def import_rows(self, rows: torch.Tensor, data: dict[str, torch.Tensor]) -> None:
+        """Write snapshot rows back; a snapshot from a different architecture is refused."""
+        for field in FIELDS:
+            src = data[field.name]
+            expected = tuple(self.tensors[field.name].shape[1:])
+            if tuple(src.shape) != (int(rows.numel()), *expected):
+                raise ValueError(f"state field {field.name}: shape {tuple(src.shape)} does not match rows x {expected}")
+            self.tensors[field.name][rows] = src.to(self.device, field.dtype)
+
+    def nbytes(self) -> int:
+        return sum(t.element_size() * t.numel() for t in self.tensors.values())

@@ -1,0 +1,87 @@
+"""Wiring: config to a running daemon (model on its device, transport, metrics, signals)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.calibration import CalibrationConfig
+from models.detector import Detector
+from models.gru import DEFAULT_WEIGHTS, StreamGRU, load_checkpoint
+from streamer.config import Config
+from streamer.loop import Runner
+from streamer.metrics import Metrics
+from streamer.transport import KafkaPythonTransport, Transport
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"detector.device is {name!r} but CUDA is not available")
+    return torch.device(name)
+
+
+def load_model(config: Config) -> tuple[StreamGRU, dict[str, Any], torch.device]:
+    """The configured checkpoint (or the bundled one) on the configured device, plus metadata."""
+    path = Path(config.detector.checkpoint) if config.detector.checkpoint else DEFAULT_WEIGHTS
+    device = resolve_device(config.detector.device)
+    model, meta = load_checkpoint(path, device)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    meta["model_version"] = f"{meta.get('training', {}).get('name', path.stem)}-{digest}"
+    meta["checkpoint"] = str(path)
+    return model, meta, device
+
+
+def build_detector(config: Config) -> tuple[Detector, dict[str, Any]]:
+    model, meta, device = load_model(config)
+    d = config.detector
+    cal = CalibrationConfig(warmup=d.warmup, threshold=d.threshold, alpha=d.calibration_alpha)
+    return Detector(model, cal, device, capacity=config.state.initial_capacity), meta
+
+
+def build_runner(config: Config, metrics: Metrics, transport: Transport | None = None) -> Runner:
+    detector, meta = build_detector(config)
+    metrics.model.info(
+        {
+            "version": meta["model_version"],
+            "checkpoint": meta["checkpoint"],
+            "device": str(detector.device),
+            "hidden": str(detector.model.config.hidden),
+            "max_features": str(detector.max_features),
+        }
+    )
+    return Runner(config, transport or KafkaPythonTransport(config), detector, metrics, meta)
+
+
+def run_daemon(config: Config) -> int:
+    """`streamer run`: serve metrics, consume until SIGTERM/SIGINT, drain, exit 0."""
+    metrics = Metrics()
+    if config.metrics.enabled:
+        port = metrics.serve(config.metrics.host, config.metrics.port)
+        log.info("serving /metrics on %s:%d", config.metrics.host, port)
+    runner = build_runner(config, metrics)
+    install_signal_handlers(runner.stop)
+    log.info("consuming %s as group %s", ",".join(config.topics.inputs), config.consumer.group_id)
+    runner.run()
+    return 0
+
+
+def install_signal_handlers(stop: Any) -> None:
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        log.info("received %s, draining", signal.Signals(signum).name)
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

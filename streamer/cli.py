@@ -1,0 +1,66 @@
+"""The `streamer` command: run, demo, train."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from streamer.config import ConfigError, load_config
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="streamer", description="Real-time anomaly detection for Kafka event streams.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the detector daemon")
+    run.add_argument("--config", default="config.yaml", help="YAML config file (default: config.yaml)")
+
+    demo = sub.add_parser("demo", help="embedded broker + synthetic sensor feed + detector + live view")
+    demo.add_argument("--streams", type=int, default=120, help="synthetic sensor streams (default 120)")
+    demo.add_argument("--rate", type=float, default=10.0, help="simulated minutes per second for every stream (default 10)")
+    demo.add_argument("--metrics-port", type=int, default=9108, help="/metrics port (default 9108; a free one if taken)")
+    demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)")
+
+    train = sub.add_parser("train", help="pretrain the GRU on synthetic series and write a checkpoint")
+    train.add_argument("--out", default="models/weights/default.pt")
+    train.add_argument("--steps", type=int, default=300)
+    train.add_argument("--batch", type=int, default=64)
+    train.add_argument("--length", type=int, default=384)
+    train.add_argument("--hidden", type=int, default=32)
+    train.add_argument("--seed", type=int, default=0)
+
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        try:
+            config = load_config(args.config)
+        except ConfigError as err:
+            print(f"streamer: config error: {err}", file=sys.stderr)
+            return 2
+        _setup_logging(config.log_level)
+        from streamer.app import run_daemon
+
+        return run_daemon(config)
+    if args.command == "demo":
+        _setup_logging("WARNING")
+        from streamer.demo import run_demo
+
+        return run_demo(args.streams, args.rate, args.metrics_port, args.duration)
+    if args.command == "train":
+        from models.train import TrainConfig, train_to
+
+        cfg = TrainConfig(steps=args.steps, batch=args.batch, length=args.length, hidden=args.hidden, seed=args.seed)
+        summary = train_to(args.out, cfg)
+        print(f"wrote {args.out}: loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f} in {summary['seconds']}s")
+        print(f"data: {summary['data']}")
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,168 @@
+"""Configuration: one YAML file, validated at start, with environment overrides for secrets.
+
+Pydantic with `extra="forbid"` does the work of naming the offending key: a typo in
+config.yaml stops the daemon before it connects anywhere, instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# Environment variables that override config values, so secrets need not sit in the file.
+ENV_OVERRIDES: dict[str, tuple[str, str]] = {
+    "STREAMER_BOOTSTRAP_SERVERS": ("kafka", "bootstrap_servers"),
+    "STREAMER_SASL_PLAIN_USERNAME": ("kafka", "sasl_plain_username"),
+    "STREAMER_SASL_PLAIN_PASSWORD": ("kafka", "sasl_plain_password"),
+    "STREAMER_SSL_PASSWORD": ("kafka", "ssl_password"),
+}
+
+
+class ConfigError(Exception):
+    """A configuration problem, with the dotted key that caused it in the message."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaConfig(_Strict):
+    """Connection options passed straight through to kafka-python (same names, same meaning)."""
+
+    bootstrap_servers: str | list[str] = "127.0.0.1:9092"
+    client_id: str = "streamer"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512", "GSSAPI", "OAUTHBEARER"] | None = None
+    sasl_plain_username: str | None = None
+    sasl_plain_password: str | None = None
+    sasl_kerberos_service_name: str | None = None
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+    ssl_password: str | None = None
+    ssl_crlfile: str | None = None
+    ssl_check_hostname: bool | None = None
+    request_timeout_ms: int | None = Field(default=None, gt=0)
+
+    def client_options(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump().items() if v is not None}
+
+
+class ConsumerConfig(_Strict):
+    group_id: str = "streamer"
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    session_timeout_ms: int = Field(default=10_000, gt=0)
+    heartbeat_interval_ms: int = Field(default=3_000, gt=0)
+    max_poll_interval_ms: int = Field(default=300_000, gt=0)
+    max_poll_records: int = Field(default=5_000, gt=0)
+    fetch_max_bytes: int = Field(default=52_428_800, gt=0)
+    max_partition_fetch_bytes: int = Field(default=1_048_576, gt=0)
+    poll_timeout_ms: int = Field(default=200, ge=0)
+
+
+class ProducerConfig(_Strict):
+    acks: Literal["all", 0, 1] = "all"
+    linger_ms: int = Field(default=5, ge=0)
+    batch_size: int = Field(default=262_144, gt=0)
+    compression_type: Literal["gzip", "snappy", "lz4", "zstd"] | None = None
+    max_request_size: int = Field(default=4_194_304, gt=0)
+    send_timeout_s: float = Field(default=30.0, gt=0)
+
+
+class TopicsConfig(_Strict):
+    inputs: list[str] = Field(default_factory=lambda: ["sensors"], min_length=1)
+    scores: str = "streamer.scores"
+    alerts: str = "streamer.alerts"
+    dead_letter: str = "streamer.dead-letter"
+
+
+class InputConfig(_Strict):
+    max_message_bytes: int = Field(default=65_536, gt=0)
+    max_stream_id_length: int = Field(default=256, gt=0)
+    stream_field: str = "stream"
+
+
+class DetectorConfig(_Strict):
+    checkpoint: str | None = None  # None: the weights bundled in models/weights/default.pt
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    warmup: int = Field(default=100, ge=0)
+    threshold: float = Field(default=0.9999, gt=0.0, le=1.0)
+    calibration_alpha: float = Field(default=0.005, gt=0.0, lt=1.0)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v != "auto" and not (v == "cpu" or v == "cuda" or v.startswith("cuda:")):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return v
+
+
+class StateConfig(_Strict):
+    dir: str = "state"
+    snapshot_interval_s: float = Field(default=30.0, gt=0)
+    idle_evict_s: float = Field(default=86_400.0, gt=0)
+    initial_capacity: int = Field(default=1024, gt=0)
+
+
+class MetricsConfig(_Strict):
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = Field(default=9108, ge=0, le=65535)
+
+
+class Config(_Strict):
+    kafka: KafkaConfig = KafkaConfig()
+    consumer: ConsumerConfig = ConsumerConfig()
+    producer: ProducerConfig = ProducerConfig()
+    topics: TopicsConfig = TopicsConfig()
+    input: InputConfig = InputConfig()
+    detector: DetectorConfig = DetectorConfig()
+    state: StateConfig = StateConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"{key}: {msg}")
+    return "; ".join(lines)
+
+
+def build_config(data: dict[str, Any] | None, env: dict[str, str] | None = None) -> Config:
+    """Validate a parsed mapping, apply environment overrides, raise ConfigError naming the key."""
+    data = dict(data or {})
+    env = os.environ if env is None else env
+    for var, (section, key) in ENV_OVERRIDES.items():
+        if env.get(var):
+            sect = data.get(section) or {}
+            if not isinstance(sect, dict):
+                raise ConfigError(f"{section}: must be a mapping")
+            data[section] = {**sect, key: env[var]}
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format(err)) from None
+
+
+def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> Config:
+    """Read and validate a YAML file (None: all defaults)."""
+    if path is None:
+        return build_config({}, env)
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return build_config(data, env)

@@ -1,0 +1,176 @@
+"""Decoding: raw Kafka values to columns the detector can step, or to dead letters with a reason.
+
+JSON parsing is the one unavoidable per-event Python step, so it is kept to a single pass with
+orjson and every check is a cheap type test. Anything the detector could not score (bad JSON,
+no stream id, a value that is not a finite number, a feature set other than the stream's) is
+sent back with a reason instead of raising, so one bad producer cannot stop the daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import orjson
+
+# Dead-letter reasons; the metric label and the `streamer.reason` header use these strings.
+REASONS = (
+    "oversized",
+    "invalid_json",
+    "not_an_object",
+    "missing_stream",
+    "invalid_stream",
+    "invalid_timestamp",
+    "missing_values",
+    "non_numeric",
+    "non_finite",
+    "too_many_features",
+    "schema_mismatch",
+)
+
+
+class Rejected(Exception):
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Decoded:
+    """Valid events as columns (index = position in the poll) plus the rejected positions."""
+
+    index: np.ndarray  # int64 [N] positions in the Polled batch
+    stream: list[str]
+    ts_ms: np.ndarray  # int64 [N]
+    x: np.ndarray  # float64 [N, F]
+    mask: np.ndarray  # bool [N, F]
+    dead: list[tuple[int, str, str]] = field(default_factory=list)  # (position, reason, detail)
+
+
+def parse_ts(raw: Any, fallback_ms: int) -> int:
+    """Epoch milliseconds from a number (ms) or an ISO-8601 string; fallback when absent."""
+    if raw is None:
+        return fallback_ms
+    if isinstance(raw, bool):
+        raise Rejected("invalid_timestamp", "ts must be epoch milliseconds or ISO-8601")
+    if isinstance(raw, (int, float)):
+        if not math.isfinite(raw):
+            raise Rejected("invalid_timestamp", "ts is not finite")
+        return int(raw)
+    if isinstance(raw, str):
+        try:
+            dt = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+        except ValueError:
+            raise Rejected("invalid_timestamp", f"ts {raw[:40]!r} is not ISO-8601") from None
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=timezone.utc)
+        return int(dt.timestamp() * 1000)
+    raise Rejected("invalid_timestamp", "ts must be epoch milliseconds or ISO-8601")
+
+
+def _loads(raw: bytes) -> Any:
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
+    # orjson refuses NaN, Infinity and 1e999; the stdlib parser accepts them, so such an event
+    # is reported as non-finite rather than as broken JSON.
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise Rejected("invalid_json", f"not JSON: {err}") from None
+
+
+class Decoder:
+    """Holds each stream's feature schema (sorted names, fixed by its first valid event)."""
+
+    def __init__(self, max_features: int, max_bytes: int, max_stream_len: int, stream_field: str = "stream") -> None:
+        self.max_features = max_features
+        self.max_bytes = max_bytes
+        self.max_stream_len = max_stream_len
+        self.stream_field = stream_field
+        self.schemas: dict[str, tuple[str, ...]] = {}
+
+    def _values(self, obj: dict[str, Any]) -> dict[str, Any]:
+        values = obj.get("values")
+        if values is None:
+            if "value" not in obj:
+                raise Rejected("missing_values", "neither 'values' nor 'value' present")
+            return {"value": obj["value"]}
+        if not isinstance(values, dict) or not values:
+            raise Rejected("missing_values", "'values' must be a non-empty object")
+        return values
+
+    def _one(self, raw: bytes | None, key: bytes | None, record_ts: int) -> tuple[str, int, tuple[str, ...], list[float]]:
+        if raw is None:
+            raise Rejected("invalid_json", "empty (tombstone) message")
+        if len(raw) > self.max_bytes:
+            raise Rejected("oversized", f"{len(raw)} bytes > {self.max_bytes}")
+        obj = _loads(raw)
+        if not isinstance(obj, dict):
+            raise Rejected("not_an_object", "top-level JSON value is not an object")
+        stream = obj.get(self.stream_field)
+        if stream is None and key is not None:
+            try:
+                stream = key.decode()
+            except UnicodeDecodeError:
+                raise Rejected("invalid_stream", "message key is not UTF-8") from None
+        if stream is None or stream == "":
+            raise Rejected("missing_stream", f"no '{self.stream_field}' field and no message key")
+        if not isinstance(stream, str) or len(stream) > self.max_stream_len:
+            raise Rejected("invalid_stream", f"stream id must be a string of at most {self.max_stream_len} characters")
+        ts = parse_ts(obj.get("ts"), record_ts)
+        values = self._values(obj)
+        names = tuple(sorted(values))
+        nums = []
+        for name in names:
+            v = values[name]
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise Rejected("non_numeric", f"value of {name!r} is not a number")
+            v = float(v)
+            if not math.isfinite(v):
+                raise Rejected("non_finite", f"value of {name!r} is not finite")
+            nums.append(v)
+        schema = self.schemas.get(stream)
+        if schema is None:
+            if len(names) > self.max_features:
+                raise Rejected("too_many_features", f"{len(names)} features > model maximum {self.max_features}")
+            self.schemas[stream] = names
+        elif schema != names:
+            raise Rejected("schema_mismatch", f"features {list(names)} differ from the stream's {list(schema)}")
+        return stream, ts, names, nums
+
+    def decode(self, values: list[bytes | None], keys: list[bytes | None], record_ts: np.ndarray) -> Decoded:
+        n = len(values)
+        f = self.max_features
+        x = np.zeros((n, f), dtype=np.float64)
+        mask = np.zeros((n, f), dtype=bool)
+        index: list[int] = []
+        streams: list[str] = []
+        ts: list[int] = []
+        dead: list[tuple[int, str, str]] = []
+        ts_list = record_ts.tolist()
+        for i in range(n):
+            try:
+                stream, t, _names, nums = self._one(values[i], keys[i], ts_list[i])
+            except Rejected as rej:
+                dead.append((i, rej.reason, rej.detail))
+                continue
+            row = len(index)
+            k = len(nums)
+            x[row, :k] = nums
+            mask[row, :k] = True
+            index.append(i)
+            streams.append(stream)
+            ts.append(t)
+        m = len(index)
+        return Decoded(np.asarray(index, dtype=np.int64), streams, np.asarray(ts, dtype=np.int64), x[:m], mask[:m], dead)
+
+    def forget(self, streams: list[str]) -> None:
+        for s in streams:
+            self.schemas.pop(s, None)

@@ -1,0 +1,298 @@
+"""The one processing loop: poll, decode, step, emit, wait for acks, snapshot, commit.
+
+Every batch is finished (its outputs acknowledged and its offsets committed) before the next
+poll, so a crash at any point loses nothing: uncommitted records are redelivered and scored
+again. Partition state follows assignment: on assign, a partition's snapshot is loaded and
+the consumer seeks to the snapshot's offset; records between it and the committed offset are
+stepped to rebuild state but not emitted again (their scores were acknowledged before that
+commit). On revoke, the partition's streams are snapshotted and dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import orjson
+import torch
+
+from models.detector import Detector
+from streamer.config import Config
+from streamer.decode import Decoder
+from streamer.metrics import Metrics
+from streamer.state import TP, SlotTable, Snapshot, SnapshotStore
+from streamer.transport import OutRecord, Polled, SendError, Transport
+
+log = logging.getLogger(__name__)
+
+
+class Runner:
+    def __init__(
+        self,
+        config: Config,
+        transport: Transport,
+        detector: Detector,
+        metrics: Metrics,
+        model_meta: dict[str, Any],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.transport = transport
+        self.detector = detector
+        self.metrics = metrics
+        self.clock = clock
+        self.model_version = str(model_meta.get("model_version", "unknown"))
+        self.arch = dict(model_meta.get("config", {}))
+        inp = config.input
+        self.decoder = Decoder(detector.max_features, inp.max_message_bytes, inp.max_stream_id_length, inp.stream_field)
+        self.slots = SlotTable()
+        self.store = SnapshotStore(config.state.dir, config.consumer.group_id)
+        self.next_offset: dict[TP, int] = {}
+        self.emit_from: dict[TP, int] = {}
+        self._pending_assign: list[TP] = []
+        self.stop_event = threading.Event()
+        self.ready = threading.Event()
+        self._last_snapshot = time.monotonic()
+        self._last_evict = time.monotonic()
+
+    # -- partition ownership ------------------------------------------------------------
+    # kafka-python runs rebalance callbacks on its network thread while poll() waits, and that
+    # thread cannot serve a blocking call such as committed(). Revocation needs no Kafka I/O
+    # (snapshot to disk, drop rows), so it runs in the callback; assignment is only recorded
+    # there and completed by the loop right after poll() returns.
+    def _on_assign(self, tps: list[TP]) -> None:
+        self._pending_assign.extend(tps)
+
+    def _complete_assign(self, polled: Polled) -> Polled:
+        """Restore snapshots of newly assigned partitions; drop polled records the seek replaces."""
+        tps, self._pending_assign = self._pending_assign, []
+        reseeked: set[TP] = set()
+        for tp in tps:
+            committed = self.transport.committed(tp)
+            self.emit_from[tp] = committed or 0
+            snap = self.store.load(tp, self.arch)
+            if snap is None:
+                continue
+            slots, _ = self.slots.assign(snap.streams, [tp] * len(snap.streams))
+            if len(slots):
+                self.detector.bank.ensure_capacity(int(slots.max()) + 1)
+                self.detector.bank.import_rows(torch.as_tensor(slots), snap.state)
+                self.slots.touch(slots, self.clock())
+            for stream, names in zip(snap.streams, snap.schemas):
+                self.decoder.schemas[stream] = tuple(names)
+            self.transport.seek(tp, snap.offset)
+            self.next_offset[tp] = snap.offset
+            reseeked.add(tp)
+            log.info("restored %d streams of %s[%d] at offset %d (committed %s)", len(snap.streams), tp[0], tp[1], snap.offset, committed)
+        self.metrics.assigned_partitions.set(len(self.transport.assignment()))
+        self.metrics.active_streams.set(len(self.slots))
+        self.ready.set()
+        if reseeked and len(polled):
+            keep = np.array([tp not in reseeked for tp in zip(polled.topic, polled.partition.tolist())], dtype=bool)
+            polled = polled.select(keep)
+        return polled
+
+    def _on_revoke(self, tps: list[TP]) -> None:
+        self._snapshot(set(tps))
+        streams = self.slots.streams_of(set(tps))
+        self._drop(streams)
+        for tp in tps:
+            self.next_offset.pop(tp, None)
+            self.emit_from.pop(tp, None)
+            with contextlib.suppress(KeyError):
+                self.metrics.consumer_lag.remove(tp[0], str(tp[1]))
+        log.info("revoked %d partitions, dropped %d streams", len(tps), len(streams))
+
+    def _drop(self, streams: list[str]) -> None:
+        freed = self.slots.release(streams)
+        if freed:
+            self.detector.bank.reset(torch.as_tensor(freed))
+        self.decoder.forget(streams)
+        self.metrics.active_streams.set(len(self.slots))
+
+    def _snapshot(self, tps: set[TP]) -> None:
+        """Write the state of the given partitions at the offsets processed so far."""
+        for tp in sorted(tps):
+            if tp not in self.next_offset:
+                continue
+            streams = self.slots.streams_of({tp})
+            rows = torch.as_tensor([self.slots.slot_of[s] for s in streams], dtype=torch.int64)
+            schemas = [list(self.decoder.schemas.get(s, ())) for s in streams]
+            snap = Snapshot(self.next_offset[tp], streams, schemas, self.detector.bank.export_rows(rows), self.arch)
+            self.store.save(tp, snap)
+            self.metrics.snapshots.inc()
+        self._last_snapshot = time.monotonic()
+
+    # -- the loop -----------------------------------------------------------------------
+    def start(self) -> None:
+        self.transport.subscribe(self.config.topics.inputs, self._on_assign, self._on_revoke)
+
+    def run(self) -> None:
+        self.start()
+        try:
+            while not self.stop_event.is_set():
+                self.step()
+        finally:
+            self.shutdown()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def shutdown(self) -> None:
+        """Snapshot every owned partition, then close (leaving the group)."""
+        try:
+            self._snapshot(set(self.next_offset))
+        finally:
+            self.transport.close()
+        log.info("stopped")
+
+    def step(self) -> int:
+        """One poll and everything it leads to; returns the number of records polled."""
+        c = self.config.consumer
+        polled = self.transport.poll(c.poll_timeout_ms, c.max_poll_records)
+        if self._pending_assign:
+            polled = self._complete_assign(polled)
+        m = self.metrics
+        m.last_progress.set(self.clock())
+        if len(polled) == 0:
+            self._housekeeping()
+            return 0
+        started = time.perf_counter()
+        outputs, offsets = self._process(polled)
+        if not self._send(outputs):
+            return len(polled)  # stopping with the broker unreachable: nothing committed, nothing lost
+        if time.monotonic() - self._last_snapshot >= self.config.state.snapshot_interval_s:
+            self._snapshot(set(self.next_offset))
+        if not self.transport.commit(offsets):
+            m.commit_failures.inc()
+        m.batch_seconds.observe(time.perf_counter() - started)
+        m.batch_events.observe(len(polled))
+        self._housekeeping()
+        return len(polled)
+
+    def _process(self, polled: Polled) -> tuple[list[OutRecord], dict[TP, int]]:
+        m = self.metrics
+        topics = self.config.topics
+        n = len(polled)
+        tps = list(zip(polled.topic, polled.partition.tolist()))
+        emit_from = np.fromiter((self.emit_from.get(tp, 0) for tp in tps), dtype=np.int64, count=n)
+        emit = polled.offset >= emit_from
+        offsets: dict[TP, int] = {}
+        for tp, off in zip(tps, polled.offset.tolist()):
+            offsets[tp] = off + 1  # records of a partition arrive in offset order
+        self.next_offset.update(offsets)
+        for topic in set(polled.topic):
+            m.consumed.labels(topic).inc(polled.topic.count(topic))
+
+        dec = self.decoder.decode(polled.value, polled.key, polled.timestamp_ms)
+        outputs: list[OutRecord] = []
+        for pos, reason, detail in dec.dead:
+            if not emit[pos]:
+                continue
+            tp = tps[pos]
+            headers = [
+                *polled.headers[pos],
+                ("streamer.reason", reason.encode()),
+                ("streamer.error", detail.encode()[:1000]),
+                ("streamer.source.topic", tp[0].encode()),
+                ("streamer.source.partition", str(tp[1]).encode()),
+                ("streamer.source.offset", str(int(polled.offset[pos])).encode()),
+            ]
+            outputs.append(OutRecord(topics.dead_letter, polled.key[pos], polled.value[pos] or b"", headers))
+            m.dead_letters.labels(reason).inc()
+
+        if len(dec.index):
+            slots, _new = self.slots.assign(dec.stream, [tps[i] for i in dec.index.tolist()])
+            self.slots.touch(slots, self.clock())
+            t0 = time.perf_counter()
+            res = self.detector.process(slots, dec.x, dec.mask)
+            m.step_seconds.observe(time.perf_counter() - t0)
+            m.wavefronts.observe(res.wavefronts)
+            emitted = emit[dec.index]
+            m.scored.inc(int(emitted.sum()))
+            m.replayed.inc(int((~emitted).sum()))
+            outputs.extend(self._score_records(polled, dec, res, emitted))
+            m.active_streams.set(len(self.slots))
+            now_ms = self.clock() * 1000.0
+            m.event_lag.observe_many((now_ms - dec.ts_ms[emitted]) / 1000.0)
+            m.scores.observe_many(res.score[emitted])
+        return outputs, offsets
+
+    def _score_records(self, polled: Polled, dec: Any, res: Any, emitted: np.ndarray) -> list[OutRecord]:
+        topics = self.config.topics
+        top = res.top_feature(dec.mask).tolist()
+        surprise = res.surprise.tolist()
+        score = res.score.tolist()
+        anomaly = res.is_anomaly.tolist()
+        contrib = res.contributions.tolist()
+        ts = dec.ts_ms.tolist()
+        out: list[OutRecord] = []
+        schemas = self.decoder.schemas
+        version = self.model_version
+        for j, pos in enumerate(dec.index.tolist()):
+            if not emitted[j]:
+                continue
+            stream = dec.stream[j]
+            names = schemas[stream]
+            k = len(names)
+            record = {
+                "stream": stream,
+                "ts": ts[j],
+                "topic": polled.topic[pos],
+                "partition": int(polled.partition[pos]),
+                "offset": int(polled.offset[pos]),
+                "surprise": surprise[j],
+                "score": score[j],
+                "is_anomaly": anomaly[j],
+                "top_feature": names[top[j]] if top[j] >= 0 else None,
+                "contributions": dict(zip(names, contrib[j][:k])),
+                "model_version": version,
+            }
+            value = orjson.dumps(record)
+            key = stream.encode()
+            out.append(OutRecord(topics.scores, key, value))
+            if anomaly[j]:
+                out.append(OutRecord(topics.alerts, key, value))
+        self.metrics.anomalies.inc(int(res.is_anomaly[emitted].sum()))
+        return out
+
+    def _send(self, outputs: list[OutRecord]) -> bool:
+        """Send until acknowledged. Gives up only when asked to stop, returning False."""
+        attempt = 0
+        while True:
+            try:
+                self.transport.send_batch(outputs)
+            except SendError:
+                attempt += 1
+                self.metrics.send_failures.inc()
+                if self.stop_event.is_set() and attempt >= 3:
+                    log.error("stopping with %d output records unacknowledged; their offsets stay uncommitted", len(outputs))
+                    return False
+                time.sleep(min(5.0, 0.2 * 2**attempt))
+                continue
+            for topic in {r.topic for r in outputs}:
+                self.metrics.output_records.labels(topic).inc(sum(1 for r in outputs if r.topic == topic))
+            return True
+
+    def _housekeeping(self) -> None:
+        m = self.metrics
+        for tp in self.transport.assignment():
+            hw = self.transport.highwater(tp)
+            pos = self.next_offset.get(tp)
+            if hw is not None and pos is not None:
+                m.consumer_lag.labels(tp[0], str(tp[1])).set(max(0, hw - pos))
+        m.state_bytes.set(self.detector.bank.nbytes())
+        now = time.monotonic()
+        if now - self._last_evict >= 60.0:
+            self._last_evict = now
+            idle = self.slots.idle(self.clock(), self.config.state.idle_evict_s)
+            if idle:
+                self._drop(idle)
+                m.evicted.inc(len(idle))
+        if self.next_offset and now - self._last_snapshot >= self.config.state.snapshot_interval_s:
+            self._snapshot(set(self.next_offset))

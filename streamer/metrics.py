@@ -1,0 +1,111 @@
+"""Every metric the daemon exports, owned by one object that takes a registry.
+
+Names follow Prometheus conventions: base units, `_total` counters, `_seconds` histograms,
+and no per-stream labels (stream ids are unbounded; they travel in the score topic). Per-event
+histograms (event-time lag, scores) are filled a batch at a time with numpy, because
+prometheus-client's `observe` is a Python call per value, which the hot loop cannot afford.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from streamer.decode import REASONS
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 86400.0)
+SCORE_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999, 0.9999, 1.0)
+BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 50000)
+
+
+class BulkHistogram(Collector):
+    """A histogram fed whole numpy arrays; exposes the standard _bucket/_sum/_count series."""
+
+    def __init__(self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = np.asarray(buckets, dtype=np.float64)
+        self.counts = np.zeros(len(buckets) + 1, dtype=np.int64)  # last: +Inf overflow
+        self.total = 0.0
+        self._lock = threading.Lock()
+        registry.register(self)
+
+    def observe_many(self, values: np.ndarray) -> None:
+        values = np.asarray(values, dtype=np.float64)
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            return
+        idx = np.searchsorted(self.bounds, values, side="left")
+        binned = np.bincount(idx, minlength=len(self.counts))
+        with self._lock:
+            self.counts += binned
+            self.total += float(values.sum())
+
+    def collect(self) -> Iterable[HistogramMetricFamily]:
+        with self._lock:
+            cumulative = np.cumsum(self.counts)
+            total = self.total
+        buckets = [(repr(float(b)), float(c)) for b, c in zip(self.bounds, cumulative[:-1])]
+        buckets.append(("+Inf", float(cumulative[-1])))
+        family = HistogramMetricFamily(self.name, self.documentation)
+        family.add_metric([], buckets, total)
+        yield family
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.consumed = Counter("streamer_events_consumed", "Input records read from Kafka.", ["topic"], registry=r)
+        self.scored = Counter("streamer_events_scored", "Events stepped through the model and scored.", registry=r)
+        self.replayed = Counter(
+            "streamer_events_replayed",
+            "Events stepped only to rebuild state after a restore (their scores were already emitted).",
+            registry=r,
+        )
+        self.dead_letters = Counter("streamer_dead_letters", "Input records sent to the dead-letter topic.", ["reason"], registry=r)
+        for reason in REASONS:
+            self.dead_letters.labels(reason)
+        self.anomalies = Counter("streamer_anomalies", "Events flagged as anomalous.", registry=r)
+        self.output_records = Counter("streamer_output_records", "Records acknowledged by the broker.", ["topic"], registry=r)
+        self.send_failures = Counter("streamer_send_failures", "Output batches not acknowledged (then resent).", registry=r)
+        self.commit_failures = Counter("streamer_commit_failures", "Offset commits rejected by the group coordinator.", registry=r)
+        self.evicted = Counter("streamer_streams_evicted", "Streams dropped after being idle.", registry=r)
+        self.snapshots = Counter("streamer_snapshots", "Partition state snapshots written.", registry=r)
+        self.batch_events = Histogram("streamer_batch_events", "Records per polled batch.", buckets=BATCH_BUCKETS, registry=r)
+        self.step_seconds = Histogram(
+            "streamer_step_duration_seconds", "Time to step the model over one batch.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_seconds = Histogram(
+            "streamer_batch_duration_seconds",
+            "Poll-to-commit time of one batch: decode, step, produce and wait for acks, commit.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.wavefronts = Histogram("streamer_batch_wavefronts", "GRU wavefronts per batch.", buckets=BATCH_BUCKETS, registry=r)
+        self.event_lag = BulkHistogram(
+            "streamer_event_time_lag_seconds", "From the event's own timestamp to its score being produced.", LAG_BUCKETS, r
+        )
+        self.scores = BulkHistogram("streamer_anomaly_score", "Distribution of calibrated anomaly scores.", SCORE_BUCKETS, r)
+        self.consumer_lag = Gauge(
+            "streamer_consumer_lag_records",
+            "Records behind the fetch high-water mark, per assigned partition.",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.active_streams = Gauge("streamer_active_streams", "Streams with state in the bank.", registry=r)
+        self.assigned_partitions = Gauge("streamer_assigned_partitions", "Input partitions assigned to this member.", registry=r)
+        self.state_bytes = Gauge("streamer_state_bytes", "Bytes held by the state bank on its device.", registry=r)
+        self.last_progress = Gauge("streamer_last_progress_timestamp_seconds", "Unix time the loop last completed a poll.", registry=r)
+        self.model = Info("streamer_model", "The loaded model.", registry=r)
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the /metrics HTTP server in a thread; returns the bound port (port 0 picks one)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(server.server_address[1])

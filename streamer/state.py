@@ -1,0 +1,132 @@
+"""Stream state owned by partitions: the slot table and the per-partition snapshots.
+
+The detector's state bank only has rows. This module decides which stream owns which row,
+which partition owns which stream (the partition it was first seen on, as with keyed
+producers), and writes each partition's streams to a snapshot file tagged with the offset it
+covers. A snapshot plus replay from its offset rebuilds exact state after a restart or a
+rebalance, the way Kafka Streams restores a store from its changelog.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+TP = tuple[str, int]
+SNAPSHOT_VERSION = 1
+log = logging.getLogger(__name__)
+
+
+class SlotTable:
+    """Stream id to bank row, with a free list so evicted rows are reused."""
+
+    def __init__(self) -> None:
+        self.slot_of: dict[str, int] = {}
+        self.owner: dict[str, TP] = {}
+        self._free: list[int] = []
+        self._next = 0
+        self.last_seen = np.zeros(1024, dtype=np.float64)
+
+    def __len__(self) -> int:
+        return len(self.slot_of)
+
+    def _new_slot(self) -> int:
+        if self._free:
+            return self._free.pop()
+        slot = self._next
+        self._next += 1
+        if slot >= len(self.last_seen):
+            self.last_seen = np.concatenate([self.last_seen, np.zeros_like(self.last_seen)])
+        return slot
+
+    def assign(self, streams: list[str], tps: list[TP]) -> tuple[np.ndarray, list[int]]:
+        """Slots for the streams (allocating new ones); also returns the newly allocated slots."""
+        slots = np.empty(len(streams), dtype=np.int64)
+        new: list[int] = []
+        slot_of = self.slot_of
+        for i, stream in enumerate(streams):
+            slot = slot_of.get(stream)
+            if slot is None:
+                slot = self._new_slot()
+                slot_of[stream] = slot
+                self.owner[stream] = tps[i]
+                new.append(slot)
+            slots[i] = slot
+        return slots, new
+
+    def touch(self, slots: np.ndarray, now: float) -> None:
+        self.last_seen[slots] = now
+
+    def streams_of(self, tps: set[TP]) -> list[str]:
+        return [s for s, tp in self.owner.items() if tp in tps]
+
+    def idle(self, now: float, max_idle_s: float) -> list[str]:
+        return [s for s, slot in self.slot_of.items() if now - self.last_seen[slot] > max_idle_s]
+
+    def release(self, streams: list[str]) -> list[int]:
+        freed = []
+        for s in streams:
+            slot = self.slot_of.pop(s, None)
+            self.owner.pop(s, None)
+            if slot is not None:
+                freed.append(slot)
+        self._free.extend(freed)
+        return freed
+
+
+@dataclass
+class Snapshot:
+    offset: int  # the next offset to process: the snapshot covers everything before it
+    streams: list[str]
+    schemas: list[list[str]]
+    state: dict[str, torch.Tensor]
+    arch: dict[str, Any]
+
+
+class SnapshotStore:
+    """One file per input partition under state_dir/group_id, replaced atomically."""
+
+    def __init__(self, state_dir: str | Path, group_id: str) -> None:
+        self.root = Path(state_dir) / group_id
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, tp: TP) -> Path:
+        return self.root / f"{tp[0]}-{tp[1]}.pt"
+
+    def save(self, tp: TP, snap: Snapshot) -> int:
+        payload = {
+            "version": SNAPSHOT_VERSION,
+            "offset": snap.offset,
+            "streams": snap.streams,
+            "schemas": snap.schemas,
+            "state": snap.state,
+            "arch": snap.arch,
+        }
+        path = self.path(tp)
+        tmp = path.with_suffix(".tmp")
+        torch.save(payload, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+        return path.stat().st_size
+
+    def load(self, tp: TP, arch: dict[str, Any]) -> Snapshot | None:
+        """The partition's snapshot, or None when absent, unreadable or for another architecture."""
+        path = self.path(tp)
+        if not path.exists():
+            return None
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - a corrupt snapshot means a cold start, not a crash
+            log.warning("ignoring unreadable snapshot %s: %s", path, err)
+            return None
+        if payload.get("version") != SNAPSHOT_VERSION or payload.get("arch") != arch:
+            log.warning("ignoring snapshot %s: written for another model architecture; streams restart cold", path)
+            return None
+        return Snapshot(payload["offset"], payload["streams"], payload["schemas"], payload["state"], payload["arch"])

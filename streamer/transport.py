@@ -1,0 +1,222 @@
+"""The transport seam: everything the loop needs from Kafka, behind one small interface.
+
+The loop only polls columns, sends a batch and waits for its acks, commits offsets, and reads
+high-water marks; partition assignment arrives through two callbacks. kafka-python is the
+default client. Its producer tops out around 24k msg/s on two cores, so a faster client (for
+example confluent-kafka) can be added as another class with the same methods without touching
+the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.subscription_state import ConsumerRebalanceListener
+from kafka.errors import CommitFailedError, KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from streamer.config import Config
+
+log = logging.getLogger(__name__)
+
+Headers = list[tuple[str, bytes]]
+TP = tuple[str, int]
+
+
+@dataclass
+class Polled:
+    """One poll's records as columns, in offset order within each partition."""
+
+    topic: list[str]
+    partition: np.ndarray  # int32
+    offset: np.ndarray  # int64
+    timestamp_ms: np.ndarray  # int64, the record timestamp
+    key: list[bytes | None]
+    value: list[bytes | None]
+    headers: list[Headers]
+
+    def __len__(self) -> int:
+        return len(self.value)
+
+    def select(self, keep: np.ndarray) -> Polled:
+        idx = np.flatnonzero(keep).tolist()
+        return Polled(
+            [self.topic[i] for i in idx],
+            self.partition[keep],
+            self.offset[keep],
+            self.timestamp_ms[keep],
+            [self.key[i] for i in idx],
+            [self.value[i] for i in idx],
+            [self.headers[i] for i in idx],
+        )
+
+
+@dataclass(frozen=True)
+class OutRecord:
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: Headers | None = None
+
+
+class SendError(Exception):
+    """Some output records were not acknowledged; nothing in the batch may be committed."""
+
+
+class Transport(Protocol):
+    def subscribe(self, topics: Sequence[str], on_assign: Callable[[list[TP]], None], on_revoke: Callable[[list[TP]], None]) -> None: ...
+    def poll(self, timeout_ms: int, max_records: int) -> Polled: ...
+    def send_batch(self, records: Sequence[OutRecord]) -> None: ...
+    def commit(self, offsets: dict[TP, int]) -> bool: ...
+    def committed(self, tp: TP) -> int | None: ...
+    def seek(self, tp: TP, offset: int) -> None: ...
+    def highwater(self, tp: TP) -> int | None: ...
+    def position(self, tp: TP) -> int | None: ...
+    def assignment(self) -> list[TP]: ...
+    def close(self) -> None: ...
+
+
+class _Listener(ConsumerRebalanceListener):
+    def __init__(self, on_assign: Callable[[list[TP]], None], on_revoke: Callable[[list[TP]], None]) -> None:
+        self._on_assign = on_assign
+        self._on_revoke = on_revoke
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        self._on_revoke(sorted((tp.topic, tp.partition) for tp in revoked))
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        self._on_assign(sorted((tp.topic, tp.partition) for tp in assigned))
+
+
+class KafkaPythonTransport:
+    """kafka-python consumer (auto-commit off) plus an acks=all producer."""
+
+    def __init__(self, config: Config) -> None:
+        self._config = config
+        conn = config.kafka.client_options()
+        c = config.consumer
+        self._consumer = KafkaConsumer(
+            **conn,
+            group_id=c.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset=c.auto_offset_reset,
+            session_timeout_ms=c.session_timeout_ms,
+            heartbeat_interval_ms=c.heartbeat_interval_ms,
+            max_poll_interval_ms=c.max_poll_interval_ms,
+            max_poll_records=c.max_poll_records,
+            fetch_max_bytes=c.fetch_max_bytes,
+            max_partition_fetch_bytes=c.max_partition_fetch_bytes,
+        )
+        self._producer = self._new_producer()
+
+    def _new_producer(self) -> KafkaProducer:
+        p = self._config.producer
+        return KafkaProducer(
+            **self._config.kafka.client_options(),
+            acks=p.acks,
+            linger_ms=p.linger_ms,
+            batch_size=p.batch_size,
+            compression_type=p.compression_type,
+            max_request_size=p.max_request_size,
+        )
+
+    def subscribe(self, topics: Sequence[str], on_assign: Callable[[list[TP]], None], on_revoke: Callable[[list[TP]], None]) -> None:
+        self._consumer.subscribe(list(topics), listener=_Listener(on_assign, on_revoke))
+
+    def poll(self, timeout_ms: int, max_records: int) -> Polled:
+        batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        topic: list[str] = []
+        part: list[int] = []
+        off: list[int] = []
+        ts: list[int] = []
+        key: list[bytes | None] = []
+        value: list[bytes | None] = []
+        headers: list[Headers] = []
+        for tp, recs in batches.items():
+            n = len(recs)
+            topic.extend([tp.topic] * n)
+            part.extend([tp.partition] * n)
+            off.extend(r.offset for r in recs)
+            ts.extend(r.timestamp for r in recs)
+            key.extend(r.key for r in recs)
+            value.extend(r.value for r in recs)
+            headers.extend(list(r.headers or ()) for r in recs)
+        return Polled(
+            topic,
+            np.asarray(part, dtype=np.int32),
+            np.asarray(off, dtype=np.int64),
+            np.asarray(ts, dtype=np.int64),
+            key,
+            value,
+            headers,
+        )
+
+    def send_batch(self, records: Sequence[OutRecord]) -> None:
+        """Send and wait for every ack. On failure the producer is rebuilt (kafka-python's
+        idempotent producer never recovers from a broker that lost its memory) and SendError
+        is raised so the caller resends the whole batch."""
+        futures = [self._producer.send(r.topic, value=r.value, key=r.key, headers=r.headers) for r in records]
+        deadline = time.monotonic() + self._config.producer.send_timeout_s
+        try:
+            self._producer.flush(timeout=self._config.producer.send_timeout_s)
+            for f in futures:
+                f.get(timeout=max(0.0, deadline - time.monotonic()))
+        except (KafkaError, AssertionError) as err:
+            log.warning("output batch not acknowledged (%s); recreating the producer", err)
+            self._recreate_producer()
+            raise SendError(str(err)) from err
+
+    def _recreate_producer(self) -> None:
+        try:
+            self._producer.close(timeout=1)
+        except Exception:
+            log.debug("closing the failed producer raised", exc_info=True)
+        self._producer = self._new_producer()
+
+    def commit(self, offsets: dict[TP, int]) -> bool:
+        """Synchronous commit; False (not an exception) when the group rebalanced under us."""
+        if not offsets:
+            return True
+        meta = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
+        try:
+            self._consumer.commit(meta)
+            return True
+        except CommitFailedError as err:
+            log.warning("offset commit failed, records will be redelivered: %s", err)
+            return False
+        except KafkaError as err:
+            log.warning("offset commit failed: %s", err)
+            return False
+
+    def committed(self, tp: TP) -> int | None:
+        try:
+            return self._consumer.committed(TopicPartition(*tp))
+        except KafkaError:
+            return None
+
+    def seek(self, tp: TP, offset: int) -> None:
+        self._consumer.seek(TopicPartition(*tp), offset)
+
+    def highwater(self, tp: TP) -> int | None:
+        return self._consumer.highwater(TopicPartition(*tp))
+
+    def position(self, tp: TP) -> int | None:
+        try:
+            return self._consumer.position(TopicPartition(*tp), timeout_ms=0)
+        except (KafkaError, TypeError):
+            return None
+
+    def assignment(self) -> list[TP]:
+        return sorted((tp.topic, tp.partition) for tp in self._consumer.assignment())
+
+    def close(self) -> None:
+        try:
+            self._producer.close(timeout=5)
+        finally:
+            self._consumer.close()

@@ -1,0 +1,148 @@
+"""Fixtures: a real Tansu broker per test module, and helpers to run the daemon against it."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+from streamer.app import build_runner
+from streamer.broker import EmbeddedBroker
+from streamer.config import Config, build_config
+from streamer.loop import Runner
+from streamer.metrics import Metrics
+
+_names = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[EmbeddedBroker]:
+    with EmbeddedBroker() as b:
+        yield b
+
+
+@pytest.fixture
+def topics(broker: EmbeddedBroker) -> dict[str, str]:
+    """Fresh topic names per test (the broker is shared by a module)."""
+    n = next(_names)
+    names = {"input": f"in-{n}", "scores": f"scores-{n}", "alerts": f"alerts-{n}", "dead": f"dead-{n}"}
+    broker.create_topics({names["input"]: 4, names["scores"]: 2, names["alerts"]: 1, names["dead"]: 1})
+    return names
+
+
+def make_config(broker: EmbeddedBroker, topics: dict[str, str], state_dir: Path, **overrides: Any) -> Config:
+    data: dict[str, Any] = {
+        "kafka": {"bootstrap_servers": broker.bootstrap},
+        "consumer": {
+            "group_id": f"g-{topics['input']}",
+            "session_timeout_ms": 3000,
+            "heartbeat_interval_ms": 500,
+            "max_poll_records": 700,
+            "poll_timeout_ms": 100,
+        },
+        "topics": {"inputs": [topics["input"]], "scores": topics["scores"], "alerts": topics["alerts"], "dead_letter": topics["dead"]},
+        "state": {"dir": str(state_dir)},
+        "metrics": {"enabled": False},
+        "detector": {"warmup": 20},
+    }
+    for section, values in overrides.items():
+        data[section] = {**data.get(section, {}), **values}
+    return build_config(data, env={})
+
+
+def produce(broker: EmbeddedBroker, topic: str, records: list[tuple[bytes | None, bytes]], partition_of: Any = None) -> None:
+    """Send (key, value) records and wait for every ack."""
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=5)
+    for key, value in records:
+        part = partition_of(key) if partition_of else None
+        p.send(topic, key=key, value=value, partition=part)
+    p.flush()
+    p.close()
+
+
+def read_all(broker: EmbeddedBroker, topic: str, expect: int | None = None, timeout_s: float = 30.0) -> list[Any]:
+    """Every record of a topic (all partitions), waiting until `expect` records have arrived."""
+    c = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=None, auto_offset_reset="earliest", enable_auto_commit=False)
+    parts = c.partitions_for_topic(topic) or set()
+    c.assign([TopicPartition(topic, p) for p in sorted(parts)])
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout_s
+    idle_rounds = 0
+    while time.monotonic() < deadline:
+        batch = c.poll(timeout_ms=300)
+        got = sum(len(v) for v in batch.values())
+        for recs in batch.values():
+            out.extend(recs)
+        if expect is not None and len(out) >= expect:
+            if got == 0:
+                break
+            continue
+        if expect is None:
+            idle_rounds = idle_rounds + 1 if got == 0 else 0
+            if idle_rounds >= 3:
+                break
+    c.close()
+    return out
+
+
+def scores_of(records: list[Any]) -> list[dict[str, Any]]:
+    return [orjson.loads(r.value) for r in records]
+
+
+class DaemonThread:
+    """The real Runner (KafkaPythonTransport) in a thread, stopped the way SIGTERM stops it."""
+
+    def __init__(self, config: Config) -> None:
+        self.metrics = Metrics()
+        self.runner: Runner = build_runner(config, self.metrics)
+        self.thread = threading.Thread(target=self.runner.run, daemon=True)
+        self.error: BaseException | None = None
+
+    def __enter__(self) -> DaemonThread:
+        def target() -> None:
+            try:
+                self.runner.run()
+            except BaseException as err:  # noqa: BLE001 - surfaced to the test
+                self.error = err
+
+        self.thread = threading.Thread(target=target, daemon=True)
+        self.thread.start()
+        return self
+
+    def wait_scored(self, n: int, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.error:
+                raise self.error
+            if self.metrics.scored._value.get() >= n:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"only {self.metrics.scored._value.get()} of {n} events scored in {timeout_s}s")
+
+    def __exit__(self, *exc: Any) -> None:
+        self.runner.stop()
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive(), "runner did not stop"
+        if self.error:
+            raise self.error
+
+
+def event(stream: str, ts: int, values: dict[str, float]) -> bytes:
+    return orjson.dumps({"stream": stream, "ts": ts, "values": values})
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "state"
+    d.mkdir()
+    return d
+
+
+__all__ = ["DaemonThread", "event", "make_config", "produce", "read_all", "scores_of"]
