@@ -55,6 +55,11 @@ def advance(
     nll = torch.where(has_pred, nll, torch.zeros_like(nll))
     surprise = nll.double().sum(dim=1)
     valid = has_pred.any(dim=1)
+    # Squared standardised residuals: chi-square distributed when the predictions are right,
+    # which is what the calibrator models (the NLL itself also carries the log-sigma terms).
+    resid = ((z_prev - state["pred_mu"]) * torch.exp(-state["pred_log_sigma"])).double()
+    sq = torch.where(has_pred, resid * resid, torch.zeros_like(resid)).sum(dim=1)
+    dof = has_pred.sum(dim=1).double()
 
     # Online normaliser: exact mean/variance at first, exponential window later.
     n_new = torch.where(mask, n + 1, n)
@@ -74,7 +79,7 @@ def advance(
 
     steps = state["steps"]
     score, is_anomaly, (cal_n, cal_mean, cal_var) = calibrate(
-        cal, surprise, valid, state["cal_n"], state["cal_mean"], state["cal_var"], steps
+        cal, sq, dof, valid, state["cal_n"], state["cal_mean"], state["cal_var"], steps
     )
     new_state = {
         "h": h_new,

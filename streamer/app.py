@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
@@ -43,6 +44,10 @@ def load_model(config: Config) -> tuple[StreamGRU, dict[str, Any], torch.device]
 
 def build_detector(config: Config) -> tuple[Detector, dict[str, Any]]:
     model, meta, device = load_model(config)
+    if device.type == "cpu":
+        # The per-wavefront tensors are small: extra intra-op threads only fight the Kafka
+        # client's network thread for cores.
+        torch.set_num_threads(config.detector.cpu_threads or max(1, min(8, (os.cpu_count() or 2) // 2)))
     d = config.detector
     cal = CalibrationConfig(warmup=d.warmup, threshold=d.threshold, alpha=d.calibration_alpha)
     return Detector(model, cal, device, capacity=config.state.initial_capacity), meta

@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_daemon(config)
     if args.command == "demo":
         _setup_logging("WARNING")
+        logging.getLogger("kafka").setLevel(logging.CRITICAL)  # keep the live view clean
         from streamer.demo import run_demo
 
         return run_demo(args.streams, args.rate, args.metrics_port, args.duration)

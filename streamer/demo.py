@@ -62,14 +62,15 @@ class AlertTail(threading.Thread):
 
 
 def _view(metrics: Metrics, tail: AlertTail, rate: float, port: int, bootstrap: str, elapsed: float) -> Group:
-    stats = Table.grid(padding=(0, 3))
-    lag = _counter(metrics, "streamer_consumer_lag_records")
+    stats = Table(expand=True, box=None)
+    for col in ("events/s scored", "consumer lag (records)", "streams", "anomalies", "dead letters"):
+        stats.add_column(col, justify="right")
     stats.add_row(
-        f"[bold]{rate:,.0f}[/] events/s scored",
-        f"consumer lag [bold]{lag:,.0f}[/] records",
-        f"streams [bold]{_counter(metrics, 'streamer_active_streams'):,.0f}[/]",
-        f"anomalies [bold red]{_counter(metrics, 'streamer_anomalies_total'):,.0f}[/]",
-        f"dead letters [bold yellow]{_counter(metrics, 'streamer_dead_letters_total'):,.0f}[/]",
+        f"[bold]{rate:,.0f}[/]",
+        f"[bold]{_counter(metrics, 'streamer_consumer_lag_records'):,.0f}[/]",
+        f"[bold]{_counter(metrics, 'streamer_active_streams'):,.0f}[/]",
+        f"[bold red]{_counter(metrics, 'streamer_anomalies_total'):,.0f}[/]",
+        f"[bold yellow]{_counter(metrics, 'streamer_dead_letters_total'):,.0f}[/]",
     )
     alerts = Table(title="latest anomalies (from the alerts topic)", expand=True)
     for col in ("stream", "event time", "score", "surprise", "feature"):
@@ -130,7 +131,7 @@ def run_demo(streams: int, steps_per_second: float, metrics_port: int, duration:
             for th in threads:
                 th.join(timeout=15)
         print(
-            f"stopped: {_counter(metrics, 'streamer_events_scored_total'):,.0f} events scored, "
+            f"\nstopped: {_counter(metrics, 'streamer_events_scored_total'):,.0f} events scored, "
             f"{_counter(metrics, 'streamer_anomalies_total'):,.0f} anomalies, "
             f"{_counter(metrics, 'streamer_dead_letters_total'):,.0f} dead letters"
         )

@@ -1,0 +1,56 @@
+"""Config errors fail fast and name the key; environment variables override secrets."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from streamer.config import ConfigError, build_config, load_config
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "key"),
+    [
+        ("consumer:\n  max_poll_records: lots\n", "consumer.max_poll_records"),
+        ("kafka:\n  bootstrap_server: x:9092\n", "kafka.bootstrap_server"),
+        ("detector:\n  threshold: 2.0\n", "detector.threshold"),
+        ("topics:\n  inputs: []\n", "topics.inputs"),
+        ("metrics:\n  port: 70000\n", "metrics.port"),
+        ("surprise_section: {}\n", "surprise_section"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, yaml_text, key):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(path, env={})
+
+
+def test_cli_exits_2_naming_the_key_before_connecting(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("consumer:\n  sesion_timeout_ms: 1000\n")
+    proc = subprocess.run([sys.executable, "-m", "streamer.cli", "run", "--config", str(path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "consumer.sesion_timeout_ms" in proc.stderr
+
+
+def test_repo_config_is_valid_and_documents_every_option():
+    config = load_config("config.yaml", env={})
+    text = open("config.yaml").read()
+    for section, model in config:
+        if hasattr(model, "model_fields"):
+            for name in type(model).model_fields:
+                assert f"{name}:" in text, f"{section}.{name} missing from config.yaml"
+        else:
+            assert f"{section}:" in text
+
+
+def test_environment_overrides_bootstrap_and_secrets():
+    config = build_config(
+        {"kafka": {"bootstrap_servers": "file:9092"}},
+        env={"STREAMER_BOOTSTRAP_SERVERS": "env:9092", "STREAMER_SASL_PLAIN_PASSWORD": "s3cret"},
+    )
+    assert config.kafka.bootstrap_servers == "env:9092"
+    assert config.kafka.client_options()["sasl_plain_password"] == "s3cret"

@@ -1,0 +1,119 @@
+"""The pure core on CPU: wavefronts, the step invariant, checkpoints, calibration bounds."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from models.calibration import CalibrationConfig
+from models.detector import Detector, wavefronts
+from models.gru import DEFAULT_WEIGHTS, ModelConfig, StreamGRU, load_checkpoint, save_checkpoint
+
+
+def test_wavefronts_keep_order_and_hold_each_slot_once():
+    rng = np.random.default_rng(0)
+    slots = rng.integers(0, 50, 2000)
+    waves = wavefronts(slots)
+    seen = np.concatenate(waves)
+    assert sorted(seen.tolist()) == list(range(len(slots)))
+    rank_of = {}
+    for k, wave in enumerate(waves):
+        assert len(set(slots[wave].tolist())) == len(wave), "a slot twice in one wavefront"
+        for i in wave:
+            rank_of[int(i)] = k
+    for s in range(50):
+        idx = np.flatnonzero(slots == s)
+        assert [rank_of[int(i)] for i in idx] == list(range(len(idx))), "a stream's events out of order"
+    assert len(waves) == np.bincount(slots).max()
+
+
+def _random_batch(rng, n, streams, f=8, used=3):
+    slots = rng.integers(0, streams, n)
+    x = rng.normal(0, 5, (n, f)) + slots[:, None]
+    mask = np.zeros((n, f), dtype=bool)
+    mask[:, :used] = True
+    return slots, x, mask
+
+
+def test_batched_equals_one_event_at_a_time():
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    rng = np.random.default_rng(1)
+    slots, x, mask = _random_batch(rng, 1500, 40)
+    batched = Detector(model, CalibrationConfig(warmup=5))
+    single = Detector(model, CalibrationConfig(warmup=5))
+    got = batched.process(slots, x, mask)
+    assert got.wavefronts < len(slots) / 10
+    for i in range(len(slots)):
+        one = single.process(slots[i : i + 1], x[i : i + 1], mask[i : i + 1])
+        assert one.surprise[0] == pytest.approx(got.surprise[i], abs=1e-4)
+        assert one.score[0] == pytest.approx(got.score[i], abs=1e-6)
+        assert one.is_anomaly[0] == got.is_anomaly[i]
+    for name, t in batched.bank.tensors.items():
+        torch.testing.assert_close(t, single.bank.tensors[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_scores_bounded_and_nothing_flagged_during_warmup():
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    det = Detector(model, CalibrationConfig(warmup=50, threshold=0.5))
+    rng = np.random.default_rng(2)
+    x = rng.standard_cauchy((400, 8))  # wild values: scores must still be in [0, 1]
+    mask = np.ones((400, 8), dtype=bool)
+    res = det.process(np.zeros(400, dtype=np.int64), x, mask)
+    assert np.all((res.score >= 0) & (res.score <= 1))
+    assert np.isfinite(res.surprise).all()
+    assert not res.is_anomaly[:50].any()
+    assert res.is_anomaly[50:].any()  # threshold 0.5 flags plenty once warm
+
+
+def test_absent_features_do_not_move_their_state():
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    det = Detector(model)
+    x = np.ones((1, 8))
+    mask = np.zeros((1, 8), dtype=bool)
+    mask[0, 0] = True
+    det.process(np.array([0]), x, mask)
+    assert det.bank.tensors["h"][0, 1:].abs().sum() == 0
+    assert det.bank.tensors["h"][0, 0].abs().sum() > 0
+
+
+def test_bank_grows_and_keeps_rows():
+    model = StreamGRU(ModelConfig())
+    det = Detector(model, capacity=2)
+    x = np.ones((3, 8))
+    mask = np.ones((3, 8), dtype=bool)
+    det.process(np.array([0, 1, 0]), x, mask)
+    before = det.bank.tensors["h"][:2].clone()
+    det.process(np.array([5000]), x[:1], mask[:1])
+    assert det.bank.capacity >= 5001
+    torch.testing.assert_close(det.bank.tensors["h"][:2], before)
+
+
+def test_checkpoint_roundtrip_with_weights_only(tmp_path):
+    model = StreamGRU(ModelConfig(hidden=8))
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model, {"name": "t", "data": "none"})
+    loaded, meta = load_checkpoint(path)
+    assert meta["config"]["hidden"] == 8
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_checkpoint_with_code_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "streamer-gru", "payload": _Evil()}, path)
+    with pytest.raises(pickle.UnpicklingError):
+        load_checkpoint(path)
+
+
+def test_bundled_weights_describe_their_training():
+    _, meta = load_checkpoint(DEFAULT_WEIGHTS)
+    assert "synthetic" in meta["training"]["data"]
+    assert meta["training"]["final_loss"] < meta["training"]["first_loss"]
