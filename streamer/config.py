@@ -7,6 +7,7 @@ config.yaml stops the daemon before it connects anywhere, instead of being silen
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -136,23 +137,23 @@ def _format(err: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def build_config(data: dict[str, Any] | None, env: dict[str, str] | None = None) -> Config:
+def build_config(data: dict[str, Any] | None, env: Mapping[str, str] | None = None) -> Config:
     """Validate a parsed mapping, apply environment overrides, raise ConfigError naming the key."""
     data = dict(data or {})
-    env = os.environ if env is None else env
+    environ: Mapping[str, str] = os.environ if env is None else env
     for var, (section, key) in ENV_OVERRIDES.items():
-        if env.get(var):
+        if environ.get(var):
             sect = data.get(section) or {}
             if not isinstance(sect, dict):
                 raise ConfigError(f"{section}: must be a mapping")
-            data[section] = {**sect, key: env[var]}
+            data[section] = {**sect, key: environ[var]}
     try:
         return Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format(err)) from None
 
 
-def load_config(path: str | Path | None, env: dict[str, str] | None = None) -> Config:
+def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -> Config:
     """Read and validate a YAML file (None: all defaults)."""
     if path is None:
         return build_config({}, env)

