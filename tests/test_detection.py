@@ -57,4 +57,8 @@ def test_injected_anomalies_rank_high_and_false_alarms_are_rare():
     # A stuck sensor is subtler for a model of normal dynamics: ranked high, not always flagged.
     assert np.mean(percentile["stuck"]) > 0.95
     false_alarm_rate = flagged[:, 300:][~near[:, 300:]].mean()
+    for kind in sorted(percentile):
+        p = np.asarray(percentile[kind])
+        print(f"{kind:12s} n={len(p):3d} peak percentile min {p.min():.4f} median {np.median(p):.4f} flagged {np.mean(caught[kind]):.2f}")
+    print(f"false alarms per normal event: {false_alarm_rate:.5f}")
     assert false_alarm_rate < 0.002, false_alarm_rate
