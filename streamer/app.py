@@ -55,6 +55,7 @@ def build_detector(config: Config) -> tuple[Detector, dict[str, Any]]:
 
 def build_runner(config: Config, metrics: Metrics, transport: Transport | None = None) -> Runner:
     detector, meta = build_detector(config)
+    metrics.model_loaded.set_to_current_time()
     metrics.model.info(
         {
             "version": meta["model_version"],
@@ -70,10 +71,10 @@ def build_runner(config: Config, metrics: Metrics, transport: Transport | None =
 def run_daemon(config: Config) -> int:
     """`streamer run`: serve metrics, consume until SIGTERM/SIGINT, drain, exit 0."""
     metrics = Metrics()
-    if config.metrics.enabled:
-        port = metrics.serve(config.metrics.host, config.metrics.port)
-        log.info("serving /metrics on %s:%d", config.metrics.host, port)
     runner = build_runner(config, metrics)
+    if config.metrics.enabled:
+        port = metrics.serve(config.metrics.host, config.metrics.port, runner.health)
+        log.info("serving /metrics, /healthz and /readyz on %s:%d", config.metrics.host, port)
     install_signal_handlers(runner.stop)
     log.info("consuming %s as group %s", ",".join(config.topics.inputs), config.consumer.group_id)
     runner.run()

@@ -7,11 +7,7 @@ import logging
 import sys
 
 from streamer.config import ConfigError, load_config
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+from streamer.jsonlog import setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,12 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as err:
             print(f"streamer: config error: {err}", file=sys.stderr)
             return 2
-        _setup_logging(config.log_level)
+        setup_logging(config.log_level, config.log_format)
         from streamer.app import run_daemon
 
         return run_daemon(config)
     if args.command == "demo":
-        _setup_logging("WARNING")
+        setup_logging("WARNING", "text")
         logging.getLogger("kafka").setLevel(logging.CRITICAL)  # keep the live view clean
         from streamer.demo import run_demo
 

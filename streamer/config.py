@@ -114,6 +114,7 @@ class MetricsConfig(_Strict):
     enabled: bool = True
     host: str = "0.0.0.0"
     port: int = Field(default=9108, ge=0, le=65535)
+    max_stall_s: float = Field(default=60.0, gt=0)
 
 
 class Config(_Strict):
@@ -126,6 +127,7 @@ class Config(_Strict):
     state: StateConfig = StateConfig()
     metrics: MetricsConfig = MetricsConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
 
 
 def _format(err: ValidationError) -> str:

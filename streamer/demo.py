@@ -95,11 +95,11 @@ def run_demo(streams: int, steps_per_second: float, metrics_port: int, duration:
         t = cfg.topics
         broker.create_topics({t.inputs[0]: partitions, t.scores: partitions, t.alerts: 1, t.dead_letter: 1})
         metrics = Metrics()
-        try:
-            port = metrics.serve(cfg.metrics.host, cfg.metrics.port)
-        except OSError:
-            port = metrics.serve(cfg.metrics.host, free_port())
         runner = build_runner(cfg, metrics)
+        try:
+            port = metrics.serve(cfg.metrics.host, cfg.metrics.port, runner.health)
+        except OSError:
+            port = metrics.serve(cfg.metrics.host, free_port(), runner.health)
         backfill = 600
         fleet = SensorFleet(n_streams=streams, seed=7, start_ms=int(time.time() * 1000) - backfill * 60_000)
         feed = SensorFeed(broker.bootstrap, t.inputs[0], fleet, steps_per_second, backfill_steps=backfill, garbage_every=5000)

@@ -24,6 +24,7 @@ import torch
 from models.detector import Detector
 from streamer.config import Config
 from streamer.decode import Decoder
+from streamer.health import LoopHealth
 from streamer.metrics import Metrics
 from streamer.state import TP, SlotTable, Snapshot, SnapshotStore
 from streamer.transport import OutRecord, Polled, SendError, Transport
@@ -57,6 +58,7 @@ class Runner:
         self._pending_assign: list[TP] = []
         self.stop_event = threading.Event()
         self.ready = threading.Event()
+        self.health = LoopHealth(config.metrics.max_stall_s)
         self._last_snapshot = time.monotonic()
         self._last_evict = time.monotonic()
 
@@ -67,6 +69,7 @@ class Runner:
     # there and completed by the loop right after poll() returns.
     def _on_assign(self, tps: list[TP]) -> None:
         self._pending_assign.extend(tps)
+        self.health.restoring = True
 
     def _complete_assign(self, polled: Polled) -> Polled:
         """Restore snapshots of newly assigned partitions; drop polled records the seek replaces."""
@@ -88,9 +91,19 @@ class Runner:
             self.transport.seek(tp, snap.offset)
             self.next_offset[tp] = snap.offset
             reseeked.add(tp)
-            log.info("restored %d streams of %s[%d] at offset %d (committed %s)", len(snap.streams), tp[0], tp[1], snap.offset, committed)
+            log.info(
+                "restored %d streams of %s[%d] at offset %d (committed %s)",
+                len(snap.streams),
+                tp[0],
+                tp[1],
+                snap.offset,
+                committed,
+                extra={"topic": tp[0], "partition": tp[1], "offset": snap.offset, "committed": committed},
+            )
         self.metrics.assigned_partitions.set(len(self.transport.assignment()))
         self.metrics.active_streams.set(len(self.slots))
+        self.health.joined = True
+        self.health.restoring = False
         self.ready.set()
         if reseeked and len(polled):
             keep = np.array([tp not in reseeked for tp in zip(polled.topic, polled.partition.tolist())], dtype=bool)
@@ -101,12 +114,17 @@ class Runner:
         self._snapshot(set(tps))
         streams = self.slots.streams_of(set(tps))
         self._drop(streams)
+        log.info(
+            "revoked %d partitions, dropped %d streams",
+            len(tps),
+            len(streams),
+            extra={"partitions": {f"{t}[{p}]": self.next_offset.get((t, p)) for t, p in tps}},
+        )
         for tp in tps:
             self.next_offset.pop(tp, None)
             self.emit_from.pop(tp, None)
             with contextlib.suppress(KeyError):
                 self.metrics.consumer_lag.remove(tp[0], str(tp[1]))
-        log.info("revoked %d partitions, dropped %d streams", len(tps), len(streams))
 
     def _drop(self, streams: list[str]) -> None:
         freed = self.slots.release(streams)
@@ -145,6 +163,7 @@ class Runner:
 
     def shutdown(self) -> None:
         """Snapshot every owned partition, then close (leaving the group)."""
+        self.health.stopping = True
         try:
             self._snapshot(set(self.next_offset))
         finally:
@@ -159,6 +178,7 @@ class Runner:
             polled = self._complete_assign(polled)
         m = self.metrics
         m.last_progress.set(self.clock())
+        self.health.progress()
         if len(polled) == 0:
             self._housekeeping()
             return 0
@@ -166,6 +186,7 @@ class Runner:
         outputs, offsets = self._process(polled)
         if not self._send(outputs):
             return len(polled)  # stopping with the broker unreachable: nothing committed, nothing lost
+        m.e2e_latency.observe_many(self.clock() - polled.timestamp_ms / 1000.0)
         if time.monotonic() - self._last_snapshot >= self.config.state.snapshot_interval_s:
             self._snapshot(set(self.next_offset))
         if not self.transport.commit(offsets):
@@ -219,8 +240,9 @@ class Runner:
             outputs.extend(self._score_records(polled, dec, res, emitted))
             m.active_streams.set(len(self.slots))
             now_ms = self.clock() * 1000.0
-            m.event_lag.observe_many((now_ms - dec.ts_ms[emitted]) / 1000.0)
-            m.scores.observe_many(res.score[emitted])
+            streams = [s for s, e in zip(dec.stream, emitted.tolist()) if e]
+            m.event_lag.observe_many((now_ms - dec.ts_ms[emitted]) / 1000.0, streams)
+            m.scores.observe_many(res.score[emitted], streams)
         return outputs, offsets
 
     def _score_records(self, polled: Polled, dec: Any, res: Any, emitted: np.ndarray) -> list[OutRecord]:
@@ -271,7 +293,11 @@ class Runner:
                 attempt += 1
                 self.metrics.send_failures.inc()
                 if self.stop_event.is_set() and attempt >= 3:
-                    log.error("stopping with %d output records unacknowledged; their offsets stay uncommitted", len(outputs))
+                    log.error(
+                        "stopping with %d output records unacknowledged; their offsets stay uncommitted",
+                        len(outputs),
+                        extra={"uncommitted": {f"{t}[{p}]": o for (t, p), o in self.next_offset.items()}},
+                    )
                     return False
                 time.sleep(min(5.0, 0.2 * 2**attempt))
                 continue
@@ -287,6 +313,13 @@ class Runner:
             if hw is not None and pos is not None:
                 m.consumer_lag.labels(tp[0], str(tp[1])).set(max(0, hw - pos))
         m.state_bytes.set(self.detector.bank.nbytes())
+        m.device_memory.set(torch.cuda.memory_allocated(self.detector.device) if self.detector.device.type == "cuda" else 0)
+        if self.slots.slot_of:
+            rows = torch.as_tensor(list(self.slots.slot_of.values()), device=self.detector.device)
+            warm = int((self.detector.bank.tensors["steps"][rows] < self.detector.calibration.warmup).sum())
+            m.warming_up.set(warm)
+        else:
+            m.warming_up.set(0)
         now = time.monotonic()
         if now - self._last_evict >= 60.0:
             self._last_evict = now

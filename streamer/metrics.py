@@ -9,12 +9,24 @@ prometheus-client's `observe` is a Python call per value, which the hot loop can
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+)
 from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Exemplar
 
 from streamer.decode import REASONS
 
@@ -25,7 +37,12 @@ BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 50000)
 
 
 class BulkHistogram(Collector):
-    """A histogram fed whole numpy arrays; exposes the standard _bucket/_sum/_count series."""
+    """A histogram fed whole numpy arrays; exposes the standard _bucket/_sum/_count series.
+
+    Each bucket keeps one exemplar: the stream of the largest value that fell into it in the
+    latest batch, so a dashboard can jump from a slow or anomalous bucket to a stream id
+    without a per-stream label (exemplars appear in the OpenMetrics exposition).
+    """
 
     def __init__(self, name: str, documentation: str, buckets: Sequence[float], registry: CollectorRegistry) -> None:
         self.name = name
@@ -33,35 +50,52 @@ class BulkHistogram(Collector):
         self.bounds = np.asarray(buckets, dtype=np.float64)
         self.counts = np.zeros(len(buckets) + 1, dtype=np.int64)  # last: +Inf overflow
         self.total = 0.0
+        self.exemplars: list[Exemplar | None] = [None] * (len(buckets) + 1)
         self._lock = threading.Lock()
         registry.register(self)
 
-    def observe_many(self, values: np.ndarray) -> None:
+    def observe_many(self, values: np.ndarray, streams: Sequence[str] | None = None) -> None:
         values = np.asarray(values, dtype=np.float64)
-        values = values[np.isfinite(values)]
-        if values.size == 0:
+        finite = np.isfinite(values)
+        if not finite.any():
             return
         idx = np.searchsorted(self.bounds, values, side="left")
-        binned = np.bincount(idx, minlength=len(self.counts))
+        binned = np.bincount(idx[finite], minlength=len(self.counts))
+        exemplars: dict[int, Exemplar] = {}
+        if streams is not None:
+            # Largest value per bucket: sort by value, the last occurrence of each bucket wins.
+            order = np.flatnonzero(finite)[np.argsort(values[finite], kind="stable")]
+            last = {int(b): int(i) for b, i in zip(idx[order], order)}
+            now = time.time()
+            exemplars = {b: Exemplar({"stream": streams[i][:100]}, float(values[i]), now) for b, i in last.items()}
         with self._lock:
             self.counts += binned
-            self.total += float(values.sum())
+            self.total += float(values[finite].sum())
+            for b, ex in exemplars.items():
+                self.exemplars[b] = ex
 
     def collect(self) -> Iterable[HistogramMetricFamily]:
         with self._lock:
             cumulative = np.cumsum(self.counts)
             total = self.total
-        buckets = [(repr(float(b)), float(c)) for b, c in zip(self.bounds, cumulative[:-1])]
-        buckets.append(("+Inf", float(cumulative[-1])))
+            exemplars = list(self.exemplars)
+        names = [repr(float(b)) for b in self.bounds] + ["+Inf"]
+        buckets: list[Any] = []
+        for name, count, ex in zip(names, cumulative, exemplars):
+            buckets.append((name, float(count), ex) if ex is not None else (name, float(count)))
         family = HistogramMetricFamily(self.name, self.documentation)
         family.add_metric([], buckets, total)
         yield family
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, process: bool = True) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        if process:  # process_*, python_gc_*, python_info: the process-level view
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
         self.consumed = Counter("streamer_events_consumed", "Input records read from Kafka.", ["topic"], registry=r)
         self.scored = Counter("streamer_events_scored", "Events stepped through the model and scored.", registry=r)
         self.replayed = Counter(
@@ -92,7 +126,18 @@ class Metrics:
         self.event_lag = BulkHistogram(
             "streamer_event_time_lag_seconds", "From the event's own timestamp to its score being produced.", LAG_BUCKETS, r
         )
+        self.e2e_latency = BulkHistogram(
+            "streamer_end_to_end_latency_seconds",
+            "From the input record's Kafka timestamp to its outputs being acknowledged.",
+            LAG_BUCKETS,
+            r,
+        )
         self.scores = BulkHistogram("streamer_anomaly_score", "Distribution of calibrated anomaly scores.", SCORE_BUCKETS, r)
+        self.warming_up = Gauge("streamer_streams_warming_up", "Streams still inside their warm-up (nothing flagged yet).", registry=r)
+        self.device_memory = Gauge(
+            "streamer_device_memory_bytes", "Memory allocated by torch on the detector's device (0 on cpu: see process_*).", registry=r
+        )
+        self.model_loaded = Gauge("streamer_model_loaded_timestamp_seconds", "Unix time the current model was loaded.", registry=r)
         self.consumer_lag = Gauge(
             "streamer_consumer_lag_records",
             "Records behind the fetch high-water mark, per assigned partition.",
@@ -105,7 +150,8 @@ class Metrics:
         self.last_progress = Gauge("streamer_last_progress_timestamp_seconds", "Unix time the loop last completed a poll.", registry=r)
         self.model = Info("streamer_model", "The loaded model.", registry=r)
 
-    def serve(self, host: str, port: int) -> int:
-        """Start the /metrics HTTP server in a thread; returns the bound port (port 0 picks one)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        return int(server.server_address[1])
+    def serve(self, host: str, port: int, health: Any = None) -> int:
+        """Start /metrics (and /healthz, /readyz) in a thread; returns the bound port (0 picks one)."""
+        from streamer.health import serve
+
+        return serve(self.registry, host, port, health)
