@@ -1,0 +1,52 @@
+"""/metrics, /healthz and /readyz of a running daemon, scraped over HTTP."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+
+from conftest import DaemonThread, event, make_config, produce
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def _get(url: str, accept: str | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def test_health_follows_the_loop_and_metrics_carry_exemplars(broker, topics, state_dir):
+    records = [(f"m-{i % 5}".encode(), event(f"m-{i % 5}", 1_000 + i, {"x": float(i % 11)})) for i in range(200)]
+    produce(broker, topics["input"], records)
+    config = make_config(broker, topics, state_dir)
+    daemon = DaemonThread(config)
+    port = daemon.metrics.serve("127.0.0.1", 0, daemon.runner.health)
+    base = f"http://127.0.0.1:{port}"
+
+    status, body = _get(f"{base}/readyz")
+    assert status == 503 and "waiting for partition assignment" in body  # not started yet
+    with daemon:
+        daemon.wait_scored(len(records))
+        assert _get(f"{base}/readyz")[0] == 200
+        assert _get(f"{base}/healthz")[0] == 200
+        status, text = _get(f"{base}/metrics")
+        assert status == 200
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        assert families["streamer_events_scored"].samples[0].value == len(records)
+        assert "process_resident_memory_bytes" in families
+        for name in families:
+            assert "stream" not in {k for s in families[name].samples for k in s.labels}, f"{name} has a per-stream label"
+        status, om = _get(f"{base}/metrics", accept="application/openmetrics-text; version=1.0.0")
+        assert 'streamer_anomaly_score_bucket{le="' in om
+        assert '# {stream="m-' in om, "score histogram buckets carry the stream as an exemplar"
+        # A stalled loop fails liveness.
+        daemon.runner.health.last_progress -= 10_000
+        status, body = _get(f"{base}/healthz")
+        assert status == 503 and "no poll completed" in body
+        daemon.runner.health.progress()
+    status, body = _get(f"{base}/readyz")
+    assert status == 503 and "shutting down" in body
+    assert _get(f"{base}/nothing")[0] == 404
