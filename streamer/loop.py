@@ -55,6 +55,7 @@ class Runner:
         self.store = SnapshotStore(config.state.dir, config.consumer.group_id)
         self.next_offset: dict[TP, int] = {}
         self.emit_from: dict[TP, int] = {}
+        self.log_ids: dict[TP, str | None] = {}
         self._pending_assign: list[TP] = []
         self.stop_event = threading.Event()
         self.ready = threading.Event()
@@ -78,8 +79,22 @@ class Runner:
         for tp in tps:
             committed = self.transport.committed(tp)
             self.emit_from[tp] = committed or 0
+            # The log our offsets refer to, fixed at assignment: a snapshot taken after the topic
+            # was recreated under us must still name the log its offsets came from.
+            self.log_ids[tp] = self.transport.topic_id(tp[0])
             snap = self.store.load(tp, self.arch)
             if snap is None:
+                continue
+            current_id = self.log_ids[tp]
+            if snap.topic_id and current_id and snap.topic_id != current_id:
+                log.warning(
+                    "discarding snapshot of %s[%d]: the topic was recreated (id %s, snapshot of %s); streams restart cold",
+                    tp[0],
+                    tp[1],
+                    current_id,
+                    snap.topic_id,
+                    extra={"topic": tp[0], "partition": tp[1], "offset": snap.offset},
+                )
                 continue
             slots, _ = self.slots.assign(snap.streams, [tp] * len(snap.streams))
             if len(slots):
@@ -123,6 +138,7 @@ class Runner:
         for tp in tps:
             self.next_offset.pop(tp, None)
             self.emit_from.pop(tp, None)
+            self.log_ids.pop(tp, None)
             with contextlib.suppress(KeyError):
                 self.metrics.consumer_lag.remove(tp[0], str(tp[1]))
 
@@ -141,7 +157,8 @@ class Runner:
             streams = self.slots.streams_of({tp})
             rows = torch.as_tensor([self.slots.slot_of[s] for s in streams], dtype=torch.int64)
             schemas = [list(self.decoder.schemas.get(s, ())) for s in streams]
-            snap = Snapshot(self.next_offset[tp], streams, schemas, self.detector.bank.export_rows(rows), self.arch)
+            state = self.detector.bank.export_rows(rows)
+            snap = Snapshot(self.next_offset[tp], streams, schemas, state, self.arch, self.log_ids.get(tp))
             self.store.save(tp, snap)
             self.metrics.snapshots.inc()
         self._last_snapshot = time.monotonic()

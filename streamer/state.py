@@ -87,6 +87,7 @@ class Snapshot:
     schemas: list[list[str]]
     state: dict[str, torch.Tensor]
     arch: dict[str, Any]
+    topic_id: str | None = None  # the log the offset refers to
 
 
 class SnapshotStore:
@@ -107,6 +108,7 @@ class SnapshotStore:
             "schemas": snap.schemas,
             "state": snap.state,
             "arch": snap.arch,
+            "topic_id": snap.topic_id,
         }
         path = self.path(tp)
         tmp = path.with_suffix(".tmp")
@@ -129,4 +131,6 @@ class SnapshotStore:
         if payload.get("version") != SNAPSHOT_VERSION or payload.get("arch") != arch:
             log.warning("ignoring snapshot %s: written for another model architecture; streams restart cold", path)
             return None
-        return Snapshot(payload["offset"], payload["streams"], payload["schemas"], payload["state"], payload["arch"])
+        return Snapshot(
+            payload["offset"], payload["streams"], payload["schemas"], payload["state"], payload["arch"], payload.get("topic_id")
+        )

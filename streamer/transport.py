@@ -77,6 +77,7 @@ class Transport(Protocol):
     def committed(self, tp: TP) -> int | None: ...
     def seek(self, tp: TP, offset: int) -> None: ...
     def highwater(self, tp: TP) -> int | None: ...
+    def topic_id(self, topic: str) -> str | None: ...
     def position(self, tp: TP) -> int | None: ...
     def assignment(self) -> list[TP]: ...
     def close(self) -> None: ...
@@ -205,6 +206,16 @@ class KafkaPythonTransport:
 
     def highwater(self, tp: TP) -> int | None:
         return self._consumer.highwater(TopicPartition(*tp))
+
+    def topic_id(self, topic: str) -> str | None:
+        """The topic's UUID from cluster metadata: it changes when a topic is recreated (or a
+        memory-only broker restarts), which invalidates offsets stored anywhere else."""
+        cluster = getattr(getattr(self._consumer, "_client", None), "cluster", None)
+        try:
+            tid = cluster.topic_id(topic) if cluster is not None else None
+        except Exception:  # noqa: BLE001 - private API of kafka-python; absence only disables the check
+            return None
+        return str(tid) if tid is not None else None
 
     def position(self, tp: TP) -> int | None:
         try:
