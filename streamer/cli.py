@@ -31,6 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--hidden", type=int, default=32)
     train.add_argument("--seed", type=int, default=0)
 
+    sub.add_parser("nab", help="score a NAB-layout folder, one series per stream (see `streamer nab -h`)", add_help=False)
+
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["nab"]:
+        from streamer.nab import main as nab_main
+
+        return nab_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "run":
         try:

@@ -1,0 +1,186 @@
+"""`streamer nab DATA_DIR OUT_DIR`: the Numenta Anomaly Benchmark through the daemon's detector.
+
+Every series of a NAB-layout folder is one stream. All series are stepped together through
+`Detector.process` (one big interleaved batch: wavefront k holds row k of every series), which
+is exactly how the daemon steps them, and each row is scored before the next row of its series
+is seen. Results are written as NAB result CSVs (`timestamp,value,anomaly_score`) at the same
+relative paths, so NAB's own scorer or `tools/nabscore.py` can score them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.calibration import CalibrationConfig
+from models.detector import Detector
+from models.gru import DEFAULT_WEIGHTS, load_checkpoint
+
+
+@dataclass
+class Series:
+    rel: Path
+    timestamps: list[str]
+    values: np.ndarray
+
+
+def read_series(data_dir: Path) -> list[Series]:
+    out = []
+    for path in sorted(data_dir.rglob("*.csv")):
+        with path.open() as fh:
+            rows = list(csv.DictReader(fh))
+        if not rows or "value" not in rows[0]:
+            continue
+        out.append(Series(path.relative_to(data_dir), [r["timestamp"] for r in rows], np.array([float(r["value"]) for r in rows])))
+    return out
+
+
+def score_series(series: list[Series], detector: Detector) -> list[np.ndarray]:
+    """Scores of every row of every series, stepping all series together in wavefronts."""
+    lengths = np.array([len(s.values) for s in series])
+    longest = int(lengths.max())
+    # Row-major interleave: row 0 of every series, then row 1, ... (as a live feed would arrive).
+    slots = np.concatenate([np.flatnonzero(lengths > t) for t in range(longest)])
+    steps = np.concatenate([np.full(int((lengths > t).sum()), t) for t in range(longest)])
+    x = np.zeros((len(slots), detector.max_features))
+    mask = np.zeros_like(x, dtype=bool)
+    x[:, 0] = [series[s].values[t] for s, t in zip(slots.tolist(), steps.tolist())]
+    mask[:, 0] = True
+    res = detector.process(slots, x, mask)
+    scores = [np.zeros(n) for n in lengths]
+    for s, t, v in zip(slots.tolist(), steps.tolist(), res.score.tolist()):
+        scores[s][t] = v
+    return scores
+
+
+def _ts_ms(ts: str) -> int:
+    return int(datetime.fromisoformat(ts).replace(tzinfo=timezone.utc).timestamp() * 1000)
+
+
+def score_through_kafka(series: list[Series], warmup: int, partitions: int = 4) -> list[np.ndarray]:
+    """The same scores, but through the embedded broker and the real daemon loop.
+
+    All series are produced interleaved (row-major, keyed by series path) to one input topic;
+    the Runner consumes them in a consumer group exactly as `streamer run` does; the score
+    records are read back and put in row order by their input offsets.
+    """
+    import tempfile
+
+    import orjson
+    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+    from streamer.app import build_runner
+    from streamer.broker import EmbeddedBroker
+    from streamer.config import build_config
+    from streamer.metrics import Metrics
+
+    names = [str(s.rel) for s in series]
+    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory(prefix="streamer-nab-") as state_dir:
+        broker.create_topics({"nab": partitions, "nab.scores": partitions, "nab.alerts": 1, "nab.dead": 1})
+        producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=20, batch_size=262_144)
+        longest = max(len(s.values) for s in series)
+        total = 0
+        for t in range(longest):
+            for name, s in zip(names, series):
+                if t < len(s.values):
+                    event = {"stream": name, "ts": _ts_ms(s.timestamps[t]), "value": float(s.values[t])}
+                    producer.send("nab", key=name.encode(), value=orjson.dumps(event))
+                    total += 1
+        producer.flush()
+        producer.close()
+        cfg = build_config(
+            {
+                "kafka": {"bootstrap_servers": broker.bootstrap},
+                "consumer": {"group_id": "nab", "session_timeout_ms": 3000, "heartbeat_interval_ms": 500},
+                "topics": {"inputs": ["nab"], "scores": "nab.scores", "alerts": "nab.alerts", "dead_letter": "nab.dead"},
+                "state": {"dir": state_dir},
+                "metrics": {"enabled": False},
+                "detector": {"warmup": warmup},
+            },
+            env={},
+        )
+        metrics = Metrics(process=False)
+        runner = build_runner(cfg, metrics)
+        thread = threading.Thread(target=runner.run, daemon=True)
+        thread.start()
+        while metrics.scored._value.get() < total:
+            if not thread.is_alive():
+                raise RuntimeError("the daemon loop stopped before scoring every row")
+            time.sleep(0.2)
+        runner.stop()
+        thread.join()
+        consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=None, auto_offset_reset="earliest")
+        consumer.assign([TopicPartition("nab.scores", p) for p in range(partitions)])
+        records: list[dict] = []
+        while len(records) < total:
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(orjson.loads(r.value) for r in batch)
+        consumer.close()
+    index = {name: i for i, name in enumerate(names)}
+    scores = [np.zeros(len(s.values)) for s in series]
+    for name, recs in _by_stream(records).items():
+        scores[index[name]][:] = [r["score"] for r in sorted(recs, key=lambda r: r["offset"])]
+    return scores
+
+
+def _by_stream(records: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in records:
+        out.setdefault(r["stream"], []).append(r)
+    return out
+
+
+def write_results(out_dir: Path, series: list[Series], scores: list[np.ndarray]) -> None:
+    for s, sc in zip(series, scores):
+        path = out_dir / s.rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["timestamp", "value", "anomaly_score"])
+            for ts, v, a in zip(s.timestamps, s.values.tolist(), sc.tolist()):
+                w.writerow([ts, repr(v), f"{a:.10f}"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="streamer nab", description=__doc__.splitlines()[0])
+    p.add_argument("data_dir", type=Path)
+    p.add_argument("out_dir", type=Path)
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_WEIGHTS)
+    p.add_argument("--scorer", type=Path, default=None, help="a NAB scorer script to run on OUT_DIR (e.g. tools/nabscore.py)")
+    p.add_argument("--through-kafka", action="store_true", help="send every series through the embedded broker and the daemon")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)  # one small GRU call per wavefront: more threads only add overhead
+    model, _meta = load_checkpoint(args.checkpoint)
+    series = read_series(args.data_dir)
+    if not series:
+        print(f"no NAB series (CSV with a value column) under {args.data_dir}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    # NAB does not score a series' first 15% (at most 750 rows): that is its warm-up.
+    if args.through_kafka:
+        if args.checkpoint != DEFAULT_WEIGHTS:
+            print("--through-kafka uses the daemon's configured (bundled) weights", file=sys.stderr)
+            return 2
+        scores = score_through_kafka(series, warmup=0)
+    else:
+        scores = score_series(series, Detector(model, CalibrationConfig(warmup=0)))
+    write_results(args.out_dir, series, scores)
+    rows = sum(len(s.values) for s in series)
+    print(f"scored {len(series)} series, {rows:,} rows in {time.perf_counter() - started:.1f}s -> {args.out_dir}")
+    if args.scorer:
+        return subprocess.call([sys.executable, str(args.scorer), str(args.out_dir)])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
