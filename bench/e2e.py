@@ -82,6 +82,7 @@ class TimedTransport:
         self.watch_topic = watch_topic
         self.target = target
         self.acked = 0
+        self.last_ack_at: float | None = None
         self.done_at: float | None = None
         self.done = threading.Event()
 
@@ -102,6 +103,7 @@ class TimedTransport:
         """Send and wait for acks (raises SendError as the real one does), then count the watched topic."""
         self._timed("send", self.inner.send_batch, records)
         self.acked += sum(1 for r in records if r.topic == self.watch_topic)
+        self.last_ack_at = time.perf_counter()
         if self.acked >= self.target and self.done_at is None:
             self.done_at = time.perf_counter()
             self.done.set()
@@ -120,6 +122,14 @@ class TimedTransport:
 
     def position(self, tp: TP) -> int | None:
         return self.inner.position(tp)
+
+    def topic_id(self, topic: str) -> str | None:
+        fn = getattr(self.inner, "topic_id", None)
+        return fn(topic) if fn is not None else None
+
+    def __getattr__(self, name: str) -> Any:
+        """Anything the Transport protocol gains later passes straight through, untimed."""
+        return getattr(self.inner, name)
 
     def assignment(self) -> list[TP]:
         return self.inner.assignment()
@@ -223,7 +233,9 @@ def score_like_records(streams: int, n: int) -> list[tuple[bytes, bytes]]:
 @dataclass
 class E2EResult:
     streams: int
-    events: int
+    events: int  # pre-produced
+    scored: int  # acknowledged score records inside the timed window (< events if the budget ran out)
+    baseline_events: int  # records each bare-client baseline moved
     device: str
     torch_threads: int  # intra-op threads the daemon thread ran with
     max_poll_records: int
@@ -310,9 +322,11 @@ class DaemonRun:
     note: str
 
 
-def run_daemon(config: Config, n: int, scores_topic: str, timeout_s: float, threads: int | None) -> DaemonRun:
+def run_daemon(config: Config, n: int, scores_topic: str, budget_s: float, threads: int | None) -> DaemonRun:
     """Run the real Runner in a thread until N score records are acknowledged, then stop it.
 
+    If budget_s runs out first, the run ends there and the rate is taken over what was
+    acknowledged up to the last acknowledged batch (the note says so): a rate needs no more.
     The runner's shutdown (a snapshot of every partition) happens after the clock stops.
     threads: torch intra-op threads set inside the daemon thread (None: torch's default, as
     `streamer run` has it).
@@ -351,12 +365,12 @@ def run_daemon(config: Config, n: int, scores_topic: str, timeout_s: float, thre
         if not runner.ready.wait(timeout=60):
             raise RuntimeError("the daemon did not join its group within 60s")
         t0 = time.perf_counter()
-        transport.done.wait(timeout=timeout_s)
+        transport.done.wait(timeout=budget_s)
         if errors:
             raise errors[0]
-        t1 = transport.done_at or time.perf_counter()
+        t1 = transport.done_at or transport.last_ack_at or time.perf_counter()
         if transport.done_at is None:
-            note = f"timed out after {timeout_s:.0f}s with {transport.acked} of {n} scores acknowledged"
+            note = f"stopped at the {budget_s:g}s budget: {transport.acked:,} of {n:,} scored"
         bank = runner.detector.bank
         bank_bytes, bank_capacity, active = bank.nbytes(), bank.capacity, len(runner.slots)
     finally:
@@ -375,9 +389,15 @@ def run_case(
     max_poll_records: int,
     timeout_s: float,
     threads: int | None = None,
+    baseline_events: int | None = None,
     log: Callable[[str], None] = print,
+    budget_s: float | None = None,
 ) -> E2EResult:
-    """Pre-produce N events, run the daemon over them, then the bare-client baselines."""
+    """Pre-produce N events, run the daemon over them, then the bare-client baselines.
+
+    baseline_events caps the records the baselines move (they measure a rate, which a few
+    tens of thousands of records already pin down; --quick uses this to stay short).
+    """
     tag = f"{streams}-{uuid.uuid4().hex[:6]}"
     topics = {"input": f"bench-in-{tag}", "scores": f"bench-scores-{tag}", "alerts": f"bench-alerts-{tag}", "dead": f"bench-dead-{tag}"}
     base_out, base_out_batched = f"bench-base-{tag}", f"bench-base-batched-{tag}"
@@ -393,7 +413,7 @@ def run_case(
     with TemporaryDirectory(prefix="streamer-bench-") as state_dir:
         config = daemon_config(broker, topics, Path(state_dir), device, max_poll_records)
         log(f"e2e {streams:,} streams: daemon")
-        run = run_daemon(config, n, topics["scores"], timeout_s, threads)
+        run = run_daemon(config, n, topics["scores"], budget_s or timeout_s, threads)
     totals = run.intervals.totals(*run.window)
     totals["other"] = max(0.0, run.seconds - sum(totals.values()))  # decode, score records, metrics, housekeeping
     metrics = run.metrics
@@ -401,22 +421,25 @@ def run_case(
     batch_events = _sample(metrics, "streamer_batch_events_sum")
     waves = _sample(metrics, "streamer_batch_wavefronts_sum")
 
-    log(f"e2e {streams:,} streams: bare consumer and producer baselines")
-    consume_secs = consume(broker.bootstrap, topics["input"], n, config, timeout_s)
+    m = n if baseline_events is None else min(n, baseline_events)
+    log(f"e2e {streams:,} streams: bare consumer and producer baselines ({m:,} records each)")
+    consume_secs = consume(broker.bootstrap, topics["input"], m, config, timeout_s)
     p = ProducerConfig()
     opts: dict[str, Any] = {"acks": p.acks, "linger_ms": p.linger_ms, "batch_size": p.batch_size, "max_request_size": p.max_request_size}
-    out_records = score_like_records(streams, n)
+    out_records = score_like_records(streams, m)
     produce_secs = produce(broker.bootstrap, base_out, out_records, **opts)
     produce_batched_secs = produce(broker.bootstrap, base_out_batched, out_records, flush_every=max_poll_records, **opts)
     del out_records
 
     secs = run.seconds
-    daemon_rate = run.acked / secs
-    consume_rate, produce_rate, batched_rate = n / consume_secs, n / produce_secs, n / produce_batched_secs
+    daemon_rate = run.acked / secs if secs > 0 else 0.0
+    consume_rate, produce_rate, batched_rate = m / consume_secs, m / produce_secs, m / produce_batched_secs
     ceiling = 1.0 / (1.0 / consume_rate + 1.0 / batched_rate)
     return E2EResult(
         streams=streams,
         events=n,
+        scored=run.acked,
+        baseline_events=m,
         device=device,
         torch_threads=threads if threads is not None else torch.get_num_threads(),
         max_poll_records=max_poll_records,
@@ -445,16 +468,18 @@ def run_case(
 
 
 def run_e2e(
-    cases: list[tuple[int, int]],
+    cases: list[tuple[int, int, float | None]],
     device: str,
     max_poll_records: int,
     timeout_s: float,
     threads: int | None = None,
+    baseline_events: int | None = None,
     log: Callable[[str], None] = print,
 ) -> list[E2EResult]:
-    """All (streams, events) cases against one embedded broker (fresh topics per case)."""
+    """All (streams, events, daemon time budget or None) cases against one embedded broker
+    (fresh topics per case); without a budget a case may run for timeout_s."""
     results = []
     with EmbeddedBroker() as broker:
-        for streams, n in cases:
-            results.append(run_case(broker, streams, n, device, max_poll_records, timeout_s, threads, log))
+        for streams, n, budget in cases:
+            results.append(run_case(broker, streams, n, device, max_poll_records, timeout_s, threads, baseline_events, log, budget))
     return results

@@ -72,10 +72,20 @@ def advance(
 
     b, f = x.shape
     h = state["h"]
-    h_step, mu, log_sigma = model.step(z_in.reshape(b * f), h.reshape(b * f, -1))
-    h_new = torch.where(mask.unsqueeze(-1), h_step.reshape(h.shape), h)
-    mu_new = torch.where(mask, mu.reshape(b, f), state["pred_mu"])
-    ls_new = torch.where(mask, log_sigma.reshape(b, f), state["pred_log_sigma"])
+    if h.device.type == "cpu" and not bool(mask.all()):
+        # On CPU, step only the channels that carry a value: streams rarely use all max_features
+        # slots, and the GRU is most of the cost. (On a GPU the nonzero() would force a sync per
+        # wavefront, and the spare lanes are free, so every channel is stepped and masked.)
+        sel = mask.reshape(-1).nonzero().squeeze(1)
+        h_sel, mu_sel, ls_sel = model.step(z_in.reshape(-1)[sel], h.reshape(b * f, -1)[sel])
+        h_new = h.reshape(b * f, -1).index_copy(0, sel, h_sel).reshape(h.shape)
+        mu_new = state["pred_mu"].reshape(-1).index_copy(0, sel, mu_sel).reshape(b, f)
+        ls_new = state["pred_log_sigma"].reshape(-1).index_copy(0, sel, ls_sel).reshape(b, f)
+    else:
+        h_step, mu, log_sigma = model.step(z_in.reshape(b * f), h.reshape(b * f, -1))
+        h_new = torch.where(mask.unsqueeze(-1), h_step.reshape(h.shape), h)
+        mu_new = torch.where(mask, mu.reshape(b, f), state["pred_mu"])
+        ls_new = torch.where(mask, log_sigma.reshape(b, f), state["pred_log_sigma"])
 
     steps = state["steps"]
     score, is_anomaly, (cal_n, cal_mean, cal_var) = calibrate(
@@ -134,6 +144,9 @@ class BatchResult:
         return np.where(np.isfinite(contrib.max(axis=1)), top, -1)
 
 
+CPU_CHUNK = 8192
+
+
 class Detector:
     """The model, its calibration settings and the state bank, on one device."""
 
@@ -171,7 +184,13 @@ class Detector:
         mask_dev = torch.as_tensor(mask, dtype=torch.bool).to(dev, non_blocking=True)
         slots_dev = torch.as_tensor(slots, dtype=torch.int64).to(dev, non_blocking=True)
         waves = wavefronts(np.asarray(slots))
-        for wave in waves:
+        if dev.type == "cpu":
+            # Rows of one wavefront are independent; on CPU, cache-sized pieces run faster than
+            # one huge GRU call (and bound the temporaries' memory).
+            pieces = [w[i : i + CPU_CHUNK] for w in waves for i in range(0, len(w), CPU_CHUNK)]
+        else:
+            pieces = waves
+        for wave in pieces:
             idx = torch.as_tensor(wave).to(dev, non_blocking=True)
             rows = slots_dev[idx]
             new_state, out = advance(self.model, self.calibration, self.bank.gather(rows), x_dev[idx], mask_dev[idx])
