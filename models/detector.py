@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.calibration import CalibrationConfig, calibrate
+from models.calibration import TAIL_THRESHOLD, CalibrationConfig, calibrate_tail
 from models.gru import StreamGRU, gaussian_nll
 from models.state import StateBank
 
@@ -55,11 +55,10 @@ def advance(
     nll = torch.where(has_pred, nll, torch.zeros_like(nll))
     surprise = nll.double().sum(dim=1)
     valid = has_pred.any(dim=1)
-    # Squared standardised residuals: chi-square distributed when the predictions are right,
-    # which is what the calibrator models (the NLL itself also carries the log-sigma terms).
+    # Squared standardised residuals: what the calibrator ranks (the NLL itself also carries the
+    # log-sigma terms, which differ between calm and noisy stretches of the same stream).
     resid = ((z_prev - state["pred_mu"]) * torch.exp(-state["pred_log_sigma"])).double()
     sq = torch.where(has_pred, resid * resid, torch.zeros_like(resid)).sum(dim=1)
-    dof = has_pred.sum(dim=1).double()
 
     # Online normaliser: exact mean/variance at first, exponential window later.
     n_new = torch.where(mask, n + 1, n)
@@ -88,9 +87,7 @@ def advance(
         ls_new = torch.where(mask, log_sigma.reshape(b, f), state["pred_log_sigma"])
 
     steps = state["steps"]
-    score, is_anomaly, (cal_n, cal_mean, cal_var) = calibrate(
-        cal, sq, dof, valid, state["cal_n"], state["cal_mean"], state["cal_var"], steps
-    )
+    score, is_anomaly, cal_hist = calibrate_tail(cal, sq, valid, state["cal_hist"], steps)
     new_state = {
         "h": h_new,
         "norm_n": n_new,
@@ -98,9 +95,7 @@ def advance(
         "norm_var": var_new,
         "pred_mu": mu_new,
         "pred_log_sigma": ls_new,
-        "cal_n": cal_n,
-        "cal_mean": cal_mean,
-        "cal_var": cal_var,
+        "cal_hist": cal_hist,
         "steps": steps + 1,
     }
     return new_state, StepOutput(surprise, score, is_anomaly, nll, valid)
@@ -159,7 +154,7 @@ class Detector:
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.calibration = calibration or CalibrationConfig()
+        self.calibration = calibration or CalibrationConfig(threshold=TAIL_THRESHOLD)
         self.bank = StateBank(model.config, self.device, capacity)
 
     @property

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from models.calibration import HIST_BINS
 from models.gru import ModelConfig
 
 
@@ -22,6 +23,7 @@ class Field:
     per_feature: bool
     hidden: bool
     dtype: torch.dtype
+    width: int = 0  # a per-stream vector of this length (not per feature)
 
 
 # Normaliser statistics and the calibrator are kept in float64: a sensor reading 1e4 with noise
@@ -33,9 +35,7 @@ FIELDS: tuple[Field, ...] = (
     Field("norm_var", True, False, torch.float64),
     Field("pred_mu", True, False, torch.float32),  # prediction for the next event, normalised
     Field("pred_log_sigma", True, False, torch.float32),
-    Field("cal_n", False, False, torch.float64),  # surprises the calibrator has seen
-    Field("cal_mean", False, False, torch.float64),
-    Field("cal_var", False, False, torch.float64),
+    Field("cal_hist", False, False, torch.float32, HIST_BINS),  # decayed histogram of log-surprise (calibration)
     Field("steps", False, False, torch.int64),  # events seen by the stream
 )
 
@@ -50,6 +50,8 @@ def empty_state(config: ModelConfig, rows: int, features: int | None = None, dev
             shape += (f,)
         if field.hidden:
             shape += (config.hidden,)
+        if field.width:
+            shape += (field.width,)
         out[field.name] = torch.zeros(shape, dtype=field.dtype, device=device)
     return out
 

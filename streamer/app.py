@@ -49,7 +49,7 @@ def build_detector(config: Config) -> tuple[Detector, dict[str, Any]]:
         # client's network thread for cores.
         torch.set_num_threads(config.detector.cpu_threads or max(1, min(8, (os.cpu_count() or 2) // 2)))
     d = config.detector
-    cal = CalibrationConfig(warmup=d.warmup, threshold=d.threshold, alpha=d.calibration_alpha)
+    cal = CalibrationConfig(warmup=d.warmup, threshold=d.threshold, window=d.calibration_window)
     return Detector(model, cal, device, capacity=config.state.initial_capacity), meta
 
 

@@ -91,8 +91,8 @@ class DetectorConfig(_Strict):
     checkpoint: str | None = None  # None: the weights bundled in models/weights/default.pt
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     warmup: int = Field(default=100, ge=0)
-    threshold: float = Field(default=0.9999, gt=0.0, le=1.0)
-    calibration_alpha: float = Field(default=0.005, gt=0.0, lt=1.0)
+    threshold: float = Field(default=0.5, gt=0.0, le=1.0)
+    calibration_window: int = Field(default=2000, ge=2)
     cpu_threads: int | None = Field(default=None, gt=0)  # None: half the cores, at most 8
 
     @field_validator("device")

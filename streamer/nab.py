@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.calibration import CalibrationConfig
+from models.calibration import TAIL_THRESHOLD, CalibrationConfig
 from models.detector import Detector
 from models.gru import DEFAULT_WEIGHTS, load_checkpoint
 
@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         scores = score_through_kafka(series, warmup=0)
     else:
-        scores = score_series(series, Detector(model, CalibrationConfig(warmup=0)))
+        scores = score_series(series, Detector(model, CalibrationConfig(warmup=0, threshold=TAIL_THRESHOLD)))
     write_results(args.out_dir, series, scores)
     rows = sum(len(s.values) for s in series)
     print(f"scored {len(series)} series, {rows:,} rows in {time.perf_counter() - started:.1f}s -> {args.out_dir}")

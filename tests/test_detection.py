@@ -6,7 +6,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from models.calibration import CalibrationConfig
+from models.calibration import TAIL_THRESHOLD, CalibrationConfig
 from models.detector import Detector
 from models.gru import DEFAULT_WEIGHTS, load_checkpoint
 from models.synthetic import SensorFleet
@@ -14,7 +14,7 @@ from models.synthetic import SensorFleet
 
 def _run(fleet: SensorFleet, steps: int, chunk: int = 50):
     model, _ = load_checkpoint(DEFAULT_WEIGHTS)
-    det = Detector(model, CalibrationConfig(warmup=200))
+    det = Detector(model, CalibrationConfig(warmup=200, threshold=TAIL_THRESHOLD))
     data = fleet.generate(0, steps)
     s, _, f = data.values.shape
     scores = np.zeros((s, steps))
@@ -47,12 +47,14 @@ def test_injected_anomalies_rank_high_and_false_alarms_are_rare():
         normal = scores[a.stream, 300:][~near[a.stream, 300:]]
         percentile[a.kind].append((normal < scores[a.stream, window].max()).mean())
         caught[a.kind].append(flagged[a.stream, window].any())
-    for kind, min_caught in (("spike", 0.85), ("level_shift", 0.85), ("drift", 0.7)):
+    for kind, min_caught in (("spike", 0.6), ("level_shift", 0.6), ("drift", 0.4)):
         assert len(percentile[kind]) >= 5, kind
         # The typical anomaly's peak beats 99.5% of its stream's normal scores, every one beats 90% ...
         assert np.median(percentile[kind]) > 0.995, (kind, percentile[kind])
         assert min(percentile[kind]) > 0.9, (kind, percentile[kind])
-        # ... and most are flagged (a slow drift is sometimes absorbed before it crosses the threshold).
+        # ... and most are flagged. Not all: in its first ~1,000 events a stream has too little
+        # history to put any event below p = 0.001 unless it far exceeds everything seen so far,
+        # and a slow drift is sometimes absorbed before it gets there.
         assert np.mean(caught[kind]) >= min_caught, (kind, caught[kind])
     # A stuck sensor is subtler for a model of normal dynamics: ranked high, not always flagged.
     assert np.mean(percentile["stuck"]) > 0.95
@@ -61,4 +63,4 @@ def test_injected_anomalies_rank_high_and_false_alarms_are_rare():
         p = np.asarray(percentile[kind])
         print(f"{kind:12s} n={len(p):3d} peak percentile min {p.min():.4f} median {np.median(p):.4f} flagged {np.mean(caught[kind]):.2f}")
     print(f"false alarms per normal event: {false_alarm_rate:.5f}")
-    assert false_alarm_rate < 0.002, false_alarm_rate
+    assert false_alarm_rate < 0.0005, false_alarm_rate

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 
 import numpy as np
 
-from models.calibration import CalibrationConfig
+from models.calibration import TAIL_THRESHOLD, CalibrationConfig
 from models.detector import Detector
 from models.gru import DEFAULT_WEIGHTS, load_checkpoint
 from streamer.nab import main, read_series, score_series, score_through_kafka
@@ -52,11 +52,11 @@ def test_nab_results_layout_and_causal_scores(tmp_path):
     # No look-ahead: scoring a truncated series gives the same scores for the rows it has.
     series = read_series(data)
     model, _ = load_checkpoint(DEFAULT_WEIGHTS)
-    full = score_series(series, Detector(model, CalibrationConfig(warmup=0)))
+    full = score_series(series, Detector(model, CalibrationConfig(warmup=0, threshold=TAIL_THRESHOLD)))
     for s in series:
         s.values = s.values[:200]
         s.timestamps = s.timestamps[:200]
-    cut = score_series(series, Detector(model, CalibrationConfig(warmup=0)))
+    cut = score_series(series, Detector(model, CalibrationConfig(warmup=0, threshold=TAIL_THRESHOLD)))
     for a, b in zip(full, cut):
         np.testing.assert_allclose(a[:200], b, atol=1e-9)
 
@@ -64,7 +64,7 @@ def test_nab_results_layout_and_causal_scores(tmp_path):
 def test_through_kafka_equals_direct(tmp_path):
     series = read_series(_dataset(tmp_path))
     model, _ = load_checkpoint(DEFAULT_WEIGHTS)
-    direct = score_series(series, Detector(model, CalibrationConfig(warmup=0)))
+    direct = score_series(series, Detector(model, CalibrationConfig(warmup=0, threshold=TAIL_THRESHOLD)))
     kafka = score_through_kafka(series, warmup=0, partitions=2)
     for d, k in zip(direct, kafka):
         np.testing.assert_allclose(d, k, atol=1e-6)

@@ -88,7 +88,7 @@ def test_every_event_scored_once_and_matches_offline_replay(broker, topics, stat
             assert abs(got[step]["score"] - res.score[0]) < 1e-6
         row = slot_of[stream]
         torch.testing.assert_close(bank["h"][row], offline.bank.tensors["h"][slot], atol=1e-5, rtol=1e-5)
-        for field in ("norm_mean", "norm_var", "pred_mu", "cal_mean", "cal_var", "steps"):
+        for field in ("norm_mean", "norm_var", "pred_mu", "cal_hist", "steps"):
             torch.testing.assert_close(bank[field][row], offline.bank.tensors[field][slot], atol=1e-5, rtol=1e-5)
 
     for name in (

@@ -15,7 +15,7 @@ import orjson
 import yaml
 from conftest import event, produce, read_all, scores_of
 
-from models.calibration import CalibrationConfig
+from models.calibration import TAIL_THRESHOLD, CalibrationConfig
 from models.detector import Detector
 from models.gru import DEFAULT_WEIGHTS, load_checkpoint
 
@@ -107,7 +107,7 @@ def test_sigterm_midstream_then_restart_loses_nothing(broker, topics, tmp_path):
     # The restart restored each stream's state (snapshot + replay), so every score equals the
     # one an uninterrupted offline replay gives.
     model, _ = load_checkpoint(DEFAULT_WEIGHTS)
-    offline = Detector(model, CalibrationConfig(warmup=10))
+    offline = Detector(model, CalibrationConfig(warmup=10, threshold=TAIL_THRESHOLD))
     latest = {(r["partition"], r["offset"]): r for r in records}
     by_stream: dict[str, list] = {}
     for key in sorted(latest):
