@@ -157,6 +157,17 @@ class Detector:
         self.calibration = calibration or CalibrationConfig(threshold=TAIL_THRESHOLD)
         self.bank = StateBank(model.config, self.device, capacity)
 
+    def swap_model(self, model: StreamGRU) -> bool:
+        """Serve a new model. Returns True when every stream's state was kept (same
+        architecture: the hidden states mean the same to the new weights' shapes), False when the
+        bank was rebuilt empty for a different architecture."""
+        model = model.to(self.device).eval()
+        same = model.config == self.model.config
+        self.model = model
+        if not same:
+            self.bank = StateBank(model.config, self.device, self.bank.capacity)
+        return same
+
     @property
     def max_features(self) -> int:
         return self.model.config.max_features

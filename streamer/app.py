@@ -42,6 +42,34 @@ def load_model(config: Config) -> tuple[StreamGRU, dict[str, Any], torch.device]
     return model, meta, device
 
 
+class CheckpointWatcher:
+    """Notices a replaced checkpoint file (by mtime and size) and loads it."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.path = Path(config.detector.checkpoint) if config.detector.checkpoint else DEFAULT_WEIGHTS
+        self._seen = self._stamp()
+
+    def _stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime_ns, st.st_size)
+
+    def poll(self) -> tuple[StreamGRU, dict[str, Any]] | None:
+        stamp = self._stamp()
+        if stamp is None or stamp == self._seen:
+            return None
+        self._seen = stamp
+        try:
+            model, meta, _device = load_model(self.config)
+        except Exception as err:  # noqa: BLE001 - a half-written or bad file must not stop the daemon
+            log.error("new checkpoint %s could not be loaded, keeping the current model: %s", self.path, err)
+            return None
+        return model, meta
+
+
 def build_detector(config: Config) -> tuple[Detector, dict[str, Any]]:
     model, meta, device = load_model(config)
     if device.type == "cpu":
@@ -55,6 +83,13 @@ def build_detector(config: Config) -> tuple[Detector, dict[str, Any]]:
 
 def build_runner(config: Config, metrics: Metrics, transport: Transport | None = None) -> Runner:
     detector, meta = build_detector(config)
+    publish_model(metrics, detector, meta)
+    runner = Runner(config, transport or KafkaPythonTransport(config), detector, metrics, meta)
+    runner.watcher = CheckpointWatcher(config)
+    return runner
+
+
+def publish_model(metrics: Metrics, detector: Detector, meta: dict[str, Any]) -> None:
     metrics.model_loaded.set_to_current_time()
     metrics.model.info(
         {
@@ -65,7 +100,6 @@ def build_runner(config: Config, metrics: Metrics, transport: Transport | None =
             "max_features": str(detector.max_features),
         }
     )
-    return Runner(config, transport or KafkaPythonTransport(config), detector, metrics, meta)
 
 
 def run_daemon(config: Config) -> int:

@@ -94,6 +94,7 @@ class DetectorConfig(_Strict):
     threshold: float = Field(default=0.5, gt=0.0, le=1.0)
     calibration_window: int = Field(default=2000, ge=2)
     cpu_threads: int | None = Field(default=None, gt=0)  # None: half the cores, at most 8
+    reload_check_s: float = Field(default=10.0, gt=0)
 
     @field_validator("device")
     @classmethod

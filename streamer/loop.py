@@ -62,6 +62,8 @@ class Runner:
         self.health = LoopHealth(config.metrics.max_stall_s)
         self._last_snapshot = time.monotonic()
         self._last_evict = time.monotonic()
+        self._last_reload_check = time.monotonic()
+        self.watcher: Any = None  # set by streamer.app: notices a replaced checkpoint file
 
     # -- partition ownership ------------------------------------------------------------
     # kafka-python runs rebalance callbacks on its network thread while poll() waits, and that
@@ -322,7 +324,37 @@ class Runner:
                 self.metrics.output_records.labels(topic).inc(sum(1 for r in outputs if r.topic == topic))
             return True
 
+    def _maybe_reload(self) -> None:
+        """Serve a replaced checkpoint without a restart; keep states only if they still fit."""
+        now = time.monotonic()
+        if self.watcher is None or now - self._last_reload_check < self.config.detector.reload_check_s:
+            return
+        self._last_reload_check = now
+        found = self.watcher.poll()
+        if found is None:
+            return
+        model, meta = found
+        from streamer.app import publish_model
+
+        kept = self.detector.swap_model(model)
+        self.model_version = str(meta["model_version"])
+        self.arch = dict(meta["config"])
+        self.decoder.max_features = self.detector.max_features
+        publish_model(self.metrics, self.detector, meta)
+        if kept:
+            log.info(
+                "serving new checkpoint %s (%s); kept the state of %d streams", meta["checkpoint"], self.model_version, len(self.slots)
+            )
+        else:
+            log.warning(
+                "new checkpoint %s (%s) has a different architecture; reset the state of %d streams, which warm up again",
+                meta["checkpoint"],
+                self.model_version,
+                len(self.slots),
+            )
+
     def _housekeeping(self) -> None:
+        self._maybe_reload()
         m = self.metrics
         for tp in self.transport.assignment():
             hw = self.transport.highwater(tp)
