@@ -20,6 +20,7 @@ ENV_OVERRIDES: dict[str, tuple[str, str]] = {
     "STREAMER_SASL_PLAIN_USERNAME": ("kafka", "sasl_plain_username"),
     "STREAMER_SASL_PLAIN_PASSWORD": ("kafka", "sasl_plain_password"),
     "STREAMER_SSL_PASSWORD": ("kafka", "ssl_password"),
+    "STREAMER_GROUP_INSTANCE_ID": ("consumer", "group_instance_id"),
 }
 
 
@@ -55,6 +56,7 @@ class KafkaConfig(_Strict):
 
 class ConsumerConfig(_Strict):
     group_id: str = "streamer"
+    group_instance_id: str | None = None
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     session_timeout_ms: int = Field(default=10_000, gt=0)
     heartbeat_interval_ms: int = Field(default=3_000, gt=0)

@@ -57,6 +57,7 @@ class Runner:
         self.emit_from: dict[TP, int] = {}
         self.log_ids: dict[TP, str | None] = {}
         self._pending_assign: list[TP] = []
+        self._assign_pending = False
         self.stop_event = threading.Event()
         self.ready = threading.Event()
         self.health = LoopHealth(config.metrics.max_stall_s)
@@ -71,12 +72,15 @@ class Runner:
     # (snapshot to disk, drop rows), so it runs in the callback; assignment is only recorded
     # there and completed by the loop right after poll() returns.
     def _on_assign(self, tps: list[TP]) -> None:
+        # An empty assignment (more members than partitions) still completes a join.
         self._pending_assign.extend(tps)
+        self._assign_pending = True
         self.health.restoring = True
 
     def _complete_assign(self, polled: Polled) -> Polled:
         """Restore snapshots of newly assigned partitions; drop polled records the seek replaces."""
         tps, self._pending_assign = self._pending_assign, []
+        self._assign_pending = False
         reseeked: set[TP] = set()
         for tp in tps:
             committed = self.transport.committed(tp)
@@ -193,7 +197,7 @@ class Runner:
         """One poll and everything it leads to; returns the number of records polled."""
         c = self.config.consumer
         polled = self.transport.poll(c.poll_timeout_ms, c.max_poll_records)
-        if self._pending_assign:
+        if self._assign_pending:
             polled = self._complete_assign(polled)
         m = self.metrics
         m.last_progress.set(self.clock())
@@ -311,6 +315,8 @@ class Runner:
             except SendError:
                 attempt += 1
                 self.metrics.send_failures.inc()
+                # Waiting out a broker outage is progress for liveness: a restart would not help.
+                self.health.progress()
                 if self.stop_event.is_set() and attempt >= 3:
                     log.error(
                         "stopping with %d output records unacknowledged; their offsets stay uncommitted",

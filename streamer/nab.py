@@ -63,6 +63,32 @@ def score_series(series: list[Series], detector: Detector) -> list[np.ndarray]:
     return scores
 
 
+BASELINES = ("hst",)
+
+
+def score_baseline(series: list[Series], name: str) -> list[np.ndarray]:
+    """An alternative detector a user might pick instead, through the same harness.
+
+    `hst`: River's HalfSpaceTrees on the min-max-scaled value, the detector River's docs
+    suggest for streams (score_one before learn_one, so each row is scored before it is seen).
+    Needs the optional extra: `pip install -e ".[baselines]"`.
+    """
+    if name != "hst":
+        raise ValueError(f"unknown baseline {name!r}; choose from {BASELINES}")
+    from river import anomaly, compose, preprocessing
+
+    out = []
+    for s in series:
+        model = compose.Pipeline(preprocessing.MinMaxScaler(), anomaly.HalfSpaceTrees(seed=42))
+        scores = np.zeros(len(s.values))
+        for i, v in enumerate(s.values.tolist()):
+            x = {"value": v}
+            scores[i] = model.score_one(x)
+            model.learn_one(x)
+        out.append(scores)
+    return out
+
+
 def _ts_ms(ts: str) -> int:
     return int(datetime.fromisoformat(ts).replace(tzinfo=timezone.utc).timestamp() * 1000)
 
@@ -158,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_WEIGHTS)
     p.add_argument("--scorer", type=Path, default=None, help="a NAB scorer script to run on OUT_DIR (e.g. tools/nabscore.py)")
     p.add_argument("--through-kafka", action="store_true", help="send every series through the embedded broker and the daemon")
+    p.add_argument("--baseline", choices=BASELINES, default=None, help="score with an alternative detector instead (optional extra)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # one small GRU call per wavefront: more threads only add overhead
     model, _meta = load_checkpoint(args.checkpoint)
@@ -167,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.perf_counter()
     # NAB does not score a series' first 15% (at most 750 rows): that is its warm-up.
-    if args.through_kafka:
+    if args.baseline:
+        scores = score_baseline(series, args.baseline)
+    elif args.through_kafka:
         if args.checkpoint != DEFAULT_WEIGHTS:
             print("--through-kafka uses the daemon's configured (bundled) weights", file=sys.stderr)
             return 2

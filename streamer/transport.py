@@ -105,6 +105,7 @@ class KafkaPythonTransport:
         self._consumer = KafkaConsumer(
             **conn,
             group_id=c.group_id,
+            group_instance_id=c.group_instance_id,
             enable_auto_commit=False,
             auto_offset_reset=c.auto_offset_reset,
             session_timeout_ms=c.session_timeout_ms,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.error
 import urllib.request
 
@@ -50,3 +51,20 @@ def test_health_follows_the_loop_and_metrics_carry_exemplars(broker, topics, sta
     status, body = _get(f"{base}/readyz")
     assert status == 503 and "shutting down" in body
     assert _get(f"{base}/nothing")[0] == 404
+
+
+def test_a_member_without_partitions_is_ready(broker, state_dir):
+    """More members than partitions: the idle member has joined and restored nothing, so it is
+    ready (a rolling update must not wait on it forever)."""
+    names = {"input": "one-part", "scores": "one-part-scores", "alerts": "one-part-alerts", "dead": "one-part-dead"}
+    broker.create_topics({"one-part": 1, "one-part-scores": 1, "one-part-alerts": 1, "one-part-dead": 1})
+    produce(broker, "one-part", [(b"k", event("k", 1, {"x": 1.0}))])
+    first = DaemonThread(make_config(broker, names, state_dir / "a"))
+    second = DaemonThread(make_config(broker, names, state_dir / "b"))
+    with first, second:
+        deadline = time.monotonic() + 60
+        while not (first.runner.health.readiness()[0] and second.runner.health.readiness()[0]):
+            assert time.monotonic() < deadline, (first.runner.health.readiness(), second.runner.health.readiness())
+            time.sleep(0.1)
+        owned = [len(d.runner.transport.assignment()) for d in (first, second)]
+        assert sorted(owned) == [0, 1]
