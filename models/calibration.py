@@ -1,14 +1,12 @@
-"""First calibration: raw surprise to a score in [0, 1] that means the same on every stream.
+"""Calibration: surprise to a score in [0, 1] that means the same on every stream.
 
 A stream's raw surprise depends on how predictable it is and how many features it has, so a
-global threshold on it would flag noisy streams forever and quiet ones never. The calibrator
-works on the sum of squared standardised residuals of the event's features, q, which is
-chi-square with k degrees of freedom when the model's predictive distribution is right. Real
-streams are not that kind, so each stream keeps a running mean and variance of q/k and the
-score is the CDF of a gamma distribution fitted to them by moments: a stream whose residuals
-are over-dispersed gets a heavier tail, a well-predicted one the chi-square tail. The
-statistics are winsorised, so one anomaly does not teach the calibrator that anomalies are
-normal.
+global threshold on it would flag noisy streams forever and quiet ones never. Every score is
+therefore a tail probability p under the stream's own history, put on a log scale:
+score = -log10(p) / decades, capped at 1 (0.5 = one in a thousand with the default 6 decades).
+Sensor streams get p from a decayed histogram of their own surprise (`calibrate_tail`); log
+streams from a moment fit (models/logs/calibration.py). The calibrator's state is part of the
+stream's state, saved and restored with its hidden state.
 """
 
 from __future__ import annotations
@@ -24,12 +22,11 @@ class CalibrationConfig:
     """Per-stream decision settings; not part of the weights, set from config.yaml."""
 
     warmup: int = 100  # events per stream before anything may be flagged
-    # Score at or above which is_anomaly is set. Sensor streams (calibrate_tail) use 0.5, i.e.
-    # p <= 1e-3 (TAIL_THRESHOLD); the gamma calibrator's scores are 1 - p, hence 0.9999.
-    threshold: float = 0.9999
+    threshold: float = 0.5  # is_anomaly at or above this score; 0.5 is p <= 1e-3
     decades: float = 6.0  # score = -log10(tail probability) / decades, capped at 1
-    alpha: float = 0.005  # exponential window of the statistics (~200 events)
-    winsor: float = 25.0  # cap on one event's q/k, in multiples of the stream's mean
+    # Moment-based calibrator of log streams (models/logs/calibration.py).
+    alpha: float = 0.005  # exponential window of its statistics (~200 events)
+    winsor: float = 25.0  # cap on one event's statistic, in multiples of the stream's mean
     # Empirical tail calibrator (sensor streams): a decayed histogram of log-surprise.
     window: int = 2000  # events of history the histogram remembers (exponential decay)
     tail_slope: float = 3.0  # beyond the largest surprise seen: p falls as q^-tail_slope
@@ -45,41 +42,6 @@ class CalibrationConfig:
             raise ValueError("alpha must be in (0, 1)")
         if self.window < 2:
             raise ValueError("window must be >= 2")
-
-
-def calibrate(
-    cfg: CalibrationConfig,
-    sq: torch.Tensor,
-    dof: torch.Tensor,
-    valid: torch.Tensor,
-    n: torch.Tensor,
-    mean: torch.Tensor,
-    var: torch.Tensor,
-    steps: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Score one event per row and update that row's statistics.
-
-    sq: float64 [B] sum of squared standardised residuals over dof features; n, mean, var:
-    float64 [B] the stream's count, mean and variance of sq/dof; valid: bool [B] (there was a
-    prediction); steps: int64 [B] events seen before this one. Returns score, is_anomaly and
-    the new (n, mean, var).
-    """
-    u = sq / dof.clamp(min=1.0)
-    # Before the statistics exist, assume the model is calibrated: mean 1, chi-square variance.
-    m = torch.where(n >= 2, mean, torch.ones_like(mean)).clamp(min=1e-6)
-    v = torch.where(n >= 2, var, 2.0 / dof.clamp(min=1.0)).clamp(min=1e-12)
-    shape = (m * m / v).clamp(0.05, 1e4)
-    score = torch.where(valid, torch.special.gammainc(shape, u * shape / m), torch.zeros_like(u))
-    is_anomaly = valid & (steps >= cfg.warmup) & (score >= cfg.threshold)
-
-    clipped = torch.minimum(u, cfg.winsor * m)
-    n_new = torch.where(valid, n + 1, n)
-    alpha = torch.clamp(1.0 / n_new.clamp(min=1.0), min=cfg.alpha)
-    first = n_new <= 1
-    delta = clipped - mean
-    mean_new = torch.where(valid, torch.where(first, clipped, mean + alpha * delta), mean)
-    var_new = torch.where(valid, torch.where(first, torch.zeros_like(var), (1.0 - alpha) * (var + alpha * delta * delta)), var)
-    return score, is_anomaly, (n_new, mean_new, var_new)
 
 
 TAIL_THRESHOLD = 0.5

@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--seed", type=int, default=0)
 
     sub.add_parser("nab", help="score a NAB-layout folder, one series per stream (see `streamer nab -h`)", add_help=False)
+    sub.add_parser("logeval", help="stream a labelled log file through the log detector (see `streamer logeval -h`)", add_help=False)
 
     if argv is None:
         argv = sys.argv[1:]
@@ -39,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
         from streamer.nab import main as nab_main
 
         return nab_main(argv[1:])
+    if argv[:1] == ["logeval"]:
+        from streamer.logeval import main as logeval_main
+
+        return logeval_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "run":
         try:

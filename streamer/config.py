@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Environment variables that override config values, so secrets need not sit in the file.
 ENV_OVERRIDES: dict[str, tuple[str, str]] = {
@@ -77,7 +77,7 @@ class ProducerConfig(_Strict):
 
 
 class TopicsConfig(_Strict):
-    inputs: list[str] = Field(default_factory=lambda: ["sensors"], min_length=1)
+    inputs: list[str] = Field(default_factory=lambda: ["sensors"])
     scores: str = "streamer.scores"
     alerts: str = "streamer.alerts"
     dead_letter: str = "streamer.dead-letter"
@@ -87,6 +87,27 @@ class InputConfig(_Strict):
     max_message_bytes: int = Field(default=65_536, gt=0)
     max_stream_id_length: int = Field(default=256, gt=0)
     stream_field: str = "stream"
+
+
+class LogsConfig(_Strict):
+    """Topics of log lines (raw text or JSON), scored by the log sequence model."""
+
+    topics: list[str] = Field(default_factory=list)
+    line_format: str = "plain"  # a preset (bgl, hdfs, syslog, thunderbird, logfmt, plain) or a regex with named groups
+    stream_field: str = "service"  # the field (JSON key or named group) naming the stream, or "key"
+    warmup: int = Field(default=50, ge=0)
+    threshold: float = Field(default=4.0 / 6.0, gt=0.0, le=1.0)  # p <= 1e-4
+
+    @field_validator("line_format")
+    @classmethod
+    def _format(cls, v: str) -> str:
+        from streamer.logparse import line_format
+
+        try:
+            line_format(v)
+        except Exception as err:  # noqa: BLE001 - any failure to build the format is a config error
+            raise ValueError(f"not a preset and not a usable regex: {err}") from None
+        return v
 
 
 class DetectorConfig(_Strict):
@@ -125,12 +146,22 @@ class Config(_Strict):
     consumer: ConsumerConfig = ConsumerConfig()
     producer: ProducerConfig = ProducerConfig()
     topics: TopicsConfig = TopicsConfig()
+    logs: LogsConfig = LogsConfig()
     input: InputConfig = InputConfig()
     detector: DetectorConfig = DetectorConfig()
     state: StateConfig = StateConfig()
     metrics: MetricsConfig = MetricsConfig()
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "text"] = "json"
+
+    @model_validator(mode="after")
+    def _some_input(self) -> Config:
+        if not self.topics.inputs and not self.logs.topics:
+            raise ValueError("topics.inputs: no input topics (and no logs.topics either)")
+        overlap = set(self.topics.inputs) & set(self.logs.topics)
+        if overlap:
+            raise ValueError(f"logs.topics: {sorted(overlap)} also in topics.inputs; a topic is either sensors or logs")
+        return self
 
 
 def _format(err: ValidationError) -> str:

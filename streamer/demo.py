@@ -27,7 +27,7 @@ from models.synthetic import SensorFleet
 from streamer.app import build_runner
 from streamer.broker import EmbeddedBroker, free_port
 from streamer.config import build_config
-from streamer.feed import SensorFeed
+from streamer.feed import LogFeed, SensorFeed
 from streamer.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -73,11 +73,13 @@ def _view(metrics: Metrics, tail: AlertTail, rate: float, port: int, bootstrap: 
         f"[bold yellow]{_counter(metrics, 'streamer_dead_letters_total'):,.0f}[/]",
     )
     alerts = Table(title="latest anomalies (from the alerts topic)", expand=True)
-    for col in ("stream", "event time", "score", "surprise", "feature"):
-        alerts.add_column(col)
+    for col in ("stream", "event time", "score", "surprise"):
+        alerts.add_column(col, no_wrap=True)
+    alerts.add_column("what", no_wrap=True, overflow="ellipsis", ratio=1)
     for a in tail.recent:
         when = datetime.fromtimestamp(a["ts"] / 1000).strftime("%Y-%m-%d %H:%M:%S")
-        alerts.add_row(a["stream"], when, f"{a['score']:.6f}", f"{a['surprise']:.1f}", str(a["top_feature"]))
+        what = f"feature {a['top_feature']}" if a.get("kind") == "sensor" else f"log: {a.get('line', '')[:60]}"
+        alerts.add_row(a["stream"], when, f"{a['score']:.3f}", f"{a['surprise']:.1f}", what)
     footer = f"broker {bootstrap} · metrics http://127.0.0.1:{port}/metrics · running {elapsed:,.0f}s · Ctrl-C stops"
     return Group(Panel(stats, title="streamer demo"), alerts, footer)
 
@@ -90,10 +92,11 @@ def run_demo(streams: int, steps_per_second: float, metrics_port: int, duration:
                 "consumer": {"group_id": "streamer-demo", "session_timeout_ms": 6000, "heartbeat_interval_ms": 1000},
                 "state": {"dir": state_dir},
                 "metrics": {"host": "127.0.0.1", "port": metrics_port},
+                "logs": {"topics": ["logs"], "stream_field": "service"},
             }
         )
         t = cfg.topics
-        broker.create_topics({t.inputs[0]: partitions, t.scores: partitions, t.alerts: 1, t.dead_letter: 1})
+        broker.create_topics({t.inputs[0]: partitions, "logs": 2, t.scores: partitions, t.alerts: 1, t.dead_letter: 1})
         metrics = Metrics()
         runner = build_runner(cfg, metrics)
         try:
@@ -103,8 +106,14 @@ def run_demo(streams: int, steps_per_second: float, metrics_port: int, duration:
         backfill = 600
         fleet = SensorFleet(n_streams=streams, seed=7, start_ms=int(time.time() * 1000) - backfill * 60_000)
         feed = SensorFeed(broker.bootstrap, t.inputs[0], fleet, steps_per_second, backfill_steps=backfill, garbage_every=5000)
+        log_feed = LogFeed(broker.bootstrap, "logs")
         tail = AlertTail(broker.bootstrap, t.alerts)
-        threads = [threading.Thread(target=runner.run, name="runner"), threading.Thread(target=feed.run, name="feed"), tail]
+        threads = [
+            threading.Thread(target=runner.run, name="runner"),
+            threading.Thread(target=feed.run, name="feed"),
+            threading.Thread(target=log_feed.run, name="log-feed"),
+            tail,
+        ]
         stop = threading.Event()
         previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
         for th in threads:
@@ -126,6 +135,7 @@ def run_demo(streams: int, steps_per_second: float, metrics_port: int, duration:
         finally:
             signal.signal(signal.SIGTERM, previous)
             feed.stop()
+            log_feed.stop()
             runner.stop()
             tail.stop_event.set()
             for th in threads:

@@ -89,3 +89,36 @@ class SensorFeed:
 
     def stop(self) -> None:
         self.stop_event.set()
+
+
+class LogFeed:
+    """Synthetic service logs (JSON records): the last `backfill_s` at once, then in real time.
+
+    Lines carry their simulated timestamps, which line up with the wall clock from the end of
+    the backfill on, so the log model sees realistic inter-arrival times.
+    """
+
+    def __init__(self, bootstrap: str, topic: str, instances: int = 9, backfill_s: float = 3600.0, live_s: float = 7200.0) -> None:
+        from models.logs.synth import generate
+
+        start_ms = int(time.time() * 1000 - backfill_s * 1000)
+        self.lines = generate(seed=7, instances=instances, duration_s=backfill_s + live_s, start_ms=start_ms, warmup_s=backfill_s / 2)
+        self.topic = topic
+        self.producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, acks=1)
+        self.stop_event = threading.Event()
+        self.sent = 0
+
+    def run(self) -> None:
+        for line in self.lines:
+            delay = line.ts_ms / 1000.0 - time.time()
+            if delay > 0 and self.stop_event.wait(delay):
+                break
+            if self.stop_event.is_set():
+                break
+            self.producer.send(self.topic, key=line.stream.encode(), value=line.json())
+            self.sent += 1
+        self.producer.flush()
+        self.producer.close(timeout=5)
+
+    def stop(self) -> None:
+        self.stop_event.set()

@@ -25,6 +25,7 @@ from models.detector import Detector
 from streamer.config import Config
 from streamer.decode import Decoder
 from streamer.health import LoopHealth
+from streamer.logstreams import LogStreams
 from streamer.metrics import Metrics
 from streamer.state import TP, SlotTable, Snapshot, SnapshotStore
 from streamer.transport import OutRecord, Polled, SendError, Transport
@@ -52,6 +53,7 @@ class Runner:
         inp = config.input
         self.decoder = Decoder(detector.max_features, inp.max_message_bytes, inp.max_stream_id_length, inp.stream_field)
         self.slots = SlotTable()
+        self.logs = LogStreams(config) if config.logs.topics else None
         self.store = SnapshotStore(config.state.dir, config.consumer.group_id)
         self.next_offset: dict[TP, int] = {}
         self.emit_from: dict[TP, int] = {}
@@ -88,6 +90,10 @@ class Runner:
             # The log our offsets refer to, fixed at assignment: a snapshot taken after the topic
             # was recreated under us must still name the log its offsets came from.
             self.log_ids[tp] = self.transport.topic_id(tp[0])
+            if self.logs is not None and tp[0] in self.logs.topics:
+                if self._restore_logs(tp, committed):
+                    reseeked.add(tp)
+                continue
             snap = self.store.load(tp, self.arch)
             if snap is None:
                 continue
@@ -122,7 +128,7 @@ class Runner:
                 extra={"topic": tp[0], "partition": tp[1], "offset": snap.offset, "committed": committed},
             )
         self.metrics.assigned_partitions.set(len(self.transport.assignment()))
-        self.metrics.active_streams.set(len(self.slots))
+        self.metrics.active_streams.set(self._stream_count())
         self.health.joined = True
         self.health.restoring = False
         self.ready.set()
@@ -131,10 +137,44 @@ class Runner:
             polled = polled.select(keep)
         return polled
 
+    def _restore_logs(self, tp: TP, committed: int | None) -> bool:
+        assert self.logs is not None
+        payload = self.store.load_payload(tp)
+        if payload is None or payload.get("kind") != "logs":
+            return False
+        if payload.get("topic_id") and self.log_ids[tp] and payload["topic_id"] != self.log_ids[tp]:
+            log.warning(
+                "discarding log snapshot of %s[%d]: the topic was recreated", tp[0], tp[1], extra={"topic": tp[0], "partition": tp[1]}
+            )
+            return False
+        try:
+            n = self.logs.restore(tp, payload["partition"])
+        except (KeyError, ValueError) as err:
+            log.warning("discarding log snapshot of %s[%d]: %s", tp[0], tp[1], err, extra={"topic": tp[0], "partition": tp[1]})
+            return False
+        self.transport.seek(tp, payload["offset"])
+        self.next_offset[tp] = payload["offset"]
+        log.info(
+            "restored %d log streams of %s[%d] at offset %d (committed %s)",
+            n,
+            tp[0],
+            tp[1],
+            payload["offset"],
+            committed,
+            extra={"topic": tp[0], "partition": tp[1], "offset": payload["offset"]},
+        )
+        return True
+
+    def _stream_count(self) -> int:
+        return len(self.slots) + (len(self.logs) if self.logs is not None else 0)
+
     def _on_revoke(self, tps: list[TP]) -> None:
         self._snapshot(set(tps))
         streams = self.slots.streams_of(set(tps))
         self._drop(streams)
+        if self.logs is not None:
+            for tp in tps:
+                self.logs.drop(tp)
         log.info(
             "revoked %d partitions, dropped %d streams",
             len(tps),
@@ -160,6 +200,13 @@ class Runner:
         for tp in sorted(tps):
             if tp not in self.next_offset:
                 continue
+            if self.logs is not None and tp[0] in self.logs.topics:
+                part = self.logs.snapshot(tp)
+                if part is not None:
+                    payload = {"kind": "logs", "offset": self.next_offset[tp], "topic_id": self.log_ids.get(tp), "partition": part}
+                    self.store.save_payload(tp, payload)
+                    self.metrics.snapshots.inc()
+                continue
             streams = self.slots.streams_of({tp})
             rows = torch.as_tensor([self.slots.slot_of[s] for s in streams], dtype=torch.int64)
             schemas = [list(self.decoder.schemas.get(s, ())) for s in streams]
@@ -171,7 +218,7 @@ class Runner:
 
     # -- the loop -----------------------------------------------------------------------
     def start(self) -> None:
-        self.transport.subscribe(self.config.topics.inputs, self._on_assign, self._on_revoke)
+        self.transport.subscribe([*self.config.topics.inputs, *self.config.logs.topics], self._on_assign, self._on_revoke)
 
     def run(self) -> None:
         self.start()
@@ -221,7 +268,6 @@ class Runner:
 
     def _process(self, polled: Polled) -> tuple[list[OutRecord], dict[TP, int]]:
         m = self.metrics
-        topics = self.config.topics
         n = len(polled)
         tps = list(zip(polled.topic, polled.partition.tolist()))
         emit_from = np.fromiter((self.emit_from.get(tp, 0) for tp in tps), dtype=np.int64, count=n)
@@ -232,23 +278,18 @@ class Runner:
         self.next_offset.update(offsets)
         for topic in set(polled.topic):
             m.consumed.labels(topic).inc(polled.topic.count(topic))
+        outputs: list[OutRecord] = []
+        if self.logs is not None:
+            is_log = np.fromiter((t in self.logs.topics for t in polled.topic), dtype=bool, count=n)
+            if is_log.any():
+                outputs.extend(self._process_logs(polled.select(is_log), emit[is_log]))
+                polled, emit = polled.select(~is_log), emit[~is_log]
+                tps = list(zip(polled.topic, polled.partition.tolist()))
+        if len(polled) == 0:
+            return outputs, offsets
 
         dec = self.decoder.decode(polled.value, polled.key, polled.timestamp_ms)
-        outputs: list[OutRecord] = []
-        for pos, reason, detail in dec.dead:
-            if not emit[pos]:
-                continue
-            tp = tps[pos]
-            headers = [
-                *polled.headers[pos],
-                ("streamer.reason", reason.encode()),
-                ("streamer.error", detail.encode()[:1000]),
-                ("streamer.source.topic", tp[0].encode()),
-                ("streamer.source.partition", str(tp[1]).encode()),
-                ("streamer.source.offset", str(int(polled.offset[pos])).encode()),
-            ]
-            outputs.append(OutRecord(topics.dead_letter, polled.key[pos], polled.value[pos] or b"", headers))
-            m.dead_letters.labels(reason).inc()
+        outputs.extend(self._dead_letters(polled, dec.dead, emit))
 
         if len(dec.index):
             slots, _new = self.slots.assign(dec.stream, [tps[i] for i in dec.index.tolist()])
@@ -261,12 +302,44 @@ class Runner:
             m.scored.inc(int(emitted.sum()))
             m.replayed.inc(int((~emitted).sum()))
             outputs.extend(self._score_records(polled, dec, res, emitted))
-            m.active_streams.set(len(self.slots))
+            m.active_streams.set(self._stream_count())
             now_ms = self.clock() * 1000.0
             streams = [s for s, e in zip(dec.stream, emitted.tolist()) if e]
             m.event_lag.observe_many((now_ms - dec.ts_ms[emitted]) / 1000.0, streams)
             m.scores.observe_many(res.score[emitted], streams)
         return outputs, offsets
+
+    def _dead_letters(self, polled: Polled, dead: list[tuple[int, str, str]], emit: np.ndarray) -> list[OutRecord]:
+        out = []
+        for pos, reason, detail in dead:
+            if not emit[pos]:
+                continue
+            headers = [
+                *polled.headers[pos],
+                ("streamer.reason", reason.encode()),
+                ("streamer.error", detail.encode()[:1000]),
+                ("streamer.source.topic", polled.topic[pos].encode()),
+                ("streamer.source.partition", str(int(polled.partition[pos])).encode()),
+                ("streamer.source.offset", str(int(polled.offset[pos])).encode()),
+            ]
+            out.append(OutRecord(self.config.topics.dead_letter, polled.key[pos], polled.value[pos] or b"", headers))
+            self.metrics.dead_letters.labels(reason).inc()
+        return out
+
+    def _process_logs(self, polled: Polled, emit: np.ndarray) -> list[OutRecord]:
+        assert self.logs is not None
+        m = self.metrics
+        t0 = time.perf_counter()
+        outputs, dead, stats = self.logs.process(polled, emit)
+        m.step_seconds.observe(time.perf_counter() - t0)
+        m.wavefronts.observe(stats["wavefronts"])
+        m.scored.inc(stats["scored"])
+        m.replayed.inc(stats["replayed"])
+        m.anomalies.inc(stats["anomalies"])
+        m.event_lag.observe_many((self.clock() * 1000.0 - stats["ts_ms"]) / 1000.0, stats["streams"])
+        m.scores.observe_many(stats["scores"], stats["streams"])
+        m.active_streams.set(self._stream_count())
+        return self._dead_letters(polled, dead, emit) + outputs
 
     def _score_records(self, polled: Polled, dec: Any, res: Any, emitted: np.ndarray) -> list[OutRecord]:
         topics = self.config.topics
@@ -286,6 +359,7 @@ class Runner:
             names = schemas[stream]
             k = len(names)
             record = {
+                "kind": "sensor",
                 "stream": stream,
                 "ts": ts[j],
                 "topic": polled.topic[pos],

@@ -100,6 +100,28 @@ class SnapshotStore:
     def path(self, tp: TP) -> Path:
         return self.root / f"{tp[0]}-{tp[1]}.pt"
 
+    def save_payload(self, tp: TP, payload: dict[str, Any]) -> int:
+        """Write any snapshot dict (tensors and plain values only) atomically and durably."""
+        path = self.path(tp)
+        tmp = path.with_suffix(".tmp")
+        torch.save(payload, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+        return path.stat().st_size
+
+    def load_payload(self, tp: TP) -> dict[str, Any] | None:
+        """The partition's snapshot dict, or None when absent or unreadable (loaded weights_only)."""
+        path = self.path(tp)
+        if not path.exists():
+            return None
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - a corrupt snapshot means a cold start, not a crash
+            log.warning("ignoring unreadable snapshot %s: %s", path, err)
+            return None
+        return payload if isinstance(payload, dict) else None
+
     def save(self, tp: TP, snap: Snapshot) -> int:
         payload = {
             "version": SNAPSHOT_VERSION,
@@ -110,23 +132,13 @@ class SnapshotStore:
             "arch": snap.arch,
             "topic_id": snap.topic_id,
         }
-        path = self.path(tp)
-        tmp = path.with_suffix(".tmp")
-        torch.save(payload, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        tmp.replace(path)
-        return path.stat().st_size
+        return self.save_payload(tp, payload)
 
     def load(self, tp: TP, arch: dict[str, Any]) -> Snapshot | None:
         """The partition's snapshot, or None when absent, unreadable or for another architecture."""
         path = self.path(tp)
-        if not path.exists():
-            return None
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - a corrupt snapshot means a cold start, not a crash
-            log.warning("ignoring unreadable snapshot %s: %s", path, err)
+        payload = self.load_payload(tp)
+        if payload is None:
             return None
         if payload.get("version") != SNAPSHOT_VERSION or payload.get("arch") != arch:
             log.warning("ignoring snapshot %s: written for another model architecture; streams restart cold", path)

@@ -1,0 +1,378 @@
+"""Log messages to columns: a Kafka record (value, key, timestamp) to a LogEvent or a rejection.
+
+Logs arrive either as JSON records ({"message": ..., "level": ..., "service": ..., "ts": ...})
+or as raw lines in some layout. A line layout is a regex with named groups, or the name of a
+preset for a common layout; JSON records are recognised by their leading brace whatever the
+layout, so one topic may carry both. As in `streamer.decode`, nothing in a message can raise:
+what cannot be turned into an event comes back as (position, reason, detail), with the reason
+strings in REASONS used for the dead-letter header and metric label.
+
+Named groups a layout may define: `ts` (parsed by the preset's own format, else epoch
+seconds/milliseconds or ISO-8601), `level`, `message` (the rest of the line when absent),
+`service`, `host`, and any others; all of them except `message` become the event's `fields`,
+so the stream id can be any of them (`stream_field`), or the Kafka key (`stream_field="key"`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import orjson
+
+from streamer.decode import Rejected, parse_ts
+
+REASONS = (
+    "oversized",
+    "empty_message",
+    "invalid_json",
+    "unmatched_format",
+    "missing_message",
+    "missing_stream",
+    "invalid_stream",
+    "invalid_timestamp",
+)
+
+# Level ordinals: 0 is "unknown" (no level in the line), then increasing severity. The GRU reads
+# them one-hot, so the ordinal only matters for the severity baseline and for humans.
+LEVEL_NAMES = ("UNKNOWN", "TRACE", "DEBUG", "INFO", "WARN", "ERROR", "FATAL")
+UNKNOWN_LEVEL = 0
+_LEVEL_ALIASES = {
+    "TRACE": 1,
+    "FINEST": 1,
+    "FINER": 1,
+    "DEBUG": 2,
+    "FINE": 2,
+    "DBG": 2,
+    "INFO": 3,
+    "INFORMATION": 3,
+    "NOTICE": 3,
+    "CONFIG": 3,
+    "I": 3,
+    "WARN": 4,
+    "WARNING": 4,
+    "W": 4,
+    "ERROR": 5,
+    "ERR": 5,
+    "SEVERE": 5,
+    "E": 5,
+    "FATAL": 6,
+    "FAILURE": 6,
+    "CRITICAL": 6,
+    "CRIT": 6,
+    "ALERT": 6,
+    "EMERG": 6,
+    "EMERGENCY": 6,
+    "PANIC": 6,
+    "F": 6,
+}
+# Syslog numeric severities (0 emergency .. 7 debug) when a JSON record carries a number.
+_SYSLOG_SEVERITY = (6, 6, 6, 5, 4, 3, 3, 2)
+
+
+def parse_level(raw: Any) -> int:
+    """Level name or syslog severity number to the ordinal; anything unrecognised is UNKNOWN."""
+    if raw is None or isinstance(raw, bool):
+        return UNKNOWN_LEVEL
+    if isinstance(raw, int):
+        return _SYSLOG_SEVERITY[raw] if 0 <= raw < len(_SYSLOG_SEVERITY) else UNKNOWN_LEVEL
+    if isinstance(raw, str):
+        return _LEVEL_ALIASES.get(raw.strip().upper(), UNKNOWN_LEVEL)
+    return UNKNOWN_LEVEL
+
+
+@dataclass(frozen=True)
+class LogEvent:
+    """One parsed log line; `fields` holds every other named group or scalar JSON field as text."""
+
+    stream: str
+    ts_ms: int
+    level: int
+    message: str
+    fields: dict[str, str]
+
+
+# -- timestamps ------------------------------------------------------------------------------
+_MONTHS = {m: i + 1 for i, m in enumerate(("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"))}
+
+
+def _generic_ts(raw: str, fallback_ms: int) -> int:
+    """Digits are epoch seconds (up to 10 digits) or milliseconds; anything else ISO-8601."""
+    s = raw.strip()
+    if s.isdigit():
+        v = int(s)
+        return v * 1000 if len(s) <= 10 else v
+    try:
+        f = float(s)
+    except ValueError:
+        return parse_ts(s, fallback_ms)
+    if not math.isfinite(f):
+        raise Rejected("invalid_timestamp", "ts is not finite")
+    return int(f * 1000) if abs(f) < 1e11 else int(f)
+
+
+def _strptime(fmt: str) -> Callable[[str, int], int]:
+    def parse(raw: str, fallback_ms: int) -> int:
+        try:
+            dt = datetime.strptime(raw.strip(), fmt).replace(tzinfo=timezone.utc)
+        except ValueError:
+            raise Rejected("invalid_timestamp", f"ts {raw[:40]!r} does not match {fmt}") from None
+        return int(dt.timestamp() * 1000)
+
+    return parse
+
+
+def _syslog_ts(raw: str, fallback_ms: int) -> int:
+    """RFC 3164 "Jun 14 15:16:01" has no year: take the record timestamp's, and step back a year
+    when that would put the line more than a day in the future (a December line read in January)."""
+    parts = raw.split()
+    try:
+        month = _MONTHS[parts[0]]
+        day = int(parts[1])
+        hh, mm, ss = (int(p) for p in parts[2].split(":"))
+    except (KeyError, ValueError, IndexError):
+        raise Rejected("invalid_timestamp", f"ts {raw[:40]!r} is not 'Mon dd hh:mm:ss'") from None
+    year = datetime.fromtimestamp(max(fallback_ms, 0) / 1000.0, tz=timezone.utc).year
+    try:
+        dt = datetime(year, month, day, hh, mm, ss, tzinfo=timezone.utc)
+        if fallback_ms > 0 and dt.timestamp() * 1000 > fallback_ms + 86_400_000:
+            dt = dt.replace(year=year - 1)
+    except ValueError:
+        raise Rejected("invalid_timestamp", f"ts {raw[:40]!r} is not a date") from None
+    return int(dt.timestamp() * 1000)
+
+
+# -- presets ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LineFormat:
+    """A compiled line layout: the regex and how its `ts` group is read."""
+
+    name: str
+    regex: re.Pattern[str] | None  # None: the whole line is the message (plain) or logfmt pairs
+    ts_parser: Callable[[str, int], int] = _generic_ts
+    logfmt: bool = False
+
+
+# A syslog tag ("sshd[123]:", "sshd(pam_unix)[1]:", "syslogd 1.4.1:") is optional: a line
+# without one keeps its whole text as the message rather than being rejected.
+_SYSLOG_TAIL = r"(?:(?P<service>[^\s:\[][^:\[]{0,63}?)(?:\[(?P<pid>\d+)\])?: ?(?P<message>.*)|(?P<message_only>.*))"
+PRESETS: dict[str, LineFormat] = {
+    # Loghub BGL without its label column: epoch, date, node, timestamp, node, type, component,
+    # level, message. The node is the host; the component (KERNEL, APP, ...) the service.
+    "bgl": LineFormat(
+        "bgl",
+        re.compile(
+            r"^(?P<epoch>\d+) (?P<date>\S+) (?P<host>\S+) (?P<ts>\d{4}-\d{2}-\d{2}-\d{2}\.\d{2}\.\d{2}\.\d+) "
+            r"(?P<node>\S+) (?P<type>\S+) (?P<service>\S+) (?P<level>\S+) ?(?P<message>.*)$"
+        ),
+        _strptime("%Y-%m-%d-%H.%M.%S.%f"),
+    ),
+    # Loghub HDFS: yymmdd hhmmss pid level component: message.
+    "hdfs": LineFormat(
+        "hdfs",
+        re.compile(r"^(?P<ts>\d{6} \d{6}) (?P<pid>\d+) (?P<level>[A-Z]+) (?P<service>[^\s:]+):? ?(?P<message>.*)$"),
+        _strptime("%y%m%d %H%M%S"),
+    ),
+    # RFC 3164-ish: "Jun 14 15:16:01 host proc[pid]: message" (Loghub Linux, OpenSSH).
+    "syslog": LineFormat(
+        "syslog",
+        re.compile(r"^(?P<ts>[A-Z][a-z]{2} +\d{1,2} \d{2}:\d{2}:\d{2}) (?P<host>\S+) " + _SYSLOG_TAIL + "$"),
+        _syslog_ts,
+    ),
+    # Loghub Thunderbird without its label column: epoch, date, host, syslog time, user@host,
+    # then a syslog tag and message. The epoch seconds are the timestamp (the syslog time has no year).
+    "thunderbird": LineFormat(
+        "thunderbird",
+        re.compile(
+            r"^(?P<ts>\d+) (?P<date>\S+) (?P<host>\S+) (?P<stime>[A-Z][a-z]{2} +\d{1,2} \d{2}:\d{2}:\d{2}) "
+            r"(?P<origin>\S+) " + _SYSLOG_TAIL + "$"
+        ),
+    ),
+    "logfmt": LineFormat("logfmt", None, logfmt=True),
+    "plain": LineFormat("plain", None),
+}
+_LOGFMT_PAIR = re.compile(r'([\w.\-]+)=("(?:[^"\\]|\\.)*"|\S*)')
+_PLAIN_LEVEL = re.compile(r"\b(TRACE|DEBUG|INFO|NOTICE|WARN|WARNING|ERROR|ERR|SEVERE|FATAL|CRITICAL|CRIT|PANIC)\b", re.IGNORECASE)
+_FIELD_ALIASES = {
+    "message": ("message", "msg", "log", "text"),
+    "level": ("level", "lvl", "severity", "loglevel", "log_level"),
+    "ts": ("ts", "timestamp", "time", "@timestamp"),
+}
+
+
+def line_format(spec: str) -> LineFormat:
+    """A preset name, or a regex with named groups (a `message` group is optional)."""
+    if spec in PRESETS:
+        return PRESETS[spec]
+    try:
+        regex = re.compile(spec)
+    except re.error as err:
+        raise ValueError(f"line format {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a valid regex: {err}") from None
+    if not regex.groupindex:
+        raise ValueError(f"line format regex {spec!r} has no named groups")
+    return LineFormat("custom", regex)
+
+
+@dataclass
+class ParsedLogs:
+    """Valid events as columns (index = position in the poll) plus the rejected positions."""
+
+    index: np.ndarray  # int64 [N] positions in the polled batch
+    stream: list[str]
+    ts_ms: np.ndarray  # int64 [N]
+    level: np.ndarray  # int8 [N], ordinals of LEVEL_NAMES
+    message: list[str]
+    fields: list[dict[str, str]]
+    dead: list[tuple[int, str, str]] = field(default_factory=list)  # (position, reason, detail)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def take(self, rows: np.ndarray) -> ParsedLogs:
+        """A subset of the valid events (e.g. one partition's), positions kept; no dead letters."""
+        idx = np.asarray(rows, dtype=np.int64)
+        sel = idx.tolist()
+        return ParsedLogs(
+            self.index[idx],
+            [self.stream[j] for j in sel],
+            self.ts_ms[idx],
+            self.level[idx],
+            [self.message[j] for j in sel],
+            [self.fields[j] for j in sel],
+        )
+
+    def event(self, j: int) -> LogEvent:
+        return LogEvent(self.stream[j], int(self.ts_ms[j]), int(self.level[j]), self.message[j], self.fields[j])
+
+
+def _first(obj: dict[str, Any], names: tuple[str, ...]) -> Any:
+    for name in names:
+        if name in obj:
+            return obj[name]
+    return None
+
+
+class LogParser:
+    """Stateless apart from its settings: one parser serves every partition."""
+
+    def __init__(
+        self, line_format_spec: str = "plain", stream_field: str = "service", max_bytes: int = 65536, max_stream_len: int = 256
+    ) -> None:
+        self.format = line_format(line_format_spec)
+        self.stream_field = stream_field
+        self.max_bytes = max_bytes
+        self.max_stream_len = max_stream_len
+
+    def _line(self, text: str, fallback_ms: int) -> tuple[int | None, str, dict[str, str], str | None]:
+        """(ts_ms or None, message, fields, raw level) of a raw line."""
+        fmt = self.format
+        fields: dict[str, str] = {}
+        if fmt.logfmt:
+            for k, v in _LOGFMT_PAIR.findall(text):
+                fields[k] = v[1:-1].replace('\\"', '"') if v.startswith('"') and len(v) >= 2 else v
+            message = _first(fields, _FIELD_ALIASES["message"])
+            if message is None:
+                message = text
+            raw_ts = _first(fields, _FIELD_ALIASES["ts"])
+            level = _first(fields, _FIELD_ALIASES["level"])
+            for name in ("msg", "message"):
+                fields.pop(name, None)
+            return (fmt.ts_parser(raw_ts, fallback_ms) if raw_ts else None), message, fields, level
+        if fmt.regex is None:
+            m = _PLAIN_LEVEL.search(text, 0, 120)
+            return None, text, fields, (m.group(1) if m else None)
+        match = fmt.regex.match(text)
+        if match is None:
+            raise Rejected("unmatched_format", f"line does not match the {fmt.name} layout: {text[:80]!r}")
+        for k, v in match.groupdict().items():
+            if v is not None:
+                fields[k] = v
+        message = fields.pop("message", None)
+        if message is None:
+            message = fields.pop("message_only", text)
+        raw_ts = fields.get("ts")
+        ts = fmt.ts_parser(raw_ts, fallback_ms) if raw_ts else None
+        return ts, message, fields, fields.get("level")
+
+    def _json(self, raw: bytes, fallback_ms: int) -> tuple[int | None, str, dict[str, str], Any]:
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError as err:
+            raise Rejected("invalid_json", f"not JSON: {err}") from None
+        if not isinstance(obj, dict):  # unreachable for a '{' payload, kept as a guard
+            raise Rejected("invalid_json", "top-level JSON value is not an object")
+        message = _first(obj, _FIELD_ALIASES["message"])
+        if not isinstance(message, str):
+            raise Rejected("missing_message", "no string 'message' (or 'msg', 'log', 'text') field")
+        raw_ts = _first(obj, _FIELD_ALIASES["ts"])
+        if isinstance(raw_ts, str) and raw_ts.strip().lstrip("-").replace(".", "", 1).isdigit():
+            ts: int | None = _generic_ts(raw_ts, fallback_ms)
+        else:
+            ts = None if raw_ts is None else parse_ts(raw_ts, fallback_ms)
+        fields = {
+            k: str(v)
+            for k, v in obj.items()
+            if isinstance(v, (str, int, float)) and not isinstance(v, bool) and k not in ("message", "msg")
+        }
+        return ts, message, fields, _first(obj, _FIELD_ALIASES["level"])
+
+    def _one(self, raw: bytes | None, key: bytes | None, record_ts: int) -> LogEvent:
+        if raw is None or not raw.strip():
+            raise Rejected("empty_message", "empty or tombstone message")
+        if len(raw) > self.max_bytes:
+            raise Rejected("oversized", f"{len(raw)} bytes > {self.max_bytes}")
+        if raw.lstrip()[:1] == b"{":
+            ts, message, fields, level = self._json(raw, record_ts)
+        else:
+            # Logs carry stray bytes often enough that rejecting them would hide real lines.
+            text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            ts, message, fields, level = self._line(text, record_ts)
+        stream: str | None
+        if self.stream_field == "key":
+            stream = None
+        else:
+            stream = fields.get(self.stream_field)
+        if stream is None and key is not None:
+            stream = key.decode("utf-8", errors="replace")
+        if not stream:
+            raise Rejected("missing_stream", f"no '{self.stream_field}' field and no message key")
+        if len(stream) > self.max_stream_len:
+            raise Rejected("invalid_stream", f"stream id longer than {self.max_stream_len} characters")
+        return LogEvent(stream, record_ts if ts is None else ts, parse_level(level), message, fields)
+
+    def parse(self, values: Sequence[bytes | None], keys: Sequence[bytes | None], record_ts: np.ndarray) -> ParsedLogs:
+        """Parse a polled batch; rejected positions go to `dead` with a reason from REASONS."""
+        index: list[int] = []
+        streams: list[str] = []
+        ts: list[int] = []
+        levels: list[int] = []
+        messages: list[str] = []
+        fields: list[dict[str, str]] = []
+        dead: list[tuple[int, str, str]] = []
+        ts_list = np.asarray(record_ts).tolist()
+        for i, raw in enumerate(values):
+            try:
+                ev = self._one(raw, keys[i], int(ts_list[i]))
+            except Rejected as rej:
+                dead.append((i, rej.reason, rej.detail))
+                continue
+            index.append(i)
+            streams.append(ev.stream)
+            ts.append(ev.ts_ms)
+            levels.append(ev.level)
+            messages.append(ev.message)
+            fields.append(ev.fields)
+        return ParsedLogs(
+            np.asarray(index, dtype=np.int64),
+            streams,
+            np.asarray(ts, dtype=np.int64),
+            np.asarray(levels, dtype=np.int8),
+            messages,
+            fields,
+            dead,
+        )

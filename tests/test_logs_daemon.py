@@ -1,0 +1,76 @@
+"""Log topics through the embedded broker and the real daemon: raw lines, JSON, restarts."""
+
+from __future__ import annotations
+
+import orjson
+from conftest import DaemonThread, make_config, produce, read_all, scores_of
+
+
+def _syslog(i: int, host: str, msg: str) -> bytes:
+    return f"Jun 14 15:{i // 60 % 60:02d}:{i % 60:02d} {host} sshd[{1000 + i}]: {msg}".encode()
+
+
+def _routine(i: int) -> str:
+    return [f"Accepted password for user{i % 7} from 10.0.0.{i % 250} port {40000 + i}", f"session opened for user user{i % 7}"][i % 2]
+
+
+def _log_config(broker, topics, state_dir, **extra):
+    names = {**topics, "input": topics["input"] + "-unused"}
+    broker.create_topics({names["input"]: 1})
+    logs = {"topics": [topics["input"], topics["input"] + "-json"], "line_format": "syslog", "stream_field": "host", "warmup": 30}
+    config = make_config(broker, names, state_dir, logs=logs, **extra)
+    broker.create_topics({topics["input"] + "-json": 2})
+    return config
+
+
+def test_raw_and_json_log_topics_are_scored(broker, topics, state_dir):
+    config = _log_config(broker, topics, state_dir)
+    raw = [(b"web-1", _syslog(i, "web-1", _routine(i))) for i in range(200)]
+    raw.append((b"web-1", _syslog(200, "web-1", "kernel panic: cannot mount root fs on unknown-block(0,0)")))
+    raw.append((b"web-1", b""))  # an empty line is dead-lettered
+    json_lines = []
+    for i in range(100):
+        record = {"ts": 1_700_000_000_000 + i * 1000, "host": "api", "level": "INFO", "message": f"GET /items/{i} 200 in {i % 9} ms"}
+        json_lines.append((b"api", orjson.dumps(record)))
+    produce(broker, topics["input"], raw, partition_of=lambda _k: 0)
+    produce(broker, topics["input"] + "-json", json_lines)
+    with DaemonThread(config) as daemon:
+        daemon.wait_scored(len(raw) - 1 + len(json_lines))
+    scores = scores_of(read_all(broker, topics["scores"], expect=len(raw) - 1 + len(json_lines)))
+    assert len(scores) == len(raw) - 1 + len(json_lines)
+    assert {r["kind"] for r in scores} == {"log"}
+    web = [r for r in scores if r["stream"] == "web-1"]
+    api = [r for r in scores if r["stream"] == "api"]
+    assert len(web) == 201 and len(api) == 100
+    panic = web[-1]
+    assert panic["line"].startswith("kernel panic") and panic["new_template"]
+    assert panic["expected_template"] is not None and "<*>" in panic["expected_template"]
+    assert panic["is_anomaly"], panic
+    assert panic["score"] == max(r["score"] for r in web[30:])
+    assert {r["template"] for r in api} == {"GET <*> 200 in <*> ms"} or len({r["template_id"] for r in api}) <= 3
+    dead = read_all(broker, topics["dead"], expect=1)
+    assert len(dead) == 1 and dict(dead[0].headers)["streamer.reason"] == b"empty_message"
+
+
+def test_template_ids_survive_a_restart(broker, topics, state_dir, caplog):
+    config = _log_config(broker, topics, state_dir)
+    first = [(b"db", _syslog(i, "db", _routine(i))) for i in range(120)]
+    produce(broker, topics["input"], first, partition_of=lambda _k: 0)
+    with DaemonThread(config) as daemon:
+        daemon.wait_scored(len(first))
+    before = {r["template"]: r["template_id"] for r in scores_of(read_all(broker, topics["scores"], expect=len(first)))}
+    # Starts with the template first seen second, so a fresh miner would number them the other way.
+    second = [(b"db", _syslog(i, "db", _routine(i))) for i in range(121, 181)]
+    second.append((b"db", _syslog(181, "db", "replication lag 42 seconds on replica db-2")))
+    produce(broker, topics["input"], second, partition_of=lambda _k: 0)
+    caplog.set_level("INFO", logger="streamer.loop")
+    with DaemonThread(config) as daemon:  # a new process would do the same: state from the snapshot
+        daemon.wait_scored(len(second))
+        assert daemon.metrics.replayed._value.get() == 0
+    records = scores_of(read_all(broker, topics["scores"], expect=len(first) + len(second)))
+    after = [r for r in records if r["offset"] >= len(first)]
+    assert len(after) == len(second)
+    for r in after[:-1]:
+        assert before[r["template"]] == r["template_id"], "a known template got a new id after the restart"
+    assert after[-1]["new_template"] and after[-1]["template_id"] not in before.values()
+    assert "restored 1 log streams" in caplog.text
