@@ -8,6 +8,7 @@ snapshot, like the sensor streams' state.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ class LogStreams:
         self.model = LogGRU(LogModelConfig())
         self.calibration = log_calibration(warmup=logs.warmup, threshold=logs.threshold)
         self.parts: dict[TP, LogPartition] = {}
+        self.last_seen: dict[TP, dict[str, float]] = {}
 
     def __len__(self) -> int:
         return sum(len(p) for p in self.parts.values())
@@ -51,7 +53,20 @@ class LogStreams:
         part = self.parts.get(tp)
         return part.snapshot() if part is not None else None
 
+    def evict_idle(self, now: float, max_idle_s: float) -> int:
+        """Forget streams silent for longer than max_idle_s (wall clock); returns how many."""
+        evicted = 0
+        for tp, seen in self.last_seen.items():
+            idle = [s for s, t in seen.items() if now - t > max_idle_s]
+            if idle and tp in self.parts:
+                self.parts[tp].forget(idle)
+            for s in idle:
+                del seen[s]
+            evicted += len(idle)
+        return evicted
+
     def drop(self, tp: TP) -> int:
+        self.last_seen.pop(tp, None)
         part = self.parts.pop(tp, None)
         return len(part) if part is not None else 0
 
@@ -71,7 +86,10 @@ class LogStreams:
             topic, _, part_s = key.partition("\0")
             rows = np.flatnonzero(row_tp == key)
             sub = parsed.take(rows)
-            res = self.part((topic, int(part_s))).process(sub.stream, sub.ts_ms, sub.level, sub.message)
+            tp = (topic, int(part_s))
+            res = self.part(tp).process(sub.stream, sub.ts_ms, sub.level, sub.message)
+            now = time.time()
+            self.last_seen.setdefault(tp, {}).update(dict.fromkeys(sub.stream, now))
             wavefronts += res.wavefronts
             for j, pos in enumerate(sub.index.tolist()):
                 if not emit[pos]:

@@ -169,6 +169,7 @@ class Runner:
         return len(self.slots) + (len(self.logs) if self.logs is not None else 0)
 
     def _on_revoke(self, tps: list[TP]) -> None:
+        self.health.restoring = True  # not ready until the assignment that follows is restored
         self._snapshot(set(tps))
         streams = self.slots.streams_of(set(tps))
         self._drop(streams)
@@ -456,5 +457,7 @@ class Runner:
             if idle:
                 self._drop(idle)
                 m.evicted.inc(len(idle))
+            if self.logs is not None:
+                m.evicted.inc(self.logs.evict_idle(self.clock(), self.config.state.idle_evict_s))
         if self.next_offset and now - self._last_snapshot >= self.config.state.snapshot_interval_s:
             self._snapshot(set(self.next_offset))

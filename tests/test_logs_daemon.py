@@ -74,3 +74,23 @@ def test_template_ids_survive_a_restart(broker, topics, state_dir, caplog):
         assert before[r["template"]] == r["template_id"], "a known template got a new id after the restart"
     assert after[-1]["new_template"] and after[-1]["template_id"] not in before.values()
     assert "restored 1 log streams" in caplog.text
+
+
+def test_idle_log_streams_are_evicted():
+    import time
+
+    import numpy as np
+
+    from streamer.config import build_config
+    from streamer.logstreams import LogStreams
+    from streamer.transport import Polled
+
+    streams = LogStreams(build_config({"logs": {"topics": ["l"], "line_format": "syslog", "stream_field": "host"}}, env={}))
+    lines = [_syslog(i, f"h{i % 3}", _routine(i)) for i in range(9)]
+    polled = Polled(["l"] * 9, np.zeros(9, np.int32), np.arange(9, dtype=np.int64), np.zeros(9, np.int64), [None] * 9, lines, [[]] * 9)
+    out, dead, stats = streams.process(polled, np.ones(9, dtype=bool))
+    assert len(out) >= 9  # one score record per line (plus alerts)
+    assert stats["scored"] == 9 and not dead and len(streams) == 3
+    assert streams.evict_idle(time.time(), 3600) == 0
+    assert streams.evict_idle(time.time() + 7200, 3600) == 3
+    assert len(streams) == 0
