@@ -56,24 +56,29 @@ def empty_state(config: ModelConfig, rows: int, features: int | None = None, dev
     return out
 
 
-class StateBank:
-    """Rows of per-stream state on one device, grown by doubling."""
+class RowBank:
+    """Rows of per-stream state on one device, grown by doubling.
 
-    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu", capacity: int = 1024) -> None:
-        self.config = config
+    Subclasses say what a never-seen row looks like (`_empty`); everything else (growth,
+    gather/scatter for a wavefront, snapshot export/import, reset on eviction) is shared by the
+    sensor and the log state banks.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", capacity: int = 1024) -> None:
         self.device = torch.device(device)
         self.capacity = 0
         self.tensors: dict[str, torch.Tensor] = {}
         self._grow_to(max(1, capacity))
 
+    def _empty(self, rows: int) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
     def _grow_to(self, capacity: int) -> None:
-        fresh = empty_state(self.config, capacity, device=self.device)
-        for field in FIELDS:
-            new = fresh[field.name]
-            old = self.tensors.get(field.name)
+        for name, new in self._empty(capacity).items():
+            old = self.tensors.get(name)
             if old is not None:
                 new[: old.shape[0]] = old
-            self.tensors[field.name] = new
+            self.tensors[name] = new
         self.capacity = capacity
 
     def ensure_capacity(self, rows: int) -> None:
@@ -102,12 +107,23 @@ class StateBank:
 
     def import_rows(self, rows: torch.Tensor, data: dict[str, torch.Tensor]) -> None:
         """Write snapshot rows back; a snapshot from a different architecture is refused."""
-        for field in FIELDS:
-            src = data[field.name]
-            expected = tuple(self.tensors[field.name].shape[1:])
+        for name, t in self.tensors.items():
+            src = data[name]
+            expected = tuple(t.shape[1:])
             if tuple(src.shape) != (int(rows.numel()), *expected):
-                raise ValueError(f"state field {field.name}: shape {tuple(src.shape)} does not match rows x {expected}")
-            self.tensors[field.name][rows] = src.to(self.device, field.dtype)
+                raise ValueError(f"state field {name}: shape {tuple(src.shape)} does not match rows x {expected}")
+            t[rows] = src.to(self.device, t.dtype)
 
     def nbytes(self) -> int:
         return sum(t.element_size() * t.numel() for t in self.tensors.values())
+
+
+class StateBank(RowBank):
+    """The sensor streams' bank: the FIELDS above for every row."""
+
+    def __init__(self, config: ModelConfig, device: torch.device | str = "cpu", capacity: int = 1024) -> None:
+        self.config = config
+        super().__init__(device, capacity)
+
+    def _empty(self, rows: int) -> dict[str, torch.Tensor]:
+        return empty_state(self.config, rows, device=self.device)

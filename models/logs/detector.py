@@ -35,6 +35,7 @@ import torch
 from models.calibration import CalibrationConfig
 from models.logs.calibration import calibrate_log
 from models.logs.model import LOG_SQRT_2PI, LogGRU, LogModelConfig
+from models.state import RowBank
 
 LOG2 = math.log(2.0)
 TERMS = ("template", "level", "timing")
@@ -65,55 +66,15 @@ def empty_log_state(cfg: LogModelConfig, rows: int, device: torch.device | str =
     return {name: torch.zeros((rows, *shape), dtype=dtype, device=device) for name, (shape, dtype) in bank_fields(cfg).items()}
 
 
-class LogStateBank:
-    """Rows of per-stream state on one device, grown by doubling (as models.state.StateBank)."""
+class LogStateBank(RowBank):
+    """The log streams' bank: the fields of `bank_fields` for every row."""
 
     def __init__(self, config: LogModelConfig, device: torch.device | str = "cpu", capacity: int = 256) -> None:
         self.config = config
-        self.device = torch.device(device)
-        self.capacity = 0
-        self.tensors: dict[str, torch.Tensor] = {}
-        self._grow_to(max(1, capacity))
+        super().__init__(device, capacity)
 
-    def _grow_to(self, capacity: int) -> None:
-        fresh = empty_log_state(self.config, capacity, self.device)
-        for name, new in fresh.items():
-            old = self.tensors.get(name)
-            if old is not None:
-                new[: old.shape[0]] = old
-            self.tensors[name] = new
-        self.capacity = capacity
-
-    def ensure_capacity(self, rows: int) -> None:
-        if rows > self.capacity:
-            cap = self.capacity
-            while cap < rows:
-                cap *= 2
-            self._grow_to(cap)
-
-    def reset(self, rows: torch.Tensor) -> None:
-        for t in self.tensors.values():
-            t[rows] = 0
-
-    def gather(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: t[rows] for name, t in self.tensors.items()}
-
-    def scatter(self, rows: torch.Tensor, values: dict[str, torch.Tensor]) -> None:
-        for name, v in values.items():
-            self.tensors[name][rows] = v
-
-    def export_rows(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: t[rows].cpu() for name, t in self.tensors.items()}
-
-    def import_rows(self, rows: torch.Tensor, data: dict[str, torch.Tensor]) -> None:
-        for name, (shape, dtype) in bank_fields(self.config).items():
-            src = data[name]
-            if tuple(src.shape) != (int(rows.numel()), *shape):
-                raise ValueError(f"log state field {name}: shape {tuple(src.shape)} does not match rows x {shape}")
-            self.tensors[name][rows] = src.to(self.device, dtype)
-
-    def nbytes(self) -> int:
-        return sum(t.element_size() * t.numel() for t in self.tensors.values())
+    def _empty(self, rows: int) -> dict[str, torch.Tensor]:
+        return empty_log_state(self.config, rows, self.device)
 
 
 @dataclass
