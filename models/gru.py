@@ -48,11 +48,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
 
 class StreamGRU(nn.Module):
@@ -88,15 +84,24 @@ def gaussian_nll(z: torch.Tensor, mu: torch.Tensor, log_sigma: torch.Tensor) -> 
     return 0.5 * r * r + log_sigma + LOG_SQRT_2PI
 
 
-def save_checkpoint(path: str | Path, model: StreamGRU, training: dict[str, Any]) -> None:
-    """Write weights with the config and a description of the training data.
+def config_from_dict(cls: type[Any], data: dict[str, Any]) -> Any:
+    """A config dataclass from a checkpoint's dict; unknown keys are an error, not ignored."""
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+    return cls(**data)
+
+
+def write_checkpoint(path: str | Path, fmt: str, model: nn.Module, config: Any, training: dict[str, Any]) -> None:
+    """Weights, config and a description of the training data, written atomically.
 
     Only tensors and plain Python values go in, so the file loads with weights_only=True.
     """
     payload = {
-        "format": CHECKPOINT_FORMAT,
+        "format": fmt,
         "version": CHECKPOINT_VERSION,
-        "config": asdict(model.config),
+        "config": asdict(config),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "training": training,
     }
@@ -107,15 +112,24 @@ def save_checkpoint(path: str | Path, model: StreamGRU, training: dict[str, Any]
     tmp.replace(path)
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[StreamGRU, dict[str, Any]]:
-    """Load a checkpoint safely (weights_only=True); returns the model in eval mode and its metadata."""
+def read_checkpoint(path: str | Path, fmt: str) -> dict[str, Any]:
+    """A checkpoint's payload, loaded safely (weights_only=True) and checked for format and version."""
     payload = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint")
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise ValueError(f"{path}: not a {fmt} checkpoint")
     if payload.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{path}: checkpoint version {payload.get('version')} is not {CHECKPOINT_VERSION}")
+    return payload
+
+
+def save_checkpoint(path: str | Path, model: StreamGRU, training: dict[str, Any]) -> None:
+    write_checkpoint(path, CHECKPOINT_FORMAT, model, model.config, training)
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[StreamGRU, dict[str, Any]]:
+    """Load a checkpoint safely; returns the model in eval mode and its metadata."""
+    payload = read_checkpoint(path, CHECKPOINT_FORMAT)
     model = StreamGRU(ModelConfig.from_dict(payload["config"]))
     model.load_state_dict(payload["state_dict"])
     model.to(device).eval()
-    meta = {k: v for k, v in payload.items() if k != "state_dict"}
-    return model, meta
+    return model, {k: v for k, v in payload.items() if k != "state_dict"}

@@ -18,15 +18,16 @@ template its own row, and a row is re-initialised when it passes to a new templa
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from models.gru import config_from_dict, read_checkpoint, write_checkpoint
+
 CHECKPOINT_FORMAT = "streamer-log-gru"
-CHECKPOINT_VERSION = 1
 # Where pretrained log weights would live; none are bundled (see models/logs/__init__.py), and
 # `streamer.logeval` falls back to the deterministic initialisation when the file is absent.
 DEFAULT_LOG_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "logs.pt"
@@ -69,11 +70,7 @@ class LogModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LogModelConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown log model config keys: {sorted(unknown)}")
-        return cls(**data)
+        return config_from_dict(cls, data)
 
 
 class LogGRU(nn.Module):
@@ -145,27 +142,12 @@ class LogGRU(nn.Module):
 
 def save_log_checkpoint(path: str | Path, model: LogGRU, training: dict[str, Any]) -> None:
     """Weights, config and a description of the (synthetic) training data; weights_only-safe."""
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "version": CHECKPOINT_VERSION,
-        "config": asdict(model.config),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "training": training,
-    }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    write_checkpoint(path, CHECKPOINT_FORMAT, model, model.config, training)
 
 
 def load_log_checkpoint(path: str | Path) -> tuple[LogGRU, dict[str, Any]]:
     """Load with weights_only=True; the model comes back on CPU in eval mode."""
-    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint")
-    if payload.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path}: checkpoint version {payload.get('version')} is not {CHECKPOINT_VERSION}")
+    payload = read_checkpoint(path, CHECKPOINT_FORMAT)
     model = LogGRU(LogModelConfig.from_dict(payload["config"]))
     model.load_state_dict(payload["state_dict"])
     model.eval()
