@@ -46,7 +46,7 @@ from conftest import DaemonThread, make_config, produce
 from prometheus_client.parser import text_string_to_metric_families
 
 from models.synthetic import SensorFleet
-from streamer.broker import EmbeddedBroker, free_port
+from streamer.broker import EmbeddedBroker, free_port, stop_process
 from streamer.config import ProducerConfig, build_config, load_config
 from streamer.feed import GARBAGE, sensor_events
 
@@ -216,15 +216,8 @@ class PrometheusServer:
         return self.api("/api/v1/query", {"query": expr})
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, timeout_s=10)
         self.proc = None
 
 
