@@ -55,8 +55,38 @@ def _sequence_loss(model: StreamGRU, series: torch.Tensor, cfg: TrainConfig) -> 
     return total / max(count, 1)
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> tuple[StreamGRU, dict[str, Any]]:
-    """Train a fresh model; returns it with a summary that goes into the checkpoint."""
+class SeriesSampler:
+    """Random windows of user-supplied series (one feature of one stream each).
+
+    The model is channel-independent, so every numeric column of a CSV or Parquet file and every
+    feature of every stream of a replayed topic is one training series. Series shorter than a
+    window are used whole by left-padding with their first value (the normaliser starts exact).
+    """
+
+    def __init__(self, series: dict[str, np.ndarray]) -> None:
+        self.names = [n for n, s in series.items() if len(s) >= 2]
+        if not self.names:
+            raise ValueError("no series with at least 2 values to train on")
+        self.series = [np.asarray(series[n], dtype=np.float64) for n in self.names]
+        self.rows = sum(len(s) for s in self.series)
+
+    def __call__(self, rng: np.random.Generator, batch: int, length: int) -> np.ndarray:
+        out = np.empty((batch, length))
+        for i in range(batch):
+            s = self.series[int(rng.integers(len(self.series)))]
+            if len(s) <= length:
+                out[i] = np.r_[np.full(length - len(s), s[0]), s]
+            else:
+                start = int(rng.integers(len(s) - length + 1))
+                out[i] = s[start : start + length]
+        return out
+
+
+def train(
+    cfg: TrainConfig, progress: bool = True, data: SeriesSampler | None = None, data_description: str | None = None
+) -> tuple[StreamGRU, dict[str, Any]]:
+    """Train a fresh model (on `data` when given, else on synthetic series); returns it with a
+    summary that goes into the checkpoint."""
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = StreamGRU(ModelConfig(hidden=cfg.hidden, max_features=cfg.max_features))
@@ -74,7 +104,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> tuple[StreamGRU, dict[str,
         task = bar.add_task("train", total=cfg.steps, loss=float("nan"))
     try:
         for _ in range(cfg.steps):
-            series = torch.as_tensor(univariate_batch(rng, cfg.batch, cfg.length), dtype=torch.float64)
+            sample = data if data is not None else univariate_batch
+            series = torch.as_tensor(sample(rng, cfg.batch, cfg.length), dtype=torch.float64)
             loss = _sequence_loss(model, series, cfg)
             opt.zero_grad()
             loss.backward()
@@ -89,8 +120,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> tuple[StreamGRU, dict[str,
             bar.stop()
     model.eval()
     summary = {
-        "name": "synthetic",
-        "data": f"models.synthetic.univariate_batch: {cfg.steps} batches of {cfg.batch} series x {cfg.length} steps, seed {cfg.seed}",
+        "name": "synthetic" if data is None else "custom",
+        "data": (
+            f"models.synthetic.univariate_batch: {cfg.steps} batches of {cfg.batch} series x {cfg.length} steps, seed {cfg.seed}"
+            if data is None
+            else f"{data_description}: {len(data.names)} series, {data.rows:,} values; "
+            f"{cfg.steps} batches of {cfg.batch} windows x {cfg.length}"
+        ),
+        "series": None if data is None else data.names[:1000],
         "train_config": asdict(cfg),
         "final_loss": float(np.mean(losses[-20:])),
         "first_loss": float(np.mean(losses[:20])),
@@ -100,7 +137,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> tuple[StreamGRU, dict[str,
     return model, summary
 
 
-def train_to(path: str | Path, cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
-    model, summary = train(cfg, progress)
+def train_to(
+    path: str | Path, cfg: TrainConfig, progress: bool = True, data: SeriesSampler | None = None, data_description: str | None = None
+) -> dict[str, Any]:
+    model, summary = train(cfg, progress, data, data_description)
     save_checkpoint(path, model, summary)
     return summary

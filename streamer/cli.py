@@ -23,7 +23,12 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--metrics-port", type=int, default=9108, help="/metrics port (default 9108; a free one if taken)")
     demo.add_argument("--duration", type=float, default=None, help="stop after this many seconds (default: until Ctrl-C)")
 
-    train = sub.add_parser("train", help="pretrain the GRU on synthetic series and write a checkpoint")
+    train = sub.add_parser("train", help="train the GRU on synthetic series, CSV/Parquet files or a Kafka topic range")
+    train.add_argument("files", nargs="*", help="CSV (header row) or Parquet files: every numeric column is a training series")
+    train.add_argument("--topic", default=None, help="replay this Kafka topic instead (the daemon's JSON event format)")
+    train.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
+    train.add_argument("--from-offset", type=int, default=0, help="first offset of every partition to replay")
+    train.add_argument("--to-offset", type=int, default=None, help="stop before this offset (default: the current end)")
     train.add_argument("--out", default="models/weights/default.pt")
     train.add_argument("--steps", type=int, default=300)
     train.add_argument("--batch", type=int, default=64)
@@ -62,10 +67,22 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_demo(args.streams, args.rate, args.metrics_port, args.duration)
     if args.command == "train":
-        from models.train import TrainConfig, train_to
+        from models.train import SeriesSampler, TrainConfig, train_to
 
         cfg = TrainConfig(steps=args.steps, batch=args.batch, length=args.length, hidden=args.hidden, seed=args.seed)
-        summary = train_to(args.out, cfg)
+        data = description = None
+        if args.topic:
+            from streamer.traindata import load_topic
+
+            end = "end" if args.to_offset is None else args.to_offset
+            description = f"Kafka topic {args.topic} at {args.bootstrap_servers}, offsets {args.from_offset}..{end}"
+            data = SeriesSampler(load_topic(args.bootstrap_servers, args.topic, args.from_offset, args.to_offset, cfg.max_features))
+        elif args.files:
+            from streamer.traindata import load_files
+
+            description = "files " + ", ".join(args.files[:10]) + (" ..." if len(args.files) > 10 else "")
+            data = SeriesSampler(load_files(args.files))
+        summary = train_to(args.out, cfg, data=data, data_description=description)
         print(f"wrote {args.out}: loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f} in {summary['seconds']}s")
         print(f"data: {summary['data']}")
         return 0

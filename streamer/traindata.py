@@ -1,0 +1,91 @@
+"""Training data for `streamer train`: CSV or Parquet files, or a replayed Kafka topic range.
+
+Everything becomes named univariate series (the model is channel-independent): each numeric
+column of a file, or each feature of each stream of a topic, decoded by the daemon's own
+decoder so the training data is exactly what the daemon would have scored.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def load_files(paths: list[str]) -> dict[str, np.ndarray]:
+    """Numeric columns of CSV files (header row) and Parquet files (needs pyarrow)."""
+    out: dict[str, np.ndarray] = {}
+    for p in map(Path, paths):
+        if p.suffix.lower() == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise SystemExit(f"{p}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+            table = pq.read_table(p)
+            for name in table.column_names:
+                col = table.column(name).to_numpy(zero_copy_only=False)
+                if np.issubdtype(col.dtype, np.number) and not np.issubdtype(col.dtype, np.bool_):
+                    out[f"{p.name}:{name}"] = col.astype(np.float64)
+            continue
+        with p.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        for name in rows[0] if rows else []:
+            values: list[float] = []
+            for r in rows:
+                try:
+                    v = float(r[name])
+                except (TypeError, ValueError):
+                    values = []
+                    break
+                if math.isfinite(v):
+                    values.append(v)
+            if values:
+                out[f"{p.name}:{name}"] = np.asarray(values)
+    return out
+
+
+def load_topic(
+    bootstrap: str, topic: str, start: int, end: int | None, max_features: int, timeout_s: float = 10.0
+) -> dict[str, np.ndarray]:
+    """Every partition of `topic` from offset `start` to `end` (exclusive; None: the current end),
+    decoded as the daemon decodes (bad records are skipped), as one series per stream feature."""
+    import time
+
+    from kafka import KafkaConsumer, TopicPartition
+
+    from streamer.decode import Decoder
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    parts = sorted(consumer.partitions_for_topic(topic) or ())
+    if not parts:
+        raise SystemExit(f"topic {topic!r} not found at {bootstrap}")
+    tps = [TopicPartition(topic, p) for p in parts]
+    consumer.assign(tps)
+    for tp in tps:
+        consumer.seek(tp, start)
+    decoder = Decoder(max_features, 1 << 20, 256)
+    series: dict[str, list[float]] = {}
+    done: set[int] = set()
+    idle_since = time.monotonic()
+    while len(done) < len(tps) and time.monotonic() - idle_since < timeout_s:
+        batch = consumer.poll(timeout_ms=500)
+        if batch:
+            idle_since = time.monotonic()
+        for tp, recs in batch.items():
+            recs = [r for r in recs if end is None or r.offset < end]
+            if end is not None and len(recs) < len(batch[tp]):
+                done.add(tp.partition)
+            dec = decoder.decode([r.value for r in recs], [r.key for r in recs], np.array([r.timestamp for r in recs], dtype=np.int64))
+            for j, stream in enumerate(dec.stream):
+                for k, name in enumerate(decoder.schemas[stream]):
+                    series.setdefault(f"{stream}:{name}", []).append(float(dec.x[j, k]))
+        for tp in tps:
+            hw = consumer.highwater(tp)
+            if end is None and hw is not None and consumer.position(tp) >= hw:
+                done.add(tp.partition)
+            if end is not None and consumer.position(tp) >= end:
+                done.add(tp.partition)
+    consumer.close()
+    return {k: np.asarray(v) for k, v in series.items()}
