@@ -19,14 +19,15 @@ def test_train_from_csv_writes_a_described_checkpoint(tmp_path):
         w = csv.writer(fh)
         w.writerow(["timestamp", "temp", "rpm", "note"])
         for i in range(500):
-            w.writerow([f"2024-01-01 00:{i // 60 % 60:02d}:{i % 60:02d}", 20 + np.sin(i / 20) + rng.normal(0, 0.1), 1500 + rng.normal(0, 5), "ok"])
+            temp, rpm = 20 + np.sin(i / 20) + rng.normal(0, 0.1), 1500 + rng.normal(0, 5)
+            w.writerow([f"2024-01-01 00:{i // 60 % 60:02d}:{i % 60:02d}", temp, rpm, "ok"])
     out = tmp_path / "m.pt"
     cmd = [sys.executable, "-m", "streamer.cli", "train", str(path), "--out", str(out), "--steps", "3", "--batch", "4", "--length", "64"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "wrote" in proc.stdout
     model, meta = load_checkpoint(out)
-    assert meta["training"]["name"] == "custom"
+    assert meta["training"]["name"] == "custom" and model.config.hidden == 32
     assert meta["training"]["series"] == ["plant.csv:temp", "plant.csv:rpm"]  # the text column is not a series
     assert "plant.csv" in meta["training"]["data"] and "2 series, 1,000 values" in meta["training"]["data"]
     assert meta["config"]["hidden"] == 32
