@@ -63,7 +63,7 @@ def score_series(series: list[Series], detector: Detector) -> list[np.ndarray]:
     return scores
 
 
-BASELINES = ("hst",)
+BASELINES = ("hst", "pysad-loda")
 
 
 def score_baseline(series: list[Series], name: str) -> list[np.ndarray]:
@@ -73,8 +73,10 @@ def score_baseline(series: list[Series], name: str) -> list[np.ndarray]:
     suggest for streams (score_one before learn_one, so each row is scored before it is seen).
     Needs the optional extra: `pip install -e ".[baselines]"`.
     """
-    if name != "hst":
+    if name not in BASELINES:
         raise ValueError(f"unknown baseline {name!r}; choose from {BASELINES}")
+    if name.startswith("pysad-"):
+        return _score_pysad(series, name)
     from river import anomaly, compose, preprocessing
 
     out = []
@@ -85,6 +87,26 @@ def score_baseline(series: list[Series], name: str) -> list[np.ndarray]:
             x = {"value": v}
             scores[i] = model.score_one(x)
             model.learn_one(x)
+        out.append(scores)
+    return out
+
+
+def _score_pysad(series: list[Series], name: str) -> list[np.ndarray]:
+    """PySAD's LODA, its raw score mapped to [0, 1] by PySAD's own streaming Gaussian tail
+    calibrator, each row scored before it is learned."""
+    from pysad.models import LODA
+    from pysad.transform.probability_calibration import GaussianTailProbabilityCalibrator
+
+    out = []
+    for s in series:
+        model = LODA(random_state=42)
+        calibrator = GaussianTailProbabilityCalibrator(window_size=6400)
+        scores = np.zeros(len(s.values))
+        for i, v in enumerate(s.values.tolist()):
+            x = np.array([v])
+            raw = float(model.score_partial(x)) if i else 0.0
+            model.fit_partial(x)
+            scores[i] = float(np.clip(calibrator.fit_transform(np.array([raw if np.isfinite(raw) else 0.0]))[0], 0.0, 1.0))
         out.append(scores)
     return out
 

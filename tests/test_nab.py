@@ -68,3 +68,17 @@ def test_through_kafka_equals_direct(tmp_path):
     kafka = score_through_kafka(series, warmup=0, partitions=2)
     for d, k in zip(direct, kafka):
         np.testing.assert_allclose(d, k, atol=1e-6)
+
+
+def test_baselines_run_through_the_same_harness(tmp_path):
+    import pytest
+
+    pytest.importorskip("river", reason="optional extra: pip install -e '.[baselines]'")
+    pytest.importorskip("pysad", reason="optional extra: pip install -e '.[baselines]'")
+    data = _dataset(tmp_path)
+    for name in ("hst", "pysad-loda"):
+        out = tmp_path / name
+        assert main([str(data), str(out), "--baseline", name]) == 0
+        with (out / "catA/spiky.csv").open() as fh:
+            scores = np.array([float(r["anomaly_score"]) for r in csv.DictReader(fh)])
+        assert np.all((scores >= 0) & (scores <= 1)) and scores.std() > 0, name
