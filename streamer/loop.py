@@ -66,6 +66,7 @@ class Runner:
         self._last_snapshot = time.monotonic()
         self._last_evict = time.monotonic()
         self._last_reload_check = time.monotonic()
+        self._last_gauges = 0.0
         self.watcher: Any = None  # set by streamer.app: notices a replaced checkpoint file
 
     # -- partition ownership ------------------------------------------------------------
@@ -434,6 +435,16 @@ class Runner:
                 len(self.slots),
             )
 
+    def _refresh_state_gauges(self) -> None:
+        m = self.metrics
+        m.state_bytes.set(self.detector.bank.nbytes())
+        m.device_memory.set(torch.cuda.memory_allocated(self.detector.device) if self.detector.device.type == "cuda" else 0)
+        warm = 0
+        if self.slots.slot_of:
+            rows = torch.as_tensor(list(self.slots.slot_of.values()), device=self.detector.device)
+            warm = int((self.detector.bank.tensors["steps"][rows] < self.detector.calibration.warmup).sum())
+        m.warming_up.set(warm)
+
     def _housekeeping(self) -> None:
         self._maybe_reload()
         m = self.metrics
@@ -442,15 +453,11 @@ class Runner:
             pos = self.next_offset.get(tp)
             if hw is not None and pos is not None:
                 m.consumer_lag.labels(tp[0], str(tp[1])).set(max(0, hw - pos))
-        m.state_bytes.set(self.detector.bank.nbytes())
-        m.device_memory.set(torch.cuda.memory_allocated(self.detector.device) if self.detector.device.type == "cuda" else 0)
-        if self.slots.slot_of:
-            rows = torch.as_tensor(list(self.slots.slot_of.values()), device=self.detector.device)
-            warm = int((self.detector.bank.tensors["steps"][rows] < self.detector.calibration.warmup).sum())
-            m.warming_up.set(warm)
-        else:
-            m.warming_up.set(0)
         now = time.monotonic()
+        if now - self._last_gauges >= 1.0:
+            # O(streams) work: refreshed once a second, not after every batch.
+            self._last_gauges = now
+            self._refresh_state_gauges()
         if now - self._last_evict >= 60.0:
             self._last_evict = now
             idle = self.slots.idle(self.clock(), self.config.state.idle_evict_s)

@@ -136,12 +136,11 @@ class SnapshotStore:
 
     def load(self, tp: TP, arch: dict[str, Any]) -> Snapshot | None:
         """The partition's snapshot, or None when absent, unreadable or for another architecture."""
-        path = self.path(tp)
         payload = self.load_payload(tp)
         if payload is None:
             return None
         if payload.get("version") != SNAPSHOT_VERSION or payload.get("arch") != arch:
-            log.warning("ignoring snapshot %s: written for another model architecture; streams restart cold", path)
+            log.warning("ignoring snapshot %s: written for another model architecture; streams restart cold", self.path(tp))
             return None
         return Snapshot(
             payload["offset"], payload["streams"], payload["schemas"], payload["state"], payload["arch"], payload.get("topic_id")

@@ -138,6 +138,17 @@ def event(stream: str, ts: int, values: dict[str, float]) -> bytes:
     return orjson.dumps({"stream": stream, "ts": ts, "values": values})
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny ops: one thread is faster and keeps timings stable next to other test modules."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Path:
     d = tmp_path / "state"

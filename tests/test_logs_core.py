@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import itertools
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -19,14 +18,7 @@ from models.logs.partition import LogPartition, LogScores
 from models.logs.synth import generate
 from models.logs.templates import MinerConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny ops: one thread is faster and keeps timings stable next to other test modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _events(n: int = 600, seed: int = 3) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:

@@ -4,12 +4,10 @@ target; the evaluation CLI runs end to end."""
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from models.logs.model import LogGRU, LogModelConfig
 from models.logs.partition import LogPartition
@@ -17,15 +15,11 @@ from models.logs.synth import KINDS, generate
 from streamer import logeval
 from streamer.logparse import LogParser
 
-LOGHUB = Path("/work/shared/data/loghub")
+# The shared data sits beside the checkout (../shared), here and in CI.
+LOGHUB = Path(__file__).resolve().parents[2] / "shared" / "data" / "loghub"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_synthetic_anomalies_rank_high():
