@@ -4,7 +4,7 @@ A stream's raw surprise depends on how predictable it is and how many features i
 global threshold on it would flag noisy streams forever and quiet ones never. Every score is
 therefore a tail probability p under the stream's own history, put on a log scale:
 score = -log10(p) / decades, capped at 1 (0.5 = one in a thousand with the default 6 decades).
-Sensor streams get p from a decayed histogram of their own surprise (`calibrate_tail`); log
+Sensor streams get p from decayed histograms of their own surprise (`tail_log10_p`); log
 streams from a moment fit (models/logs/calibration.py). The calibrator's state is part of the
 stream's state, saved and restored with its hidden state.
 """
@@ -28,7 +28,7 @@ class CalibrationConfig:
     alpha: float = 0.005  # exponential window of its statistics (~200 events)
     winsor: float = 25.0  # cap on one event's statistic, in multiples of the stream's mean
     # Empirical tail calibrator (sensor streams): a decayed histogram of log-surprise.
-    window: int = 2000  # events of history the histogram remembers (exponential decay)
+    window: int = 1000  # events of history the histogram remembers (exponential decay)
     tail_slope: float = 3.0  # beyond the largest surprise seen: p falls as q^-tail_slope
 
     def __post_init__(self) -> None:
@@ -54,28 +54,18 @@ HIST_HI = 12.0
 HIST_PRIOR = 1.0
 
 
-def calibrate_tail(
-    cfg: CalibrationConfig,
-    sq: torch.Tensor,
-    valid: torch.Tensor,
-    hist: torch.Tensor,
-    steps: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Score from P(a surprise at least this large) under the stream's own decayed history.
-
-    The score is -log10(p) / decades, capped at 1: with the default 6 decades, 0.5 means one
-    event in a thousand of this stream's own history is as surprising, 1.0 one in a million or
-    rarer. A log scale keeps extreme events apart (1 - p would round them all to 1.0).
+def tail_log10_p(cfg: CalibrationConfig, sq: torch.Tensor, hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-log10 P(a surprise at least this large) under the stream's own decayed history.
 
     Model-based tails (chi-square, gamma) are wrong for real streams, whose surprise is a
     mixture: a perfectly regular series is calm for hours and then surprising at every daily
     transition. A histogram of the stream's own log-surprise learns such a mixture, so a
     transition seen a few times stops being flagged. Beyond the largest surprise in the
-    history, the tail is extrapolated exponentially in log q, which is what puts a spike an
-    order of magnitude above anything seen before far into the tail.
+    history, the tail is extrapolated as a power law in q, which is what puts a spike an order
+    of magnitude above anything seen before far into the tail.
 
-    sq: float64 [B] sum of squared standardised residuals; valid: bool [B]; hist: float32
-    [B, HIST_BINS] decayed counts; steps: int64 [B]. Returns score, is_anomaly, new hist.
+    sq: float64 [B] a non-negative surprise statistic; hist: float32 [B, HIST_BINS] decayed
+    counts. Returns (-log10 p [B], the bin of each sq [B]) for `learn_tail`.
     """
     width = (HIST_HI - HIST_LO) / HIST_BINS
     lq = torch.log(sq.clamp(min=1e-30))
@@ -94,13 +84,23 @@ def calibrate_tail(
     beyond = (above <= 1e-9) & (top >= 0)
     log_p_ext = math.log(HIST_PRIOR) - log_norm - cfg.tail_slope * (lq - top_edge).clamp(min=0.0)
     log_p = torch.where(beyond, log_p_ext, log_p)
-    score = torch.where(valid, (-log_p / (math.log(10.0) * cfg.decades)).clamp(0.0, 1.0), torch.zeros_like(log_p))
-    is_anomaly = valid & (steps >= cfg.warmup) & (score >= cfg.threshold)
+    return -log_p / math.log(10.0), b
 
-    # Every event joins the history, flagged ones too: after a lasting change (a new level, a
-    # new noise regime) the stream must stop being flagged once the change is its new normal.
-    learn = valid
+
+def learn_tail(cfg: CalibrationConfig, hist: torch.Tensor, b: torch.Tensor, learn: torch.Tensor) -> torch.Tensor:
+    """The histogram after adding bin b where `learn` [B] (older counts decay first).
+
+    Every valid event joins the history, flagged ones too: after a lasting change (a new level,
+    a new noise regime) the stream must stop being flagged once the change is its new normal.
+    """
     decay = 1.0 - 1.0 / cfg.window
     new = hist * torch.where(learn, decay, 1.0).to(hist.dtype)[:, None]
     bump = torch.zeros_like(new).scatter_(1, b[:, None], learn.to(new.dtype)[:, None])
-    return score, is_anomaly, new + bump
+    return new + bump
+
+
+def combine_scores(cfg: CalibrationConfig, log10_p: list[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
+    """One score from several tail probabilities of the same event (Bonferroni: the smallest p
+    times the number of tests), so adding a detector does not add false positives."""
+    lp = torch.stack(log10_p).max(dim=0).values - math.log10(len(log10_p))
+    return torch.where(valid, (lp / cfg.decades).clamp(0.0, 1.0), torch.zeros_like(lp))

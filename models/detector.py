@@ -15,20 +15,22 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.calibration import TAIL_THRESHOLD, CalibrationConfig, calibrate_tail
+from models.adapt import hour_of_day, mix, mix_update, profile_lookup, profile_update
+from models.calibration import TAIL_THRESHOLD, CalibrationConfig, combine_scores, learn_tail, tail_log10_p
 from models.gru import StreamGRU, gaussian_nll
 from models.state import StateBank
 
 
 @dataclass
 class StepOutput:
-    """Per event: raw surprise (NLL, nats), calibrated score, decision, per-feature NLL."""
+    """Per event: raw surprise (GRU NLL, nats), calibrated score, decision, per-feature parts."""
 
     surprise: torch.Tensor  # float64 [B]
     score: torch.Tensor  # float64 [B]
     is_anomaly: torch.Tensor  # bool [B]
-    contributions: torch.Tensor  # float32 [B, F], 0 for absent features or before a prediction
+    contributions: torch.Tensor  # float32 [B, F]: squared standardised error per feature, 0 where absent
     valid: torch.Tensor  # bool [B]: there was a prediction to be surprised against
+    nll: torch.Tensor  # float32 [B, F]: the GRU's NLL per feature (the training loss)
 
 
 def _std(cfg_rel: float, cfg_abs: float, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
@@ -41,24 +43,43 @@ def advance(
     state: dict[str, torch.Tensor],
     x: torch.Tensor,
     mask: torch.Tensor,
+    ts_ms: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], StepOutput]:
-    """One event for each of B distinct streams. x: float64 [B, F] (anything where ~mask)."""
+    """One event for each of B distinct streams. x: float64 [B, F] (anything where ~mask);
+    ts_ms: int64 [B] event times (None: all at midnight, so the profile is a local level)."""
     cfg = model.config
     x = torch.where(mask, x, torch.zeros_like(x))
     n, mean, var = state["norm_n"], state["norm_mean"], state["norm_var"]
+    if ts_ms is None:
+        ts_ms = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
 
-    # Surprise of this event under the prediction made after the stream's previous event,
-    # in the normalised units that prediction was made in.
-    z_prev = ((x - mean) / _std(cfg.rel_std_floor, cfg.abs_std_floor, mean, var)).float()
+    # Errors of this event against the predictions made before it: the GRU's (made after the
+    # stream's previous event, in normalised units) and the time-of-day profile's.
+    std = _std(cfg.rel_std_floor, cfg.abs_std_floor, mean, var)
+    floor_var = (cfg.rel_std_floor * mean.abs() + cfg.abs_std_floor) ** 2
+    z_prev = ((x - mean) / std).float()
     has_pred = mask & (n >= 2)
     nll = gaussian_nll(z_prev, state["pred_mu"], state["pred_log_sigma"]).clamp(max=cfg.max_feature_nll)
     nll = torch.where(has_pred, nll, torch.zeros_like(nll))
     surprise = nll.double().sum(dim=1)
-    valid = has_pred.any(dim=1)
-    # Squared standardised residuals: what the calibrator ranks (the NLL itself also carries the
-    # log-sigma terms, which differ between calm and noisy stretches of the same stream).
-    resid = ((z_prev - state["pred_mu"]) * torch.exp(-state["pred_log_sigma"])).double()
-    sq = torch.where(has_pred, resid * resid, torch.zeros_like(resid)).sum(dim=1)
+    e_gru = std * (z_prev - state["pred_mu"]).double()
+    hour = hour_of_day(ts_ms)
+    p_mean, p_var_raw, p_var = profile_lookup(state, hour, mean, var, floor_var)
+    e_prof = x - p_mean
+    r, q_mix, ready = mix(state, torch.stack((e_gru, e_prof), dim=2), has_pred)
+    q_prof = torch.where(ready, e_prof * e_prof / p_var, torch.zeros_like(e_prof))
+    valid = ready.any(dim=1)
+
+    # Two views of how unusual the event is, each ranked against the stream's own history of
+    # that view: the mixed prediction's error (the next value given the recent past and the
+    # hour) and the profile's alone (is this a normal reading for this hour at all).
+    steps = state["steps"]
+    lp_mix, bin_mix = tail_log10_p(cal, q_mix.sum(dim=1), state["cal_hist"])
+    lp_prof, bin_prof = tail_log10_p(cal, q_prof.sum(dim=1), state["cal_hist_prof"])
+    score = combine_scores(cal, [lp_mix, lp_prof], valid)
+    is_anomaly = valid & (steps >= cal.warmup) & (score >= cal.threshold)
+    # Online adaptation skips the events the stream has just flagged.
+    learn = mask & ~is_anomaly[:, None]
 
     # Online normaliser: exact mean/variance at first, exponential window later.
     n_new = torch.where(mask, n + 1, n)
@@ -86,8 +107,6 @@ def advance(
         mu_new = torch.where(mask, mu.reshape(b, f), state["pred_mu"])
         ls_new = torch.where(mask, log_sigma.reshape(b, f), state["pred_log_sigma"])
 
-    steps = state["steps"]
-    score, is_anomaly, cal_hist = calibrate_tail(cal, sq, valid, state["cal_hist"], steps)
     new_state = {
         "h": h_new,
         "norm_n": n_new,
@@ -95,10 +114,14 @@ def advance(
         "norm_var": var_new,
         "pred_mu": mu_new,
         "pred_log_sigma": ls_new,
-        "cal_hist": cal_hist,
+        **profile_update(state, hour, x, p_mean, p_var_raw, learn),
+        **mix_update(state, torch.stack((e_gru, e_prof), dim=2), r, floor_var, ready, has_pred, learn),
+        "cal_hist": learn_tail(cal, state["cal_hist"], bin_mix, valid),
+        "cal_hist_prof": learn_tail(cal, state["cal_hist_prof"], bin_prof, valid),
         "steps": steps + 1,
     }
-    return new_state, StepOutput(surprise, score, is_anomaly, nll, valid)
+    contributions = torch.maximum(q_mix, q_prof).float()
+    return new_state, StepOutput(surprise, score, is_anomaly, contributions, valid, nll)
 
 
 def wavefronts(slots: np.ndarray) -> list[np.ndarray]:
@@ -173,8 +196,9 @@ class Detector:
         return self.model.config.max_features
 
     @torch.no_grad()
-    def process(self, slots: np.ndarray, x: np.ndarray, mask: np.ndarray) -> BatchResult:
-        """Step every event once, in order per slot. slots: int [N]; x: float [N, F]; mask: bool [N, F]."""
+    def process(self, slots: np.ndarray, x: np.ndarray, mask: np.ndarray, ts_ms: np.ndarray | None = None) -> BatchResult:
+        """Step every event once, in order per slot. slots: int [N]; x: float [N, F]; mask: bool
+        [N, F]; ts_ms: int [N] event times in epoch milliseconds (None: no time of day)."""
         n = len(slots)
         f = self.max_features
         dev = self.device
@@ -189,6 +213,8 @@ class Detector:
         x_dev = torch.as_tensor(x, dtype=torch.float64).to(dev, non_blocking=True)
         mask_dev = torch.as_tensor(mask, dtype=torch.bool).to(dev, non_blocking=True)
         slots_dev = torch.as_tensor(slots, dtype=torch.int64).to(dev, non_blocking=True)
+        ts = np.zeros(n, dtype=np.int64) if ts_ms is None else np.asarray(ts_ms, dtype=np.int64)
+        ts_dev = torch.as_tensor(ts).to(dev, non_blocking=True)
         waves = wavefronts(np.asarray(slots))
         if dev.type == "cpu":
             # Rows of one wavefront are independent; on CPU, cache-sized pieces run faster than
@@ -199,7 +225,7 @@ class Detector:
         for wave in pieces:
             idx = torch.as_tensor(wave).to(dev, non_blocking=True)
             rows = slots_dev[idx]
-            new_state, out = advance(self.model, self.calibration, self.bank.gather(rows), x_dev[idx], mask_dev[idx])
+            new_state, out = advance(self.model, self.calibration, self.bank.gather(rows), x_dev[idx], mask_dev[idx], ts_dev[idx])
             self.bank.scatter(rows, new_state)
             out_surprise[idx] = out.surprise
             out_score[idx] = out.score

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from models.adapt import PROFILE_BINS
 from models.calibration import HIST_BINS
 from models.gru import ModelConfig
 
@@ -23,7 +24,7 @@ class Field:
     per_feature: bool
     hidden: bool
     dtype: torch.dtype
-    width: int = 0  # a per-stream vector of this length (not per feature)
+    width: int = 0  # a vector of this length per row (or per feature, when per_feature)
 
 
 # Normaliser statistics and the calibrator are kept in float64: a sensor reading 1e4 with noise
@@ -35,7 +36,15 @@ FIELDS: tuple[Field, ...] = (
     Field("norm_var", True, False, torch.float64),
     Field("pred_mu", True, False, torch.float32),  # prediction for the next event, normalised
     Field("pred_log_sigma", True, False, torch.float32),
-    Field("cal_hist", False, False, torch.float32, HIST_BINS),  # decayed histogram of log-surprise (calibration)
+    # Online adaptation (models/adapt.py): the time-of-day profile and the predictor mixture.
+    Field("prof_mean", True, False, torch.float64, PROFILE_BINS),
+    Field("prof_var", True, False, torch.float32, PROFILE_BINS),
+    Field("prof_seen", True, False, torch.int64),  # bit h set once hour h has been learned
+    Field("mix_mse", True, False, torch.float64, 2),  # running squared error of GRU and profile
+    Field("mix_var", True, False, torch.float64),  # running variance of the mixed error
+    # Calibration: decayed histograms of log-surprise, of the mixture and of the profile.
+    Field("cal_hist", False, False, torch.float32, HIST_BINS),
+    Field("cal_hist_prof", False, False, torch.float32, HIST_BINS),
     Field("steps", False, False, torch.int64),  # events seen by the stream
 )
 

@@ -49,7 +49,7 @@ def _sequence_loss(model: StreamGRU, series: torch.Tensor, cfg: TrainConfig) -> 
         for i in range(start, min(t, start + cfg.tbptt)):
             state, out = advance(model, cal, state, series[:, i : i + 1], mask)
             if i >= cfg.burn_in:
-                chunk_loss = chunk_loss + out.contributions.mean()
+                chunk_loss = chunk_loss + out.nll.mean()
                 count += 1
         total = total + chunk_loss
     return total / max(count, 1)

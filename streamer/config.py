@@ -115,7 +115,7 @@ class DetectorConfig(_Strict):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     warmup: int = Field(default=100, ge=0)
     threshold: float = Field(default=0.5, gt=0.0, le=1.0)
-    calibration_window: int = Field(default=2000, ge=2)
+    calibration_window: int = Field(default=1000, ge=2)
     cpu_threads: int | None = Field(default=None, gt=0)  # None: half the cores, at most 8
     reload_check_s: float = Field(default=10.0, gt=0)
 

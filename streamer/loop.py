@@ -297,7 +297,7 @@ class Runner:
             slots, _new = self.slots.assign(dec.stream, [tps[i] for i in dec.index.tolist()])
             self.slots.touch(slots, self.clock())
             t0 = time.perf_counter()
-            res = self.detector.process(slots, dec.x, dec.mask)
+            res = self.detector.process(slots, dec.x, dec.mask, dec.ts_ms)
             m.step_seconds.observe(time.perf_counter() - t0)
             m.wavefronts.observe(res.wavefronts)
             emitted = emit[dec.index]

@@ -56,7 +56,8 @@ def score_series(series: list[Series], detector: Detector) -> list[np.ndarray]:
     mask = np.zeros_like(x, dtype=bool)
     x[:, 0] = [series[s].values[t] for s, t in zip(slots.tolist(), steps.tolist())]
     mask[:, 0] = True
-    res = detector.process(slots, x, mask)
+    ts = np.array([_ts_ms(series[s].timestamps[t]) for s, t in zip(slots.tolist(), steps.tolist())], dtype=np.int64)
+    res = detector.process(slots, x, mask, ts)
     scores = [np.zeros(n) for n in lengths]
     for s, t, v in zip(slots.tolist(), steps.tolist(), res.score.tolist()):
         scores[s][t] = v

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 TP = tuple[str, int]
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2  # 2: online adaptation (time-of-day profile, predictor mixture, second histogram)
 log = logging.getLogger(__name__)
 
 
@@ -140,7 +140,7 @@ class SnapshotStore:
         if payload is None:
             return None
         if payload.get("version") != SNAPSHOT_VERSION or payload.get("arch") != arch:
-            log.warning("ignoring snapshot %s: written for another model architecture; streams restart cold", self.path(tp))
+            log.warning("ignoring snapshot %s: written for another model architecture or state layout; streams restart cold", self.path(tp))
             return None
         return Snapshot(
             payload["offset"], payload["streams"], payload["schemas"], payload["state"], payload["arch"], payload.get("topic_id")

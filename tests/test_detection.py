@@ -47,17 +47,19 @@ def test_injected_anomalies_rank_high_and_false_alarms_are_rare():
         normal = scores[a.stream, 300:][~near[a.stream, 300:]]
         percentile[a.kind].append((normal < scores[a.stream, window].max()).mean())
         caught[a.kind].append(flagged[a.stream, window].any())
-    for kind, min_caught in (("spike", 0.6), ("level_shift", 0.6), ("drift", 0.4)):
+    for kind, min_caught in (("spike", 0.5), ("level_shift", 0.6), ("drift", 0.4)):
         assert len(percentile[kind]) >= 5, kind
         # The typical anomaly's peak beats 99.5% of its stream's normal scores, every one beats 90% ...
         assert np.median(percentile[kind]) > 0.995, (kind, percentile[kind])
         assert min(percentile[kind]) > 0.9, (kind, percentile[kind])
-        # ... and most are flagged. Not all: in its first ~1,000 events a stream has too little
-        # history to put any event below p = 0.001 unless it far exceeds everything seen so far,
-        # and a slow drift is sometimes absorbed before it gets there.
+        # ... and most are flagged. Not all: the calibrator remembers ~1,000 events, too few to
+        # put an event below p = 0.001 unless it exceeds everything in that memory, so a spike
+        # as large as one the stream had shortly before is ranked high but not flagged, and a
+        # slow drift is sometimes absorbed before it gets there.
         assert np.mean(caught[kind]) >= min_caught, (kind, caught[kind])
     # A stuck sensor is subtler for a model of normal dynamics: ranked high, not always flagged.
     assert np.mean(percentile["stuck"]) > 0.95
+    assert np.mean(caught["stuck"]) >= 0.3, caught["stuck"]
     false_alarm_rate = flagged[:, 300:][~near[:, 300:]].mean()
     for kind in sorted(percentile):
         p = np.asarray(percentile[kind])

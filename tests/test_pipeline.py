@@ -83,12 +83,12 @@ def test_every_event_scored_once_and_matches_offline_replay(broker, topics, stat
             mask = np.zeros((1, offline.max_features), dtype=bool)
             x[0, : len(feats)] = [values[f] for f in feats]
             mask[0, : len(feats)] = True
-            res = offline.process(np.array([slot]), x, mask)
+            res = offline.process(np.array([slot]), x, mask, np.array([got[step]["ts"]]))
             assert got[step]["surprise"] == np.float64(res.surprise[0]) or abs(got[step]["surprise"] - res.surprise[0]) < 1e-4
             assert abs(got[step]["score"] - res.score[0]) < 1e-6
         row = slot_of[stream]
         torch.testing.assert_close(bank["h"][row], offline.bank.tensors["h"][slot], atol=1e-5, rtol=1e-5)
-        for field in ("norm_mean", "norm_var", "pred_mu", "cal_hist", "steps"):
+        for field in ("norm_mean", "norm_var", "pred_mu", "prof_mean", "mix_var", "cal_hist", "cal_hist_prof", "steps"):
             torch.testing.assert_close(bank[field][row], offline.bank.tensors[field][slot], atol=1e-5, rtol=1e-5)
 
     for name in (

@@ -125,5 +125,5 @@ def test_sigterm_midstream_then_restart_loses_nothing(broker, topics, tmp_path):
             mask = np.zeros((1, offline.max_features), dtype=bool)
             x[0, :2] = [v["a"], v["b"]]
             mask[0, :2] = True
-            res = offline.process(np.array([slot]), x, mask)
+            res = offline.process(np.array([slot]), x, mask, np.array([recs[step]["ts"]]))
             assert abs(recs[step]["surprise"] - res.surprise[0]) < 1e-4, (stream, step)

@@ -1,0 +1,102 @@
+"""Online adaptation: what each stream learns about itself after pretraining.
+
+The pretrained GRU knows generic dynamics (trends, noise, short cycles) but only 32 numbers of
+memory per feature, so it cannot hold a day's shape, and it cannot know whether a given stream
+is better predicted by its recent past or by what it usually does at this hour. Two small
+per-stream learners fill that gap, both updated online and both skipping events the stream has
+just flagged (learning an anomaly would teach the stream to stop seeing it):
+
+* a time-of-day profile: per feature, an exponentially weighted mean and variance for each hour
+  of the (UTC) day, keyed by the event timestamp. It is the expectation "what this sensor reads
+  at this hour", learned per event (so the faster a stream is sampled, the shorter its memory in
+  days); a stream with no daily rhythm, or events without timestamps, degrade gracefully to a
+  fast local level.
+* a predictor mixture: per feature, the running mean squared error of the GRU's and the
+  profile's predictions, weighted by inverse error, so each stream trusts whichever predictor
+  has been right for it, plus the running variance of the mixed prediction's error.
+
+Everything is a tensor row in the state bank, so it is batched, saved and restored with the
+hidden state. Pure torch; no Kafka.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PROFILE_BINS = 24  # hours of the day
+DAY_MS = 86_400_000
+PROFILE_ALPHA = 0.1  # per event in that hour: with 5-minute data the profile is about the last day
+MIX_ALPHA = 0.01  # error statistics follow the last ~100 events
+PROFILE_VAR_SHARE = 0.001  # the profile's variance is never below 0.1% of the stream's variance
+
+
+def hour_of_day(ts_ms: torch.Tensor) -> torch.Tensor:
+    """[B] int64 epoch milliseconds to the profile bin of each event."""
+    return torch.remainder(ts_ms, DAY_MS) * PROFILE_BINS // DAY_MS
+
+
+def profile_lookup(
+    state: dict[str, torch.Tensor], hour: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, floor_var: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Expected value of each feature at this hour, its learned variance and the variance to
+    score against (floored), [B, F] each. An hour never seen falls back to the stream's overall
+    mean and variance (the normaliser's), so a new stream starts from its global level."""
+    idx = hour[:, None, None].expand(-1, mean.shape[1], 1)
+    seen = ((state["prof_seen"] >> hour[:, None]) & 1).bool()
+    p_mean = torch.where(seen, state["prof_mean"].gather(2, idx).squeeze(2), mean)
+    p_var = torch.where(seen, state["prof_var"].gather(2, idx).squeeze(2).double(), var)
+    return p_mean, p_var, p_var + PROFILE_VAR_SHARE * var + floor_var
+
+
+def profile_update(
+    state: dict[str, torch.Tensor],
+    hour: torch.Tensor,
+    x: torch.Tensor,
+    p_mean: torch.Tensor,
+    p_var_raw: torch.Tensor,
+    learn: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """New profile tensors after learning x at this hour where `learn` [B, F]."""
+    idx = hour[:, None, None].expand(-1, x.shape[1], 1)
+    d = x - p_mean
+    m = torch.where(learn, p_mean + PROFILE_ALPHA * d, p_mean)
+    v = torch.where(learn, (1.0 - PROFILE_ALPHA) * (p_var_raw + PROFILE_ALPHA * d * d), p_var_raw)
+    bit = torch.where(learn, torch.ones_like(state["prof_seen"]) << hour[:, None], torch.zeros_like(state["prof_seen"]))
+    return {
+        "prof_mean": state["prof_mean"].scatter(2, idx, m.unsqueeze(2)),
+        "prof_var": state["prof_var"].scatter(2, idx, v.to(state["prof_var"].dtype).unsqueeze(2)),
+        "prof_seen": state["prof_seen"] | bit,
+    }
+
+
+def mix(state: dict[str, torch.Tensor], errors: torch.Tensor, has_pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mixed prediction error and its squared standardised value per feature.
+
+    errors: [B, F, P] float64, the errors (x - prediction) of the P predictors. Returns the mixed
+    error r [B, F], r^2 / variance [B, F] and whether the mixture was ready to score ([B, F]:
+    the first prediction only initialises it)."""
+    ready = has_pred & (state["mix_var"] > 0)
+    w = 1.0 / state["mix_mse"].clamp(min=1e-300)
+    w = w / w.sum(dim=2, keepdim=True)
+    r = (w * errors).sum(dim=2)
+    q = torch.where(ready, r * r / state["mix_var"].clamp(min=1e-300), torch.zeros_like(r))
+    return r, q, ready
+
+
+def mix_update(
+    state: dict[str, torch.Tensor],
+    errors: torch.Tensor,
+    r: torch.Tensor,
+    floor_var: torch.Tensor,
+    ready: torch.Tensor,
+    has_pred: torch.Tensor,
+    learn: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    e2 = errors * errors + floor_var.unsqueeze(2)
+    first = has_pred & ~ready
+    step = ready & learn
+    mse = torch.where(first.unsqueeze(2), e2, state["mix_mse"])
+    mse = torch.where(step.unsqueeze(2), (1.0 - MIX_ALPHA) * mse + MIX_ALPHA * e2, mse)
+    var = torch.where(first, e2.mean(dim=2), state["mix_var"])
+    var = torch.where(step, (1.0 - MIX_ALPHA) * var + MIX_ALPHA * (r * r + floor_var), var)
+    return {"mix_mse": mse, "mix_var": var}

@@ -1,0 +1,99 @@
+"""Online adaptation (models/adapt.py): each stream learns its own day and which predictor to
+trust, and does not learn from the events it has just flagged."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from models.calibration import TAIL_THRESHOLD, CalibrationConfig
+from models.detector import Detector
+from models.gru import DEFAULT_WEIGHTS, load_checkpoint
+
+FIVE_MIN_MS = 300_000
+PER_DAY = 288
+
+
+def _daily(days: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A 5-minute sensor that reads ~10 from 08:00 to 20:00 UTC and ~0 otherwise."""
+    rng = np.random.default_rng(seed)
+    ts = np.arange(days * PER_DAY, dtype=np.int64) * FIVE_MIN_MS
+    hour = (ts // 3_600_000) % 24
+    x = np.where((hour >= 8) & (hour < 20), 10.0, 0.0) + rng.normal(0, 0.3, len(ts))
+    return ts, x
+
+
+def _run(x: np.ndarray, ts: np.ndarray | None) -> tuple[Detector, np.ndarray, np.ndarray]:
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    det = Detector(model, CalibrationConfig(warmup=PER_DAY, threshold=TAIL_THRESHOLD))
+    xs = np.zeros((len(x), det.max_features))
+    xs[:, 0] = x
+    mask = np.zeros_like(xs, dtype=bool)
+    mask[:, 0] = True
+    res = det.process(np.zeros(len(x), dtype=np.int64), xs, mask, ts)
+    return det, res.score, res.is_anomaly
+
+
+def test_a_night_reading_at_noon_stands_out_only_when_the_stream_knows_its_day(one_torch_thread):
+    ts, x = _daily(12)
+    # Day 11, 11:00 to 14:00: the sensor reads its night level in the middle of the day. Every
+    # value is one the stream shows half of every day, so only the hour makes it anomalous.
+    start = 11 * PER_DAY + 11 * 12
+    x[start : start + 36] = np.random.default_rng(1).normal(0, 0.3, 36)
+    _, score, flagged = _run(x, ts)
+    normal = slice(3 * PER_DAY, start)
+    # The change outranks every normal score, and again at each hour it lasts into (within an
+    # hour the profile follows the new level). It is not flagged at p <= 0.001: its size is
+    # one the calibrator has seen every day at 08:00 and 20:00.
+    assert score[start : start + 36].max() > score[normal].max()
+    assert (score[start : start + 36] > np.quantile(score[normal], 0.999)).sum() >= 3
+    assert not flagged[normal].any()
+    # Without timestamps the same stream has no hours to learn: after the first step of the
+    # change (its usual 08:00/20:00 transition) the night level is just the level again.
+    _, score_no_time, _ = _run(x, None)
+    assert score_no_time[start + 2 : start + 36].max() < score[start + 2 : start + 36].max()
+
+
+def test_flagged_events_are_not_learned(one_torch_thread):
+    ts, x = _daily(4)
+    det, _, _ = _run(x, ts)
+    bank = det.bank.tensors
+    before = {k: bank[k][0].clone() for k in ("prof_mean", "prof_var", "mix_mse", "mix_var", "h", "cal_hist")}
+    t_next = np.array([len(x) * FIVE_MIN_MS], dtype=np.int64)  # 00:00 of day 5: expected ~0
+    one = np.zeros((1, det.max_features))
+    mask = np.zeros_like(one, dtype=bool)
+    mask[0, 0] = True
+
+    one[0, 0] = 500.0  # far outside anything seen: flagged
+    res = det.process(np.zeros(1, dtype=np.int64), one, mask, t_next)
+    assert res.is_anomaly[0]
+    for k in ("prof_mean", "prof_var", "mix_mse", "mix_var"):
+        torch.testing.assert_close(bank[k][0], before[k], rtol=0, atol=0, msg=k)
+    # ... while the hidden state advances (one step per event) and the calibrator's history,
+    # which must eventually accept a lasting change, still counts it.
+    assert not torch.equal(bank["h"][0], before["h"])
+    assert not torch.equal(bank["cal_hist"][0], before["cal_hist"])
+
+    one[0, 0] = 0.1  # a normal reading for that hour: learned
+    res = det.process(np.zeros(1, dtype=np.int64), one, mask, t_next + FIVE_MIN_MS)
+    assert not res.is_anomaly[0]
+    assert not torch.equal(bank["prof_mean"][0], before["prof_mean"])
+    assert not torch.equal(bank["mix_mse"][0], before["mix_mse"])
+
+
+def test_each_stream_trusts_the_predictor_that_is_right_for_it(one_torch_thread):
+    """A random walk is predicted by its recent past (the GRU), a noisy daily cycle by its hour
+    (the profile): the mixture's running errors say so, per stream."""
+    ts, daily = _daily(8)
+    walk = np.cumsum(np.random.default_rng(2).normal(0, 1.0, len(ts)))
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    det = Detector(model, CalibrationConfig(warmup=PER_DAY, threshold=TAIL_THRESHOLD))
+    n = len(ts)
+    xs = np.zeros((2 * n, det.max_features))
+    xs[:, 0] = np.stack([walk, daily], axis=1).reshape(-1)
+    mask = np.zeros_like(xs, dtype=bool)
+    mask[:, 0] = True
+    det.process(np.tile([0, 1], n), xs, mask, np.repeat(ts, 2))
+    mse = det.bank.tensors["mix_mse"][:2, 0]  # [stream, (gru, profile)]
+    assert mse[0, 0] < mse[0, 1], "the walk should trust the GRU"
+    assert mse[1, 1] < mse[1, 0], "the daily cycle should trust the profile"
