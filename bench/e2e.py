@@ -337,10 +337,10 @@ def run_daemon(config: Config, n: int, scores_topic: str, budget_s: float, threa
     runner = build_runner(config, metrics, transport)
     process = runner.detector.process
 
-    def timed_process(slots: np.ndarray, x: np.ndarray, mask: np.ndarray) -> BatchResult:
+    def timed_process(slots: np.ndarray, x: np.ndarray, mask: np.ndarray, ts_ms: np.ndarray | None = None) -> BatchResult:
         t = time.perf_counter()
         try:
-            return process(slots, x, mask)
+            return process(slots, x, mask, ts_ms)
         finally:
             intervals.record("step", t, time.perf_counter())
 

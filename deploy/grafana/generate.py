@@ -31,10 +31,11 @@ DS: dict[str, str] = {"type": "prometheus", "uid": "${datasource}"}
 JOB = 'job=~"$job"'
 SCHEMA_VERSION = 39
 TAG = "streamer"
-# The score (models/calibration.py, calibrate_tail) is -log10(p) / SCORE_DECADES, capped at 1,
+# The score (models/calibration.py, combine_scores) is -log10(p) / SCORE_DECADES, capped at 1,
 # where p is the stream's own tail probability of an event at least this surprising. On normal
-# traffic p is uniform, so a calibrated detector puts a share 10**(-SCORE_DECADES * t) of its
-# scores above t. The thresholds are `le` bounds of the streamer_anomaly_score buckets
+# traffic p is uniform (and the Bonferroni combination of two views only makes it conservative),
+# so a calibrated detector puts at most a share 10**(-SCORE_DECADES * t) of its scores above t.
+# The thresholds are `le` bounds of the streamer_anomaly_score buckets
 # (streamer/metrics.py); tests/test_deploy.py checks both against the code.
 SCORE_DECADES = 6.0
 SCORE_THRESHOLDS = ("0.1", "0.25", "0.5", "0.75")
