@@ -62,11 +62,14 @@ def advance(
     nll = gaussian_nll(z_prev, state["pred_mu"], state["pred_log_sigma"]).clamp(max=cfg.max_feature_nll)
     nll = torch.where(has_pred, nll, torch.zeros_like(nll))
     surprise = nll.double().sum(dim=1)
-    e_gru = std * (z_prev - state["pred_mu"]).double()
+    # The adaptation below is not part of the training loss (the GRU's NLL): detached, so
+    # training does not record a graph for it.
+    e_gru = std * (z_prev - state["pred_mu"]).detach().double()
     hour = hour_of_day(ts_ms)
     p_mean, p_var_raw, p_var = profile_lookup(state, hour, mean, var, floor_var)
     e_prof = x - p_mean
-    r, q_mix, ready = mix(state, torch.stack((e_gru, e_prof), dim=2), has_pred)
+    errors = torch.stack((e_gru, e_prof), dim=2)
+    r, q_mix, ready = mix(state, errors, has_pred)
     q_prof = torch.where(ready, e_prof * e_prof / p_var, torch.zeros_like(e_prof))
     valid = ready.any(dim=1)
 
@@ -115,7 +118,7 @@ def advance(
         "pred_mu": mu_new,
         "pred_log_sigma": ls_new,
         **profile_update(state, hour, x, p_mean, p_var_raw, learn),
-        **mix_update(state, torch.stack((e_gru, e_prof), dim=2), r, floor_var, ready, has_pred, learn),
+        **mix_update(state, errors, r, floor_var, ready, has_pred, learn),
         "cal_hist": learn_tail(cal, state["cal_hist"], bin_mix, valid),
         "cal_hist_prof": learn_tail(cal, state["cal_hist_prof"], bin_prof, valid),
         "steps": steps + 1,
