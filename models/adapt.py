@@ -91,12 +91,18 @@ def mix_update(
     ready: torch.Tensor,
     has_pred: torch.Tensor,
     learn: torch.Tensor,
+    n: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
+    """The error statistics after this event. n [B, F]: the feature's events before this one.
+    Until 1/MIX_ALPHA events they are plain averages since the first prediction: an
+    exponential average would remember the cold start's errors (made before the normaliser and
+    profile knew the stream's level) for hundreds of events and understate every surprise."""
     e2 = errors * errors + floor_var.unsqueeze(2)
     first = has_pred & ~ready
     step = ready & learn
+    alpha = torch.clamp(1.0 / (n - 1.0).clamp(min=1.0), min=MIX_ALPHA)
     mse = torch.where(first.unsqueeze(2), e2, state["mix_mse"])
-    mse = torch.where(step.unsqueeze(2), (1.0 - MIX_ALPHA) * mse + MIX_ALPHA * e2, mse)
+    mse = torch.where(step.unsqueeze(2), (1.0 - alpha.unsqueeze(2)) * mse + alpha.unsqueeze(2) * e2, mse)
     var = torch.where(first, e2.mean(dim=2), state["mix_var"])
-    var = torch.where(step, (1.0 - MIX_ALPHA) * var + MIX_ALPHA * (r * r + floor_var), var)
+    var = torch.where(step, (1.0 - alpha) * var + alpha * (r * r + floor_var), var)
     return {"mix_mse": mse, "mix_var": var}

@@ -30,6 +30,7 @@ class CalibrationConfig:
     # Empirical tail calibrator (sensor streams): a decayed histogram of log-surprise.
     window: int = 1000  # events of history the histogram remembers (exponential decay)
     tail_slope: float = 3.0  # beyond the largest surprise seen: p falls as q^-tail_slope
+    flagged_weight: float = 0.1  # a flagged event counts this much in the surprise history
 
     def __post_init__(self) -> None:
         if self.warmup < 0:
@@ -42,6 +43,8 @@ class CalibrationConfig:
             raise ValueError("alpha must be in (0, 1)")
         if self.window < 2:
             raise ValueError("window must be >= 2")
+        if not 0.0 < self.flagged_weight <= 1.0:
+            raise ValueError("flagged_weight must be in (0, 1]")
 
 
 TAIL_THRESHOLD = 0.5
@@ -87,16 +90,30 @@ def tail_log10_p(cfg: CalibrationConfig, sq: torch.Tensor, hist: torch.Tensor) -
     return -log_p / math.log(10.0), b
 
 
-def learn_tail(cfg: CalibrationConfig, hist: torch.Tensor, b: torch.Tensor, learn: torch.Tensor) -> torch.Tensor:
-    """The histogram after adding bin b where `learn` [B] (older counts decay first).
-
-    Every valid event joins the history, flagged ones too: after a lasting change (a new level,
-    a new noise regime) the stream must stop being flagged once the change is its new normal.
-    """
-    decay = 1.0 - 1.0 / cfg.window
-    new = hist * torch.where(learn, decay, 1.0).to(hist.dtype)[:, None]
-    bump = torch.zeros_like(new).scatter_(1, b[:, None], learn.to(new.dtype)[:, None])
+def learn_tail(cfg: CalibrationConfig, hist: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The histogram after adding bin b with `weight` [B] in [0, 1] (older counts decay first,
+    by as much as `weight` events would decay them)."""
+    decay = (1.0 - 1.0 / cfg.window) ** weight.to(hist.dtype)
+    new = hist * decay[:, None]
+    bump = torch.zeros_like(new).scatter_(1, b[:, None], weight.to(new.dtype)[:, None])
     return new + bump
+
+
+def tail_weight(cfg: CalibrationConfig, steps: torch.Tensor, valid: torch.Tensor, flagged: torch.Tensor) -> torch.Tensor:
+    """How much each event counts in its stream's surprise history.
+
+    Nothing during the first half of warm-up: while a stream's statistics rest on a handful of
+    readings every glitch is an enormous surprise, and a history holding it would hide the
+    stream's first real anomalies for a whole window. The second half of warm-up gives the
+    history some events to judge the first flags against.
+
+    Flagged events count at `flagged_weight`, not 0: a lasting change (a new level, a new noise
+    regime) must become the new normal, and a flagged event in the history is enough to stop
+    flagging its like. Not 1 either: an outage should not widen the history as much as a
+    normal event does.
+    """
+    w = torch.where(flagged, cfg.flagged_weight, 1.0)
+    return torch.where(valid & (steps >= cfg.warmup // 2), w, 0.0).double()
 
 
 def combine_scores(cfg: CalibrationConfig, log10_p: list[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:

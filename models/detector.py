@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from models.adapt import hour_of_day, mix, mix_update, profile_lookup, profile_update
-from models.calibration import TAIL_THRESHOLD, CalibrationConfig, combine_scores, learn_tail, tail_log10_p
+from models.calibration import TAIL_THRESHOLD, CalibrationConfig, combine_scores, learn_tail, tail_log10_p, tail_weight
 from models.gru import StreamGRU, gaussian_nll
 from models.state import StateBank
 
@@ -83,6 +83,7 @@ def advance(
     is_anomaly = valid & (steps >= cal.warmup) & (score >= cal.threshold)
     # Online adaptation skips the events the stream has just flagged.
     learn = mask & ~is_anomaly[:, None]
+    cal_weight = tail_weight(cal, steps, valid, is_anomaly)
 
     # Online normaliser: exact mean/variance at first, exponential window later.
     n_new = torch.where(mask, n + 1, n)
@@ -117,10 +118,12 @@ def advance(
         "norm_var": var_new,
         "pred_mu": mu_new,
         "pred_log_sigma": ls_new,
-        **profile_update(state, hour, x, p_mean, p_var_raw, learn),
-        **mix_update(state, errors, r, floor_var, ready, has_pred, learn),
-        "cal_hist": learn_tail(cal, state["cal_hist"], bin_mix, valid),
-        "cal_hist_prof": learn_tail(cal, state["cal_hist_prof"], bin_prof, valid),
+        # (A stream's very first event starts its hour at its own value, not at the empty
+        # normaliser's zero.)
+        **profile_update(state, hour, x, torch.where(n > 0, p_mean, x), p_var_raw, learn),
+        **mix_update(state, errors, r, floor_var, ready, has_pred, learn, n),
+        "cal_hist": learn_tail(cal, state["cal_hist"], bin_mix, cal_weight),
+        "cal_hist_prof": learn_tail(cal, state["cal_hist_prof"], bin_prof, cal_weight),
         "steps": steps + 1,
     }
     contributions = torch.maximum(q_mix, q_prof).float()

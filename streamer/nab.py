@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.calibration import TAIL_THRESHOLD, CalibrationConfig
+from models.calibration import CalibrationConfig
 from models.detector import Detector
 from models.gru import DEFAULT_WEIGHTS, load_checkpoint
+from streamer.config import DetectorConfig
 
 
 @dataclass
@@ -208,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scorer", type=Path, default=None, help="a NAB scorer script to run on OUT_DIR (e.g. tools/nabscore.py)")
     p.add_argument("--through-kafka", action="store_true", help="send every series through the embedded broker and the daemon")
     p.add_argument("--baseline", choices=BASELINES, default=None, help="score with an alternative detector instead (optional extra)")
+    p.add_argument(
+        "--warmup", type=int, default=DetectorConfig().warmup, help="events per series before anything is flagged (the daemon's default)"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # one small GRU call per wavefront: more threads only add overhead
     model, _meta = load_checkpoint(args.checkpoint)
@@ -216,16 +220,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no NAB series (CSV with a value column) under {args.data_dir}", file=sys.stderr)
         return 2
     started = time.perf_counter()
-    # NAB does not score a series' first 15% (at most 750 rows): that is its warm-up.
+    # The daemon's default detector settings, so the table describes what `streamer run` does.
+    # (NAB itself does not score a series' first 15%, at most 750 rows.)
+    d = DetectorConfig()
     if args.baseline:
         scores = score_baseline(series, args.baseline)
     elif args.through_kafka:
         if args.checkpoint != DEFAULT_WEIGHTS:
             print("--through-kafka uses the daemon's configured (bundled) weights", file=sys.stderr)
             return 2
-        scores = score_through_kafka(series, warmup=0)
+        scores = score_through_kafka(series, warmup=args.warmup)
     else:
-        scores = score_series(series, Detector(model, CalibrationConfig(warmup=0, threshold=TAIL_THRESHOLD)))
+        cal = CalibrationConfig(warmup=args.warmup, threshold=d.threshold, window=d.calibration_window)
+        scores = score_series(series, Detector(model, cal))
     write_results(args.out_dir, series, scores)
     rows = sum(len(s.values) for s in series)
     print(f"scored {len(series)} series, {rows:,} rows in {time.perf_counter() - started:.1f}s -> {args.out_dir}")

@@ -97,3 +97,21 @@ def test_each_stream_trusts_the_predictor_that_is_right_for_it(one_torch_thread)
     mse = det.bank.tensors["mix_mse"][:2, 0]  # [stream, (gru, profile)]
     assert mse[0, 0] < mse[0, 1], "the walk should trust the GRU"
     assert mse[1, 1] < mse[1, 0], "the daily cycle should trust the profile"
+
+
+def test_the_cold_start_does_not_deflate_later_surprise(one_torch_thread):
+    # A stream at a level far from zero: its first errors (before the normaliser and profile know
+    # the level) are enormous. Shortly after warm-up, a unit-noise stream's squared standardised
+    # errors must already average about 1, not a fraction of it.
+    rng = np.random.default_rng(5)
+    x = 500.0 + rng.normal(0, 1.0, 400)
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    det = Detector(model, CalibrationConfig(warmup=100, threshold=TAIL_THRESHOLD))
+    xs = np.zeros((len(x), det.max_features))
+    xs[:, 0] = x
+    mask = np.zeros_like(xs, dtype=bool)
+    mask[:, 0] = True
+    res = det.process(np.zeros(len(x), dtype=np.int64), xs, mask)
+    q = res.contributions[100:400, 0]
+    assert 0.5 < float(q.mean()) < 2.5, float(q.mean())
+    assert 0.5 < float(det.bank.tensors["mix_var"][0, 0]) < 2.0

@@ -1,0 +1,75 @@
+"""The sensor calibrator's history (models/calibration.py): what enters it and with what weight."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from models.calibration import HIST_BINS, TAIL_THRESHOLD, CalibrationConfig, learn_tail, tail_weight
+from models.detector import Detector
+from models.gru import DEFAULT_WEIGHTS, load_checkpoint
+
+
+def _feed(det: Detector, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    xs = np.zeros((len(x), det.max_features))
+    xs[:, 0] = x
+    mask = np.zeros_like(xs, dtype=bool)
+    mask[:, 0] = True
+    res = det.process(np.zeros(len(x), dtype=np.int64), xs, mask)
+    return res.score, res.is_anomaly
+
+
+def _stream(x: np.ndarray, cal: CalibrationConfig) -> tuple[np.ndarray, np.ndarray]:
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    return _feed(Detector(model, cal), x)
+
+
+def test_event_weights_skip_warmup_and_discount_flags():
+    cal = CalibrationConfig(warmup=10, flagged_weight=0.1)
+    steps = torch.tensor([0, 4, 5, 5, 50])
+    valid = torch.tensor([True, True, True, False, True])
+    flagged = torch.tensor([False, False, False, False, True])
+    torch.testing.assert_close(tail_weight(cal, steps, valid, flagged), torch.tensor([0.0, 0.0, 1.0, 0.0, 0.1], dtype=torch.float64))
+
+    hist = torch.zeros((3, HIST_BINS))
+    hist[:, 5] = 10.0
+    b = torch.tensor([7, 7, 7])
+    new = learn_tail(cal, hist, b, torch.tensor([0.0, 1.0, 0.1], dtype=torch.float64))
+    decay = 1.0 - 1.0 / cal.window
+    torch.testing.assert_close(new[0], hist[0])  # weight 0: untouched, not even decayed
+    assert math.isclose(float(new[1, 7]), 1.0) and math.isclose(float(new[1, 5]), 10.0 * decay, rel_tol=1e-6)
+    assert math.isclose(float(new[2, 7]), 0.1, rel_tol=1e-6) and math.isclose(float(new[2, 5]), 10.0 * decay**0.1, rel_tol=1e-6)
+
+
+def test_the_cold_start_does_not_hide_the_first_anomaly(one_torch_thread):
+    # A glitch in the first events, while the stream's statistics rest on a handful of readings,
+    # is an enormous surprise. The same glitch after warm-up must still be flagged: had the
+    # first one entered the history, the second would look like something seen before.
+    rng = np.random.default_rng(3)
+    x = 500.0 + rng.normal(0, 1.0, 700)
+    x[25] += 15.0
+    x[600] += 15.0
+    warmup = 100
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    det = Detector(model, CalibrationConfig(warmup=warmup, threshold=TAIL_THRESHOLD))
+    _feed(det, x[: warmup // 2])
+    for key in ("cal_hist", "cal_hist_prof"):
+        assert float(det.bank.tensors[key][0].sum()) == 0.0, key  # the coldest events left no trace
+    score, flagged = _feed(det, x[warmup // 2 :])
+    score, flagged = score[warmup // 2 :], flagged[warmup // 2 :]  # from the end of warm-up
+    assert flagged[600 - warmup], f"spike scored {score[600 - warmup]:.3f}"
+    assert flagged.sum() == 1, np.flatnonzero(flagged) + warmup
+
+
+def test_a_lasting_change_stops_being_flagged(one_torch_thread):
+    rng = np.random.default_rng(4)
+    x = rng.normal(0, 1.0, 1600)
+    x[800:] += 12.0  # a new level, for good
+    score, flagged = _stream(x, CalibrationConfig(warmup=100, threshold=TAIL_THRESHOLD))
+    assert flagged[800], f"the change itself scored {score[800]:.3f}"
+    # Flagged events still count in the history (at flagged_weight), and the predictors learn
+    # the new level once its events are no longer flagged: the new normal is accepted quickly.
+    assert flagged[800:850].sum() <= 5, np.flatnonzero(flagged[800:850])
+    assert not flagged[900:].any(), np.flatnonzero(flagged[900:]) + 900
