@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from models.calibration import CalibrationConfig
 from models.detector import Detector
 from models.gru import DEFAULT_WEIGHTS, StreamGRU, load_checkpoint
 from streamer.config import Config
@@ -76,9 +75,7 @@ def build_detector(config: Config) -> tuple[Detector, dict[str, Any]]:
         # The per-wavefront tensors are small: extra intra-op threads only fight the Kafka
         # client's network thread for cores.
         torch.set_num_threads(config.detector.cpu_threads or max(1, min(8, (os.cpu_count() or 2) // 2)))
-    d = config.detector
-    cal = CalibrationConfig(warmup=d.warmup, threshold=d.threshold, window=d.calibration_window)
-    return Detector(model, cal, device, capacity=config.state.initial_capacity), meta
+    return Detector(model, config.detector.calibration(), device, capacity=config.state.initial_capacity), meta
 
 
 def build_runner(config: Config, metrics: Metrics, transport: Transport | None = None) -> Runner:

@@ -9,10 +9,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from models.calibration import CalibrationConfig
 
 # Environment variables that override config values, so secrets need not sit in the file.
 ENV_OVERRIDES: dict[str, tuple[str, str]] = {
@@ -125,6 +128,12 @@ class DetectorConfig(_Strict):
         if v != "auto" and not (v == "cpu" or v == "cuda" or v.startswith("cuda:")):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
         return v
+
+    def calibration(self) -> CalibrationConfig:
+        """The core's decision settings (the daemon and `streamer nab` must agree on them)."""
+        from models.calibration import CalibrationConfig  # here, so reading a config does not import torch
+
+        return CalibrationConfig(warmup=self.warmup, threshold=self.threshold, window=self.calibration_window)
 
 
 class StateConfig(_Strict):

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.calibration import CalibrationConfig
 from models.detector import Detector
 from models.gru import DEFAULT_WEIGHTS, load_checkpoint
 from streamer.config import DetectorConfig
@@ -222,7 +221,6 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     # The daemon's default detector settings, so the table describes what `streamer run` does.
     # (NAB itself does not score a series' first 15%, at most 750 rows.)
-    d = DetectorConfig()
     if args.baseline:
         scores = score_baseline(series, args.baseline)
     elif args.through_kafka:
@@ -231,8 +229,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         scores = score_through_kafka(series, warmup=args.warmup)
     else:
-        cal = CalibrationConfig(warmup=args.warmup, threshold=d.threshold, window=d.calibration_window)
-        scores = score_series(series, Detector(model, cal))
+        scores = score_series(series, Detector(model, DetectorConfig(warmup=args.warmup).calibration()))
     write_results(args.out_dir, series, scores)
     rows = sum(len(s.values) for s in series)
     print(f"scored {len(series)} series, {rows:,} rows in {time.perf_counter() - started:.1f}s -> {args.out_dir}")

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from models.calibration import TAIL_THRESHOLD, CalibrationConfig
-from models.detector import Detector
+from models.detector import BatchResult, Detector
 from models.gru import DEFAULT_WEIGHTS, load_checkpoint
 
 FIVE_MIN_MS = 300_000
@@ -23,15 +23,14 @@ def _daily(days: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return ts, x
 
 
-def _run(x: np.ndarray, ts: np.ndarray | None) -> tuple[Detector, np.ndarray, np.ndarray]:
+def _run(x: np.ndarray, ts: np.ndarray | None, warmup: int = PER_DAY) -> tuple[Detector, BatchResult]:
     model, _ = load_checkpoint(DEFAULT_WEIGHTS)
-    det = Detector(model, CalibrationConfig(warmup=PER_DAY, threshold=TAIL_THRESHOLD))
+    det = Detector(model, CalibrationConfig(warmup=warmup, threshold=TAIL_THRESHOLD))
     xs = np.zeros((len(x), det.max_features))
     xs[:, 0] = x
     mask = np.zeros_like(xs, dtype=bool)
     mask[:, 0] = True
-    res = det.process(np.zeros(len(x), dtype=np.int64), xs, mask, ts)
-    return det, res.score, res.is_anomaly
+    return det, det.process(np.zeros(len(x), dtype=np.int64), xs, mask, ts)
 
 
 def test_a_night_reading_at_noon_stands_out_only_when_the_stream_knows_its_day(one_torch_thread):
@@ -40,7 +39,8 @@ def test_a_night_reading_at_noon_stands_out_only_when_the_stream_knows_its_day(o
     # value is one the stream shows half of every day, so only the hour makes it anomalous.
     start = 11 * PER_DAY + 11 * 12
     x[start : start + 36] = np.random.default_rng(1).normal(0, 0.3, 36)
-    _, score, flagged = _run(x, ts)
+    _, res = _run(x, ts)
+    score, flagged = res.score, res.is_anomaly
     normal = slice(3 * PER_DAY, start)
     # The change outranks every normal score, and again at each hour it lasts into (within an
     # hour the profile follows the new level). It is not flagged at p <= 0.001: its size is
@@ -50,13 +50,13 @@ def test_a_night_reading_at_noon_stands_out_only_when_the_stream_knows_its_day(o
     assert not flagged[normal].any()
     # Without timestamps the same stream has no hours to learn: after the first step of the
     # change (its usual 08:00/20:00 transition) the night level is just the level again.
-    _, score_no_time, _ = _run(x, None)
+    score_no_time = _run(x, None)[1].score
     assert score_no_time[start + 2 : start + 36].max() < score[start + 2 : start + 36].max()
 
 
 def test_flagged_events_are_not_learned(one_torch_thread):
     ts, x = _daily(4)
-    det, _, _ = _run(x, ts)
+    det, _ = _run(x, ts)
     bank = det.bank.tensors
     before = {k: bank[k][0].clone() for k in ("prof_mean", "prof_var", "mix_mse", "mix_var", "h", "cal_hist")}
     t_next = np.array([len(x) * FIVE_MIN_MS], dtype=np.int64)  # 00:00 of day 5: expected ~0
@@ -105,13 +105,7 @@ def test_the_cold_start_does_not_deflate_later_surprise(one_torch_thread):
     # errors must already average about 1, not a fraction of it.
     rng = np.random.default_rng(5)
     x = 500.0 + rng.normal(0, 1.0, 400)
-    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
-    det = Detector(model, CalibrationConfig(warmup=100, threshold=TAIL_THRESHOLD))
-    xs = np.zeros((len(x), det.max_features))
-    xs[:, 0] = x
-    mask = np.zeros_like(xs, dtype=bool)
-    mask[:, 0] = True
-    res = det.process(np.zeros(len(x), dtype=np.int64), xs, mask)
+    det, res = _run(x, None, warmup=100)
     q = res.contributions[100:400, 0]
     assert 0.5 < float(q.mean()) < 2.5, float(q.mean())
     assert 0.5 < float(det.bank.tensors["mix_var"][0, 0]) < 2.0
