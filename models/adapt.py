@@ -15,6 +15,15 @@ just flagged (learning an anomaly would teach the stream to stop seeing it):
   profile's predictions, weighted by inverse error, so each stream trusts whichever predictor
   has been right for it, plus the running variance of the mixed prediction's error.
 
+A third statistic is not a predictor of normal behaviour but a description of the recent past:
+
+* the recent level: per feature, the exponentially weighted mean and variance of the last ~30
+  events (exact averages before that). It answers "is this reading outside what the stream did
+  lately", which neither learner above asks: the GRU's one-step prediction follows a change
+  within a few events, and the profile's hour may have learned a wide spread. It learns every
+  event, flagged or not: after a spike its spread widens for a while, so the spike's own
+  aftermath is not flagged again by this view.
+
 Everything is a tensor row in the state bank, so it is batched, saved and restored with the
 hidden state. Pure torch; no Kafka.
 """
@@ -27,6 +36,7 @@ PROFILE_BINS = 24  # hours of the day
 DAY_MS = 86_400_000
 PROFILE_ALPHA = 0.1  # per event in that hour: with 5-minute data the profile is about the last day
 MIX_ALPHA = 0.01  # error statistics follow the last ~100 events
+LEVEL_ALPHA = 0.03  # the recent level follows the last ~30 events
 PROFILE_VAR_SHARE = 0.001  # the profile's variance is never below 0.1% of the stream's variance
 
 
@@ -106,3 +116,21 @@ def mix_update(
     var = torch.where(first, e2.mean(dim=2), state["mix_var"])
     var = torch.where(step, (1.0 - alpha) * var + alpha * (r * r + floor_var), var)
     return {"mix_mse": mse, "mix_var": var}
+
+
+def level_q(state: dict[str, torch.Tensor], x: torch.Tensor, n: torch.Tensor, floor_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared distance of x from the stream's recent level, in units of its recent spread [B, F],
+    and whether there was a level to compare with."""
+    ready = n >= 2
+    d = x - state["lvl_mean"]
+    q = torch.where(ready, d * d / (state["lvl_var"] + floor_var), torch.zeros_like(d))
+    return q, ready
+
+
+def level_update(state: dict[str, torch.Tensor], x: torch.Tensor, n: torch.Tensor, learn: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The recent level after x where `learn`: exact averages for the first 1/LEVEL_ALPHA events."""
+    alpha = torch.clamp(1.0 / (n + 1.0), min=LEVEL_ALPHA)
+    d = x - state["lvl_mean"]
+    m = torch.where(learn, state["lvl_mean"] + alpha * d, state["lvl_mean"])
+    v = torch.where(learn, (1.0 - alpha) * (state["lvl_var"] + alpha * d * d), state["lvl_var"])
+    return {"lvl_mean": m, "lvl_var": v}

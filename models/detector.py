@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.adapt import hour_of_day, mix, mix_update, profile_lookup, profile_update
+from models.adapt import hour_of_day, level_q, level_update, mix, mix_update, profile_lookup, profile_update
 from models.calibration import TAIL_THRESHOLD, CalibrationConfig, combine_scores, learn_tail, tail_log10_p, tail_weight
 from models.gru import StreamGRU, gaussian_nll
 from models.state import StateBank
@@ -71,15 +71,19 @@ def advance(
     errors = torch.stack((e_gru, e_prof), dim=2)
     r, q_mix, ready = mix(state, errors, has_pred)
     q_prof = torch.where(ready, e_prof * e_prof / p_var, torch.zeros_like(e_prof))
+    q_lvl, lvl_ready = level_q(state, x, n, floor_var)
+    q_lvl = torch.where(mask & lvl_ready, q_lvl, torch.zeros_like(q_lvl))
     valid = ready.any(dim=1)
 
-    # Two views of how unusual the event is, each ranked against the stream's own history of
+    # Three views of how unusual the event is, each ranked against the stream's own history of
     # that view: the mixed prediction's error (the next value given the recent past and the
-    # hour) and the profile's alone (is this a normal reading for this hour at all).
+    # hour), the profile's alone (is this a normal reading for this hour at all) and the
+    # distance from the recent level (is it outside what the stream did in the last ~30 events).
     steps = state["steps"]
     lp_mix, bin_mix = tail_log10_p(cal, q_mix.sum(dim=1), state["cal_hist"])
     lp_prof, bin_prof = tail_log10_p(cal, q_prof.sum(dim=1), state["cal_hist_prof"])
-    score = combine_scores(cal, [lp_mix, lp_prof], valid)
+    lp_lvl, bin_lvl = tail_log10_p(cal, q_lvl.sum(dim=1), state["cal_hist_lvl"])
+    score = combine_scores(cal, [lp_mix, lp_prof, lp_lvl], valid)
     is_anomaly = valid & (steps >= cal.warmup) & (score >= cal.threshold)
     # Online adaptation skips the events the stream has just flagged.
     learn = mask & ~is_anomaly[:, None]
@@ -124,9 +128,11 @@ def advance(
         **mix_update(state, errors, r, floor_var, ready, has_pred, learn, n),
         "cal_hist": learn_tail(cal, state["cal_hist"], bin_mix, cal_weight),
         "cal_hist_prof": learn_tail(cal, state["cal_hist_prof"], bin_prof, cal_weight),
+        "cal_hist_lvl": learn_tail(cal, state["cal_hist_lvl"], bin_lvl, cal_weight),
+        **level_update(state, x, n, mask),
         "steps": steps + 1,
     }
-    contributions = torch.maximum(q_mix, q_prof).float()
+    contributions = torch.maximum(torch.maximum(q_mix, q_prof), q_lvl).float()
     return new_state, StepOutput(surprise, score, is_anomaly, contributions, valid, nll)
 
 

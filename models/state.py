@@ -42,9 +42,12 @@ FIELDS: tuple[Field, ...] = (
     Field("prof_seen", True, False, torch.int64),  # bit h set once hour h has been learned
     Field("mix_mse", True, False, torch.float64, 2),  # running squared error of GRU and profile
     Field("mix_var", True, False, torch.float64),  # running variance of the mixed error
+    Field("lvl_mean", True, False, torch.float64),  # the recent level: mean of the last ~30 events
+    Field("lvl_var", True, False, torch.float64),
     # Calibration: decayed histograms of log-surprise, of the mixture and of the profile.
     Field("cal_hist", False, False, torch.float32, HIST_BINS),
     Field("cal_hist_prof", False, False, torch.float32, HIST_BINS),
+    Field("cal_hist_lvl", False, False, torch.float32, HIST_BINS),
     Field("steps", False, False, torch.int64),  # events seen by the stream
 )
 

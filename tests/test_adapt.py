@@ -4,8 +4,10 @@ trust, and does not learn from the events it has just flagged."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
+from models.adapt import LEVEL_ALPHA, level_q, level_update
 from models.calibration import TAIL_THRESHOLD, CalibrationConfig
 from models.detector import BatchResult, Detector
 from models.gru import DEFAULT_WEIGHTS, load_checkpoint
@@ -58,7 +60,7 @@ def test_flagged_events_are_not_learned(one_torch_thread):
     ts, x = _daily(4)
     det, _ = _run(x, ts)
     bank = det.bank.tensors
-    before = {k: bank[k][0].clone() for k in ("prof_mean", "prof_var", "mix_mse", "mix_var", "h", "cal_hist")}
+    before = {k: bank[k][0].clone() for k in ("prof_mean", "prof_var", "mix_mse", "mix_var", "h", "cal_hist", "lvl_mean")}
     t_next = np.array([len(x) * FIVE_MIN_MS], dtype=np.int64)  # 00:00 of day 5: expected ~0
     one = np.zeros((1, det.max_features))
     mask = np.zeros_like(one, dtype=bool)
@@ -69,10 +71,12 @@ def test_flagged_events_are_not_learned(one_torch_thread):
     assert res.is_anomaly[0]
     for k in ("prof_mean", "prof_var", "mix_mse", "mix_var"):
         torch.testing.assert_close(bank[k][0], before[k], rtol=0, atol=0, msg=k)
-    # ... while the hidden state advances (one step per event) and the calibrator's history,
-    # which must eventually accept a lasting change, still counts it.
+    # ... while the hidden state advances (one step per event), the calibrator's history, which
+    # must eventually accept a lasting change, still counts it, and so does the recent level
+    # (a description of the last ~30 events, anomalies included).
     assert not torch.equal(bank["h"][0], before["h"])
     assert not torch.equal(bank["cal_hist"][0], before["cal_hist"])
+    assert not torch.equal(bank["lvl_mean"][0], before["lvl_mean"])
 
     one[0, 0] = 0.1  # a normal reading for that hour: learned
     res = det.process(np.zeros(1, dtype=np.int64), one, mask, t_next + FIVE_MIN_MS)
@@ -109,3 +113,29 @@ def test_the_cold_start_does_not_deflate_later_surprise(one_torch_thread):
     q = res.contributions[100:400, 0]
     assert 0.5 < float(q.mean()) < 2.5, float(q.mean())
     assert 0.5 < float(det.bank.tensors["mix_var"][0, 0]) < 2.0
+
+
+def test_the_recent_level_averages_exactly_then_forgets():
+    """The level view's statistics: plain mean and variance of everything so far for the first
+    1/LEVEL_ALPHA events (no cold-start bias), an exponential window after; its q is the squared
+    distance from that level in units of the recent spread."""
+    x = np.random.default_rng(4).normal(3.0, 2.0, 200)
+    state = {"lvl_mean": torch.zeros(1, 1, dtype=torch.float64), "lvl_var": torch.zeros(1, 1, dtype=torch.float64)}
+    floor = torch.full((1, 1), 1e-6, dtype=torch.float64)
+    first = int(1 / LEVEL_ALPHA)
+    m = v = 0.0
+    for i, xi in enumerate(x):
+        xt = torch.tensor([[xi]], dtype=torch.float64)
+        n = torch.tensor([[float(i)]], dtype=torch.float64)
+        q, ready = level_q(state, xt, n, floor)
+        assert bool(ready) == (i >= 2)
+        if i >= 2:
+            assert float(q) == pytest.approx((xi - m) ** 2 / (v + 1e-6), rel=1e-9)
+        state = level_update(state, xt, n, torch.ones(1, 1, dtype=torch.bool))
+        if i < first:
+            m, v = float(np.mean(x[: i + 1])), float(np.var(x[: i + 1]))
+        else:
+            a = LEVEL_ALPHA
+            m, v = m + a * (xi - m), (1 - a) * (v + a * (xi - m) ** 2)
+        assert float(state["lvl_mean"]) == pytest.approx(m, rel=1e-9)
+        assert float(state["lvl_var"]) == pytest.approx(v, rel=1e-9, abs=1e-12)
