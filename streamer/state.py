@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 TP = tuple[str, int]
-SNAPSHOT_VERSION = 2  # 2: online adaptation (time-of-day profile, predictor mixture, second histogram)
+SNAPSHOT_VERSION = 3  # 2: online adaptation (profile, mixture, second histogram); 3: recent level, third histogram
 log = logging.getLogger(__name__)
 
 

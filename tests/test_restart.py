@@ -12,12 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import torch
 import yaml
 from conftest import event, produce, read_all, scores_of
 
 from models.calibration import TAIL_THRESHOLD, CalibrationConfig
 from models.detector import Detector
 from models.gru import DEFAULT_WEIGHTS, load_checkpoint
+from streamer.state import SNAPSHOT_VERSION, Snapshot, SnapshotStore
 
 N_STREAMS = 200
 STEPS = 60  # events per stream, half before the first stop, half after
@@ -127,3 +129,19 @@ def test_sigterm_midstream_then_restart_loses_nothing(broker, topics, tmp_path):
             mask[0, :2] = True
             res = offline.process(np.array([slot]), x, mask, np.array([recs[step]["ts"]]))
             assert abs(recs[step]["surprise"] - res.surprise[0]) < 1e-4, (stream, step)
+
+
+def test_a_snapshot_of_another_state_layout_is_ignored_not_fatal(tmp_path):
+    """After an upgrade that changes the per-stream state, old snapshots mean a cold start."""
+    store = SnapshotStore(tmp_path, "g")
+    arch = {"hidden": 32}
+    snap = Snapshot(7, ["pump-1"], {}, {"steps": torch.zeros(1, dtype=torch.int64)}, arch, None)
+    store.save(("sensors", 0), snap)
+    loaded = store.load(("sensors", 0), arch)
+    assert loaded is not None and loaded.offset == 7
+    payload = store.load_payload(("sensors", 0))
+    assert payload is not None
+    payload["version"] = SNAPSHOT_VERSION - 1
+    del payload["state"]["steps"]
+    store.save_payload(("sensors", 0), payload)
+    assert store.load(("sensors", 0), arch) is None
