@@ -118,13 +118,12 @@ def mix_update(
     return {"mix_mse": mse, "mix_var": var}
 
 
-def level_q(state: dict[str, torch.Tensor], x: torch.Tensor, n: torch.Tensor, floor_var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Squared distance of x from the stream's recent level, in units of its recent spread [B, F],
-    and whether there was a level to compare with."""
-    ready = n >= 2
+def level_q(state: dict[str, torch.Tensor], x: torch.Tensor, mask: torch.Tensor, n: torch.Tensor, floor_var: torch.Tensor) -> torch.Tensor:
+    """Squared distance of x from the stream's recent level, in units of its recent spread [B, F];
+    0 where the feature is absent or has fewer than two earlier events to make a level of."""
+    ready = mask & (n >= 2)
     d = x - state["lvl_mean"]
-    q = torch.where(ready, d * d / (state["lvl_var"] + floor_var), torch.zeros_like(d))
-    return q, ready
+    return torch.where(ready, d * d / (state["lvl_var"] + floor_var), torch.zeros_like(d))
 
 
 def level_update(state: dict[str, torch.Tensor], x: torch.Tensor, n: torch.Tensor, learn: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -71,8 +71,7 @@ def advance(
     errors = torch.stack((e_gru, e_prof), dim=2)
     r, q_mix, ready = mix(state, errors, has_pred)
     q_prof = torch.where(ready, e_prof * e_prof / p_var, torch.zeros_like(e_prof))
-    q_lvl, lvl_ready = level_q(state, x, n, floor_var)
-    q_lvl = torch.where(mask & lvl_ready, q_lvl, torch.zeros_like(q_lvl))
+    q_lvl = level_q(state, x, mask, n, floor_var)
     valid = ready.any(dim=1)
 
     # Three views of how unusual the event is, each ranked against the stream's own history of

@@ -127,10 +127,9 @@ def test_the_recent_level_averages_exactly_then_forgets():
     for i, xi in enumerate(x):
         xt = torch.tensor([[xi]], dtype=torch.float64)
         n = torch.tensor([[float(i)]], dtype=torch.float64)
-        q, ready = level_q(state, xt, n, floor)
-        assert bool(ready) == (i >= 2)
-        if i >= 2:
-            assert float(q) == pytest.approx((xi - m) ** 2 / (v + 1e-6), rel=1e-9)
+        q = level_q(state, xt, torch.ones(1, 1, dtype=torch.bool), n, floor)
+        assert float(q) == (pytest.approx((xi - m) ** 2 / (v + 1e-6), rel=1e-9) if i >= 2 else 0.0)
+        assert float(level_q(state, xt, torch.zeros(1, 1, dtype=torch.bool), n, floor)) == 0.0
         state = level_update(state, xt, n, torch.ones(1, 1, dtype=torch.bool))
         if i < first:
             m, v = float(np.mean(x[: i + 1])), float(np.var(x[: i + 1]))
