@@ -67,22 +67,23 @@ def tail_log10_p(cfg: CalibrationConfig, sq: torch.Tensor, hist: torch.Tensor) -
     history, the tail is extrapolated as a power law in q, which is what puts a spike an order
     of magnitude above anything seen before far into the tail.
 
-    sq: float64 [B] a non-negative surprise statistic; hist: float32 [B, HIST_BINS] decayed
-    counts. Returns (-log10 p [B], the bin of each sq [B]) for `learn_tail`.
+    sq: float64 [...] a non-negative surprise statistic; hist: float32 [..., HIST_BINS] decayed
+    counts (any leading shape, so several views of a batch are ranked in one call). Returns
+    (-log10 p [...], the bin of each sq [...]) for `learn_tail`.
     """
     width = (HIST_HI - HIST_LO) / HIST_BINS
     lq = torch.log(sq.clamp(min=1e-30))
     b = ((lq - HIST_LO) / width).floor().clamp(0, HIST_BINS - 1).long()
     h = hist.double()
-    total = h.sum(dim=1)
-    at_or_above = torch.flip(torch.cumsum(torch.flip(h, [1]), dim=1), [1])  # [B, bins]: count in bins >= i
-    here = h.gather(1, b[:, None]).squeeze(1)
-    above = at_or_above.gather(1, b[:, None]).squeeze(1) - 0.5 * here
+    total = h.sum(dim=-1)
+    at_or_above = torch.flip(torch.cumsum(torch.flip(h, [-1]), dim=-1), [-1])  # [..., bins]: count in bins >= i
+    here = h.gather(-1, b[..., None]).squeeze(-1)
+    above = at_or_above.gather(-1, b[..., None]).squeeze(-1) - 0.5 * here
     log_norm = torch.log(total + 2 * HIST_PRIOR)
     log_p = torch.log(above.clamp(min=0.0) + HIST_PRIOR) - log_norm
     # Past the highest occupied bin: a power-law tail from that bin's upper edge.
     occupied = h > 1e-9
-    top = torch.where(occupied, torch.arange(HIST_BINS, device=h.device), -1).max(dim=1).values
+    top = torch.where(occupied, torch.arange(HIST_BINS, device=h.device), -1).max(dim=-1).values
     top_edge = HIST_LO + (top + 1).double() * width
     beyond = (above <= 1e-9) & (top >= 0)
     log_p_ext = math.log(HIST_PRIOR) - log_norm - cfg.tail_slope * (lq - top_edge).clamp(min=0.0)
@@ -91,11 +92,11 @@ def tail_log10_p(cfg: CalibrationConfig, sq: torch.Tensor, hist: torch.Tensor) -
 
 
 def learn_tail(cfg: CalibrationConfig, hist: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The histogram after adding bin b with `weight` [B] in [0, 1] (older counts decay first,
-    by as much as `weight` events would decay them)."""
+    """The histograms [..., HIST_BINS] after adding bin b [...] with `weight` [...] in [0, 1]
+    (older counts decay first, by as much as `weight` events would decay them)."""
     decay = (1.0 - 1.0 / cfg.window) ** weight.to(hist.dtype)
-    new = hist * decay[:, None]
-    bump = torch.zeros_like(new).scatter_(1, b[:, None], weight.to(new.dtype)[:, None])
+    new = hist * decay[..., None]
+    bump = torch.zeros_like(new).scatter_(-1, b[..., None], weight.to(new.dtype)[..., None])
     return new + bump
 
 
@@ -116,8 +117,8 @@ def tail_weight(cfg: CalibrationConfig, steps: torch.Tensor, valid: torch.Tensor
     return torch.where(valid & (steps >= cfg.warmup // 2), w, 0.0).double()
 
 
-def combine_scores(cfg: CalibrationConfig, log10_p: list[torch.Tensor], valid: torch.Tensor) -> torch.Tensor:
-    """One score from several tail probabilities of the same event (Bonferroni: the smallest p
-    times the number of tests), so adding a detector does not add false positives."""
-    lp = torch.stack(log10_p).max(dim=0).values - math.log10(len(log10_p))
+def combine_scores(cfg: CalibrationConfig, log10_p: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """One score from several tail probabilities of the same event, log10_p [B, K] (Bonferroni:
+    the smallest p times the number of tests), so adding a detector does not add false positives."""
+    lp = log10_p.max(dim=-1).values - math.log10(log10_p.shape[-1])
     return torch.where(valid, (lp / cfg.decades).clamp(0.0, 1.0), torch.zeros_like(lp))

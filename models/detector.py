@@ -33,6 +33,10 @@ class StepOutput:
     nll: torch.Tensor  # float32 [B, F]: the GRU's NLL per feature (the training loss)
 
 
+# The state's surprise histograms, in the order of the views ranked against them.
+CAL_HISTS = ("cal_hist", "cal_hist_prof", "cal_hist_lvl")
+
+
 def _std(cfg_rel: float, cfg_abs: float, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     return torch.maximum(torch.sqrt(var.clamp(min=0.0)), cfg_rel * mean.abs() + cfg_abs)
 
@@ -79,10 +83,10 @@ def advance(
     # hour), the profile's alone (is this a normal reading for this hour at all) and the
     # distance from the recent level (is it outside what the stream did in the last ~30 events).
     steps = state["steps"]
-    lp_mix, bin_mix = tail_log10_p(cal, q_mix.sum(dim=1), state["cal_hist"])
-    lp_prof, bin_prof = tail_log10_p(cal, q_prof.sum(dim=1), state["cal_hist_prof"])
-    lp_lvl, bin_lvl = tail_log10_p(cal, q_lvl.sum(dim=1), state["cal_hist_lvl"])
-    score = combine_scores(cal, [lp_mix, lp_prof, lp_lvl], valid)
+    views = torch.stack((q_mix, q_prof, q_lvl), dim=1).sum(dim=2)  # [B, 3]
+    hists = torch.stack([state[k] for k in CAL_HISTS], dim=1)  # [B, 3, bins]: one call ranks all three
+    lp, bins = tail_log10_p(cal, views, hists)
+    score = combine_scores(cal, lp, valid)
     is_anomaly = valid & (steps >= cal.warmup) & (score >= cal.threshold)
     # Online adaptation skips the events the stream has just flagged.
     learn = mask & ~is_anomaly[:, None]
@@ -125,9 +129,7 @@ def advance(
         # normaliser's zero.)
         **profile_update(state, hour, x, torch.where(n > 0, p_mean, x), p_var_raw, learn),
         **mix_update(state, errors, r, floor_var, ready, has_pred, learn, n),
-        "cal_hist": learn_tail(cal, state["cal_hist"], bin_mix, cal_weight),
-        "cal_hist_prof": learn_tail(cal, state["cal_hist_prof"], bin_prof, cal_weight),
-        "cal_hist_lvl": learn_tail(cal, state["cal_hist_lvl"], bin_lvl, cal_weight),
+        **dict(zip(CAL_HISTS, learn_tail(cal, hists, bins, cal_weight[:, None].expand_as(bins)).unbind(1))),
         **level_update(state, x, n, mask),
         "steps": steps + 1,
     }
