@@ -138,3 +138,22 @@ def test_the_recent_level_averages_exactly_then_forgets():
             m, v = m + a * (xi - m), (1 - a) * (v + a * (xi - m) ** 2)
         assert float(state["lvl_mean"]) == pytest.approx(m, rel=1e-9)
         assert float(state["lvl_var"]) == pytest.approx(v, rel=1e-9, abs=1e-12)
+
+
+def test_a_reading_far_from_the_recent_level_alone_is_flagged(one_torch_thread):
+    """The level view counts in the score on its own: with the prediction and the profile
+    content, an event that is far from the stream's recent level (here, a level the test plants)
+    is still flagged, and its distance from that level is what it reports as its contribution."""
+    x = np.random.default_rng(6).normal(0, 1.0, 600)
+    det, _ = _run(x, None, warmup=100)
+    bank = det.bank.tensors
+    one = np.zeros((1, det.max_features))
+    mask = np.zeros_like(one, dtype=bool)
+    mask[0, 0] = True
+    plain = det.process(np.zeros(1, dtype=np.int64), one, mask)  # a reading of 0: nothing unusual
+    assert plain.score[0] < 0.3
+    bank["lvl_mean"][0, 0] = 50.0  # the recent level says ~50 with a spread of 0.1 ...
+    bank["lvl_var"][0, 0] = 0.01
+    res = det.process(np.zeros(1, dtype=np.int64), one, mask)  # ... so 0 is far outside it
+    assert res.is_anomaly[0], res.score[0]
+    assert res.contributions[0, 0] == pytest.approx(50.0**2 / 0.01, rel=0.01)
