@@ -9,8 +9,8 @@ each next normalised value) after a short burn-in while the normaliser settles.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,7 +18,7 @@ import torch
 
 from models.calibration import CalibrationConfig
 from models.detector import advance
-from models.gru import ModelConfig, StreamGRU, save_checkpoint
+from models.gru import ModelConfig, StreamGRU
 from models.state import empty_state
 from models.synthetic import univariate_batch
 
@@ -34,33 +34,38 @@ class TrainConfig:
     seed: int = 0
     hidden: int = 32
     max_features: int = 8
+    public_share: float = 0.25  # of each batch, when public series are given
 
 
 def _sequence_loss(model: StreamGRU, series: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    """Mean surprise per predicted value. NaN marks padding before a short series starts: it is
+    fed as an absent feature (no step, no surprise), as the daemon treats a missing reading."""
     b, t = series.shape
     cal = CalibrationConfig()
     state = empty_state(model.config, b, features=1)
-    mask = torch.ones((b, 1), dtype=torch.bool)
-    total = torch.zeros(())
-    count = 0
+    present = torch.isfinite(series)
+    series = torch.nan_to_num(series)
+    total = torch.zeros((), dtype=torch.float64)
+    count = 0.0
     for start in range(0, t, cfg.tbptt):
         state = {k: v.detach() for k, v in state.items()}
-        chunk_loss = torch.zeros(())
         for i in range(start, min(t, start + cfg.tbptt)):
-            state, out = advance(model, cal, state, series[:, i : i + 1], mask)
+            has_pred = present[:, i] & (state["norm_n"][:, 0] >= 2)
+            state, out = advance(model, cal, state, series[:, i : i + 1], present[:, i : i + 1])
             if i >= cfg.burn_in:
-                chunk_loss = chunk_loss + out.nll.mean()
-                count += 1
-        total = total + chunk_loss
-    return total / max(count, 1)
+                total = total + out.nll.sum().double()
+                count += float(has_pred.sum())
+    return total / max(count, 1.0)
 
 
 class SeriesSampler:
     """Random windows of user-supplied series (one feature of one stream each).
 
     The model is channel-independent, so every numeric column of a CSV or Parquet file and every
-    feature of every stream of a replayed topic is one training series. Series shorter than a
-    window are used whole by left-padding with their first value (the normaliser starts exact).
+    feature of every stream of a replayed topic is one training series. A series is drawn with
+    probability proportional to its length (every value equally likely to be trained on). Series
+    shorter than a window are used whole, left-padded with NaN: the padding is an absent feature,
+    neither stepped nor scored, so the stream starts cold as it would in the daemon.
     """
 
     def __init__(self, series: dict[str, np.ndarray]) -> None:
@@ -69,24 +74,53 @@ class SeriesSampler:
             raise ValueError("no series with at least 2 values to train on")
         self.series = [np.asarray(series[n], dtype=np.float64) for n in self.names]
         self.rows = sum(len(s) for s in self.series)
+        self.weights = np.array([len(s) for s in self.series], dtype=np.float64) / self.rows
 
     def __call__(self, rng: np.random.Generator, batch: int, length: int) -> np.ndarray:
         out = np.empty((batch, length))
         for i in range(batch):
-            s = self.series[int(rng.integers(len(self.series)))]
+            s = self.series[int(rng.choice(len(self.series), p=self.weights))]
             if len(s) <= length:
-                out[i] = np.r_[np.full(length - len(s), s[0]), s]
+                out[i] = np.r_[np.full(length - len(s), np.nan), s]
             else:
                 start = int(rng.integers(len(s) - length + 1))
                 out[i] = s[start : start + length]
         return out
 
 
+Sampler = Callable[[np.random.Generator, int, int], np.ndarray]
+
+
+class MixedSampler:
+    """Each batch drawn from several samplers in fixed shares (the synthetic families plus real
+    public series, say), shuffled so no sampler owns particular rows."""
+
+    def __init__(self, parts: list[tuple[Sampler, float]]) -> None:
+        total = sum(share for _, share in parts)
+        if not parts or total <= 0:
+            raise ValueError("MixedSampler needs at least one part with a positive share")
+        self.parts = [(sample, share / total) for sample, share in parts]
+
+    def __call__(self, rng: np.random.Generator, batch: int, length: int) -> np.ndarray:
+        counts = [round(batch * share) for _, share in self.parts]
+        counts[0] += batch - sum(counts)
+        rows = [np.asarray(sample(rng, k, length), dtype=np.float64) for (sample, _), k in zip(self.parts, counts) if k > 0]
+        out = np.concatenate(rows)
+        return out[rng.permutation(batch)]
+
+
 def train(
-    cfg: TrainConfig, progress: bool = True, data: SeriesSampler | None = None, data_description: str | None = None
+    cfg: TrainConfig,
+    progress: bool = True,
+    data: SeriesSampler | None = None,
+    data_description: str | None = None,
+    public: SeriesSampler | None = None,
+    public_description: str | None = None,
 ) -> tuple[StreamGRU, dict[str, Any]]:
-    """Train a fresh model (on `data` when given, else on synthetic series); returns it with a
-    summary that goes into the checkpoint."""
+    """Train a fresh model (on `data` when given, else on synthetic series, with `public` series
+    mixed in at `cfg.public_share` of every batch); returns it with a summary for the checkpoint."""
+    base: Sampler = data if data is not None else univariate_batch
+    sample = base if public is None else MixedSampler([(base, 1.0 - cfg.public_share), (public, cfg.public_share)])
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = StreamGRU(ModelConfig(hidden=cfg.hidden, max_features=cfg.max_features))
@@ -104,7 +138,6 @@ def train(
         task = bar.add_task("train", total=cfg.steps, loss=float("nan"))
     try:
         for _ in range(cfg.steps):
-            sample = data if data is not None else univariate_batch
             series = torch.as_tensor(sample(rng, cfg.batch, cfg.length), dtype=torch.float64)
             loss = _sequence_loss(model, series, cfg)
             opt.zero_grad()
@@ -128,6 +161,13 @@ def train(
             f"{cfg.steps} batches of {cfg.batch} windows x {cfg.length}"
         ),
         "series": None if data is None else data.names[:1000],
+        "public": None
+        if public is None
+        else {
+            "data": f"{public_description}: {len(public.names)} series, {public.rows:,} values",
+            "share": cfg.public_share,
+            "series": public.names[:1000],
+        },
         "train_config": asdict(cfg),
         "final_loss": float(np.mean(losses[-20:])),
         "first_loss": float(np.mean(losses[:20])),
@@ -135,11 +175,3 @@ def train(
         "torch": str(torch.__version__),
     }
     return model, summary
-
-
-def train_to(
-    path: str | Path, cfg: TrainConfig, progress: bool = True, data: SeriesSampler | None = None, data_description: str | None = None
-) -> dict[str, Any]:
-    model, summary = train(cfg, progress, data, data_description)
-    save_checkpoint(path, model, summary)
-    return summary

@@ -35,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--length", type=int, default=384)
     train.add_argument("--hidden", type=int, default=32)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument(
+        "--public", action="store_true", help="mix in the real time series bundled with statsmodels (needs the `train` extra)"
+    )
+    train.add_argument("--public-share", type=float, default=0.25, help="share of every batch drawn from them (default 0.25)")
 
     sub.add_parser("nab", help="score a NAB-layout folder, one series per stream (see `streamer nab -h`)", add_help=False)
     sub.add_parser("logeval", help="stream a labelled log file through the log detector (see `streamer logeval -h`)", add_help=False)
@@ -67,10 +71,17 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_demo(args.streams, args.rate, args.metrics_port, args.duration)
     if args.command == "train":
-        from models.train import SeriesSampler, TrainConfig, train_to
+        from models.gru import save_checkpoint
+        from models.train import SeriesSampler, TrainConfig
+        from models.train import train as train_model
 
-        cfg = TrainConfig(steps=args.steps, batch=args.batch, length=args.length, hidden=args.hidden, seed=args.seed)
-        data = description = None
+        if not 0.0 < args.public_share < 1.0:
+            print("streamer: --public-share must be in (0, 1)", file=sys.stderr)
+            return 2
+        cfg = TrainConfig(
+            steps=args.steps, batch=args.batch, length=args.length, hidden=args.hidden, seed=args.seed, public_share=args.public_share
+        )
+        data = description = public = None
         if args.topic:
             from streamer.traindata import load_topic
 
@@ -82,9 +93,16 @@ def main(argv: list[str] | None = None) -> int:
 
             description = "files " + ", ".join(args.files[:10]) + (" ..." if len(args.files) > 10 else "")
             data = SeriesSampler(load_files(args.files))
-        summary = train_to(args.out, cfg, data=data, data_description=description)
+        if args.public:
+            from streamer.traindata import load_statsmodels
+
+            public = SeriesSampler(load_statsmodels())
+        model, summary = train_model(cfg, data=data, data_description=description, public=public, public_description="statsmodels.datasets")
+        save_checkpoint(args.out, model, summary)
         print(f"wrote {args.out}: loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f} in {summary['seconds']}s")
         print(f"data: {summary['data']}")
+        if summary["public"]:
+            print(f"public: {summary['public']['data']}, {summary['public']['share']:.0%} of every batch")
         return 0
     return 2
 

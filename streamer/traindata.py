@@ -89,3 +89,46 @@ def load_topic(
                 done.add(tp.partition)
     consumer.close()
     return {k: np.asarray(v) for k, v in series.items()}
+
+
+# Time series that ship inside the statsmodels wheel (no download): weekly CO2 at Mauna Loa,
+# yearly sunspots, the Nile's yearly flow, monthly El Nino sea temperatures, US quarterly
+# macro series, monthly electrical equipment orders, quarterly inflation and interest rates.
+# Real measurements with the seasonalities, trends, cycles and regime changes that the synthetic
+# families imitate; none of them is from NAB.
+STATSMODELS_SERIES: dict[str, list[str] | str] = {
+    "co2": ["co2"],
+    "sunspots": ["SUNACTIVITY"],
+    "nile": ["volume"],
+    "elnino": "months",
+    "macrodata": ["realgdp", "realcons", "realinv", "realgovt", "realdpi", "cpi", "m1", "tbilrate", "unemp", "pop", "infl", "realint"],
+    "elec_equip": "orders",
+    "interest_inflation": ["Dp", "R"],
+}
+
+
+def load_statsmodels() -> dict[str, np.ndarray]:
+    """The public series bundled with statsmodels (`pip install statsmodels`, or the `train`
+    extra), one training series per column; gaps (CO2 has missing weeks) are interpolated."""
+    try:
+        import importlib
+
+        import statsmodels  # noqa: F401
+    except ImportError:
+        raise SystemExit("--public needs statsmodels (pip install 'streamer[train]' or pip install statsmodels)") from None
+    out: dict[str, np.ndarray] = {}
+    for name, cols in STATSMODELS_SERIES.items():
+        frame = importlib.import_module(f"statsmodels.datasets.{name}").load_pandas().data
+        if cols == "months":  # one row per year, one column per month: read row by row
+            values = frame.drop(columns=["YEAR"]).to_numpy(dtype=np.float64).ravel()
+            out[f"statsmodels:{name}"] = values
+            continue
+        if isinstance(cols, str):  # a single unnamed column: name it
+            out[f"statsmodels:{name}:{cols}"] = frame.iloc[:, 0].to_numpy(dtype=np.float64)
+            continue
+        for col in cols:
+            out[f"statsmodels:{name}:{col}"] = frame[col].to_numpy(dtype=np.float64)
+    for key, values in out.items():
+        ok = np.isfinite(values)
+        out[key] = np.interp(np.arange(len(values)), np.flatnonzero(ok), values[ok])
+    return out

@@ -45,3 +45,45 @@ def test_train_from_a_kafka_topic_range(broker, topics, tmp_path):
     _, meta = load_checkpoint(out)
     assert sorted(meta["training"]["series"]) == sorted(f"s{i}:{f}" for i in range(4) for f in "ab")
     assert f"Kafka topic {topics['input']}" in meta["training"]["data"] and "offsets 0..50" in meta["training"]["data"]
+
+
+def test_padding_before_a_short_series_is_neither_stepped_nor_trained_on():
+    import torch
+
+    from models.gru import ModelConfig, StreamGRU
+    from models.train import TrainConfig, _sequence_loss
+
+    torch.manual_seed(0)
+    model = StreamGRU(ModelConfig())
+    cfg = TrainConfig(burn_in=0, tbptt=16)
+    s = torch.as_tensor(10 + np.sin(np.arange(40) / 3.0) + np.random.default_rng(1).normal(0, 0.1, 40), dtype=torch.float64)
+    padded = torch.cat([torch.full((24,), float("nan"), dtype=torch.float64), s])
+    alone = _sequence_loss(model, s[None, :], cfg)
+    assert torch.isfinite(alone)
+    # The same values after 24 absent steps: the same surprises, averaged over the same events.
+    assert torch.allclose(_sequence_loss(model, padded[None, :], cfg), alone)
+
+
+def test_mixed_batches_take_each_source_in_its_share():
+    from models.train import MixedSampler, SeriesSampler
+
+    rng = np.random.default_rng(0)
+    ones = SeriesSampler({"one": np.ones(100)})
+    twos = SeriesSampler({"two": np.full(100, 2.0)})
+    out = MixedSampler([(ones, 0.75), (twos, 0.25)])(rng, 8, 16)
+    assert out.shape == (8, 16)
+    assert sorted(out[:, 0].tolist()) == [1.0] * 6 + [2.0] * 2
+    short = SeriesSampler({"short": np.arange(10.0)})(rng, 1, 16)[0]  # shorter than a window: whole, after NaN padding
+    assert np.isnan(short[:6]).all() and short[6:].tolist() == list(range(10))
+
+
+def test_train_with_the_public_series_records_them_in_the_checkpoint(tmp_path):
+    out = tmp_path / "p.pt"
+    cmd = [sys.executable, "-m", "streamer.cli", "train", "--public", "--out", str(out), "--steps", "2", "--batch", "8", "--length", "32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    _, meta = load_checkpoint(out)
+    public = meta["training"]["public"]
+    assert public["share"] == 0.25 and "statsmodels:co2:co2" in public["series"] and "statsmodels:nile:volume" in public["series"]
+    assert "statsmodels.datasets" in public["data"] and "series" in public["data"]
+    assert meta["training"]["name"] == "synthetic"  # the base data is still the synthetic families
