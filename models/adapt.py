@@ -24,6 +24,16 @@ A third statistic is not a predictor of normal behaviour but a description of th
   event, flagged or not: after a spike its spread widens for a while, so the spike's own
   aftermath is not flagged again by this view.
 
+A fourth looks at the recent past as a whole rather than at this event:
+
+* the recent mean: per feature, an exponentially weighted mean of the last ~10 events before
+  this one, compared with the stream's long-run mean and variance (the normaliser's, ~1,000
+  events) in units of the noise such an average should have (an EWMA control chart). It
+  answers "has the stream's average moved lately", which catches a sustained shift or a
+  change of pattern whose single readings are each unremarkable. Like the learners above it
+  skips flagged events, and it clips each reading (see `shift_update`), so a spike's aftermath
+  does not look like a shift.
+
 Everything is a tensor row in the state bank, so it is batched, saved and restored with the
 hidden state. Pure torch; no Kafka.
 """
@@ -37,6 +47,8 @@ DAY_MS = 86_400_000
 PROFILE_ALPHA = 0.1  # per event in that hour: with 5-minute data the profile is about the last day
 MIX_ALPHA = 0.01  # error statistics follow the last ~100 events
 LEVEL_ALPHA = 0.03  # the recent level follows the last ~30 events
+SHIFT_ALPHA = 0.1  # the recent mean follows the last ~10 events
+SHIFT_CLIP = 3.0  # a reading moves it as if it were at most this many long-run deviations away
 PROFILE_VAR_SHARE = 0.001  # the profile's variance is never below 0.1% of the stream's variance
 
 
@@ -133,3 +145,28 @@ def level_update(state: dict[str, torch.Tensor], x: torch.Tensor, n: torch.Tenso
     m = torch.where(learn, state["lvl_mean"] + alpha * d, state["lvl_mean"])
     v = torch.where(learn, (1.0 - alpha) * (state["lvl_var"] + alpha * d * d), state["lvl_var"])
     return {"lvl_mean": m, "lvl_var": v}
+
+
+def shift_q(
+    state: dict[str, torch.Tensor], mask: torch.Tensor, n: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, floor_var: torch.Tensor
+) -> torch.Tensor:
+    """Squared distance of the recent mean (events before this one) from the long-run mean
+    `mean`, in units of the standard deviation an average over ~1/SHIFT_ALPHA independent
+    readings of variance `var` would have [B, F]; 0 where absent or before two events."""
+    ready = mask & (n >= 2)
+    d = state["shift_mean"] - mean
+    return torch.where(ready, d * d / (var * (SHIFT_ALPHA / (2.0 - SHIFT_ALPHA)) + floor_var), torch.zeros_like(d))
+
+
+def shift_update(
+    state: dict[str, torch.Tensor], x: torch.Tensor, n: torch.Tensor, learn: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The recent mean after x where `learn`: exact averages for the first 1/SHIFT_ALPHA events.
+
+    Each reading enters clipped to the long-run mean +- SHIFT_CLIP long-run standard deviations
+    (`mean`, `std`; from the third event on), so one spike that was not flagged moves the recent
+    mean by a fraction of a deviation instead of making the next ~10 ordinary readings look like
+    a shift; a real shift is made of many readings and moves it all the same."""
+    alpha = torch.clamp(1.0 / (n + 1.0), min=SHIFT_ALPHA)
+    x = torch.where(n >= 2, torch.minimum(torch.maximum(x, mean - SHIFT_CLIP * std), mean + SHIFT_CLIP * std), x)
+    return {"shift_mean": torch.where(learn, state["shift_mean"] + alpha * (x - state["shift_mean"]), state["shift_mean"])}

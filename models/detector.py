@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.adapt import hour_of_day, level_q, level_update, mix, mix_update, profile_lookup, profile_update
+from models.adapt import hour_of_day, level_q, level_update, mix, mix_update, profile_lookup, profile_update, shift_q, shift_update
 from models.calibration import TAIL_THRESHOLD, CalibrationConfig, combine_scores, learn_tail, tail_log10_p, tail_weight
 from models.gru import StreamGRU, gaussian_nll
 from models.state import StateBank
@@ -34,7 +34,7 @@ class StepOutput:
 
 
 # The state's surprise histograms, in the order of the views ranked against them.
-CAL_HISTS = ("cal_hist", "cal_hist_prof", "cal_hist_lvl")
+CAL_HISTS = ("cal_hist", "cal_hist_prof", "cal_hist_lvl", "cal_hist_shift")
 
 
 def _std(cfg_rel: float, cfg_abs: float, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
@@ -76,15 +76,17 @@ def advance(
     r, q_mix, ready = mix(state, errors, has_pred)
     q_prof = torch.where(ready, e_prof * e_prof / p_var, torch.zeros_like(e_prof))
     q_lvl = level_q(state, x, mask, n, floor_var)
+    q_shift = shift_q(state, mask, n, mean, var, floor_var)
     valid = ready.any(dim=1)
 
-    # Three views of how unusual the event is, each ranked against the stream's own history of
+    # Four views of how unusual the event is, each ranked against the stream's own history of
     # that view: the mixed prediction's error (the next value given the recent past and the
-    # hour), the profile's alone (is this a normal reading for this hour at all) and the
-    # distance from the recent level (is it outside what the stream did in the last ~30 events).
+    # hour), the profile's alone (is this a normal reading for this hour at all), the
+    # distance from the recent level (is it outside what the stream did in the last ~30 events)
+    # and the shift of the recent mean (has the stream's average moved lately).
     steps = state["steps"]
-    views = torch.stack((q_mix, q_prof, q_lvl), dim=1).sum(dim=2)  # [B, 3]
-    hists = torch.stack([state[k] for k in CAL_HISTS], dim=1)  # [B, 3, bins]: one call ranks all three
+    views = torch.stack((q_mix, q_prof, q_lvl, q_shift), dim=1).sum(dim=2)  # [B, 4]
+    hists = torch.stack([state[k] for k in CAL_HISTS], dim=1)  # [B, 4, bins]: one call ranks all four
     lp, bins = tail_log10_p(cal, views, hists)
     score = combine_scores(cal, lp, valid)
     is_anomaly = valid & (steps >= cal.warmup) & (score >= cal.threshold)
@@ -131,9 +133,10 @@ def advance(
         **mix_update(state, errors, r, floor_var, ready, has_pred, learn, n),
         **dict(zip(CAL_HISTS, learn_tail(cal, hists, bins, cal_weight[:, None].expand_as(bins)).unbind(1))),
         **level_update(state, x, n, mask),
+        **shift_update(state, x, n, learn, mean, std),
         "steps": steps + 1,
     }
-    contributions = torch.maximum(torch.maximum(q_mix, q_prof), q_lvl).float()
+    contributions = torch.stack((q_mix, q_prof, q_lvl, q_shift)).amax(dim=0).float()
     return new_state, StepOutput(surprise, score, is_anomaly, contributions, valid, nll)
 
 

@@ -44,10 +44,13 @@ FIELDS: tuple[Field, ...] = (
     Field("mix_var", True, False, torch.float64),  # running variance of the mixed error
     Field("lvl_mean", True, False, torch.float64),  # the recent level: mean of the last ~30 events
     Field("lvl_var", True, False, torch.float64),
-    # Calibration: decayed histograms of log-surprise, of the mixture, the profile and the level.
+    Field("shift_mean", True, False, torch.float64),  # the recent mean: the last ~10 events
+    # Calibration: decayed histograms of log-surprise, of the mixture, the profile, the level
+    # and the recent mean's shift.
     Field("cal_hist", False, False, torch.float32, HIST_BINS),
     Field("cal_hist_prof", False, False, torch.float32, HIST_BINS),
     Field("cal_hist_lvl", False, False, torch.float32, HIST_BINS),
+    Field("cal_hist_shift", False, False, torch.float32, HIST_BINS),
     Field("steps", False, False, torch.int64),  # events seen by the stream
 )
 

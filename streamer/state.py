@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 TP = tuple[str, int]
-SNAPSHOT_VERSION = 3  # 2: online adaptation (profile, mixture, second histogram); 3: recent level, third histogram
+# Layout versions: 2 online adaptation (profile, mixture, second histogram); 3 the recent level and
+# a third histogram; 4 the recent mean and a fourth histogram.
+SNAPSHOT_VERSION = 4
 log = logging.getLogger(__name__)
 
 

@@ -3,11 +3,13 @@ trust, and does not learn from the events it has just flagged."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
 
-from models.adapt import LEVEL_ALPHA, level_q, level_update
+from models.adapt import LEVEL_ALPHA, SHIFT_ALPHA, SHIFT_CLIP, level_q, level_update, shift_q, shift_update
 from models.calibration import TAIL_THRESHOLD, CalibrationConfig
 from models.detector import BatchResult, Detector
 from models.gru import DEFAULT_WEIGHTS, load_checkpoint
@@ -60,7 +62,7 @@ def test_flagged_events_are_not_learned(one_torch_thread):
     ts, x = _daily(4)
     det, _ = _run(x, ts)
     bank = det.bank.tensors
-    before = {k: bank[k][0].clone() for k in ("prof_mean", "prof_var", "mix_mse", "mix_var", "h", "cal_hist", "lvl_mean")}
+    before = {k: bank[k][0].clone() for k in ("prof_mean", "prof_var", "mix_mse", "mix_var", "shift_mean", "h", "cal_hist", "lvl_mean")}
     t_next = np.array([len(x) * FIVE_MIN_MS], dtype=np.int64)  # 00:00 of day 5: expected ~0
     one = np.zeros((1, det.max_features))
     mask = np.zeros_like(one, dtype=bool)
@@ -69,7 +71,7 @@ def test_flagged_events_are_not_learned(one_torch_thread):
     one[0, 0] = 500.0  # far outside anything seen: flagged
     res = det.process(np.zeros(1, dtype=np.int64), one, mask, t_next)
     assert res.is_anomaly[0]
-    for k in ("prof_mean", "prof_var", "mix_mse", "mix_var"):
+    for k in ("prof_mean", "prof_var", "mix_mse", "mix_var", "shift_mean"):
         torch.testing.assert_close(bank[k][0], before[k], rtol=0, atol=0, msg=k)
     # ... while the hidden state advances (one step per event), the calibrator's history, which
     # must eventually accept a lasting change, still counts it, and so does the recent level
@@ -140,20 +142,70 @@ def test_the_recent_level_averages_exactly_then_forgets():
         assert float(state["lvl_var"]) == pytest.approx(v, rel=1e-9, abs=1e-12)
 
 
+def _noise_then_a_zero(seed: int) -> tuple[Detector, Callable[[], BatchResult]]:
+    """A stream after 600 unit-noise readings, and a function that feeds it one reading of 0
+    (checked once to be unremarkable before the caller plants anything in its state)."""
+    det, _ = _run(np.random.default_rng(seed).normal(0, 1.0, 600), None, warmup=100)
+    one = np.zeros((1, det.max_features))
+    mask = np.zeros_like(one, dtype=bool)
+    mask[0, 0] = True
+
+    def zero() -> BatchResult:
+        return det.process(np.zeros(1, dtype=np.int64), one, mask)
+
+    assert zero().score[0] < 0.3
+    return det, zero
+
+
 def test_a_reading_far_from_the_recent_level_alone_is_flagged(one_torch_thread):
     """The level view counts in the score on its own: with the prediction and the profile
     content, an event that is far from the stream's recent level (here, a level the test plants)
     is still flagged, and its distance from that level is what it reports as its contribution."""
-    x = np.random.default_rng(6).normal(0, 1.0, 600)
-    det, _ = _run(x, None, warmup=100)
+    det, zero = _noise_then_a_zero(seed=6)
     bank = det.bank.tensors
-    one = np.zeros((1, det.max_features))
-    mask = np.zeros_like(one, dtype=bool)
-    mask[0, 0] = True
-    plain = det.process(np.zeros(1, dtype=np.int64), one, mask)  # a reading of 0: nothing unusual
-    assert plain.score[0] < 0.3
     bank["lvl_mean"][0, 0] = 50.0  # the recent level says ~50 with a spread of 0.1 ...
     bank["lvl_var"][0, 0] = 0.01
-    res = det.process(np.zeros(1, dtype=np.int64), one, mask)  # ... so 0 is far outside it
+    res = zero()  # ... so 0 is far outside it
     assert res.is_anomaly[0], res.score[0]
     assert res.contributions[0, 0] == pytest.approx(50.0**2 / 0.01, rel=0.01)
+
+
+def test_the_recent_mean_averages_exactly_then_forgets():
+    """The shift view's statistics: the plain mean of everything so far for the first
+    1/SHIFT_ALPHA events, an exponential window after, each reading clipped to SHIFT_CLIP
+    long-run deviations; its q is the squared distance of that mean (before the event) from the
+    long-run mean, in units of such an average's noise."""
+    x = np.random.default_rng(5).normal(3.0, 2.0, 100)
+    x[[20, 60]] = [40.0, -30.0]  # spikes: they count as 2.5 +- 3 x 2
+    state = {"shift_mean": torch.zeros(1, 1, dtype=torch.float64)}
+    floor = torch.full((1, 1), 1e-6, dtype=torch.float64)
+    long_mean, long_var = torch.full((1, 1), 2.5, dtype=torch.float64), torch.full((1, 1), 4.0, dtype=torch.float64)
+    on, off = torch.ones(1, 1, dtype=torch.bool), torch.zeros(1, 1, dtype=torch.bool)
+    first = int(1 / SHIFT_ALPHA)
+    m = 0.0
+    for i, xi in enumerate(x):
+        xt = torch.tensor([[xi]], dtype=torch.float64)
+        n = torch.tensor([[float(i)]], dtype=torch.float64)
+        q = shift_q(state, on, n, long_mean, long_var, floor)
+        noise = 4.0 * SHIFT_ALPHA / (2 - SHIFT_ALPHA) + 1e-6
+        assert float(q) == (pytest.approx((m - 2.5) ** 2 / noise, rel=1e-9) if i >= 2 else 0.0)
+        assert float(shift_q(state, off, n, long_mean, long_var, floor)) == 0.0
+        state = shift_update(state, xt, n, on, long_mean, long_var.sqrt())
+        xc = float(np.clip(xi, 2.5 - SHIFT_CLIP * 2.0, 2.5 + SHIFT_CLIP * 2.0)) if i >= 2 else xi
+        m = m + (xc - m) / (i + 1) if i < first else m + SHIFT_ALPHA * (xc - m)
+        assert float(state["shift_mean"]) == pytest.approx(m, rel=1e-9)
+
+
+def test_a_recent_mean_far_from_the_long_run_alone_is_flagged(one_torch_thread):
+    """The shift view counts in the score on its own: an ordinary reading is flagged when the
+    stream's recent mean (here planted) has moved far from its long-run mean, and the shift is
+    what the event reports as its contribution."""
+    det, zero = _noise_then_a_zero(seed=7)
+    bank = det.bank.tensors
+    bank["lvl_mean"][0, 0] = 0.0  # the recent level agrees with the reading; only the mean moved
+    long_mean, long_var = float(bank["norm_mean"][0, 0]), float(bank["norm_var"][0, 0])
+    bank["shift_mean"][0, 0] = long_mean + 5.0  # five standard deviations of a single reading
+    res = zero()
+    assert res.is_anomaly[0], res.score[0]
+    expected = 25.0 / (long_var * SHIFT_ALPHA / (2 - SHIFT_ALPHA))
+    assert res.contributions[0, 0] == pytest.approx(expected, rel=0.01)
