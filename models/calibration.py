@@ -75,10 +75,11 @@ def tail_log10_p(cfg: CalibrationConfig, sq: torch.Tensor, hist: torch.Tensor) -
     lq = torch.log(sq.clamp(min=1e-30))
     b = ((lq - HIST_LO) / width).floor().clamp(0, HIST_BINS - 1).long()
     h = hist.double()
-    total = h.sum(dim=-1)
-    at_or_above = torch.flip(torch.cumsum(torch.flip(h, [-1]), dim=-1), [-1])  # [..., bins]: count in bins >= i
+    upto = torch.cumsum(h, dim=-1)  # [..., bins]: count in bins <= i
+    total = upto[..., -1]
     here = h.gather(-1, b[..., None]).squeeze(-1)
-    above = at_or_above.gather(-1, b[..., None]).squeeze(-1) - 0.5 * here
+    # Count above the event's bin plus half its own (a flip-free suffix sum: flips copy the tensor).
+    above = total - upto.gather(-1, b[..., None]).squeeze(-1) + 0.5 * here
     log_norm = torch.log(total + 2 * HIST_PRIOR)
     log_p = torch.log(above.clamp(min=0.0) + HIST_PRIOR) - log_norm
     # Past the highest occupied bin: a power-law tail from that bin's upper edge.
