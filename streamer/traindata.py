@@ -96,15 +96,18 @@ def load_topic(
 # macro series, monthly electrical equipment orders, quarterly inflation and interest rates.
 # Real measurements with the seasonalities, trends, cycles and regime changes that the synthetic
 # families imitate; none of them is from NAB.
-STATSMODELS_SERIES: dict[str, list[str] | str] = {
+STATSMODELS_SERIES: dict[str, list[str]] = {
     "co2": ["co2"],
     "sunspots": ["SUNACTIVITY"],
     "nile": ["volume"],
-    "elnino": "months",
+    "elnino": ["JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"],
     "macrodata": ["realgdp", "realcons", "realinv", "realgovt", "realdpi", "cpi", "m1", "tbilrate", "unemp", "pop", "infl", "realint"],
-    "elec_equip": "orders",
+    "elec_equip": ["orders"],
     "interest_inflation": ["Dp", "R"],
 }
+# One row per year and one column per month: a single series, read row by row.
+STATSMODELS_ROW_BY_ROW = {"elnino"}
+STATSMODELS_RENAME = {"elec_equip": {"STS.M.I7.W.TOVT.NS0016.4.000": "orders"}}
 
 
 def load_statsmodels() -> dict[str, np.ndarray]:
@@ -119,12 +122,9 @@ def load_statsmodels() -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     for name, cols in STATSMODELS_SERIES.items():
         frame = importlib.import_module(f"statsmodels.datasets.{name}").load_pandas().data
-        if cols == "months":  # one row per year, one column per month: read row by row
-            values = frame.drop(columns=["YEAR"]).to_numpy(dtype=np.float64).ravel()
-            out[f"statsmodels:{name}"] = values
-            continue
-        if isinstance(cols, str):  # a single unnamed column: name it
-            out[f"statsmodels:{name}:{cols}"] = frame.iloc[:, 0].to_numpy(dtype=np.float64)
+        frame = frame.rename(columns=STATSMODELS_RENAME.get(name, {}))
+        if name in STATSMODELS_ROW_BY_ROW:
+            out[f"statsmodels:{name}"] = frame[cols].to_numpy(dtype=np.float64).ravel()
             continue
         for col in cols:
             out[f"statsmodels:{name}:{col}"] = frame[col].to_numpy(dtype=np.float64)
