@@ -81,14 +81,16 @@ def tail_log10_p(cfg: CalibrationConfig, sq: torch.Tensor, hist: torch.Tensor) -
     # Count above the event's bin plus half its own (a flip-free suffix sum: flips copy the tensor).
     above = total - upto.gather(-1, b[..., None]).squeeze(-1) + 0.5 * here
     log_norm = torch.log(total + 2 * HIST_PRIOR)
-    log_p = torch.log(above.clamp(min=0.0) + HIST_PRIOR) - log_norm
-    # Past the highest occupied bin: a power-law tail from that bin's upper edge.
+    # The prior's pseudo-event sits beyond everything seen: a power-law tail from the upper edge
+    # of the highest occupied bin. Added to the history's own count (not used only where that
+    # count is zero), it also ranks events in the open-ended last bin, which would otherwise cap
+    # every surprise above e^HIST_HI at one p once the stream has had one such event.
     occupied = h > 1e-9
     top = torch.where(occupied, torch.arange(HIST_BINS, device=h.device), -1).max(dim=-1).values
     top_edge = HIST_LO + (top + 1).double() * width
-    beyond = (above <= 1e-9) & (top >= 0)
-    log_p_ext = math.log(HIST_PRIOR) - log_norm - cfg.tail_slope * (lq - top_edge).clamp(min=0.0)
-    log_p = torch.where(beyond, log_p_ext, log_p)
+    excess = torch.where(top >= 0, (lq - top_edge).clamp(min=0.0), 0.0)
+    log_tail = math.log(HIST_PRIOR) - cfg.tail_slope * excess
+    log_p = torch.logaddexp(torch.log(above.clamp(min=0.0)), log_tail) - log_norm
     return -log_p / math.log(10.0), b
 
 

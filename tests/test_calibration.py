@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from models.calibration import HIST_BINS, TAIL_THRESHOLD, CalibrationConfig, learn_tail, tail_weight
+from models.calibration import HIST_BINS, HIST_HI, TAIL_THRESHOLD, CalibrationConfig, learn_tail, tail_log10_p, tail_weight
 from models.detector import Detector
 from models.gru import DEFAULT_WEIGHTS, load_checkpoint
 
@@ -41,6 +41,20 @@ def test_event_weights_skip_warmup_and_discount_flags():
     torch.testing.assert_close(new[0], hist[0])  # weight 0: untouched, not even decayed
     assert math.isclose(float(new[1, 7]), 1.0) and math.isclose(float(new[1, 5]), 10.0 * decay, rel_tol=1e-6)
     assert math.isclose(float(new[2, 7]), 0.1, rel_tol=1e-6) and math.isclose(float(new[2, 5]), 10.0 * decay**0.1, rel_tol=1e-6)
+
+
+def test_surprises_beyond_the_histogram_range_still_rank_by_size():
+    # The last bin is open-ended. With one (flagged) event already in it, a bigger surprise must
+    # still rank above a smaller one: a flat series' spikes are all far beyond e^HIST_HI.
+    cal = CalibrationConfig()
+    hist = torch.zeros(HIST_BINS)
+    hist[20] = 500.0
+    hist[-1] = 0.1
+    lp, _ = tail_log10_p(cal, torch.tensor([HIST_HI + 1.0, HIST_HI + 5.0], dtype=torch.float64).exp(), hist.expand(2, -1))
+    # Half the last bin's count, plus the prior's power-law tail from the bin's upper edge.
+    expected = [-math.log10((0.05 + math.exp(-cal.tail_slope * d)) / (500.1 + 2.0)) for d in (1.0, 5.0)]
+    torch.testing.assert_close(lp, torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=1e-9)
+    assert float(lp[1]) > float(lp[0])
 
 
 def test_the_cold_start_does_not_hide_the_first_anomaly(one_torch_thread):
