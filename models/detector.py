@@ -28,12 +28,15 @@ class StepOutput:
     surprise: torch.Tensor  # float64 [B]
     score: torch.Tensor  # float64 [B]
     is_anomaly: torch.Tensor  # bool [B]
-    contributions: torch.Tensor  # float32 [B, F]: squared standardised error per feature, 0 where absent
+    contributions: torch.Tensor  # float32 [B, F]: each feature's part of the deciding view, 0 where absent
     valid: torch.Tensor  # bool [B]: there was a prediction to be surprised against
     nll: torch.Tensor  # float32 [B, F]: the GRU's NLL per feature (the training loss)
+    view: torch.Tensor  # int64 [B]: index into VIEWS of the view with the smallest p
 
 
-# The state's surprise histograms, in the order of the views ranked against them.
+# The four views of an event, as score records name them, and the state's surprise histograms
+# they are ranked against, in the same order.
+VIEWS = ("prediction", "time_of_day", "recent_level", "recent_mean")
 CAL_HISTS = ("cal_hist", "cal_hist_prof", "cal_hist_lvl", "cal_hist_shift")
 
 
@@ -85,7 +88,8 @@ def advance(
     # distance from the recent level (is it outside what the stream did in the last ~30 events)
     # and the shift of the recent mean (has the stream's average moved lately).
     steps = state["steps"]
-    views = torch.stack((q_mix, q_prof, q_lvl, q_shift), dim=1).sum(dim=2)  # [B, 4]
+    per_feature = torch.stack((q_mix, q_prof, q_lvl, q_shift), dim=1)  # [B, 4, F]
+    views = per_feature.sum(dim=2)  # [B, 4]
     hists = torch.stack([state[k] for k in CAL_HISTS], dim=1)  # [B, 4, bins]: one call ranks all four
     lp, bins = tail_log10_p(cal, views, hists)
     score = combine_scores(cal, lp, valid)
@@ -136,8 +140,12 @@ def advance(
         **shift_update(state, x, n, learn, mean, std),
         "steps": steps + 1,
     }
-    contributions = torch.stack((q_mix, q_prof, q_lvl, q_shift)).amax(dim=0).float()
-    return new_state, StepOutput(surprise, score, is_anomaly, contributions, valid, nll)
+    # The explanation is the decomposition of the statistic that decided the score: the views'
+    # scales differ (a recent-mean shift of 50 is extreme where a prediction error of 50 may be
+    # routine), so features are compared within that one view.
+    view = lp.argmax(dim=1)
+    contributions = per_feature.gather(1, view[:, None, None].expand(-1, 1, per_feature.shape[2])).squeeze(1).float()
+    return new_state, StepOutput(surprise, score, is_anomaly, contributions, valid, nll, view)
 
 
 def wavefronts(slots: np.ndarray) -> list[np.ndarray]:
@@ -169,6 +177,7 @@ class BatchResult:
     is_anomaly: np.ndarray  # bool [N]
     contributions: np.ndarray  # float32 [N, F]
     valid: np.ndarray  # bool [N]
+    view: np.ndarray  # int64 [N]: index into VIEWS of the view that decided the score
     wavefronts: int
 
     def top_feature(self, mask: np.ndarray) -> np.ndarray:
@@ -223,8 +232,11 @@ class Detector:
         out_anom = torch.zeros(n, dtype=torch.bool, device=dev)
         out_contrib = torch.zeros((n, f), dtype=torch.float32, device=dev)
         out_valid = torch.zeros(n, dtype=torch.bool, device=dev)
+        out_view = torch.zeros(n, dtype=torch.int64, device=dev)
         if n == 0:
-            return BatchResult(np.zeros(0), np.zeros(0), np.zeros(0, bool), np.zeros((0, f), np.float32), np.zeros(0, bool), 0)
+            return BatchResult(
+                np.zeros(0), np.zeros(0), np.zeros(0, bool), np.zeros((0, f), np.float32), np.zeros(0, bool), np.zeros(0, np.int64), 0
+            )
         self.bank.ensure_capacity(int(slots.max()) + 1)
         x_dev = torch.as_tensor(x, dtype=torch.float64).to(dev, non_blocking=True)
         mask_dev = torch.as_tensor(mask, dtype=torch.bool).to(dev, non_blocking=True)
@@ -248,11 +260,13 @@ class Detector:
             out_anom[idx] = out.is_anomaly
             out_contrib[idx] = out.contributions
             out_valid[idx] = out.valid
+            out_view[idx] = out.view
         return BatchResult(
             out_surprise.cpu().numpy(),
             out_score.cpu().numpy(),
             out_anom.cpu().numpy(),
             out_contrib.cpu().numpy(),
             out_valid.cpu().numpy(),
+            out_view.cpu().numpy(),
             len(waves),
         )

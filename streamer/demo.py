@@ -78,7 +78,7 @@ def _view(metrics: Metrics, tail: AlertTail, rate: float, port: int, bootstrap: 
     alerts.add_column("what", no_wrap=True, overflow="ellipsis", ratio=1)
     for a in tail.recent:
         when = datetime.fromtimestamp(a["ts"] / 1000).strftime("%Y-%m-%d %H:%M:%S")
-        what = f"feature {a['top_feature']}" if a.get("kind") == "sensor" else f"log: {a.get('line', '')[:60]}"
+        what = f"feature {a['top_feature']} ({a.get('view')})" if a.get("kind") == "sensor" else f"log: {a.get('line', '')[:60]}"
         alerts.add_row(a["stream"], when, f"{a['score']:.3f}", f"{a['surprise']:.1f}", what)
     footer = f"broker {bootstrap} · metrics http://127.0.0.1:{port}/metrics · running {elapsed:,.0f}s · Ctrl-C stops"
     return Group(Panel(stats, title="streamer demo"), alerts, footer)

@@ -21,7 +21,7 @@ import numpy as np
 import orjson
 import torch
 
-from models.detector import Detector
+from models.detector import VIEWS, Detector
 from streamer.config import Config
 from streamer.decode import Decoder
 from streamer.health import LoopHealth
@@ -350,6 +350,7 @@ class Runner:
         score = res.score.tolist()
         anomaly = res.is_anomaly.tolist()
         contrib = res.contributions.tolist()
+        view = [VIEWS[v] if ok else None for v, ok in zip(res.view.tolist(), res.valid.tolist())]
         ts = dec.ts_ms.tolist()
         out: list[OutRecord] = []
         schemas = self.decoder.schemas
@@ -371,6 +372,7 @@ class Runner:
                 "score": score[j],
                 "is_anomaly": anomaly[j],
                 "top_feature": names[top[j]] if top[j] >= 0 else None,
+                "view": view[j],
                 "contributions": dict(zip(names, contrib[j][:k])),
                 "model_version": version,
             }

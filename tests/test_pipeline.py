@@ -9,7 +9,7 @@ import orjson
 import torch
 from conftest import DaemonThread, event, make_config, produce, read_all, scores_of
 
-from models.detector import Detector
+from models.detector import VIEWS, Detector
 
 N_STREAMS = 300
 EVENTS_PER_STREAM = 20
@@ -115,8 +115,11 @@ def test_score_record_fields(broker, topics, state_dir):
         daemon.wait_scored(len(records))
     out = scores_of(read_all(broker, topics["scores"], expect=len(records)))
     last = [r for r in out if r["stream"] == "pump-7"][-1]
-    assert set(last) >= {"stream", "ts", "topic", "partition", "offset", "surprise", "score", "is_anomaly", "top_feature", "contributions"}
+    fields = {"stream", "ts", "topic", "partition", "offset", "surprise", "score", "is_anomaly", "top_feature", "view", "contributions"}
+    assert set(last) >= fields
     assert 0.0 <= last["score"] <= 1.0
+    assert last["view"] in VIEWS
+    assert next(r["view"] for r in out if r["stream"] == "pump-7") is None  # nothing to compare the first event with
     assert last["top_feature"] in ("temp", "rpm")
     assert set(last["contributions"]) == {"rpm", "temp"}
     keyed = [r for r in out if r["stream"] == "sensor-9"]
