@@ -31,6 +31,8 @@ from streamer.state import TP, SlotTable, Snapshot, SnapshotStore
 from streamer.transport import OutRecord, Polled, SendError, Transport
 
 log = logging.getLogger(__name__)
+# Score records name the deciding view; the extra None is for events with nothing to compare.
+_VIEW_NAMES = np.array([*VIEWS, None], dtype=object)
 
 
 class Runner:
@@ -350,7 +352,7 @@ class Runner:
         score = res.score.tolist()
         anomaly = res.is_anomaly.tolist()
         contrib = res.contributions.tolist()
-        view = [VIEWS[v] if ok else None for v, ok in zip(res.view.tolist(), res.valid.tolist())]
+        view = _VIEW_NAMES[np.where(res.valid, res.view, len(VIEWS))].tolist()
         ts = dec.ts_ms.tolist()
         out: list[OutRecord] = []
         schemas = self.decoder.schemas
