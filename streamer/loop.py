@@ -339,7 +339,7 @@ class Runner:
         m.wavefronts.observe(stats["wavefronts"])
         m.scored.inc(stats["scored"])
         m.replayed.inc(stats["replayed"])
-        m.anomalies.inc(stats["anomalies"])
+        m.anomalies.labels("log").inc(stats["anomalies"])
         m.event_lag.observe_many((self.clock() * 1000.0 - stats["ts_ms"]) / 1000.0, stats["streams"])
         m.scores.observe_many(stats["scores"], stats["streams"])
         m.active_streams.set(self._stream_count())
@@ -383,7 +383,10 @@ class Runner:
             out.append(OutRecord(topics.scores, key, value))
             if anomaly[j]:
                 out.append(OutRecord(topics.alerts, key, value))
-        self.metrics.anomalies.inc(int(res.is_anomaly[emitted].sum()))
+        flagged = np.bincount(res.view[res.is_anomaly & emitted], minlength=len(VIEWS))
+        for name, count in zip(VIEWS, flagged.tolist()):
+            if count:
+                self.metrics.anomalies.labels(name).inc(count)
         return out
 
     def _send(self, outputs: list[OutRecord]) -> bool:

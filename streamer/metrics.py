@@ -28,6 +28,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Exemplar
 
+from models.detector import VIEWS
 from streamer.decode import REASONS
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -35,6 +36,8 @@ LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.
 # The score is -log10(p)/6: sixths are decades of p (0.5 = p <= 1e-3, the default threshold).
 SCORE_BUCKETS = (0.1, 1 / 6, 0.25, 2 / 6, 0.5, 4 / 6, 0.75, 5 / 6, 1.0)
 BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 50000)
+# streamer_anomalies_total's `view` label: four fixed values for sensor events, one for logs.
+ANOMALY_VIEWS = (*VIEWS, "log")
 
 
 class BulkHistogram(Collector):
@@ -107,7 +110,14 @@ class Metrics:
         self.dead_letters = Counter("streamer_dead_letters", "Input records sent to the dead-letter topic.", ["reason"], registry=r)
         for reason in REASONS:
             self.dead_letters.labels(reason)
-        self.anomalies = Counter("streamer_anomalies", "Events flagged as anomalous.", registry=r)
+        self.anomalies = Counter(
+            "streamer_anomalies",
+            "Events flagged as anomalous, by what flagged them: the deciding view of a sensor event, or log.",
+            ["view"],
+            registry=r,
+        )
+        for view in ANOMALY_VIEWS:
+            self.anomalies.labels(view)
         self.output_records = Counter("streamer_output_records", "Records acknowledged by the broker.", ["topic"], registry=r)
         self.send_failures = Counter("streamer_send_failures", "Output batches not acknowledged (then resent).", registry=r)
         self.commit_failures = Counter("streamer_commit_failures", "Offset commits rejected by the group coordinator.", registry=r)

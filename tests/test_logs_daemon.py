@@ -46,6 +46,7 @@ def test_raw_and_json_log_topics_are_scored(broker, topics, state_dir):
     assert panic["line"].startswith("kernel panic") and panic["new_template"]
     assert panic["expected_template"] is not None and "<*>" in panic["expected_template"]
     assert panic["is_anomaly"], panic
+    assert daemon.metrics.anomalies.labels("log")._value.get() == sum(r["is_anomaly"] for r in scores)
     assert panic["score"] == max(r["score"] for r in web[30:])
     assert {r["template"] for r in api} == {"GET <*> 200 in <*> ms"} or len({r["template_id"] for r in api}) <= 3
     dead = read_all(broker, topics["dead"], expect=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import urllib.request
+from collections import Counter
 
 import numpy as np
 import orjson
@@ -64,6 +65,10 @@ def test_every_event_scored_once_and_matches_offline_replay(broker, topics, stat
     keys = {(r["partition"], r["offset"]) for r in out}
     assert len(keys) == n, "an input offset was scored twice or not at all"
     assert int(daemon.metrics.scored._value.get()) == n
+    flagged = Counter(r["view"] for r in out if r["is_anomaly"])
+    for view in VIEWS:  # every label exists from the start; each counts the alerts its view decided
+        assert f'streamer_anomalies_total{{view="{view}"}}' in body
+        assert daemon.metrics.anomalies.labels(view)._value.get() == flagged.get(view, 0)
 
     # Batches really were multi-stream wavefronts, not one event at a time.
     assert daemon.metrics.wavefronts._sum.get() < n / 2
@@ -109,6 +114,7 @@ def test_every_event_scored_once_and_matches_offline_replay(broker, topics, stat
 
 def test_score_record_fields(broker, topics, state_dir):
     records = [(b"k-1", event("pump-7", 1_732_190_000_000 + i, {"temp": 70.0 + i % 3, "rpm": 1480.0 + i})) for i in range(30)]
+    records.append((b"k-1", event("pump-7", 1_732_190_000_030, {"temp": 500.0, "rpm": 1510.0})))  # overheating
     records.append((b"sensor-9", b'{"ts": "2024-11-21T12:00:00Z", "value": 3.5}'))  # stream from the key, ISO ts
     produce(broker, topics["input"], records)
     with DaemonThread(make_config(broker, topics, state_dir)) as daemon:
@@ -120,7 +126,11 @@ def test_score_record_fields(broker, topics, state_dir):
     assert 0.0 <= last["score"] <= 1.0
     assert last["view"] in VIEWS
     assert next(r["view"] for r in out if r["stream"] == "pump-7") is None  # nothing to compare the first event with
-    assert last["top_feature"] in ("temp", "rpm")
+    assert last["is_anomaly"] and last["top_feature"] == "temp"
     assert set(last["contributions"]) == {"rpm", "temp"}
+    flagged = Counter(r["view"] for r in out if r["is_anomaly"])
+    assert flagged[last["view"]] >= 1
+    for view in VIEWS:  # the anomaly counter's label is the view that decided each alert
+        assert daemon.metrics.anomalies.labels(view)._value.get() == flagged.get(view, 0)
     keyed = [r for r in out if r["stream"] == "sensor-9"]
     assert len(keyed) == 1 and keyed[0]["ts"] == 1_732_190_400_000

@@ -533,9 +533,12 @@ def overview() -> Json:
     b.row("Anomalies")
     b.timeseries(
         "Anomalies per second",
-        "Events flagged (score at or above detector.threshold, past warm-up), per second.",
+        "Events flagged (score at or above detector.threshold, past warm-up), per second, by what flagged them: for "
+        "sensor events the view with the smallest tail probability (prediction: the next value given the recent past; "
+        "time_of_day: unusual for this hour; recent_level: outside the last ~30 events; recent_mean: the average has "
+        "moved lately), log for log lines.",
         "cps",
-        targets((f"sum({rate('streamer_anomalies_total')})", "anomalies")),
+        targets((f"sum by (view) ({rate('streamer_anomalies_total')})", "{{view}}")),
     )
     b.timeseries(
         "Anomaly share of scored events",
