@@ -52,6 +52,22 @@ SHIFT_CLIP = 3.0  # a reading moves it as if it were at most this many long-run 
 PROFILE_VAR_SHARE = 0.001  # the profile's variance is never below 0.1% of the stream's variance
 
 
+def averaging_rate(n: torch.Tensor, floor: float) -> torch.Tensor:
+    """Weight of the next reading in a running average over n earlier ones: 1/(n+1) (the exact
+    average, so a cold start is not remembered as if it were history) until that falls to
+    `floor`, then an exponential window of about 1/floor events."""
+    return torch.clamp(1.0 / (n + 1.0), min=floor)
+
+
+def running_mean_var(
+    mean: torch.Tensor, var: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, where: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance after x at rate alpha where `where` (exponentially weighted, exact for
+    alpha = 1/(n+1)); unchanged elsewhere."""
+    d = x - mean
+    return torch.where(where, mean + alpha * d, mean), torch.where(where, (1.0 - alpha) * (var + alpha * d * d), var)
+
+
 def hour_of_day(ts_ms: torch.Tensor) -> torch.Tensor:
     """[B] int64 epoch milliseconds to the profile bin of each event."""
     return torch.remainder(ts_ms, DAY_MS) * PROFILE_BINS // DAY_MS
@@ -122,7 +138,7 @@ def mix_update(
     e2 = errors * errors + floor_var.unsqueeze(2)
     first = has_pred & ~ready
     step = ready & learn
-    alpha = torch.clamp(1.0 / (n - 1.0).clamp(min=1.0), min=MIX_ALPHA)
+    alpha = averaging_rate((n - 2.0).clamp(min=0.0), MIX_ALPHA)  # the first prediction comes with the third event
     mse = torch.where(first.unsqueeze(2), e2, state["mix_mse"])
     mse = torch.where(step.unsqueeze(2), (1.0 - alpha.unsqueeze(2)) * mse + alpha.unsqueeze(2) * e2, mse)
     var = torch.where(first, e2.mean(dim=2), state["mix_var"])
@@ -140,10 +156,7 @@ def level_q(state: dict[str, torch.Tensor], x: torch.Tensor, mask: torch.Tensor,
 
 def level_update(state: dict[str, torch.Tensor], x: torch.Tensor, n: torch.Tensor, learn: torch.Tensor) -> dict[str, torch.Tensor]:
     """The recent level after x where `learn`: exact averages for the first 1/LEVEL_ALPHA events."""
-    alpha = torch.clamp(1.0 / (n + 1.0), min=LEVEL_ALPHA)
-    d = x - state["lvl_mean"]
-    m = torch.where(learn, state["lvl_mean"] + alpha * d, state["lvl_mean"])
-    v = torch.where(learn, (1.0 - alpha) * (state["lvl_var"] + alpha * d * d), state["lvl_var"])
+    m, v = running_mean_var(state["lvl_mean"], state["lvl_var"], x, averaging_rate(n, LEVEL_ALPHA), learn)
     return {"lvl_mean": m, "lvl_var": v}
 
 
@@ -167,6 +180,6 @@ def shift_update(
     (`mean`, `std`; from the third event on), so one spike that was not flagged moves the recent
     mean by a fraction of a deviation instead of making the next ~10 ordinary readings look like
     a shift; a real shift is made of many readings and moves it all the same."""
-    alpha = torch.clamp(1.0 / (n + 1.0), min=SHIFT_ALPHA)
+    alpha = averaging_rate(n, SHIFT_ALPHA)
     x = torch.where(n >= 2, torch.minimum(torch.maximum(x, mean - SHIFT_CLIP * std), mean + SHIFT_CLIP * std), x)
     return {"shift_mean": torch.where(learn, state["shift_mean"] + alpha * (x - state["shift_mean"]), state["shift_mean"])}

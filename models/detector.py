@@ -15,7 +15,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.adapt import hour_of_day, level_q, level_update, mix, mix_update, profile_lookup, profile_update, shift_q, shift_update
+from models.adapt import (
+    averaging_rate,
+    hour_of_day,
+    level_q,
+    level_update,
+    mix,
+    mix_update,
+    profile_lookup,
+    profile_update,
+    running_mean_var,
+    shift_q,
+    shift_update,
+)
 from models.calibration import TAIL_THRESHOLD, CalibrationConfig, combine_scores, learn_tail, tail_log10_p, tail_weight
 from models.gru import StreamGRU, gaussian_nll
 from models.state import StateBank
@@ -100,10 +112,7 @@ def advance(
 
     # Online normaliser: exact mean/variance at first, exponential window later.
     n_new = torch.where(mask, n + 1, n)
-    alpha = torch.clamp(1.0 / n_new.clamp(min=1.0), min=cfg.norm_alpha)
-    delta = x - mean
-    mean_new = torch.where(mask, mean + alpha * delta, mean)
-    var_new = torch.where(mask, (1.0 - alpha) * (var + alpha * delta * delta), var)
+    mean_new, var_new = running_mean_var(mean, var, x, averaging_rate(n, cfg.norm_alpha), mask)
     z_in = (x - mean_new) / _std(cfg.rel_std_floor, cfg.abs_std_floor, mean_new, var_new)
     z_in = torch.where(mask, z_in, torch.zeros_like(z_in)).float()
 
