@@ -50,6 +50,10 @@ LEVEL_ALPHA = 0.03  # the recent level follows the last ~30 events
 SHIFT_ALPHA = 0.1  # the recent mean follows the last ~10 events
 SHIFT_CLIP = 3.0  # a reading moves it as if it were at most this many long-run deviations away
 PROFILE_VAR_SHARE = 0.001  # the profile's variance is never below 0.1% of the stream's variance
+# The normaliser learns a reading as if it were at most this many deviations from its mean, once
+# it rests on NORM_CLIP_AFTER readings (see `clip_around`).
+NORM_CLIP = 20.0
+NORM_CLIP_AFTER = 30
 
 
 def averaging_rate(n: torch.Tensor, floor: float) -> torch.Tensor:
@@ -66,6 +70,17 @@ def running_mean_var(
     alpha = 1/(n+1)); unchanged elsewhere."""
     d = x - mean
     return torch.where(where, mean + alpha * d, mean), torch.where(where, (1.0 - alpha) * (var + alpha * d * d), var)
+
+
+def clip_around(x: torch.Tensor, centre: torch.Tensor, spread: torch.Tensor, k: float, where: torch.Tensor) -> torch.Tensor:
+    """x limited to centre +- k * spread where `where` (a winsorised update).
+
+    Statistics that every reading updates are clipped so that one absurd reading cannot own
+    them: unclipped, a glitch of 10^6 deviations multiplies the normaliser's variance by about
+    10^9 and leaves the stream blind for tens of thousands of events, while a real change of
+    level is made of many readings and still moves a clipped average (each one moves it by the
+    clip, which grows with the spread it widens)."""
+    return torch.where(where, torch.minimum(torch.maximum(x, centre - k * spread), centre + k * spread), x)
 
 
 def hour_of_day(ts_ms: torch.Tensor) -> torch.Tensor:
@@ -181,5 +196,5 @@ def shift_update(
     mean by a fraction of a deviation instead of making the next ~10 ordinary readings look like
     a shift; a real shift is made of many readings and moves it all the same."""
     alpha = averaging_rate(n, SHIFT_ALPHA)
-    x = torch.where(n >= 2, torch.minimum(torch.maximum(x, mean - SHIFT_CLIP * std), mean + SHIFT_CLIP * std), x)
+    x = clip_around(x, mean, std, SHIFT_CLIP, n >= 2)
     return {"shift_mean": torch.where(learn, state["shift_mean"] + alpha * (x - state["shift_mean"]), state["shift_mean"])}

@@ -31,6 +31,7 @@ class CalibrationConfig:
     window: int = 1000  # events of history the histogram remembers (exponential decay)
     tail_slope: float = 3.0  # beyond the largest surprise seen: p falls as q^-tail_slope
     flagged_weight: float = 0.1  # a flagged event counts this much in the surprise history
+    flagged_reach: int = 8  # ...and is recorded at most this many bins above the history's top
 
     def __post_init__(self) -> None:
         if self.warmup < 0:
@@ -45,6 +46,8 @@ class CalibrationConfig:
             raise ValueError("window must be >= 2")
         if not 0.0 < self.flagged_weight <= 1.0:
             raise ValueError("flagged_weight must be in (0, 1]")
+        if self.flagged_reach < 0:
+            raise ValueError("flagged_reach must be >= 0")
 
 
 TAIL_THRESHOLD = 0.5
@@ -55,6 +58,15 @@ HIST_BINS = 64
 HIST_LO = -12.0
 HIST_HI = 12.0
 HIST_PRIOR = 1.0
+# A bin is part of the history while it holds at least this share of one event: a decayed trace
+# of an old spike (a flagged one at 1/10 weight falls below it ~2,300 events later) no longer
+# sets the top from which the tail is extrapolated, so one glitch does not cap later scores.
+HIST_OCCUPIED = 0.01
+
+
+def _top_bin(h: torch.Tensor) -> torch.Tensor:
+    """Highest bin of each history holding at least HIST_OCCUPIED, -1 where none does."""
+    return torch.where(h >= HIST_OCCUPIED, torch.arange(HIST_BINS, device=h.device), -1).max(dim=-1).values
 
 
 def tail_log10_p(cfg: CalibrationConfig, sq: torch.Tensor, hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,8 +97,7 @@ def tail_log10_p(cfg: CalibrationConfig, sq: torch.Tensor, hist: torch.Tensor) -
     # of the highest occupied bin. Added to the history's own count (not used only where that
     # count is zero), it also ranks events in the open-ended last bin, which would otherwise cap
     # every surprise above e^HIST_HI at one p once the stream has had one such event.
-    occupied = h > 1e-9
-    top = torch.where(occupied, torch.arange(HIST_BINS, device=h.device), -1).max(dim=-1).values
+    top = _top_bin(h)
     top_edge = HIST_LO + (top + 1).double() * width
     excess = torch.where(top >= 0, (lq - top_edge).clamp(min=0.0), 0.0)
     log_tail = math.log(HIST_PRIOR) - cfg.tail_slope * excess
@@ -94,9 +105,16 @@ def tail_log10_p(cfg: CalibrationConfig, sq: torch.Tensor, hist: torch.Tensor) -
     return -log_p / math.log(10.0), b
 
 
-def learn_tail(cfg: CalibrationConfig, hist: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def learn_tail(cfg: CalibrationConfig, hist: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, flagged: torch.Tensor) -> torch.Tensor:
     """The histograms [..., HIST_BINS] after adding bin b [...] with `weight` [...] in [0, 1]
-    (older counts decay first, by as much as `weight` events would decay them)."""
+    (older counts decay first, by as much as `weight` events would decay them).
+
+    Where `flagged` [...], the event is recorded at most `flagged_reach` bins above the history's
+    top (8 bins: a factor of e^3 in surprise). The history learns that something far beyond its
+    range happened, not how far: recorded at its full size, one enormous glitch would sit above
+    every later anomaly of ordinary size and cap their scores for as long as it is remembered."""
+    top = _top_bin(hist.double())
+    b = torch.where(flagged & (top >= 0), torch.minimum(b, top + cfg.flagged_reach), b)
     decay = (1.0 - 1.0 / cfg.window) ** weight.to(hist.dtype)
     new = hist * decay[..., None]
     bump = torch.zeros_like(new).scatter_(-1, b[..., None], weight.to(new.dtype)[..., None])

@@ -16,7 +16,10 @@ import numpy as np
 import torch
 
 from models.adapt import (
+    NORM_CLIP,
+    NORM_CLIP_AFTER,
     averaging_rate,
+    clip_around,
     hour_of_day,
     level_q,
     level_update,
@@ -49,6 +52,11 @@ class StepOutput:
 # The four views of an event, as score records name them, and the state's surprise histograms
 # they are ranked against, in the same order.
 VIEWS = ("prediction", "time_of_day", "recent_level", "recent_mean")
+# Largest magnitude of a reading the core accepts. State keeps squared deviations in float32 (a
+# feature's variance at each hour), which overflows past ~1.8e19: a larger finite reading would
+# turn a stream's state into infinities for good. No real sensor reads 1e18 in a sensible unit,
+# so the daemon dead-letters such values (reason `out_of_range`) before they get here.
+MAX_ABS_VALUE = 1e18
 CAL_HISTS = ("cal_hist", "cal_hist_prof", "cal_hist_lvl", "cal_hist_shift")
 
 
@@ -109,10 +117,13 @@ def advance(
     # Online adaptation skips the events the stream has just flagged.
     learn = mask & ~is_anomaly[:, None]
     cal_weight = tail_weight(cal, steps, valid, is_anomaly)
+    flagged_b = is_anomaly[:, None].expand_as(bins)
 
-    # Online normaliser: exact mean/variance at first, exponential window later.
+    # Online normaliser: exact mean/variance at first, exponential window later; winsorised, so
+    # a glitch does not blind the stream.
     n_new = torch.where(mask, n + 1, n)
-    mean_new, var_new = running_mean_var(mean, var, x, averaging_rate(n, cfg.norm_alpha), mask)
+    x_norm = clip_around(x, mean, std, NORM_CLIP, n >= NORM_CLIP_AFTER)
+    mean_new, var_new = running_mean_var(mean, var, x_norm, averaging_rate(n, cfg.norm_alpha), mask)
     z_in = (x - mean_new) / _std(cfg.rel_std_floor, cfg.abs_std_floor, mean_new, var_new)
     z_in = torch.where(mask, z_in, torch.zeros_like(z_in)).float()
 
@@ -144,7 +155,7 @@ def advance(
         # normaliser's zero.)
         **profile_update(state, hour, x, torch.where(n > 0, p_mean, x), p_var_raw, learn),
         **mix_update(state, errors, r, floor_var, ready, has_pred, learn, n),
-        **dict(zip(CAL_HISTS, learn_tail(cal, hists, bins, cal_weight[:, None].expand_as(bins)).unbind(1))),
+        **dict(zip(CAL_HISTS, learn_tail(cal, hists, bins, cal_weight[:, None].expand_as(bins), flagged_b).unbind(1))),
         **level_update(state, x, n, mask),
         **shift_update(state, x, n, learn, mean, std),
         "steps": steps + 1,
@@ -153,7 +164,8 @@ def advance(
     # scales differ (a recent-mean shift of 50 is extreme where a prediction error of 50 may be
     # routine), so features are compared within that one view.
     view = lp.argmax(dim=1)
-    contributions = per_feature.gather(1, view[:, None, None].expand(-1, 1, per_feature.shape[2])).squeeze(1).float()
+    contributions = per_feature.gather(1, view[:, None, None].expand(-1, 1, per_feature.shape[2])).squeeze(1)
+    contributions = contributions.clamp(max=torch.finfo(torch.float32).max).float()  # ~1e48 after a flat stream jumps
     return new_state, StepOutput(surprise, score, is_anomaly, contributions, valid, nll, view)
 
 
@@ -232,7 +244,12 @@ class Detector:
     @torch.no_grad()
     def process(self, slots: np.ndarray, x: np.ndarray, mask: np.ndarray, ts_ms: np.ndarray | None = None) -> BatchResult:
         """Step every event once, in order per slot. slots: int [N]; x: float [N, F]; mask: bool
-        [N, F]; ts_ms: int [N] event times in epoch milliseconds (None: no time of day)."""
+        [N, F]; ts_ms: int [N] event times in epoch milliseconds (None: no time of day). Present
+        values must be finite with magnitude <= MAX_ABS_VALUE (ValueError otherwise: one bad
+        value would corrupt its stream's state, and the caller knows which event it was)."""
+        present = np.asarray(x)[np.asarray(mask, dtype=bool)]
+        if present.size and not np.abs(present).max() <= MAX_ABS_VALUE:  # (also catches NaN)
+            raise ValueError(f"readings must be finite with magnitude <= {MAX_ABS_VALUE:g}")
         n = len(slots)
         f = self.max_features
         dev = self.device

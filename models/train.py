@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from models.calibration import CalibrationConfig
-from models.detector import advance
+from models.detector import MAX_ABS_VALUE, advance
 from models.gru import ModelConfig, StreamGRU
 from models.state import empty_state
 from models.synthetic import univariate_batch
@@ -43,8 +43,8 @@ def _sequence_loss(model: StreamGRU, series: torch.Tensor, cfg: TrainConfig) -> 
     b, t = series.shape
     cal = CalibrationConfig()
     state = empty_state(model.config, b, features=1)
-    present = torch.isfinite(series)
-    series = torch.nan_to_num(series)
+    present = torch.isfinite(series) & (series.abs() <= MAX_ABS_VALUE)  # anything else: absent
+    series = torch.where(present, series, torch.zeros_like(series))
     total = torch.zeros((), dtype=torch.float64)
     count = 0.0
     for start in range(0, t, cfg.tbptt):

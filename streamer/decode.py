@@ -2,7 +2,7 @@
 
 JSON parsing is the one unavoidable per-event Python step, so it is kept to a single pass with
 orjson and every check is a cheap type test. Anything the detector could not score (bad JSON,
-no stream id, a value that is not a finite number, a feature set other than the stream's) is
+no stream id, a value that is not a finite number or is too large to hold, a feature set other than the stream's) is
 sent back with a reason instead of raising, so one bad producer cannot stop the daemon.
 """
 
@@ -17,6 +17,11 @@ from typing import Any
 import numpy as np
 import orjson
 
+from models.detector import MAX_ABS_VALUE
+
+# Timestamps travel as int64 epoch milliseconds.
+TS_MIN, TS_MAX = -(2**63), 2**63 - 1
+
 # Dead-letter reasons; the metric label and the `streamer.reason` header use these strings.
 REASONS = (
     "oversized",
@@ -28,6 +33,7 @@ REASONS = (
     "missing_values",
     "non_numeric",
     "non_finite",
+    "out_of_range",
     "too_many_features",
     "schema_mismatch",
 )
@@ -61,6 +67,8 @@ def parse_ts(raw: Any, fallback_ms: int) -> int:
     if isinstance(raw, (int, float)):
         if not math.isfinite(raw):
             raise Rejected("invalid_timestamp", "ts is not finite")
+        if not TS_MIN <= raw <= TS_MAX:
+            raise Rejected("invalid_timestamp", "ts is out of the int64 epoch-milliseconds range")
         return int(raw)
     if isinstance(raw, str):
         try:
@@ -135,6 +143,8 @@ class Decoder:
             v = float(v)
             if not math.isfinite(v):
                 raise Rejected("non_finite", f"value of {name!r} is not finite")
+            if abs(v) > MAX_ABS_VALUE:
+                raise Rejected("out_of_range", f"value of {name!r} has magnitude above {MAX_ABS_VALUE:g}")
             nums.append(v)
         schema = self.schemas.get(stream)
         if schema is None:

@@ -209,3 +209,20 @@ def test_a_recent_mean_far_from_the_long_run_alone_is_flagged(one_torch_thread):
     assert res.is_anomaly[0], res.score[0]
     expected = 25.0 / (long_var * SHIFT_ALPHA / (2 - SHIFT_ALPHA))
     assert res.contributions[0, 0] == pytest.approx(expected, rel=0.01)
+
+
+def test_one_glitch_does_not_blind_the_stream(one_torch_thread):
+    """A reading 10^12 deviations out (a unit mix-up, a counter wrap) is flagged, and a 10-sigma
+    spike 3,000 events later is flagged again. Unclipped, the glitch multiplied the normaliser's
+    variance by ~10^21 (every later reading looked calm for ~50,000 events), and the calibration
+    history kept it as its top for ~18,000: each capped later scores below the threshold. Now the
+    normaliser learns it as a 20-deviation reading, and the history records it 8 bins above its
+    top and lets the trace go after ~2,300 events."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(0.0, 1.0, 4200)
+    x[1100] = 1e12
+    x[4100] = 10.0
+    det, res = _run(x, None, warmup=100)
+    assert res.is_anomaly[1100] and res.is_anomaly[4100], (res.score[1100], res.score[4100])
+    assert res.is_anomaly.sum() <= 4, np.flatnonzero(res.is_anomaly)
+    assert float(det.bank.tensors["norm_var"][0, 0]) < 2.0

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models.calibration import TAIL_THRESHOLD, CalibrationConfig
-from models.detector import Detector, wavefronts
+from models.detector import MAX_ABS_VALUE, Detector, wavefronts
 from models.gru import DEFAULT_WEIGHTS, ModelConfig, StreamGRU, load_checkpoint, save_checkpoint
 
 
@@ -66,6 +66,30 @@ def test_scores_bounded_and_nothing_flagged_during_warmup():
     assert np.isfinite(res.surprise).all()
     assert not res.is_anomaly[:50].any()
     assert res.is_anomaly[50:].any()  # threshold 0.2 (p <= 0.06) flags plenty once warm
+
+
+def test_readings_at_the_range_limit_keep_the_state_finite():
+    """The daemon dead-letters readings beyond MAX_ABS_VALUE; everything up to it must keep
+    scores, explanations and state finite, including a flat stream that jumps by the limit
+    (its squared deviation, ~1e48 against the noise floor, overflowed the float32 explanation)."""
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    det = Detector(model, CalibrationConfig(warmup=10))
+    n = 300
+    x = np.zeros((n, 8))
+    x[200, 0] = MAX_ABS_VALUE
+    x[::2, 1] = -MAX_ABS_VALUE
+    x[1::2, 1] = MAX_ABS_VALUE
+    x[:, 2] = MAX_ABS_VALUE * np.random.default_rng(0).uniform(-1, 1, n)
+    mask = np.zeros_like(x, dtype=bool)
+    mask[:, :3] = True
+    res = det.process(np.zeros(n, dtype=np.int64), x, mask)
+    assert np.isfinite(res.score).all() and np.isfinite(res.contributions).all() and np.isfinite(res.surprise).all()
+    assert res.is_anomaly[200] and res.top_feature(mask)[200] == 0
+    for name, t in det.bank.tensors.items():
+        if t.is_floating_point():
+            assert torch.isfinite(t).all(), name
+    with pytest.raises(ValueError, match="magnitude"):
+        det.process(np.zeros(1, dtype=np.int64), np.full((1, 8), 1e300), mask[:1])
 
 
 def test_absent_features_do_not_move_their_state():

@@ -13,18 +13,24 @@ BAD: dict[str, tuple[bytes | None, bytes]] = {
     "missing_values": (b"x", b'{"stream": "s-1", "ts": 1}'),
     "non_numeric": (b"x", b'{"stream": "s-1", "values": {"temp": "hot"}}'),
     "non_finite": (b"x", b'{"stream": "s-1", "values": {"temp": NaN}}'),
+    "out_of_range": (b"x", b'{"stream": "s-1", "values": {"temp": 1e300}}'),
     "too_many_features": (b"x", event("wide", 1, {f"f{i}": 1.0 for i in range(9)})),
     "schema_mismatch": (b"s-1", event("s-1", 1, {"pressure": 1.0})),
     "oversized": (b"x", event("s-1", 1, {"temp": 1.0}) + b" " * 5000),
 }
 EXTRA_NON_FINITE = [b'{"stream": "s-1", "values": {"temp": 1e999}}', b'{"stream": "s-1", "values": {"temp": -Infinity}}']
+# Timestamps that do not fit int64 milliseconds (these raised OverflowError and stopped the daemon).
+EXTRA_BAD_TS = [
+    b'{"stream": "s-1", "ts": 1e300, "values": {"temp": 1.0}}',
+    b'{"stream": "s-1", "ts": 9223372036854775808, "values": {"temp": 1.0}}',
+]
 
 
 def test_bad_input_is_dead_lettered_and_neighbours_scored(broker, topics, state_dir):
     records: list[tuple[bytes | None, bytes]] = []
     valid = 0
-    bad = [*BAD.values(), *((b"x", v) for v in EXTRA_NON_FINITE)]
-    for i in range(120):
+    bad = [*BAD.values(), *((b"x", v) for v in EXTRA_NON_FINITE + EXTRA_BAD_TS)]
+    for i in range(150):
         records.append((b"s-1", event("s-1", 1_000 + i, {"temp": 20.0 + (i % 7)})))
         valid += 1
         if i % 9 == 0 and bad:
@@ -35,7 +41,7 @@ def test_bad_input_is_dead_lettered_and_neighbours_scored(broker, topics, state_
     config = make_config(broker, topics, state_dir, input={"max_message_bytes": 2048})
     with DaemonThread(config) as daemon:
         daemon.wait_scored(valid)
-        n_bad = len(BAD) + len(EXTRA_NON_FINITE)
+        n_bad = len(BAD) + len(EXTRA_NON_FINITE) + len(EXTRA_BAD_TS)
         dead = read_all(broker, topics["dead"], expect=n_bad)
         for reason in BAD:
             assert daemon.metrics.dead_letters.labels(reason)._value.get() >= 1, reason
@@ -51,6 +57,7 @@ def test_bad_input_is_dead_lettered_and_neighbours_scored(broker, topics, state_
         by_reason.setdefault(headers["streamer.reason"].decode(), []).append(rec)
     assert set(by_reason) == set(BAD)
     assert len(by_reason["non_finite"]) == 3
+    assert len(by_reason["invalid_timestamp"]) == 3
 
     scores = scores_of(read_all(broker, topics["scores"], expect=valid))
     assert len(scores) == valid
