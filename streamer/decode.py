@@ -58,6 +58,14 @@ class Decoded:
     dead: list[tuple[int, str, str]] = field(default_factory=list)  # (position, reason, detail)
 
 
+def checked_ms(ms: int | float) -> int:
+    """ms as int epoch milliseconds, or rejected where int64 cannot hold it (numpy would raise
+    OverflowError for the whole batch)."""
+    if not TS_MIN <= ms <= TS_MAX:
+        raise Rejected("invalid_timestamp", "ts is out of the int64 epoch-milliseconds range")
+    return int(ms)
+
+
 def parse_ts(raw: Any, fallback_ms: int) -> int:
     """Epoch milliseconds from a number (ms) or an ISO-8601 string; fallback when absent."""
     if raw is None:
@@ -65,11 +73,9 @@ def parse_ts(raw: Any, fallback_ms: int) -> int:
     if isinstance(raw, bool):
         raise Rejected("invalid_timestamp", "ts must be epoch milliseconds or ISO-8601")
     if isinstance(raw, (int, float)):
-        if not math.isfinite(raw):
+        if isinstance(raw, float) and not math.isfinite(raw):  # (an int of 400 digits overflows isfinite)
             raise Rejected("invalid_timestamp", "ts is not finite")
-        if not TS_MIN <= raw <= TS_MAX:
-            raise Rejected("invalid_timestamp", "ts is out of the int64 epoch-milliseconds range")
-        return int(raw)
+        return checked_ms(raw)
     if isinstance(raw, str):
         try:
             dt = datetime.fromisoformat(raw.replace("Z", "+00:00"))
@@ -89,9 +95,16 @@ def _loads(raw: bytes) -> Any:
     # orjson refuses NaN, Infinity and 1e999; the stdlib parser accepts them, so such an event
     # is reported as non-finite rather than as broken JSON.
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as err:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise Rejected("invalid_json", f"not JSON: {err}") from None
+    # It also accepts lone surrogates ("\ud800"), which no output (a Kafka key, a score record)
+    # can encode later.
+    try:
+        json.dumps(obj, ensure_ascii=False).encode()
+    except UnicodeEncodeError as err:
+        raise Rejected("invalid_json", f"not valid UTF-8 text: {err.reason}") from None
+    return obj
 
 
 class Decoder:
@@ -140,7 +153,10 @@ class Decoder:
             v = values[name]
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise Rejected("non_numeric", f"value of {name!r} is not a number")
-            v = float(v)
+            try:
+                v = float(v)
+            except OverflowError:  # an integer of hundreds of digits
+                raise Rejected("out_of_range", f"value of {name!r} has magnitude above {MAX_ABS_VALUE:g}") from None
             if not math.isfinite(v):
                 raise Rejected("non_finite", f"value of {name!r} is not finite")
             if abs(v) > MAX_ABS_VALUE:

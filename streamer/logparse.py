@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from streamer.decode import Rejected, parse_ts
+from streamer.decode import Rejected, checked_ms, parse_ts
 
 REASONS = (
     "oversized",
@@ -106,14 +106,14 @@ def _generic_ts(raw: str, fallback_ms: int) -> int:
     s = raw.strip()
     if s.isdigit():
         v = int(s)
-        return v * 1000 if len(s) <= 10 else v
+        return checked_ms(v * 1000 if len(s) <= 10 else v)
     try:
         f = float(s)
     except ValueError:
         return parse_ts(s, fallback_ms)
     if not math.isfinite(f):
         raise Rejected("invalid_timestamp", "ts is not finite")
-    return int(f * 1000) if abs(f) < 1e11 else int(f)
+    return checked_ms(f * 1000 if abs(f) < 1e11 else f)
 
 
 def _strptime(fmt: str) -> Callable[[str, int], int]:

@@ -19,8 +19,11 @@ BAD: dict[str, tuple[bytes | None, bytes]] = {
     "oversized": (b"x", event("s-1", 1, {"temp": 1.0}) + b" " * 5000),
 }
 EXTRA_NON_FINITE = [b'{"stream": "s-1", "values": {"temp": 1e999}}', b'{"stream": "s-1", "values": {"temp": -Infinity}}']
-# Timestamps that do not fit int64 milliseconds (these raised OverflowError and stopped the daemon).
-EXTRA_BAD_TS = [
+# Each of these raised out of the decoder and stopped the daemon: timestamps that do not fit
+# int64 milliseconds, an integer too large for a float, a lone surrogate no output can encode.
+EXTRA_RAISED = [
+    b'{"stream": "s-1", "values": {"temp": 1' + b"0" * 400 + b"}}",
+    b'{"stream": "s-1\\ud800", "values": {"temp": 1.0}}',
     b'{"stream": "s-1", "ts": 1e300, "values": {"temp": 1.0}}',
     b'{"stream": "s-1", "ts": 9223372036854775808, "values": {"temp": 1.0}}',
 ]
@@ -29,8 +32,8 @@ EXTRA_BAD_TS = [
 def test_bad_input_is_dead_lettered_and_neighbours_scored(broker, topics, state_dir):
     records: list[tuple[bytes | None, bytes]] = []
     valid = 0
-    bad = [*BAD.values(), *((b"x", v) for v in EXTRA_NON_FINITE + EXTRA_BAD_TS)]
-    for i in range(150):
+    bad = [*BAD.values(), *((b"x", v) for v in EXTRA_NON_FINITE + EXTRA_RAISED)]
+    for i in range(180):
         records.append((b"s-1", event("s-1", 1_000 + i, {"temp": 20.0 + (i % 7)})))
         valid += 1
         if i % 9 == 0 and bad:
@@ -41,7 +44,7 @@ def test_bad_input_is_dead_lettered_and_neighbours_scored(broker, topics, state_
     config = make_config(broker, topics, state_dir, input={"max_message_bytes": 2048})
     with DaemonThread(config) as daemon:
         daemon.wait_scored(valid)
-        n_bad = len(BAD) + len(EXTRA_NON_FINITE) + len(EXTRA_BAD_TS)
+        n_bad = len(BAD) + len(EXTRA_NON_FINITE) + len(EXTRA_RAISED)
         dead = read_all(broker, topics["dead"], expect=n_bad)
         for reason in BAD:
             assert daemon.metrics.dead_letters.labels(reason)._value.get() >= 1, reason
@@ -58,6 +61,7 @@ def test_bad_input_is_dead_lettered_and_neighbours_scored(broker, topics, state_
     assert set(by_reason) == set(BAD)
     assert len(by_reason["non_finite"]) == 3
     assert len(by_reason["invalid_timestamp"]) == 3
+    assert len(by_reason["out_of_range"]) == 2 and len(by_reason["invalid_json"]) == 2
 
     scores = scores_of(read_all(broker, topics["scores"], expect=valid))
     assert len(scores) == valid

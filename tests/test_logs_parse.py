@@ -116,6 +116,9 @@ def test_rejections_carry_reasons_and_spare_the_rest():
         b"x" * 300,
         b'{"message": "m", "service": "a-very-long-service-name"}',
         b'{"message": "m", "service": "s", "ts": "yesterday"}',
+        # Beyond int64 milliseconds: these raised OverflowError for the whole batch.
+        b'{"message": "m", "service": "s", "ts": "99999999999999999999"}',
+        b'{"message": "m", "service": "s", "ts": 1e300}',
         b"Jun 14 15:16:01 combo sshd[1]: fine",
     ]
     res = _parse(parser, values)
@@ -129,11 +132,13 @@ def test_rejections_carry_reasons_and_spare_the_rest():
         "oversized",
         "invalid_stream",
         "invalid_timestamp",
+        "invalid_timestamp",
+        "invalid_timestamp",
     ]
     assert set(reasons) <= set(REASONS)
-    assert res.index.tolist() == [8] and res.stream == ["sshd"]
+    assert res.index.tolist() == [10] and res.stream == ["sshd"]
     sub = res.take(np.array([0]))
-    assert sub.index.tolist() == [8]
+    assert sub.index.tolist() == [10]
 
 
 def test_levels_and_bad_formats():
