@@ -69,7 +69,7 @@ def _top_bin(h: torch.Tensor) -> torch.Tensor:
     return torch.where(h >= HIST_OCCUPIED, torch.arange(HIST_BINS, device=h.device), -1).max(dim=-1).values
 
 
-def tail_log10_p(cfg: CalibrationConfig, sq: torch.Tensor, hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def tail_log10_p(cfg: CalibrationConfig, sq: torch.Tensor, hist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-log10 P(a surprise at least this large) under the stream's own decayed history.
 
     Model-based tails (chi-square, gamma) are wrong for real streams, whose surprise is a
@@ -81,7 +81,7 @@ def tail_log10_p(cfg: CalibrationConfig, sq: torch.Tensor, hist: torch.Tensor) -
 
     sq: float64 [...] a non-negative surprise statistic; hist: float32 [..., HIST_BINS] decayed
     counts (any leading shape, so several views of a batch are ranked in one call). Returns
-    (-log10 p [...], the bin of each sq [...]) for `learn_tail`.
+    (-log10 p [...], the bin of each sq [...], each history's top bin [...]) for `learn_tail`.
     """
     width = (HIST_HI - HIST_LO) / HIST_BINS
     lq = torch.log(sq.clamp(min=1e-30))
@@ -102,18 +102,19 @@ def tail_log10_p(cfg: CalibrationConfig, sq: torch.Tensor, hist: torch.Tensor) -
     excess = torch.where(top >= 0, (lq - top_edge).clamp(min=0.0), 0.0)
     log_tail = math.log(HIST_PRIOR) - cfg.tail_slope * excess
     log_p = torch.logaddexp(torch.log(above.clamp(min=0.0)), log_tail) - log_norm
-    return -log_p / math.log(10.0), b
+    return -log_p / math.log(10.0), b, top
 
 
-def learn_tail(cfg: CalibrationConfig, hist: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, flagged: torch.Tensor) -> torch.Tensor:
+def learn_tail(
+    cfg: CalibrationConfig, hist: torch.Tensor, b: torch.Tensor, weight: torch.Tensor, flagged: torch.Tensor, top: torch.Tensor
+) -> torch.Tensor:
     """The histograms [..., HIST_BINS] after adding bin b [...] with `weight` [...] in [0, 1]
     (older counts decay first, by as much as `weight` events would decay them).
 
     Where `flagged` [...], the event is recorded at most `flagged_reach` bins above the history's
-    top (8 bins: a factor of e^3 in surprise). The history learns that something far beyond its
+    top (`top` [...], as `tail_log10_p` found it; 8 bins: a factor of e^3 in surprise). The history learns that something far beyond its
     range happened, not how far: recorded at its full size, one enormous glitch would sit above
     every later anomaly of ordinary size and cap their scores for as long as it is remembered."""
-    top = _top_bin(hist.double())
     b = torch.where(flagged & (top >= 0), torch.minimum(b, top + cfg.flagged_reach), b)
     decay = (1.0 - 1.0 / cfg.window) ** weight.to(hist.dtype)
     new = hist * decay[..., None]

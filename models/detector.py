@@ -111,7 +111,7 @@ def advance(
     per_feature = torch.stack((q_mix, q_prof, q_lvl, q_shift), dim=1)  # [B, 4, F]
     views = per_feature.sum(dim=2)  # [B, 4]
     hists = torch.stack([state[k] for k in CAL_HISTS], dim=1)  # [B, 4, bins]: one call ranks all four
-    lp, bins = tail_log10_p(cal, views, hists)
+    lp, bins, tops = tail_log10_p(cal, views, hists)
     score = combine_scores(cal, lp, valid)
     is_anomaly = valid & (steps >= cal.warmup) & (score >= cal.threshold)
     # Online adaptation skips the events the stream has just flagged.
@@ -155,7 +155,7 @@ def advance(
         # normaliser's zero.)
         **profile_update(state, hour, x, torch.where(n > 0, p_mean, x), p_var_raw, learn),
         **mix_update(state, errors, r, floor_var, ready, has_pred, learn, n),
-        **dict(zip(CAL_HISTS, learn_tail(cal, hists, bins, cal_weight[:, None].expand_as(bins), flagged_b).unbind(1))),
+        **dict(zip(CAL_HISTS, learn_tail(cal, hists, bins, cal_weight[:, None].expand_as(bins), flagged_b, tops).unbind(1))),
         **level_update(state, x, n, mask),
         **shift_update(state, x, n, learn, mean, std),
         "steps": steps + 1,

@@ -153,15 +153,11 @@ class Decoder:
             v = values[name]
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise Rejected("non_numeric", f"value of {name!r} is not a number")
-            try:
-                v = float(v)
-            except OverflowError:  # an integer of hundreds of digits
-                raise Rejected("out_of_range", f"value of {name!r} has magnitude above {MAX_ABS_VALUE:g}") from None
-            if not math.isfinite(v):
+            if isinstance(v, float) and not math.isfinite(v):
                 raise Rejected("non_finite", f"value of {name!r} is not finite")
-            if abs(v) > MAX_ABS_VALUE:
+            if abs(v) > MAX_ABS_VALUE:  # (before float(): an int of hundreds of digits overflows it)
                 raise Rejected("out_of_range", f"value of {name!r} has magnitude above {MAX_ABS_VALUE:g}")
-            nums.append(v)
+            nums.append(float(v))
         schema = self.schemas.get(stream)
         if schema is None:
             if len(names) > self.max_features:

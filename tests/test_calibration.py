@@ -36,7 +36,8 @@ def test_event_weights_skip_warmup_and_discount_flags():
     hist = torch.zeros((3, HIST_BINS))
     hist[:, 5] = 10.0
     b = torch.tensor([7, 7, 7])
-    new = learn_tail(cal, hist, b, torch.tensor([0.0, 1.0, 0.1], dtype=torch.float64), torch.zeros(3, dtype=torch.bool))
+    _, _, top = tail_log10_p(cal, torch.ones(3, dtype=torch.float64), hist)
+    new = learn_tail(cal, hist, b, torch.tensor([0.0, 1.0, 0.1], dtype=torch.float64), torch.zeros(3, dtype=torch.bool), top)
     decay = 1.0 - 1.0 / cal.window
     torch.testing.assert_close(new[0], hist[0])  # weight 0: untouched, not even decayed
     assert math.isclose(float(new[1, 7]), 1.0) and math.isclose(float(new[1, 5]), 10.0 * decay, rel_tol=1e-6)
@@ -50,17 +51,20 @@ def test_flagged_events_are_remembered_as_beyond_the_range_not_how_far():
     hist[3, 30] = 0.005  # a decayed trace of an old spike: below HIST_OCCUPIED, not the top
     b = torch.tensor([40, 40, 9, 40])
     flagged = torch.tensor([False, True, True, True])
-    new = learn_tail(cal, hist, b, torch.ones(4, dtype=torch.float64), flagged)
+    _, _, top = tail_log10_p(cal, torch.ones(4, dtype=torch.float64), hist)  # the top as the step finds it
+    new = learn_tail(cal, hist, b, torch.ones(4, dtype=torch.float64), flagged, top)
     assert float(new[0, 40]) == 1.0  # a normal event lands in its own bin
     assert float(new[1, 13]) == 1.0 and float(new[1, 40]) == 0.0  # a flagged one 8 bins above the top
     assert float(new[2, 9]) == 1.0  # ... or in its own bin when that is lower
     assert float(new[3, 13]) == 1.0
-    empty = learn_tail(cal, torch.zeros((1, HIST_BINS)), torch.tensor([40]), torch.ones(1, dtype=torch.float64), torch.tensor([True]))
+    none = torch.zeros((1, HIST_BINS))
+    _, _, top = tail_log10_p(cal, torch.ones(1, dtype=torch.float64), none)
+    empty = learn_tail(cal, none, torch.tensor([40]), torch.ones(1, dtype=torch.float64), torch.tensor([True]), top)
     assert float(empty[0, 40]) == 1.0  # nothing to be beyond: its own bin
     # A trace below HIST_OCCUPIED counts as what it is (0.005 of an event above) but does not
     # move the tail's start to bin 30, which would put the prior's whole pseudo-event above.
     width = (HIST_HI - HIST_LO) / HIST_BINS
-    lp, _ = tail_log10_p(cal, torch.tensor([math.exp(HIST_LO + 10.5 * width)], dtype=torch.float64), hist[3:])
+    lp, _, _ = tail_log10_p(cal, torch.tensor([math.exp(HIST_LO + 10.5 * width)], dtype=torch.float64), hist[3:])
     tail = math.exp(-cal.tail_slope * 4.5 * width)  # from the upper edge of bin 5
     assert math.isclose(float(lp), -math.log10((0.005 + tail) / (10.005 + 2.0)), rel_tol=1e-6)
 
@@ -72,7 +76,7 @@ def test_surprises_beyond_the_histogram_range_still_rank_by_size():
     hist = torch.zeros(HIST_BINS)
     hist[20] = 500.0
     hist[-1] = 0.1
-    lp, _ = tail_log10_p(cal, torch.tensor([HIST_HI + 1.0, HIST_HI + 5.0], dtype=torch.float64).exp(), hist.expand(2, -1))
+    lp, _, _ = tail_log10_p(cal, torch.tensor([HIST_HI + 1.0, HIST_HI + 5.0], dtype=torch.float64).exp(), hist.expand(2, -1))
     # Half the last bin's count, plus the prior's power-law tail from the bin's upper edge.
     expected = [-math.log10((0.05 + math.exp(-cal.tail_slope * d)) / (500.1 + 2.0)) for d in (1.0, 5.0)]
     torch.testing.assert_close(lp, torch.tensor(expected, dtype=torch.float64), rtol=1e-6, atol=1e-9)
