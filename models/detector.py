@@ -32,6 +32,7 @@ from models.adapt import (
     shift_update,
 )
 from models.calibration import TAIL_THRESHOLD, CalibrationConfig, combine_scores, learn_tail, tail_log10_p, tail_weight
+from models.correlation import active_width, correlation_q, correlation_update, standardised_errors
 from models.gru import StreamGRU, gaussian_nll
 from models.state import StateBank
 
@@ -49,15 +50,15 @@ class StepOutput:
     view: torch.Tensor  # int64 [B]: index into VIEWS of the view with the smallest p
 
 
-# The four views of an event, as score records name them, and the state's surprise histograms
-# they are ranked against, in the same order.
-VIEWS = ("prediction", "time_of_day", "recent_level", "recent_mean")
+# The views of an event, as score records name them, and the state's surprise histograms they
+# are ranked against, in the same order. The last applies only to multi-feature events.
+VIEWS = ("prediction", "time_of_day", "recent_level", "recent_mean", "correlation")
 # Largest magnitude of a reading the core accepts. State keeps squared deviations in float32 (a
 # feature's variance at each hour), which overflows past ~1.8e19: a larger finite reading would
 # turn a stream's state into infinities for good. No real sensor reads 1e18 in a sensible unit,
 # so the daemon dead-letters such values (reason `out_of_range`) before they get here.
 MAX_ABS_VALUE = 1e18
-CAL_HISTS = ("cal_hist", "cal_hist_prof", "cal_hist_lvl", "cal_hist_shift")
+CAL_HISTS = ("cal_hist", "cal_hist_prof", "cal_hist_lvl", "cal_hist_shift", "cal_hist_corr")
 
 
 def _std(cfg_rel: float, cfg_abs: float, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
@@ -100,23 +101,29 @@ def advance(
     q_prof = torch.where(ready, e_prof * e_prof / p_var, torch.zeros_like(e_prof))
     q_lvl = level_q(state, x, mask, n, floor_var)
     q_shift = shift_q(state, mask, n, mean, var, floor_var)
+    z_mix = standardised_errors(r, state["mix_var"], ready)
+    corr_k = active_width(ready)
+    q_corr, corr_applies = correlation_q(state, z_mix, ready, corr_k)
     valid = ready.any(dim=1)
 
-    # Four views of how unusual the event is, each ranked against the stream's own history of
+    # Five views of how unusual the event is, each ranked against the stream's own history of
     # that view: the mixed prediction's error (the next value given the recent past and the
     # hour), the profile's alone (is this a normal reading for this hour at all), the
-    # distance from the recent level (is it outside what the stream did in the last ~30 events)
-    # and the shift of the recent mean (has the stream's average moved lately).
+    # distance from the recent level (is it outside what the stream did in the last ~30 events),
+    # the shift of the recent mean (has the stream's average moved lately) and, with two or
+    # more features, each feature's error given the others' (is one out of line with the rest).
     steps = state["steps"]
-    per_feature = torch.stack((q_mix, q_prof, q_lvl, q_shift), dim=1)  # [B, 4, F]
-    views = per_feature.sum(dim=2)  # [B, 4]
-    hists = torch.stack([state[k] for k in CAL_HISTS], dim=1)  # [B, 4, bins]: one call ranks all four
+    per_feature = torch.stack((q_mix, q_prof, q_lvl, q_shift, q_corr), dim=1)  # [B, 5, F]
+    views = per_feature.sum(dim=2)  # [B, 5]
+    applies = torch.cat((torch.ones_like(views[:, :-1], dtype=torch.bool), corr_applies[:, None]), dim=1)
+    hists = torch.stack([state[k] for k in CAL_HISTS], dim=1)  # [B, 5, bins]: one call ranks all five
     lp, bins, tops = tail_log10_p(cal, views, hists)
-    score = combine_scores(cal, lp, valid)
+    lp = torch.where(applies, lp, 0.0)
+    score = combine_scores(cal, lp, valid, applies)
     is_anomaly = valid & (steps >= cal.warmup) & (score >= cal.threshold)
     # Online adaptation skips the events the stream has just flagged.
     learn = mask & ~is_anomaly[:, None]
-    cal_weight = tail_weight(cal, steps, valid, is_anomaly)
+    cal_weight = torch.where(applies, tail_weight(cal, steps, valid, is_anomaly)[:, None], 0.0)  # [B, 5]
     flagged_b = is_anomaly[:, None].expand_as(bins)
 
     # Online normaliser: exact mean/variance at first, exponential window later; winsorised, so
@@ -155,9 +162,10 @@ def advance(
         # normaliser's zero.)
         **profile_update(state, hour, x, torch.where(n > 0, p_mean, x), p_var_raw, learn),
         **mix_update(state, errors, r, floor_var, ready, has_pred, learn, n),
-        **dict(zip(CAL_HISTS, learn_tail(cal, hists, bins, cal_weight[:, None].expand_as(bins), flagged_b, tops).unbind(1))),
+        **dict(zip(CAL_HISTS, learn_tail(cal, hists, bins, cal_weight, flagged_b, tops).unbind(1))),
         **level_update(state, x, n, mask),
         **shift_update(state, x, n, learn, mean, std),
+        **correlation_update(state, z_mix, ready, learn, corr_k),
         "steps": steps + 1,
     }
     # The explanation is the decomposition of the statistic that decided the score: the views'

@@ -25,6 +25,7 @@ class Field:
     hidden: bool
     dtype: torch.dtype
     width: int = 0  # a vector of this length per row (or per feature, when per_feature)
+    pairs: bool = False  # one value per pair of features: [F, F] per row
 
 
 # Normaliser statistics and the calibrator are kept in float64: a sensor reading 1e4 with noise
@@ -45,12 +46,18 @@ FIELDS: tuple[Field, ...] = (
     Field("lvl_mean", True, False, torch.float64),  # the recent level: mean of the last ~30 events
     Field("lvl_var", True, False, torch.float64),
     Field("shift_mean", True, False, torch.float64),  # the recent mean: the last ~10 events
-    # Calibration: decayed histograms of log-surprise, of the mixture, the profile, the level
-    # and the recent mean's shift.
+    # The features' error correlations (models/correlation.py): second moments of standardised
+    # errors (values near 1, so float32 is plenty) and each feature's events in them (exact to
+    # 2^24; past that the count stops growing, which changes nothing: it is compared with 30).
+    Field("corr_cov", True, False, torch.float32, pairs=True),
+    Field("corr_n", True, False, torch.float32),
+    # Calibration: decayed histograms of log-surprise, of the mixture, the profile, the level,
+    # the recent mean's shift and the correlation view.
     Field("cal_hist", False, False, torch.float32, HIST_BINS),
     Field("cal_hist_prof", False, False, torch.float32, HIST_BINS),
     Field("cal_hist_lvl", False, False, torch.float32, HIST_BINS),
     Field("cal_hist_shift", False, False, torch.float32, HIST_BINS),
+    Field("cal_hist_corr", False, False, torch.float32, HIST_BINS),
     Field("steps", False, False, torch.int64),  # events seen by the stream
 )
 
@@ -62,7 +69,7 @@ def empty_state(config: ModelConfig, rows: int, features: int | None = None, dev
     for field in FIELDS:
         shape: tuple[int, ...] = (rows,)
         if field.per_feature:
-            shape += (f,)
+            shape += (f, f) if field.pairs else (f,)
         if field.hidden:
             shape += (config.hidden,)
         if field.width:

@@ -18,10 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.calibration import HIST_BINS
+
 TP = tuple[str, int]
 # Layout versions: 2 online adaptation (profile, mixture, second histogram); 3 the recent level and
-# a third histogram; 4 the recent mean and a fourth histogram.
-SNAPSHOT_VERSION = 4
+# a third histogram; 4 the recent mean and a fourth histogram; 5 the correlation view (error
+# correlations and a fifth histogram). Layout 4 is upgraded on load (see `_upgrade_from_4`).
+SNAPSHOT_VERSION = 5
 log = logging.getLogger(__name__)
 
 
@@ -141,9 +144,26 @@ class SnapshotStore:
         payload = self.load_payload(tp)
         if payload is None:
             return None
-        if payload.get("version") != SNAPSHOT_VERSION or payload.get("arch") != arch:
+        state = payload["state"] if isinstance(payload.get("state"), dict) else {}
+        if payload.get("version") == 4 and payload.get("arch") == arch and "norm_n" in state:
+            state = _upgrade_from_4(state)
+            log.info("upgraded snapshot %s from state layout 4: the correlation view starts empty", self.path(tp))
+        elif payload.get("version") != SNAPSHOT_VERSION or payload.get("arch") != arch:
             log.warning("ignoring snapshot %s: written for another model architecture or state layout; streams restart cold", self.path(tp))
             return None
-        return Snapshot(
-            payload["offset"], payload["streams"], payload["schemas"], payload["state"], payload["arch"], payload.get("topic_id")
-        )
+        return Snapshot(payload["offset"], payload["streams"], payload["schemas"], state, payload["arch"], payload.get("topic_id"))
+
+
+def _upgrade_from_4(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Layout 4 plus the empty statistics of the correlation view, added in layout 5.
+
+    An upgrade should not cold-start every stream (a day of profile and calibration history):
+    everything layout 4 held keeps its meaning, and the new view learns from the next events
+    as it would on a new stream (it applies only once its correlations rest on CORR_MIN events)."""
+    rows, f = state["norm_n"].shape[:2]
+    return {
+        **state,
+        "corr_cov": torch.zeros((rows, f, f), dtype=torch.float32),
+        "corr_n": torch.zeros((rows, f), dtype=torch.float32),
+        "cal_hist_corr": torch.zeros((rows, HIST_BINS), dtype=torch.float32),
+    }

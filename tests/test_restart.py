@@ -141,7 +141,41 @@ def test_a_snapshot_of_another_state_layout_is_ignored_not_fatal(tmp_path):
     assert loaded is not None and loaded.offset == 7
     payload = store.load_payload(("sensors", 0))
     assert payload is not None
-    payload["version"] = SNAPSHOT_VERSION - 1
+    payload["version"] = 3  # (layout 4 is upgraded: see the next test)
     del payload["state"]["steps"]
     store.save_payload(("sensors", 0), payload)
     assert store.load(("sensors", 0), arch) is None
+
+
+def test_a_snapshot_of_layout_4_is_upgraded_keeping_every_stream(tmp_path):
+    """Layout 5 added the correlation view. A layout-4 snapshot (everything but its statistics)
+    restores every stream's state as it was, and the new view starts empty, as on a new stream
+    (exact averages from its first event; it applies after CORR_MIN of them)."""
+    assert SNAPSHOT_VERSION == 5
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    rng = np.random.default_rng(0)
+    det = Detector(model, CalibrationConfig(warmup=10))
+    n = 300
+    x = np.zeros((n, det.max_features))
+    mask = np.zeros_like(x, dtype=bool)
+    x[:, :2], mask[:, :2] = rng.normal(size=(n, 2)), True
+    det.process(np.zeros(n, dtype=np.int64), x, mask)
+    state = det.bank.export_rows(torch.tensor([0]))
+    old = {k: v for k, v in state.items() if k not in ("corr_cov", "corr_n", "cal_hist_corr")}
+    store = SnapshotStore(tmp_path, "g")
+    arch = {"hidden": 32}
+    store.save(("sensors", 0), Snapshot(7, ["pump-1"], {}, old, arch, None))
+    payload = store.load_payload(("sensors", 0))
+    assert payload is not None
+    payload["version"] = 4
+    store.save_payload(("sensors", 0), payload)
+    loaded = store.load(("sensors", 0), arch)
+    assert loaded is not None and loaded.offset == 7
+    restored = Detector(model, CalibrationConfig(warmup=10))
+    restored.bank.import_rows(torch.tensor([0]), loaded.state)
+    for name, t in restored.bank.export_rows(torch.tensor([0])).items():
+        if name in old:
+            assert torch.equal(t, old[name]), name
+        else:
+            assert float(t.abs().max()) == 0.0, name
+    assert float(restored.bank.tensors["norm_n"][0, 0]) == n

@@ -1,0 +1,92 @@
+"""The correlation view (models/correlation.py): a feature's error given the other features'."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from models.correlation import CORR_ALPHA, CORR_CLIP, CORR_MIN, CORR_SHRINK, active_width, correlation_q, correlation_update
+from models.gru import ModelConfig
+from models.state import empty_state
+
+F = ModelConfig().max_features
+
+
+def _state(cov: list[list[float]], rows: int = 1, n: float = 100.0) -> dict[str, torch.Tensor]:
+    state = empty_state(ModelConfig(), rows)
+    k = len(cov)
+    state["corr_cov"][:, :k, :k] = torch.tensor(cov, dtype=torch.float32)
+    state["corr_n"][:, :k] = n
+    return state
+
+
+def _z(*values: float) -> tuple[torch.Tensor, torch.Tensor]:
+    z = torch.zeros(1, F, dtype=torch.float64)
+    z[0, : len(values)] = torch.tensor(values, dtype=torch.float64)
+    ready = torch.zeros(1, F, dtype=torch.bool)
+    ready[0, : len(values)] = True
+    return z, ready
+
+
+def test_the_conditional_surprise_is_the_two_feature_formula_whatever_the_scales():
+    # Two features with error correlation 0.9 (shrunk to 0.855): the surprise of one given the
+    # other is (z1 - rho z2)^2 / (1 - rho^2). Errors in step are unremarkable; the same sizes out of
+    # step are not, though each alone is one deviation.
+    rho = 0.9 * (1.0 - CORR_SHRINK)
+    for sd in ((1.0, 1.0), (2.0, 30.0)):
+        cov = [[sd[0] ** 2, 0.9 * sd[0] * sd[1]], [0.9 * sd[0] * sd[1], sd[1] ** 2]]
+        state = _state(cov)
+        for z1, z2 in ((1.0, 0.9), (1.0, -1.0)):
+            z, ready = _z(z1 * sd[0], z2 * sd[1])
+            k = active_width(ready)
+            assert k == 2
+            q, applies = correlation_q(state, z, ready, k)
+            assert bool(applies[0])
+            expect = [(z1 - rho * z2) ** 2 / (1 - rho**2), (z2 - rho * z1) ** 2 / (1 - rho**2)]
+            assert np.allclose(q[0, :2].numpy(), expect, rtol=1e-4), (sd, z1, z2, q[0, :2], expect)
+            assert float(q[0, 2:].abs().max()) == 0.0
+    assert expect[0] > 12.0  # (the out-of-step pair; in step it was 0.2)
+
+
+def test_the_view_needs_two_features_with_history_and_ignores_the_rest():
+    state = _state([[1.0, 0.9, 0.0], [0.9, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    z, ready = _z(1.0)
+    assert active_width(ready) == 0  # one feature: nothing to correlate, no work at all
+    q, applies = correlation_q(state, z, ready, 0)
+    assert not bool(applies[0]) and float(q.abs().max()) == 0.0
+    young = _state([[1.0, 0.9], [0.9, 1.0]], n=CORR_MIN - 1)
+    z, ready = _z(1.0, -1.0)
+    q, applies = correlation_q(young, z, ready, 2)
+    assert not bool(applies[0]) and float(q.abs().max()) == 0.0
+    # A feature without an error this event (absent, or not yet predicted) neither explains nor
+    # is explained: the other two score exactly as a two-feature stream would.
+    z3, ready3 = _z(1.0, -1.0, 5.0)
+    ready3[0, 2] = False
+    q3, _ = correlation_q(state, z3, ready3, 3)
+    q2, _ = correlation_q(_state([[1.0, 0.9], [0.9, 1.0]]), z, ready, 2)
+    assert torch.allclose(q3[0, :2], q2[0, :2]) and float(q3[0, 2]) == 0.0
+
+
+def test_the_correlations_are_learned_online_but_not_from_flagged_events():
+    rng = np.random.default_rng(0)
+    state = empty_state(ModelConfig(), 1)
+    ready = torch.zeros(1, F, dtype=torch.bool)
+    ready[0, :2] = True
+    learn = ready.clone()
+    for _ in range(3000):
+        a, b = rng.normal(size=2)
+        z = torch.zeros(1, F, dtype=torch.float64)
+        z[0, 0], z[0, 1] = 2.0 * a, 2.0 * (0.8 * a + 0.6 * b)  # sd 2, correlation 0.8
+        state.update(correlation_update(state, z, ready, learn, 2))
+    c = state["corr_cov"][0, :2, :2].double()
+    assert abs(float(c[0, 1] / (c[0, 0] * c[1, 1]).sqrt()) - 0.8) < 0.08, c
+    assert abs(float(c[0, 0]) - 4.0) < 1.0
+    assert float(state["corr_cov"][0, 2:].abs().max()) == 0.0  # features never seen stay empty
+    # A flagged event teaches nothing; an enormous error that is learned moves the moments as if
+    # it were CORR_CLIP deviations (winsorised), by at most one exponential-window step.
+    z = torch.zeros(1, F, dtype=torch.float64)
+    z[0, :2] = 1e6
+    before = state["corr_cov"].clone()
+    assert torch.equal(correlation_update(state, z, ready, torch.zeros_like(learn), 2)["corr_cov"], before)
+    after = correlation_update(state, z, ready, learn, 2)["corr_cov"]
+    assert float((after - before).abs().max()) <= CORR_ALPHA * CORR_CLIP**2 + 1e-6
