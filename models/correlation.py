@@ -69,8 +69,15 @@ def correlation_q(state: dict[str, torch.Tensor], z: torch.Tensor, ready: torch.
     pair = use_f[:, :, None] * use_f[:, None, :]
     eye = torch.eye(k, dtype=c.dtype, device=c.device)
     cov = pair * c * (1.0 - CORR_SHRINK * (1.0 - eye)) + (1.0 - pair) * eye
-    prec, _ = torch.linalg.inv_ex(cov)  # (no singular-matrix check: the shrunk matrix is not)
-    pz = (prec @ (z[:, :k].to(c.dtype) * use_f).unsqueeze(2)).squeeze(2)
+    # Each moment is learned from the events where both its features had an error, so with a
+    # feature that is often absent they come from different events and need not form a valid
+    # covariance. Such a stream is scored as if its features were unrelated this event (its
+    # errors' plain squares) rather than through an inverse that is meaningless there.
+    _, info = torch.linalg.cholesky_ex(cov)
+    cov = torch.where((info == 0)[:, None, None], cov, cov * eye)
+    # (In float64 from here: an error at the readings' range limit squares to ~1e48.)
+    prec = torch.linalg.inv_ex(cov)[0].double()
+    pz = (prec @ (z[:, :k] * use_f).unsqueeze(2)).squeeze(2)
     q[:, :k] = pz * pz / torch.diagonal(prec, dim1=1, dim2=2) * use_f
     return q, applies
 

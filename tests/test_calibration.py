@@ -161,3 +161,47 @@ def test_scores_mean_the_same_on_every_kind_of_stream(one_torch_thread):
         print(f"score >= {level}: bound {10 ** (-6 * level):.4f}, " + ", ".join(f"{k} {r:.4f}" for k, r in zip(names, rate)))
         assert (rate <= 10 ** (-6 * level)).all(), dict(zip(names, rate))
         assert rate.max() <= 2.0 * rate.min(), dict(zip(names, rate))
+
+
+def _multivariate_streams(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    """Anomaly-free 3-feature streams [n, 3] whose features are unrelated, strongly related,
+    identical, partly constant, heavy-tailed or coupled through a shared random walk."""
+
+    def correlated(rho: float, df: float | None = None) -> np.ndarray:
+        chol = np.linalg.cholesky(np.full((3, 3), rho) + np.eye(3) * (1.0 - rho))
+        e = rng.standard_normal((n, 3)) if df is None else rng.standard_t(df, (n, 3))
+        return e @ chol.T
+
+    one = rng.standard_normal(n)
+    walk = np.cumsum(rng.standard_normal(n))
+    return {
+        "independent": rng.standard_normal((n, 3)),
+        "rho_0.99": correlated(0.99),
+        "identical": np.stack([one, one, 3.0 * one + 1.0], axis=1),
+        "one_constant": np.stack([np.full(n, 5.0), rng.standard_normal(n), rng.standard_normal(n)], axis=1),
+        "t3_rho_0.9": correlated(0.9, df=3.0),
+        "shared_walk": walk[:, None] * np.array([1.0, 2.0, -1.0]) + rng.normal(0.0, 0.5, (n, 3)),
+    }
+
+
+def test_scores_mean_the_same_on_multivariate_streams(one_torch_thread):
+    # With two or more features a fifth view (each feature's error given the others') joins the
+    # Bonferroni minimum; the bound P(score >= s) <= 10^(-6 s) must still hold whatever the
+    # features' relations, including exact duplicates (whose correlation of 1 is shrunk to 0.95).
+    # (Measured: 0.025-0.041 of events at 0.2 and 0.0055-0.0083 at 0.3.)
+    n, settled = 5000, 1000
+    made = _multivariate_streams(np.random.default_rng(1), n)
+    names = list(made)
+    s = len(names)
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    det = Detector(model, CalibrationConfig(warmup=100))
+    xs = np.zeros((n * s, det.max_features))
+    xs[:, :3] = np.stack([made[k] for k in names], axis=1).reshape(-1, 3)  # time-major
+    mask = np.zeros_like(xs, dtype=bool)
+    mask[:, :3] = True
+    ts = np.repeat(1_600_000_000_000 + 60_000 * np.arange(n), s)
+    score = det.process(np.tile(np.arange(s), n), xs, mask, ts).score.reshape(n, s).T[:, settled:]
+    for level in (0.2, 0.3):
+        rate = (score >= level).mean(axis=1)
+        print(f"score >= {level}: bound {10 ** (-6 * level):.4f}, " + ", ".join(f"{k} {r:.4f}" for k, r in zip(names, rate)))
+        assert (rate <= 10 ** (-6 * level)).all(), dict(zip(names, rate))

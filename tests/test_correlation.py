@@ -90,3 +90,15 @@ def test_the_correlations_are_learned_online_but_not_from_flagged_events():
     assert torch.equal(correlation_update(state, z, ready, torch.zeros_like(learn), 2)["corr_cov"], before)
     after = correlation_update(state, z, ready, learn, 2)["corr_cov"]
     assert float((after - before).abs().max()) <= CORR_ALPHA * CORR_CLIP**2 + 1e-6
+
+
+def test_moments_that_are_no_valid_covariance_score_as_unrelated_features():
+    # Pairwise correlations of 0.9, 0.9 and -0.9 cannot all hold at once (learned from different
+    # events, with a feature often absent, they can be stored). The inverse would be meaningless
+    # (negative surprises); the event is scored as if the features were unrelated.
+    state = _state([[1.0, 0.9, 0.9], [0.9, 1.0, -0.9], [0.9, -0.9, 4.0]])
+    state["corr_cov"][0, 1, 2] = state["corr_cov"][0, 2, 1] = -0.9 * 2.0
+    z, ready = _z(1.0, -2.0, 3.0)
+    q, applies = correlation_q(state, z, ready, 3)
+    assert bool(applies[0])
+    assert np.allclose(q[0, :3].numpy(), [1.0, 4.0, 9.0 / 4.0])
