@@ -139,12 +139,10 @@ def tail_weight(cfg: CalibrationConfig, steps: torch.Tensor, valid: torch.Tensor
     return torch.where(valid & (steps >= cfg.warmup // 2), w, 0.0).double()
 
 
-def combine_scores(cfg: CalibrationConfig, log10_p: torch.Tensor, valid: torch.Tensor, applies: torch.Tensor | None = None) -> torch.Tensor:
+def combine_scores(cfg: CalibrationConfig, log10_p: torch.Tensor, valid: torch.Tensor, applies: torch.Tensor) -> torch.Tensor:
     """One score from several tail probabilities of the same event, log10_p [B, K] (Bonferroni:
     the smallest p times the number of tests), so adding a detector does not add false positives.
-    applies [B, K]: which tests the event had (default all); only those count."""
-    if applies is None:
-        applies = torch.ones_like(log10_p, dtype=torch.bool)
+    applies [B, K]: which tests the event had; only those count."""
     k = applies.sum(dim=-1).clamp(min=1).to(log10_p.dtype)
     lp = torch.where(applies, log10_p, -math.inf).max(dim=-1).values - torch.log10(k)
     return torch.where(valid & applies.any(dim=-1), (lp / cfg.decades).clamp(0.0, 1.0), torch.zeros_like(lp))

@@ -62,20 +62,29 @@ FIELDS: tuple[Field, ...] = (
 )
 
 
+def _empty_field(field: Field, rows: int, features: int, hidden: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    shape: tuple[int, ...] = (rows,)
+    if field.per_feature:
+        shape += (features, features) if field.pairs else (features,)
+    if field.hidden:
+        shape += (hidden,)
+    if field.width:
+        shape += (field.width,)
+    return torch.zeros(shape, dtype=field.dtype, device=device)
+
+
 def empty_state(config: ModelConfig, rows: int, features: int | None = None, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """Zeroed state for `rows` never-seen streams; training uses it with features=1."""
     f = config.max_features if features is None else features
-    out = {}
-    for field in FIELDS:
-        shape: tuple[int, ...] = (rows,)
-        if field.per_feature:
-            shape += (f, f) if field.pairs else (f,)
-        if field.hidden:
-            shape += (config.hidden,)
-        if field.width:
-            shape += (field.width,)
-        out[field.name] = torch.zeros(shape, dtype=field.dtype, device=device)
-    return out
+    return {field.name: _empty_field(field, rows, f, config.hidden, device) for field in FIELDS}
+
+
+def with_empty_fields(state: dict[str, torch.Tensor], names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Exported rows `state` plus the fields `names`, zeroed as for never-seen streams: how a
+    snapshot of an older layout gains the statistics added since (shapes from its own rows)."""
+    rows, f = state["norm_n"].shape[:2]
+    hidden = state["h"].shape[-1]
+    return {**state, **{fl.name: _empty_field(fl, rows, f, hidden) for fl in FIELDS if fl.name in names}}
 
 
 class RowBank:

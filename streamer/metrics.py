@@ -36,7 +36,7 @@ LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.
 # The score is -log10(p)/6: sixths are decades of p (0.5 = p <= 1e-3, the default threshold).
 SCORE_BUCKETS = (0.1, 1 / 6, 0.25, 2 / 6, 0.5, 4 / 6, 0.75, 5 / 6, 1.0)
 BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 50000)
-# streamer_anomalies_total's `view` label: four fixed values for sensor events, one for logs.
+# streamer_anomalies_total's `view` label: the sensor views (models/detector.py VIEWS), and log.
 ANOMALY_VIEWS = (*VIEWS, "log")
 
 

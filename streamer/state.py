@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.calibration import HIST_BINS
+from models.state import with_empty_fields
 
 TP = tuple[str, int]
 # Layout versions: 2 online adaptation (profile, mixture, second histogram); 3 the recent level and
@@ -145,7 +145,7 @@ class SnapshotStore:
         if payload is None:
             return None
         state = payload["state"] if isinstance(payload.get("state"), dict) else {}
-        if payload.get("version") == 4 and payload.get("arch") == arch and "norm_n" in state:
+        if payload.get("version") == 4 and payload.get("arch") == arch and {"norm_n", "h"} <= state.keys():
             state = _upgrade_from_4(state)
             log.info("upgraded snapshot %s from state layout 4: the correlation view starts empty", self.path(tp))
         elif payload.get("version") != SNAPSHOT_VERSION or payload.get("arch") != arch:
@@ -160,10 +160,4 @@ def _upgrade_from_4(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     An upgrade should not cold-start every stream (a day of profile and calibration history):
     everything layout 4 held keeps its meaning, and the new view learns from the next events
     as it would on a new stream (it applies only once its correlations rest on CORR_MIN events)."""
-    rows, f = state["norm_n"].shape[:2]
-    return {
-        **state,
-        "corr_cov": torch.zeros((rows, f, f), dtype=torch.float32),
-        "corr_n": torch.zeros((rows, f), dtype=torch.float32),
-        "cal_hist_corr": torch.zeros((rows, HIST_BINS), dtype=torch.float32),
-    }
+    return with_empty_fields(state, ("corr_cov", "corr_n", "cal_hist_corr"))
