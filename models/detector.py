@@ -59,6 +59,8 @@ VIEWS = ("prediction", "time_of_day", "recent_level", "recent_mean", "correlatio
 # so the daemon dead-letters such values (reason `out_of_range`) before they get here.
 MAX_ABS_VALUE = 1e18
 CAL_HISTS = ("cal_hist", "cal_hist_prof", "cal_hist_lvl", "cal_hist_shift", "cal_hist_corr")
+# The same views' long-memory histograms (CalibrationConfig.long_window), in the same order.
+CAL_HISTS_LONG = ("cal_long", "cal_long_prof", "cal_long_lvl", "cal_long_shift", "cal_long_corr")
 
 
 def _std(cfg_rel: float, cfg_abs: float, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
@@ -116,14 +118,27 @@ def advance(
     per_feature = torch.stack((q_mix, q_prof, q_lvl, q_shift, q_corr), dim=1)  # [B, 5, F]
     views = per_feature.sum(dim=2)  # [B, 5]
     applies = torch.cat((torch.ones_like(views[:, :-1], dtype=torch.bool), corr_applies[:, None]), dim=1)
-    hists = torch.stack([state[k] for k in CAL_HISTS], dim=1)  # [B, 5, bins]: one call ranks all five
-    lp, bins, tops = tail_log10_p(cal, views, hists)
-    lp = torch.where(applies, lp, 0.0)
+    # Each view is ranked against two histories of itself: the last ~window events and the last
+    # ~long_window. An event counts as unusual as it is against the less surprised of the two: a
+    # spike larger than anything in the last 1,000 events is no news when spikes of its size come
+    # every few hundred events over the long run (a busy stream's quiet week ending). Taking the
+    # larger p keeps the score's meaning (P(score >= s) <= the bound still holds).
+    hists = torch.stack([state[k] for k in CAL_HISTS + CAL_HISTS_LONG], dim=1)  # [B, 10, bins]: one call
+    nv = len(CAL_HISTS)
+    lp_both, bins, tops = tail_log10_p(cal, views.repeat(1, 2), hists)
+    lp = torch.where(applies, torch.minimum(lp_both[:, :nv], lp_both[:, nv:]), 0.0)
     score = combine_scores(cal, lp, valid, applies)
     is_anomaly = valid & (steps >= cal.warmup) & (score >= cal.threshold)
     # Online adaptation skips the events the stream has just flagged.
     learn = mask & ~is_anomaly[:, None]
-    cal_weight = torch.where(applies, tail_weight(cal, steps, valid, is_anomaly)[:, None], 0.0)  # [B, 5]
+    # The long history learns only unflagged events: it remembers what the stream does in normal
+    # operation. A flagged glitch in it, even at a tenth of the weight, would set its top for
+    # ~10,000 events and hold every later anomaly of ordinary size below the threshold.
+    weight = tail_weight(cal, steps, valid, is_anomaly)
+    weight_long = torch.where(is_anomaly, 0.0, weight)
+    cal_weight = torch.where(applies.repeat(1, 2), torch.cat((weight[:, None].expand_as(lp), weight_long[:, None].expand_as(lp)), 1), 0.0)
+    windows = torch.full((2, nv), float(cal.window), dtype=hists.dtype, device=hists.device)  # (fills: no copy from host)
+    windows[1] = float(cal.long_window)
     flagged_b = is_anomaly[:, None].expand_as(bins)
 
     # Online normaliser: exact mean/variance at first, exponential window later; winsorised, so
@@ -162,7 +177,7 @@ def advance(
         # normaliser's zero.)
         **profile_update(state, hour, x, torch.where(n > 0, p_mean, x), p_var_raw, learn),
         **mix_update(state, errors, r, floor_var, ready, has_pred, learn, n),
-        **dict(zip(CAL_HISTS, learn_tail(cal, hists, bins, cal_weight, flagged_b, tops).unbind(1))),
+        **dict(zip(CAL_HISTS + CAL_HISTS_LONG, learn_tail(cal, hists, bins, cal_weight, flagged_b, tops, windows.reshape(-1)).unbind(1))),
         **level_update(state, x, n, mask),
         **shift_update(state, x, n, learn, mean, std),
         **correlation_update(state, z_mix, ready, learn, corr_k),

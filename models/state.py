@@ -58,6 +58,12 @@ FIELDS: tuple[Field, ...] = (
     Field("cal_hist_lvl", False, False, torch.float32, HIST_BINS),
     Field("cal_hist_shift", False, False, torch.float32, HIST_BINS),
     Field("cal_hist_corr", False, False, torch.float32, HIST_BINS),
+    # ...and the same five over a longer memory (CalibrationConfig.long_window).
+    Field("cal_long", False, False, torch.float32, HIST_BINS),
+    Field("cal_long_prof", False, False, torch.float32, HIST_BINS),
+    Field("cal_long_lvl", False, False, torch.float32, HIST_BINS),
+    Field("cal_long_shift", False, False, torch.float32, HIST_BINS),
+    Field("cal_long_corr", False, False, torch.float32, HIST_BINS),
     Field("steps", False, False, torch.int64),  # events seen by the stream
 )
 

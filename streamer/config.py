@@ -119,6 +119,7 @@ class DetectorConfig(_Strict):
     warmup: int = Field(default=100, ge=0)
     threshold: float = Field(default=0.5, gt=0.0, le=1.0)
     calibration_window: int = Field(default=1000, ge=2)
+    calibration_long_window: int = Field(default=5000, ge=2)
     cpu_threads: int | None = Field(default=None, gt=0)  # None: half the cores, at most 8
     reload_check_s: float = Field(default=10.0, gt=0)
 
@@ -129,11 +130,25 @@ class DetectorConfig(_Strict):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
         return v
 
+    @model_validator(mode="after")
+    def _windows(self) -> DetectorConfig:
+        if self.calibration_long_window < self.calibration_window:
+            raise ValueError(
+                f"detector.calibration_long_window ({self.calibration_long_window}) must be >= "
+                f"detector.calibration_window ({self.calibration_window})"
+            )
+        return self
+
     def calibration(self) -> CalibrationConfig:
         """The core's decision settings (the daemon and `streamer nab` must agree on them)."""
         from models.calibration import CalibrationConfig  # here, so reading a config does not import torch
 
-        return CalibrationConfig(warmup=self.warmup, threshold=self.threshold, window=self.calibration_window)
+        return CalibrationConfig(
+            warmup=self.warmup,
+            threshold=self.threshold,
+            window=self.calibration_window,
+            long_window=self.calibration_long_window,
+        )
 
 
 class StateConfig(_Strict):

@@ -18,13 +18,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.detector import CAL_HISTS, CAL_HISTS_LONG
 from models.state import with_empty_fields
 
 TP = tuple[str, int]
 # Layout versions: 2 online adaptation (profile, mixture, second histogram); 3 the recent level and
 # a third histogram; 4 the recent mean and a fourth histogram; 5 the correlation view (error
-# correlations and a fifth histogram). Layout 4 is upgraded on load (see `_upgrade_from_4`).
-SNAPSHOT_VERSION = 5
+# correlations and a fifth histogram); 6 a long-memory histogram per view. Layouts 4 and 5 are
+# upgraded on load (see `_upgrade`).
+SNAPSHOT_VERSION = 6
+UPGRADABLE = (4, 5)
 log = logging.getLogger(__name__)
 
 
@@ -145,19 +148,25 @@ class SnapshotStore:
         if payload is None:
             return None
         state = payload["state"] if isinstance(payload.get("state"), dict) else {}
-        if payload.get("version") == 4 and payload.get("arch") == arch and {"norm_n", "h"} <= state.keys():
-            state = _upgrade_from_4(state)
-            log.info("upgraded snapshot %s from state layout 4: the correlation view starts empty", self.path(tp))
+        version = payload.get("version")
+        if version in UPGRADABLE and payload.get("arch") == arch and {"norm_n", "h", *CAL_HISTS[:4]} <= state.keys():
+            state = _upgrade(state, int(version))
+            log.info("upgraded snapshot %s from state layout %s", self.path(tp), version)
         elif payload.get("version") != SNAPSHOT_VERSION or payload.get("arch") != arch:
             log.warning("ignoring snapshot %s: written for another model architecture or state layout; streams restart cold", self.path(tp))
             return None
         return Snapshot(payload["offset"], payload["streams"], payload["schemas"], state, payload["arch"], payload.get("topic_id"))
 
 
-def _upgrade_from_4(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Layout 4 plus the empty statistics of the correlation view, added in layout 5.
+def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:
+    """A snapshot of an older layout in the current one, every stream's state kept.
 
     An upgrade should not cold-start every stream (a day of profile and calibration history):
-    everything layout 4 held keeps its meaning, and the new view learns from the next events
-    as it would on a new stream (it applies only once its correlations rest on CORR_MIN events)."""
-    return with_empty_fields(state, ("corr_cov", "corr_n", "cal_hist_corr"))
+    everything the old layout held keeps its meaning. Layout 5's correlation view starts empty,
+    as on a new stream (it applies only once its correlations rest on CORR_MIN events). Layout
+    6's long-memory histograms start as copies of the short ones: the best record of the
+    stream's history there is, and an empty one would rank every event as ordinary until it
+    filled, silencing the stream."""
+    if version <= 4:
+        state = with_empty_fields(state, ("corr_cov", "corr_n", "cal_hist_corr"))
+    return {**state, **{long: state[short].clone() for short, long in zip(CAL_HISTS, CAL_HISTS_LONG)}}

@@ -115,6 +115,25 @@ def test_a_lasting_change_stops_being_flagged(one_torch_thread):
     assert not flagged[900:].any(), np.flatnonzero(flagged[900:]) + 900
 
 
+def test_a_spike_the_stream_makes_often_is_not_news_after_a_quiet_spell(one_torch_thread):
+    """A stream that spikes every 20 events for 1,000 events, then is quiet for 1,200: the next
+    spike of the same size is a record within the short history (window=200, which has
+    forgotten the spikes) but an everyday event within the long one (long_window=1,000), so it
+    is not flagged; one ten times larger is news against both and is. With both histories of
+    the same length the same-size spike is flagged: the long memory is what stops it."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(0.0, 1.0, 2400)
+    x[100:1100:20] += 12.0
+    x[2300] += 12.0  # the habitual spike, after the quiet spell
+    x[2350] += 120.0  # a spike of a new size
+    score, flagged = _stream(x, CalibrationConfig(warmup=50, window=200, long_window=1000))
+    assert not flagged[2300], f"habitual spike scored {score[2300]:.3f}"
+    assert flagged[2350], f"new-size spike scored {score[2350]:.3f}"
+    short_score, short_flagged = _stream(x, CalibrationConfig(warmup=50, window=200, long_window=200))
+    assert short_flagged[2300], f"with a short memory only, habitual spike scored {short_score[2300]:.3f}"
+    assert not flagged[1200:2300].any() and not short_flagged[1200:2300].any()
+
+
 def _normal_streams(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     """Anomaly-free streams of very different shapes: scale, tails, discreteness, memory, rhythm."""
     ar = np.zeros(n)

@@ -20,6 +20,7 @@ from streamer.config import ConfigError, build_config, load_config
         ("detector:\n  threshold: 2.0\n", "detector.threshold"),
         ("topics:\n  inputs: []\n", "topics.inputs"),
         ("metrics:\n  port: 70000\n", "metrics.port"),
+        ("detector:\n  calibration_long_window: 500\n", "detector.calibration_long_window"),
         ("surprise_section: {}\n", "surprise_section"),
     ],
 )

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+import pytest
 import torch
 import yaml
 from conftest import event, produce, read_all, scores_of
 
 from models.calibration import TAIL_THRESHOLD, CalibrationConfig
-from models.detector import Detector
+from models.detector import CAL_HISTS, CAL_HISTS_LONG, Detector
 from models.gru import DEFAULT_WEIGHTS, load_checkpoint
 from streamer.state import SNAPSHOT_VERSION, Snapshot, SnapshotStore
 
@@ -141,17 +142,19 @@ def test_a_snapshot_of_another_state_layout_is_ignored_not_fatal(tmp_path):
     assert loaded is not None and loaded.offset == 7
     payload = store.load_payload(("sensors", 0))
     assert payload is not None
-    payload["version"] = 3  # (layout 4 is upgraded: see the next test)
+    payload["version"] = 3  # (layouts 4 and 5 are upgraded: see the next test)
     del payload["state"]["steps"]
     store.save_payload(("sensors", 0), payload)
     assert store.load(("sensors", 0), arch) is None
 
 
-def test_a_snapshot_of_layout_4_is_upgraded_keeping_every_stream(tmp_path):
-    """Layout 5 added the correlation view. A layout-4 snapshot (everything but its statistics)
-    restores every stream's state as it was, and the new view starts empty, as on a new stream
-    (exact averages from its first event; it applies after CORR_MIN of them)."""
-    assert SNAPSHOT_VERSION == 5
+@pytest.mark.parametrize("layout", [4, 5])
+def test_a_snapshot_of_an_older_layout_is_upgraded_keeping_every_stream(tmp_path, layout):
+    """Layout 5 added the correlation view, layout 6 a long-memory histogram per view. An older
+    snapshot restores every stream's state as it was; the correlation view starts empty, as on a
+    new stream (it applies after CORR_MIN events), and each long-memory histogram starts as a
+    copy of its view's short one (empty, it would rank every event as ordinary)."""
+    assert SNAPSHOT_VERSION == 6
     model, _ = load_checkpoint(DEFAULT_WEIGHTS)
     rng = np.random.default_rng(0)
     det = Detector(model, CalibrationConfig(warmup=10))
@@ -161,21 +164,27 @@ def test_a_snapshot_of_layout_4_is_upgraded_keeping_every_stream(tmp_path):
     x[:, :2], mask[:, :2] = rng.normal(size=(n, 2)), True
     det.process(np.zeros(n, dtype=np.int64), x, mask)
     state = det.bank.export_rows(torch.tensor([0]))
-    old = {k: v for k, v in state.items() if k not in ("corr_cov", "corr_n", "cal_hist_corr")}
+    added = set(CAL_HISTS_LONG) | ({"corr_cov", "corr_n", "cal_hist_corr"} if layout == 4 else set())
+    old = {k: v for k, v in state.items() if k not in added}
     store = SnapshotStore(tmp_path, "g")
     arch = {"hidden": 32}
     store.save(("sensors", 0), Snapshot(7, ["pump-1"], {}, old, arch, None))
     payload = store.load_payload(("sensors", 0))
     assert payload is not None
-    payload["version"] = 4
+    payload["version"] = layout
     store.save_payload(("sensors", 0), payload)
     loaded = store.load(("sensors", 0), arch)
     assert loaded is not None and loaded.offset == 7
     restored = Detector(model, CalibrationConfig(warmup=10))
     restored.bank.import_rows(torch.tensor([0]), loaded.state)
-    for name, t in restored.bank.export_rows(torch.tensor([0])).items():
+    got = restored.bank.export_rows(torch.tensor([0]))
+    for name, t in got.items():
         if name in old:
             assert torch.equal(t, old[name]), name
+        elif name in CAL_HISTS_LONG:
+            short = CAL_HISTS[CAL_HISTS_LONG.index(name)]
+            assert torch.equal(t, got[short]), name
+            assert name == "cal_long_corr" or float(t.sum()) > 100, name  # a real history, not an empty one
         else:
             assert float(t.abs().max()) == 0.0, name
     assert float(restored.bank.tensors["norm_n"][0, 0]) == n
