@@ -136,7 +136,7 @@ def advance(
     # ~10,000 events and hold every later anomaly of ordinary size below the threshold.
     weight = tail_weight(cal, steps, valid, is_anomaly)
     weight_long = torch.where(is_anomaly, 0.0, weight)
-    cal_weight = torch.where(applies.repeat(1, 2), torch.cat((weight[:, None].expand_as(lp), weight_long[:, None].expand_as(lp)), 1), 0.0)
+    cal_weight = torch.cat((weight[:, None] * applies, weight_long[:, None] * applies), dim=1)  # [B, 10]
     windows = torch.full((2, nv), float(cal.window), dtype=hists.dtype, device=hists.device)  # (fills: no copy from host)
     windows[1] = float(cal.long_window)
     flagged_b = is_anomaly[:, None].expand_as(bins)

@@ -149,12 +149,16 @@ class SnapshotStore:
             return None
         state = payload["state"] if isinstance(payload.get("state"), dict) else {}
         version = payload.get("version")
-        if version in UPGRADABLE and payload.get("arch") == arch and {"norm_n", "h", *CAL_HISTS[:4]} <= state.keys():
-            state = _upgrade(state, int(version))
-            log.info("upgraded snapshot %s from state layout %s", self.path(tp), version)
-        elif payload.get("version") != SNAPSHOT_VERSION or payload.get("arch") != arch:
+        if payload.get("arch") != arch or (version != SNAPSHOT_VERSION and version not in UPGRADABLE):
             log.warning("ignoring snapshot %s: written for another model architecture or state layout; streams restart cold", self.path(tp))
             return None
+        if version != SNAPSHOT_VERSION:
+            try:
+                state = _upgrade(state, int(version))
+            except KeyError as err:  # a field its layout had is missing: not a snapshot this code wrote
+                log.warning("ignoring snapshot %s: layout %s without field %s; streams restart cold", self.path(tp), version, err)
+                return None
+            log.info("upgraded snapshot %s from state layout %s", self.path(tp), version)
         return Snapshot(payload["offset"], payload["streams"], payload["schemas"], state, payload["arch"], payload.get("topic_id"))
 
 

@@ -188,3 +188,23 @@ def test_a_snapshot_of_an_older_layout_is_upgraded_keeping_every_stream(tmp_path
         else:
             assert float(t.abs().max()) == 0.0, name
     assert float(restored.bank.tensors["norm_n"][0, 0]) == n
+
+
+def test_an_older_snapshot_missing_a_field_of_its_layout_is_ignored_not_fatal(tmp_path):
+    """A layout-5 snapshot without the fifth histogram was not written by this code: the upgrade
+    cannot copy it into the long history, so its streams start cold instead of the load raising."""
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    det = Detector(model, CalibrationConfig(warmup=10))
+    state = det.bank.export_rows(torch.tensor([0]))
+    old = {k: v for k, v in state.items() if k not in CAL_HISTS_LONG and k != "cal_hist_corr"}
+    store = SnapshotStore(tmp_path, "g")
+    arch = {"hidden": 32}
+    store.save(("sensors", 0), Snapshot(7, ["pump-1"], {}, old, arch, None))
+    payload = store.load_payload(("sensors", 0))
+    assert payload is not None
+    payload["version"] = 5
+    store.save_payload(("sensors", 0), payload)
+    assert store.load(("sensors", 0), arch) is None
+    payload["version"] = 4  # the same fields are a complete layout 4
+    store.save_payload(("sensors", 0), payload)
+    assert store.load(("sensors", 0), arch) is not None
