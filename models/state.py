@@ -8,6 +8,7 @@ knows nothing of stream ids or partitions: the slot table in `streamer/` does.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -142,14 +143,26 @@ class RowBank:
         """Copy rows to CPU for a snapshot (plain tensors, loadable with weights_only=True)."""
         return {name: t[rows].cpu() for name, t in self.tensors.items()}
 
-    def import_rows(self, rows: torch.Tensor, data: dict[str, torch.Tensor]) -> None:
-        """Write snapshot rows back; a snapshot from a different architecture is refused."""
+    def mismatch(self, rows: int, data: dict[str, Any]) -> str | None:
+        """Why snapshot rows `data` cannot be imported as `rows` rows of this bank, None when they
+        can. Checked before anything is assigned: a snapshot this code did not write (another
+        build, a hand-edited file) must mean a cold start, not an exception mid-rebalance."""
         for name, t in self.tensors.items():
-            src = data[name]
-            expected = tuple(t.shape[1:])
-            if tuple(src.shape) != (int(rows.numel()), *expected):
-                raise ValueError(f"state field {name}: shape {tuple(src.shape)} does not match rows x {expected}")
-            t[rows] = src.to(self.device, t.dtype)
+            src = data.get(name)
+            if not isinstance(src, torch.Tensor):
+                return f"state field {name} is missing"
+            expected = (rows, *t.shape[1:])
+            if tuple(src.shape) != expected:
+                return f"state field {name}: shape {tuple(src.shape)} does not match {expected}"
+        return None
+
+    def import_rows(self, rows: torch.Tensor, data: dict[str, torch.Tensor]) -> None:
+        """Write snapshot rows back; rows that do not fit this bank (`mismatch`) are refused."""
+        problem = self.mismatch(int(rows.numel()), data)
+        if problem is not None:
+            raise ValueError(problem)
+        for name, t in self.tensors.items():
+            t[rows] = data[name].to(self.device, t.dtype)
 
     def nbytes(self) -> int:
         return sum(t.element_size() * t.numel() for t in self.tensors.values())

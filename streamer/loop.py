@@ -111,6 +111,16 @@ class Runner:
                     extra={"topic": tp[0], "partition": tp[1], "offset": snap.offset},
                 )
                 continue
+            problem = self.detector.bank.mismatch(len(snap.streams), snap.state)
+            if problem is not None:
+                log.warning(
+                    "discarding snapshot of %s[%d]: %s; streams restart cold",
+                    tp[0],
+                    tp[1],
+                    problem,
+                    extra={"topic": tp[0], "partition": tp[1], "offset": snap.offset},
+                )
+                continue
             slots, _ = self.slots.assign(snap.streams, [tp] * len(snap.streams))
             if len(slots):
                 self.detector.bank.ensure_capacity(int(slots.max()) + 1)

@@ -159,7 +159,18 @@ class SnapshotStore:
                 log.warning("ignoring snapshot %s: layout %s without field %s; streams restart cold", self.path(tp), version, err)
                 return None
             log.info("upgraded snapshot %s from state layout %s", self.path(tp), version)
-        return Snapshot(payload["offset"], payload["streams"], payload["schemas"], state, payload["arch"], payload.get("topic_id"))
+        offset, streams, schemas = payload.get("offset"), payload.get("streams"), payload.get("schemas")
+        if not (
+            isinstance(offset, int)
+            and offset >= 0
+            and isinstance(streams, list)
+            and all(isinstance(s, str) for s in streams)
+            and isinstance(schemas, list)
+            and len(schemas) == len(streams)
+        ):
+            log.warning("ignoring snapshot %s: no offset, streams or schemas in this code's format; streams restart cold", self.path(tp))
+            return None
+        return Snapshot(offset, streams, schemas, state, payload["arch"], payload.get("topic_id"))
 
 
 def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:

@@ -136,7 +136,7 @@ def test_a_snapshot_of_another_state_layout_is_ignored_not_fatal(tmp_path):
     """After an upgrade that changes the per-stream state, old snapshots mean a cold start."""
     store = SnapshotStore(tmp_path, "g")
     arch = {"hidden": 32}
-    snap = Snapshot(7, ["pump-1"], {}, {"steps": torch.zeros(1, dtype=torch.int64)}, arch, None)
+    snap = Snapshot(7, ["pump-1"], [["a", "b"]], {"steps": torch.zeros(1, dtype=torch.int64)}, arch, None)
     store.save(("sensors", 0), snap)
     loaded = store.load(("sensors", 0), arch)
     assert loaded is not None and loaded.offset == 7
@@ -168,7 +168,7 @@ def test_a_snapshot_of_an_older_layout_is_upgraded_keeping_every_stream(tmp_path
     old = {k: v for k, v in state.items() if k not in added}
     store = SnapshotStore(tmp_path, "g")
     arch = {"hidden": 32}
-    store.save(("sensors", 0), Snapshot(7, ["pump-1"], {}, old, arch, None))
+    store.save(("sensors", 0), Snapshot(7, ["pump-1"], [["a", "b"]], old, arch, None))
     payload = store.load_payload(("sensors", 0))
     assert payload is not None
     payload["version"] = layout
@@ -199,7 +199,7 @@ def test_an_older_snapshot_missing_a_field_of_its_layout_is_ignored_not_fatal(tm
     old = {k: v for k, v in state.items() if k not in CAL_HISTS_LONG and k != "cal_hist_corr"}
     store = SnapshotStore(tmp_path, "g")
     arch = {"hidden": 32}
-    store.save(("sensors", 0), Snapshot(7, ["pump-1"], {}, old, arch, None))
+    store.save(("sensors", 0), Snapshot(7, ["pump-1"], [["a", "b"]], old, arch, None))
     payload = store.load_payload(("sensors", 0))
     assert payload is not None
     payload["version"] = 5
@@ -208,3 +208,38 @@ def test_an_older_snapshot_missing_a_field_of_its_layout_is_ignored_not_fatal(tm
     payload["version"] = 4  # the same fields are a complete layout 4
     store.save_payload(("sensors", 0), payload)
     assert store.load(("sensors", 0), arch) is not None
+
+
+def test_snapshots_this_code_did_not_write_mean_a_cold_start_not_a_crash(broker, topics, tmp_path, caplog):
+    """Current-layout snapshots that do not fit the bank (a field missing, rows that do not match
+    their stream list, no schemas) are discarded at assignment with a warning naming the
+    partition; the daemon keeps running and scores every event from a cold start."""
+    import logging
+
+    from conftest import DaemonThread, make_config
+
+    config = make_config(broker, topics, tmp_path / "state")
+    _, meta = load_checkpoint(DEFAULT_WEIGHTS)
+    arch = dict(meta["config"])
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    good = Detector(model).bank.export_rows(torch.tensor([0, 1]))
+    store = SnapshotStore(tmp_path / "state", config.consumer.group_id)
+    streams = ["dev-0", "dev-1"]
+    missing = {k: v for k, v in good.items() if k != "cal_long_corr"}
+    one_row = {k: v[:1] for k, v in good.items()}
+    store.save((topics["input"], 0), Snapshot(0, streams, [["a", "b"]] * 2, missing, arch, None))
+    store.save((topics["input"], 1), Snapshot(0, streams, [["a", "b"]] * 2, one_row, arch, None))
+    store.save((topics["input"], 2), Snapshot(0, streams, [["a", "b"]] * 2, good, arch, None))
+    payload = store.load_payload((topics["input"], 2))
+    assert payload is not None
+    del payload["schemas"]
+    store.save_payload((topics["input"], 2), payload)
+    records = _events(0, 5)
+    produce(broker, topics["input"], records)
+    with caplog.at_level(logging.WARNING), DaemonThread(config) as daemon:
+        daemon.wait_scored(len(records))
+    warned = caplog.text
+    assert "state field cal_long_corr is missing" in warned
+    assert "does not match (2," in warned
+    assert "no offset, streams or schemas" in warned
+    assert len(scores_of(read_all(broker, topics["scores"], expect=len(records)))) == len(records)
