@@ -33,6 +33,11 @@ class CalibrationConfig:
     tail_slope: float = 3.0  # beyond the largest surprise seen: p falls as q^-tail_slope
     flagged_weight: float = 0.1  # a flagged event counts this much in the surprise history
     flagged_reach: int = 8  # ...and is recorded at most this many bins above the history's top
+    # For `holdoff` events after an alert, an event no more surprising than the alert scores
+    # `holdoff_factor` times its score (at most 0.4: below the default threshold): one alert per
+    # episode, not one per aftershock.
+    holdoff: int = 30
+    holdoff_factor: float = 0.4
 
     def __post_init__(self) -> None:
         if self.warmup < 0:
@@ -51,6 +56,10 @@ class CalibrationConfig:
             raise ValueError("flagged_weight must be in (0, 1]")
         if self.flagged_reach < 0:
             raise ValueError("flagged_reach must be >= 0")
+        if self.holdoff < 0:
+            raise ValueError("holdoff must be >= 0")
+        if not 0.0 < self.holdoff_factor <= 1.0:
+            raise ValueError("holdoff_factor must be in (0, 1]")
 
 
 TAIL_THRESHOLD = 0.5

@@ -127,19 +127,29 @@ def advance(
     nv = len(CAL_HISTS)
     lp_both, bins, tops = tail_log10_p(cal, views.repeat(1, 2), hists)
     lp = torch.where(applies, torch.minimum(lp_both[:, :nv], lp_both[:, nv:]), 0.0)
-    score = combine_scores(cal, lp, valid, applies)
-    is_anomaly = valid & (steps >= cal.warmup) & (score >= cal.threshold)
-    # Online adaptation skips the events the stream has just flagged.
-    learn = mask & ~is_anomaly[:, None]
+    raw = combine_scores(cal, lp, valid, applies)
+    flagged = valid & (steps >= cal.warmup) & (raw >= cal.threshold)
+    # Hold-off: for a few events after an alert, an event that scores no higher than the alert
+    # did is its aftershock (a burst's tail, its escalation, the return to normal), not news: it
+    # scores a fraction of its score, so an episode raises one alert. One that scores higher is
+    # news and alerts again. Scores only go down, so P(score >= s) <= the bound still holds.
+    hold_left, hold_score = state["hold_left"], state["hold_score"]
+    echo = (hold_left > 0) & (raw <= hold_score)
+    score = torch.where(echo, raw * cal.holdoff_factor, raw)
+    is_anomaly = flagged & (score >= cal.threshold)
+    alert = flagged & ~echo
+    # Online adaptation skips the events the stream has just flagged, aftershocks included:
+    # what the stream learns does not depend on how alerts are reported.
+    learn = mask & ~flagged[:, None]
     # The long history learns only unflagged events: it remembers what the stream does in normal
     # operation. A flagged glitch in it, even at a tenth of the weight, would set its top for
     # ~10,000 events and hold every later anomaly of ordinary size below the threshold.
-    weight = tail_weight(cal, steps, valid, is_anomaly)
-    weight_long = torch.where(is_anomaly, 0.0, weight)
+    weight = tail_weight(cal, steps, valid, flagged)
+    weight_long = torch.where(flagged, 0.0, weight)
     cal_weight = torch.cat((weight[:, None] * applies, weight_long[:, None] * applies), dim=1)  # [B, 10]
     windows = torch.full((2, nv), float(cal.window), dtype=hists.dtype, device=hists.device)  # (fills: no copy from host)
     windows[1] = float(cal.long_window)
-    flagged_b = is_anomaly[:, None].expand_as(bins)
+    flagged_b = flagged[:, None].expand_as(bins)
 
     # Online normaliser: exact mean/variance at first, exponential window later; winsorised, so
     # a glitch does not blind the stream.
@@ -182,6 +192,8 @@ def advance(
         **shift_update(state, x, n, learn, mean, std),
         **correlation_update(state, z_mix, ready, learn, corr_k),
         "steps": steps + 1,
+        "hold_left": torch.where(alert, cal.holdoff, (hold_left - 1).clamp(min=0)).to(hold_left.dtype),
+        "hold_score": torch.where(alert, raw, hold_score),
     }
     # The explanation is the decomposition of the statistic that decided the score: the views'
     # scales differ (a recent-mean shift of 50 is extreme where a prediction error of 50 may be

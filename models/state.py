@@ -66,6 +66,10 @@ FIELDS: tuple[Field, ...] = (
     Field("cal_long_shift", False, False, torch.float32, HIST_BINS),
     Field("cal_long_corr", False, False, torch.float32, HIST_BINS),
     Field("steps", False, False, torch.int64),  # events seen by the stream
+    # The alert hold-off (`holdoff` in models/calibration.py): events it has left and the score
+    # of the alert that started it (float64: compared with the next events' float64 scores).
+    Field("hold_left", False, False, torch.int32),
+    Field("hold_score", False, False, torch.float64),
 )
 
 

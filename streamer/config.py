@@ -120,6 +120,8 @@ class DetectorConfig(_Strict):
     threshold: float = Field(default=0.5, gt=0.0, le=1.0)
     calibration_window: int = Field(default=1000, ge=2)
     calibration_long_window: int = Field(default=5000, ge=2)
+    holdoff: int = Field(default=30, ge=0)
+    holdoff_factor: float = Field(default=0.4, gt=0.0, le=1.0)
     cpu_threads: int | None = Field(default=None, gt=0)  # None: half the cores, at most 8
     reload_check_s: float = Field(default=10.0, gt=0)
 
@@ -148,6 +150,8 @@ class DetectorConfig(_Strict):
             threshold=self.threshold,
             window=self.calibration_window,
             long_window=self.calibration_long_window,
+            holdoff=self.holdoff,
+            holdoff_factor=self.holdoff_factor,
         )
 
 

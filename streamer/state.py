@@ -24,10 +24,10 @@ from models.state import with_empty_fields
 TP = tuple[str, int]
 # Layout versions: 2 online adaptation (profile, mixture, second histogram); 3 the recent level and
 # a third histogram; 4 the recent mean and a fourth histogram; 5 the correlation view (error
-# correlations and a fifth histogram); 6 a long-memory histogram per view. Layouts 4 and 5 are
-# upgraded on load (see `_upgrade`).
-SNAPSHOT_VERSION = 6
-UPGRADABLE = (4, 5)
+# correlations and a fifth histogram); 6 a long-memory histogram per view; 7 the alert hold-off.
+# Layouts 4 to 6 are upgraded on load (see `_upgrade`).
+SNAPSHOT_VERSION = 7
+UPGRADABLE = (4, 5, 6)
 log = logging.getLogger(__name__)
 
 
@@ -181,7 +181,9 @@ def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Te
     as on a new stream (it applies only once its correlations rest on CORR_MIN events). Layout
     6's long-memory histograms start as copies of the short ones: the best record of the
     stream's history there is, and an empty one would rank every event as ordinary until it
-    filled, silencing the stream."""
+    filled, silencing the stream. Layout 7's hold-off starts off, as if no alert were recent."""
     if version <= 4:
         state = with_empty_fields(state, ("corr_cov", "corr_n", "cal_hist_corr"))
-    return {**state, **{long: state[short].clone() for short, long in zip(CAL_HISTS, CAL_HISTS_LONG)}}
+    if version <= 5:
+        state = {**state, **{long: state[short].clone() for short, long in zip(CAL_HISTS, CAL_HISTS_LONG)}}
+    return with_empty_fields(state, ("hold_left", "hold_score"))

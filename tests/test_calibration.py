@@ -134,6 +134,40 @@ def test_a_spike_the_stream_makes_often_is_not_news_after_a_quiet_spell(one_torc
     assert not flagged[1200:2300].any() and not short_flagged[1200:2300].any()
 
 
+def test_an_episode_raises_one_alert_and_a_bigger_surprise_another(one_torch_thread):
+    """An escalating burst (10, then 30 and 30 deviations) alerts twice without the hold-off and
+    once with it: the second 30 scores lower than the alert, so it is an aftershock and scores
+    holdoff_factor times as much. On a second stream, a spike that scores higher than the alert
+    before it, within the hold-off, is news and alerts. The hold-off changes what is reported,
+    not what the streams learn: every event's surprise is the same with and without it."""
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    rng = np.random.default_rng(6)
+    n = 1000
+    x = np.zeros((2 * n, 8))
+    x[:, 0] = np.tile(rng.normal(0.0, 1.0, n), 2)
+    x[600:603, 0] += [10.0, 30.0, 30.0]  # stream 0: the burst
+    x[n + 600, 0] += 6.0  # stream 1: a modest alert...
+    x[n + 610, 0] += 100.0  # ...and a much bigger spike inside its hold-off
+    slots = np.repeat([0, 1], n)
+    mask = np.zeros_like(x, dtype=bool)
+    mask[:, 0] = True
+
+    def run(holdoff: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        res = Detector(model, CalibrationConfig(warmup=100, holdoff=holdoff)).process(slots, x, mask)
+        return res.score, res.is_anomaly, res.surprise
+
+    raw, raw_flags, raw_surprise = run(0)
+    score, flags, surprise = run(30)
+    assert list(np.flatnonzero(raw_flags)) == [600, 601, n + 600, n + 610], np.flatnonzero(raw_flags)
+    assert list(np.flatnonzero(flags)) == [600, n + 600, n + 610], np.flatnonzero(flags)
+    np.testing.assert_array_equal(surprise, raw_surprise)
+    held = np.flatnonzero(score != raw)
+    assert 601 in held and n + 610 not in held
+    # Only inside a hold-off: 30 events after each alert (stream 1's restarts at its second).
+    assert all(0 < i - 600 <= 30 if i < n else 0 < i - n - 600 <= 40 for i in held), held
+    np.testing.assert_allclose(score[held], 0.4 * raw[held])
+
+
 def _normal_streams(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
     """Anomaly-free streams of very different shapes: scale, tails, discreteness, memory, rhythm."""
     ar = np.zeros(n)

@@ -21,6 +21,7 @@ from streamer.config import ConfigError, build_config, load_config
         ("topics:\n  inputs: []\n", "topics.inputs"),
         ("metrics:\n  port: 70000\n", "metrics.port"),
         ("detector:\n  calibration_long_window: 500\n", "detector.calibration_long_window"),
+        ("detector:\n  holdoff_factor: 0\n", "detector.holdoff_factor"),
         ("surprise_section: {}\n", "surprise_section"),
     ],
 )
