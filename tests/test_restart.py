@@ -221,9 +221,8 @@ def test_snapshots_this_code_did_not_write_mean_a_cold_start_not_a_crash(broker,
     from conftest import DaemonThread, make_config
 
     config = make_config(broker, topics, tmp_path / "state")
-    _, meta = load_checkpoint(DEFAULT_WEIGHTS)
+    model, meta = load_checkpoint(DEFAULT_WEIGHTS)
     arch = dict(meta["config"])
-    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
     good = Detector(model).bank.export_rows(torch.tensor([0, 1]))
     store = SnapshotStore(tmp_path / "state", config.consumer.group_id)
     streams = ["dev-0", "dev-1"]
