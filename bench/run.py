@@ -1,7 +1,9 @@
 """`python3 -m bench.run [--quick] [--device cpu|cuda] [--out FILE.json]`: the benchmark report.
 
 Runs the core step alone (no Kafka) and then the daemon end to end through the embedded
-broker, each for 1, 1,000 and 100,000 streams, and prints them with the machine they ran on.
+broker, each for 1, 1,000 and 100,000 streams, then the log path alone (parsing, templates,
+the log model and its online learning) for 9, 90 and 900 streams, and prints them with the
+machine they ran on.
 The end-to-end rates come with bare kafka-python consume/produce rates measured on the same
 broker in the same run, because only the ratio between the two carries over to other machines.
 """
@@ -22,6 +24,7 @@ from rich.table import Table
 
 from bench.core import CoreResult, run_core
 from bench.e2e import E2EResult, run_e2e
+from bench.logs import LogResult, run_logs
 from bench.machine import describe, load_average, peak_rss_bytes
 
 # Events pre-produced for the end-to-end cases. 100,000 streams need at least two events per
@@ -45,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="torch intra-op threads for everything; default: the core step runs with torch's default and with 1, "
         "the daemon with torch's default (as `streamer run` does)",
     )
-    p.add_argument("--only", choices=("core", "e2e"), help="run one part only")
+    p.add_argument("--only", choices=("core", "e2e", "logs"), help="run one part only")
     p.add_argument(
         "--max-poll-records", type=int, default=5_000, help="daemon consumer.max_poll_records (default: the daemon default, 5000)"
     )
@@ -160,6 +163,23 @@ def breakdown_table(rows: list[E2EResult]) -> Table:
     return t
 
 
+def logs_table(rows: list[LogResult]) -> Table:
+    t = Table(title="Log path alone: parse, mine templates, step and learn (one partition, 5,000-line polls, no Kafka)")
+    for name in ("streams", "threads", "lines timed", "lines/s", "wavefronts/poll", "weight updates/poll", "templates"):
+        t.add_column(name, justify="right")
+    for r in rows:
+        t.add_row(
+            f"{r.streams:,}",
+            str(r.threads),
+            f"{r.lines:,}",
+            fmt_rate(r.lines_per_s),
+            f"{r.wavefronts_per_batch:,.0f}",
+            f"{r.updates_per_batch:,.0f}",
+            str(r.templates),
+        )
+    return t
+
+
 def memory_table(core: list[CoreResult], e2e: list[E2EResult], start_rss: int) -> Table:
     t = Table(title="Memory")
     t.add_column("what")
@@ -202,11 +222,11 @@ def main(argv: list[str] | None = None) -> int:
 
     core: list[CoreResult] = []
     weights: str | None = None
+    default_threads = torch.get_num_threads()
+    # torch's default next to 1 thread: on small VMs the default can be much the slower.
+    single = args.threads is not None or device.type == "cuda"
+    settings = [default_threads] if single else sorted({default_threads, 1}, reverse=True)
     if args.only in (None, "core"):
-        default_threads = torch.get_num_threads()
-        # torch's default next to 1 thread: on small VMs the default can be much the slower.
-        single = args.threads is not None or device.type == "cuda"
-        settings = [default_threads] if single else sorted({default_threads, 1}, reverse=True)
         core, weights = run_core(device, settings, args.quick, log)
 
     e2e: list[E2EResult] = []
@@ -215,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         cases = [(s, n, ONE_STREAM_BUDGET_S[args.quick] if s == 1 else None) for s, n in counts.items()]
         baseline = 50_000 if args.quick else None
         e2e = run_e2e(cases, str(device), args.max_poll_records, args.e2e_timeout, args.threads, baseline, log)
+
+    logs: list[LogResult] = []
+    if args.only in (None, "logs"):
+        logs = run_logs(settings, args.quick, log)  # (on the CPU: the daemon keeps log partitions there)
 
     elapsed = time.perf_counter() - started
     info["load_average_at_end"] = load_average()
@@ -225,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     if e2e:
         out.print(e2e_table(e2e))
         out.print(breakdown_table(e2e))
+    if logs:
+        out.print(logs_table(logs))
     if core or e2e:
         out.print(memory_table(core, e2e, start_rss))
     if args.out:
@@ -237,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             "peak_rss_after_imports_bytes": start_rss,
             "core": [asdict(r) for r in core],
             "e2e": [asdict(r) for r in e2e],
+            "logs": [asdict(r) for r in logs],
         }
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)

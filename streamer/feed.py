@@ -94,11 +94,15 @@ class SensorFeed:
 class LogFeed:
     """Synthetic service logs (JSON records): the last `backfill_s` at once, then in real time.
 
+    15 minutes of backfill (about 5,700 lines) takes every stream past its warm-up. An hour
+    (22,500 lines) kept the demo's daemon busy for most of its first minute, and the next 30
+    minutes' alerts were no better for it.
+
     Lines carry their simulated timestamps, which line up with the wall clock from the end of
     the backfill on, so the log model sees realistic inter-arrival times.
     """
 
-    def __init__(self, bootstrap: str, topic: str, instances: int = 9, backfill_s: float = 3600.0, live_s: float = 7200.0) -> None:
+    def __init__(self, bootstrap: str, topic: str, instances: int = 9, backfill_s: float = 900.0, live_s: float = 7200.0) -> None:
         from models.logs.synth import generate
 
         start_ms = int(time.time() * 1000 - backfill_s * 1000)
