@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -260,9 +260,6 @@ class E2EResult:
     active_streams: int = 0
     peak_rss_bytes: int = 0
     note: str = ""
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def daemon_config(broker: EmbeddedBroker, topics: dict[str, str], state_dir: Path, device: str, max_poll_records: int) -> Config:

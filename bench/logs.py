@@ -13,7 +13,7 @@ injected anomalies) as the JSON records the demo's feed sends, in the daemon's 5
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -56,9 +56,6 @@ class LogResult:
     wavefronts_per_batch: float
     updates_per_batch: float
     templates: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def bench_case(case: LogCase, threads: int, seed: int = 0) -> LogResult:
