@@ -189,33 +189,3 @@ def test_a_tripled_rate_is_flagged_in_the_rate_and_hidden_in_a_raw_counter(one_t
     )
     assert flagged["rate"][change], score["rate"][change - 2 : change + 3]
     assert score["counter"][after].max() < 0.5 * score["rate"][after].max()
-
-
-def _daily_job_flags(step_s: int, days: int) -> list[int]:
-    """Flags per day on a daily cycle with a 5-minute job at 03:00 that adds 60 deviations."""
-    rng = np.random.default_rng(0)
-    per_day = 86_400 // step_s
-    t = np.arange(per_day * days) * step_s
-    v = 20.0 + 5.0 * np.sin(2 * np.pi * t / 86_400) + rng.normal(0.0, 1.0, len(t))
-    v[(t % 86_400 >= 3 * 3600) & (t % 86_400 < 3 * 3600 + 300)] += 60.0
-    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
-    det = Detector(model, CalibrationConfig())
-    x = np.zeros((len(t), det.max_features))
-    mask = np.zeros_like(x, dtype=bool)
-    x[:, 0], mask[:, 0] = v, True
-    flagged = det.process(np.zeros(len(t), dtype=np.int64), x, mask, t * 1000).is_anomaly
-    return np.bincount(t[flagged] // 86_400, minlength=days).tolist()
-
-
-def test_a_daily_job_stops_being_flagged_only_if_a_day_fits_the_calibration_memory(one_torch_thread):
-    """Pins a known limitation (README, Model: "Recurring events"). A job that runs every night is
-    learned at 5-minute resolution (288 readings a day): after a few nights it is no longer
-    flagged. At 30-second resolution (2,880 a day) it is flagged every night. A flagged event
-    enters the short calibration history at a tenth of the weight, and its trace is gone after
-    ~2,300 events; the long history learns no flagged event, so one glitch cannot raise its bar.
-    If this test fails because the 30-second job stopped being flagged, update the README."""
-    five_min = _daily_job_flags(300, 10)
-    thirty_s = _daily_job_flags(30, 4)
-    print(f"\nflags per day: 5-minute readings {five_min}, 30-second readings {thirty_s}")
-    assert sum(five_min[7:]) == 0, five_min
-    assert all(n >= 1 for n in thirty_s), thirty_s
