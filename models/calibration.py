@@ -38,6 +38,11 @@ class CalibrationConfig:
     # episode, not one per aftershock.
     holdoff: int = 30
     holdoff_factor: float = 0.4
+    # An event flagged in an hour of the day that had flags on each of the `recur_days` days
+    # before is a recurrence (a nightly job), reported like an aftershock unless it scores more
+    # than `recur_margin` decades above them (models/recurrence.py). 0 turns this off.
+    recur_days: int = 2
+    recur_margin: float = 1.0
 
     def __post_init__(self) -> None:
         if self.warmup < 0:
@@ -60,6 +65,10 @@ class CalibrationConfig:
             raise ValueError("holdoff must be >= 0")
         if not 0.0 < self.holdoff_factor <= 1.0:
             raise ValueError("holdoff_factor must be in (0, 1]")
+        if self.recur_days < 0:
+            raise ValueError("recur_days must be >= 0")
+        if self.recur_margin < 0:
+            raise ValueError("recur_margin must be >= 0")
 
 
 TAIL_THRESHOLD = 0.5
@@ -164,7 +173,8 @@ def tail_weight(cfg: CalibrationConfig, steps: torch.Tensor, valid: torch.Tensor
 def combine_scores(cfg: CalibrationConfig, log10_p: torch.Tensor, valid: torch.Tensor, applies: torch.Tensor) -> torch.Tensor:
     """One score from several tail probabilities of the same event, log10_p [B, K] (Bonferroni:
     the smallest p times the number of tests), so adding a detector does not add false positives.
-    applies [B, K]: which tests the event had; only those count."""
+    applies [B, K]: which tests the event had; only those count. Not capped at 1: the score is
+    min(1, this), and what lies above 1 still tells a larger anomaly from a smaller one."""
     k = applies.sum(dim=-1).clamp(min=1).to(log10_p.dtype)
     lp = torch.where(applies, log10_p, -math.inf).max(dim=-1).values - torch.log10(k)
-    return torch.where(valid & applies.any(dim=-1), (lp / cfg.decades).clamp(0.0, 1.0), torch.zeros_like(lp))
+    return torch.where(valid & applies.any(dim=-1), (lp / cfg.decades).clamp(min=0.0), torch.zeros_like(lp))

@@ -34,6 +34,7 @@ from models.adapt import (
 from models.calibration import TAIL_THRESHOLD, CalibrationConfig, combine_scores, learn_tail, tail_log10_p, tail_weight
 from models.correlation import active_width, correlation_q, correlation_update, standardised_errors
 from models.gru import StreamGRU, gaussian_nll
+from models.recurrence import recurrence, recurrence_update
 from models.state import StateBank
 
 
@@ -127,7 +128,8 @@ def advance(
     nv = len(CAL_HISTS)
     lp_both, bins, tops = tail_log10_p(cal, views.repeat(1, 2), hists)
     lp = torch.where(applies, torch.minimum(lp_both[:, :nv], lp_both[:, nv:]), 0.0)
-    raw = combine_scores(cal, lp, valid, applies)
+    level = combine_scores(cal, lp, valid, applies)  # uncapped: recurrences compare above 1
+    raw = level.clamp(max=1.0)
     flagged = valid & (steps >= cal.warmup) & (raw >= cal.threshold)
     # Hold-off: for a few events after an alert, an event that scores no higher than the alert
     # did is its aftershock (a burst's tail, its escalation, the return to normal), not news: it
@@ -135,6 +137,9 @@ def advance(
     # news and alerts again. Scores only go down, so P(score >= s) <= the bound still holds.
     hold_left, hold_score = state["hold_left"], state["hold_score"]
     echo = (hold_left > 0) & (raw <= hold_score)
+    # A recurrence (flagged in an hour that had flags on each of the last days, and no larger
+    # than they were) is reported the same way, and starts no hold-off: it is routine, not news.
+    echo = echo | (flagged & recurrence(state, ts_ms, level, cal.recur_days, cal.recur_margin / cal.decades))
     score = torch.where(echo, raw * cal.holdoff_factor, raw)
     is_anomaly = flagged & (score >= cal.threshold)
     alert = flagged & ~echo
@@ -194,6 +199,7 @@ def advance(
         "steps": steps + 1,
         "hold_left": torch.where(alert, cal.holdoff, (hold_left - 1).clamp(min=0)).to(hold_left.dtype),
         "hold_score": torch.where(alert, raw, hold_score),
+        **recurrence_update(state, ts_ms, level, flagged),
     }
     # The explanation is the decomposition of the statistic that decided the score: the views'
     # scales differ (a recent-mean shift of 50 is extreme where a prediction error of 50 may be

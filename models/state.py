@@ -70,6 +70,11 @@ FIELDS: tuple[Field, ...] = (
     # of the alert that started it (float64: compared with the next events' float64 scores).
     Field("hold_left", False, False, torch.int32),
     Field("hold_score", False, False, torch.float64),
+    # Recurring events (models/recurrence.py), per UTC hour: the last day with a flag in it, the
+    # run of consecutive days ending there, and the largest (uncapped) score flagged there that day.
+    Field("recur_day", False, False, torch.int32, PROFILE_BINS),
+    Field("recur_run", False, False, torch.int32, PROFILE_BINS),
+    Field("recur_peak", False, False, torch.float32, PROFILE_BINS),
 )
 
 

@@ -122,6 +122,8 @@ class DetectorConfig(_Strict):
     calibration_long_window: int = Field(default=5000, ge=2)
     holdoff: int = Field(default=30, ge=0)
     holdoff_factor: float = Field(default=0.4, gt=0.0, le=1.0)
+    recur_days: int = Field(default=2, ge=0)
+    recur_margin: float = Field(default=1.0, ge=0.0)
     cpu_threads: int | None = Field(default=None, gt=0)  # None: half the cores, at most 8
     reload_check_s: float = Field(default=10.0, gt=0)
 
@@ -152,6 +154,8 @@ class DetectorConfig(_Strict):
             long_window=self.calibration_long_window,
             holdoff=self.holdoff,
             holdoff_factor=self.holdoff_factor,
+            recur_days=self.recur_days,
+            recur_margin=self.recur_margin,
         )
 
 

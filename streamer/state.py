@@ -24,10 +24,10 @@ from models.state import with_empty_fields
 TP = tuple[str, int]
 # Layout versions: 2 online adaptation (profile, mixture, second histogram); 3 the recent level and
 # a third histogram; 4 the recent mean and a fourth histogram; 5 the correlation view (error
-# correlations and a fifth histogram); 6 a long-memory histogram per view; 7 the alert hold-off.
-# Layouts 4 to 6 are upgraded on load (see `_upgrade`).
-SNAPSHOT_VERSION = 7
-UPGRADABLE = (4, 5, 6)
+# correlations and a fifth histogram); 6 a long-memory histogram per view; 7 the alert hold-off;
+# 8 the memory of recurring events. Layouts 4 to 7 are upgraded on load (see `_upgrade`).
+SNAPSHOT_VERSION = 8
+UPGRADABLE = (4, 5, 6, 7)
 log = logging.getLogger(__name__)
 
 
@@ -181,9 +181,12 @@ def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Te
     as on a new stream (it applies only once its correlations rest on CORR_MIN events). Layout
     6's long-memory histograms start as copies of the short ones: the best record of the
     stream's history there is, and an empty one would rank every event as ordinary until it
-    filled, silencing the stream. Layout 7's hold-off starts off, as if no alert were recent."""
+    filled, silencing the stream. Layout 7's hold-off starts off, as if no alert were recent, and
+    layout 8's memory of recurring events empty, as if nothing had been flagged on earlier days."""
     if version <= 4:
         state = with_empty_fields(state, ("corr_cov", "corr_n", "cal_hist_corr"))
     if version <= 5:
         state = {**state, **{long: state[short].clone() for short, long in zip(CAL_HISTS, CAL_HISTS_LONG)}}
-    return with_empty_fields(state, ("hold_left", "hold_score"))
+    if version <= 6:
+        state = with_empty_fields(state, ("hold_left", "hold_score"))
+    return with_empty_fields(state, ("recur_day", "recur_run", "recur_peak"))

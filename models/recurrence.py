@@ -1,0 +1,74 @@
+"""Recurring events: something flagged at the same hour on each of the last days is expected.
+
+A nightly job, a daily batch load or a backup is an anomaly the first night and routine by the
+third. The calibration histories cannot learn it at every sampling rate: they count events, not
+days, and a flagged event's trace in them lasts ~2,300 events, which is eight days at 5-minute
+readings but less than one at 30-second readings. So each stream also remembers, for every UTC
+hour of the day, the last day something was flagged in that hour, how many consecutive days
+before it had a flag there too, and the largest score flagged there that day. An event flagged in an hour
+(or next to one) that had flags on each of the `recur_days` days before it, and that is no
+larger than they were by more than `recur_margin` (decades of tail probability over the score's
+`decades`), is a recurrence: it is reported like an aftershock of an alert, not as news.
+
+Keyed by the event's own timestamp, so it needs timestamps: without them every event is at
+midnight of day 0 and nothing ever recurs. Only daily recurrence is recognised (a weekly job is
+seven days apart and is not).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from models.adapt import DAY_MS, PROFILE_BINS, hour_of_day
+
+# Neighbouring hours count as the same slot: a job that starts at 01:58 one night and 02:03
+# the next is the same job.
+_NEIGHBOURS = (-1, 0, 1)
+
+
+def _slots(ts_ms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """UTC day number [B] and the hour slots [B, 3] (the event's hour and its neighbours)."""
+    hour = hour_of_day(ts_ms)
+    offsets = torch.tensor(_NEIGHBOURS, device=ts_ms.device)
+    return torch.div(ts_ms, DAY_MS, rounding_mode="floor"), torch.remainder(hour[:, None] + offsets, PROFILE_BINS)
+
+
+def recurrence(state: dict[str, torch.Tensor], ts_ms: torch.Tensor, level: torch.Tensor, days: int, margin: float) -> torch.Tensor:
+    """bool [B]: the event recurs: its hour had a flag on each of the `days` days before today,
+    and its `level` (the uncapped score) is at most `margin` above the largest flagged on the
+    slot's last day. (The last day's, not the run's: the first nights are scored against a
+    history that had never seen the job, and would let anything through later.)"""
+    if days <= 0:
+        return torch.zeros_like(level, dtype=torch.bool)
+    day, slots = _slots(ts_ms)
+    last = state["recur_day"].gather(1, slots).long()
+    run = state["recur_run"].gather(1, slots).long()
+    peak = state["recur_peak"].gather(1, slots)
+    # Consecutive days before today with a flag in this slot: the run as of its last day, less
+    # today where today is that day.
+    before = torch.where(last == day[:, None] - 1, run, torch.where(last == day[:, None], run - 1, 0))
+    return ((before >= days) & (level[:, None] <= peak + margin)).any(dim=1)
+
+
+def recurrence_update(
+    state: dict[str, torch.Tensor], ts_ms: torch.Tensor, level: torch.Tensor, flagged: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The memory after the events `flagged` [B] (recurrences included, so a run of days goes
+    on while its events are no longer reported): a flag on the day after the slot's last one
+    extends the run, one on a later day starts a new run. Only the event's own hour is marked."""
+    day = torch.div(ts_ms, DAY_MS, rounding_mode="floor")
+    hour = hour_of_day(ts_ms)[:, None]
+    last = state["recur_day"].gather(1, hour).squeeze(1).long()
+    run = state["recur_run"].gather(1, hour).squeeze(1).long()
+    peak = state["recur_peak"].gather(1, hour).squeeze(1)
+    next_day = last == day - 1
+    same_day = (last == day) & (run > 0)
+    new_run = torch.where(same_day, run, torch.where(next_day, run + 1, 1))
+    new_peak = torch.where(same_day, torch.maximum(peak, level), level)
+    # Late events from an earlier day than the slot's last leave it alone.
+    f = flagged & (day >= last)
+    return {
+        "recur_day": state["recur_day"].scatter(1, hour, torch.where(f, day, last).to(state["recur_day"].dtype)[:, None]),
+        "recur_run": state["recur_run"].scatter(1, hour, torch.where(f, new_run, run).to(state["recur_run"].dtype)[:, None]),
+        "recur_peak": state["recur_peak"].scatter(1, hour, torch.where(f, new_peak, peak).to(state["recur_peak"].dtype)[:, None]),
+    }
