@@ -49,11 +49,15 @@ class StepOutput:
     valid: torch.Tensor  # bool [B]: there was a prediction to be surprised against
     nll: torch.Tensor  # float32 [B, F]: the GRU's NLL per feature (the training loss)
     view: torch.Tensor  # int64 [B]: index into VIEWS of the view with the smallest p
+    held: torch.Tensor  # int8 [B]: index into HELD of why a flagged event is not an anomaly (0: it is not held)
 
 
 # The views of an event, as score records name them, and the state's surprise histograms they
 # are ranked against, in the same order. The last applies only to multi-feature events.
 VIEWS = ("prediction", "time_of_day", "recent_level", "recent_mean", "correlation")
+# Why an event at or above the threshold is reported below it: not held, an aftershock of a recent
+# alert (the hold-off) or a recurrence of something flagged at this hour on the last days.
+HELD = ("", "aftershock", "recurrence")
 # Largest magnitude of a reading the core accepts. State keeps squared deviations in float32 (a
 # feature's variance at each hour), which overflows past ~1.8e19: a larger finite reading would
 # turn a stream's state into infinities for good. No real sensor reads 1e18 in a sensible unit,
@@ -136,12 +140,14 @@ def advance(
     # scores a fraction of its score, so an episode raises one alert. One that scores higher is
     # news and alerts again. Scores only go down, so P(score >= s) <= the bound still holds.
     hold_left, hold_score = state["hold_left"], state["hold_score"]
-    echo = (hold_left > 0) & (raw <= hold_score)
+    aftershock = (hold_left > 0) & (raw <= hold_score)
     # A recurrence (flagged in an hour that had flags on each of the last days, and no larger
     # than they were) is reported the same way, and starts no hold-off: it is routine, not news.
-    echo = echo | (flagged & recurrence(state, ts_ms, level, cal.recur_days, cal.recur_margin / cal.decades))
+    recurs = flagged & recurrence(state, ts_ms, level, cal.recur_days, cal.recur_margin / cal.decades)
+    echo = aftershock | recurs
     score = torch.where(echo, raw * cal.holdoff_factor, raw)
     is_anomaly = flagged & (score >= cal.threshold)
+    held = torch.where(flagged & ~is_anomaly, torch.where(recurs, 2, torch.where(aftershock, 1, 0)), 0).to(torch.int8)
     alert = flagged & ~echo
     # Online adaptation skips the events the stream has just flagged, aftershocks included:
     # what the stream learns does not depend on how alerts are reported.
@@ -207,7 +213,7 @@ def advance(
     view = lp.argmax(dim=1)
     contributions = per_feature.gather(1, view[:, None, None].expand(-1, 1, per_feature.shape[2])).squeeze(1)
     contributions = contributions.clamp(max=torch.finfo(torch.float32).max).float()  # ~1e48 after a flat stream jumps
-    return new_state, StepOutput(surprise, score, is_anomaly, contributions, valid, nll, view)
+    return new_state, StepOutput(surprise, score, is_anomaly, contributions, valid, nll, view, held)
 
 
 def wavefronts(slots: np.ndarray) -> list[np.ndarray]:
@@ -240,6 +246,7 @@ class BatchResult:
     contributions: np.ndarray  # float32 [N, F]
     valid: np.ndarray  # bool [N]
     view: np.ndarray  # int64 [N]: index into VIEWS of the view that decided the score
+    held: np.ndarray  # int8 [N]: index into HELD of why a flagged event is not an anomaly
     wavefronts: int
 
     def top_feature(self, mask: np.ndarray) -> np.ndarray:
@@ -300,9 +307,17 @@ class Detector:
         out_contrib = torch.zeros((n, f), dtype=torch.float32, device=dev)
         out_valid = torch.zeros(n, dtype=torch.bool, device=dev)
         out_view = torch.zeros(n, dtype=torch.int64, device=dev)
+        out_held = torch.zeros(n, dtype=torch.int8, device=dev)
         if n == 0:
             return BatchResult(
-                np.zeros(0), np.zeros(0), np.zeros(0, bool), np.zeros((0, f), np.float32), np.zeros(0, bool), np.zeros(0, np.int64), 0
+                np.zeros(0),
+                np.zeros(0),
+                np.zeros(0, bool),
+                np.zeros((0, f), np.float32),
+                np.zeros(0, bool),
+                np.zeros(0, np.int64),
+                np.zeros(0, np.int8),
+                0,
             )
         self.bank.ensure_capacity(int(slots.max()) + 1)
         x_dev = torch.as_tensor(x, dtype=torch.float64).to(dev, non_blocking=True)
@@ -328,6 +343,7 @@ class Detector:
             out_contrib[idx] = out.contributions
             out_valid[idx] = out.valid
             out_view[idx] = out.view
+            out_held[idx] = out.held
         return BatchResult(
             out_surprise.cpu().numpy(),
             out_score.cpu().numpy(),
@@ -335,5 +351,6 @@ class Detector:
             out_contrib.cpu().numpy(),
             out_valid.cpu().numpy(),
             out_view.cpu().numpy(),
+            out_held.cpu().numpy(),
             len(waves),
         )

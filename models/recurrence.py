@@ -23,13 +23,13 @@ from models.adapt import DAY_MS, PROFILE_BINS, hour_of_day
 
 # Neighbouring hours count as the same slot: a job that starts at 01:58 one night and 02:03
 # the next is the same job.
-_NEIGHBOURS = (-1, 0, 1)
+_REACH = 1  # hours either side
 
 
 def _slots(ts_ms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """UTC day number [B] and the hour slots [B, 3] (the event's hour and its neighbours)."""
     hour = hour_of_day(ts_ms)
-    offsets = torch.tensor(_NEIGHBOURS, device=ts_ms.device)
+    offsets = torch.arange(-_REACH, _REACH + 1, device=ts_ms.device)  # (arange: no host-to-device copy)
     return torch.div(ts_ms, DAY_MS, rounding_mode="floor"), torch.remainder(hour[:, None] + offsets, PROFILE_BINS)
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import orjson
 import torch
 
-from models.detector import VIEWS, Detector
+from models.detector import HELD, VIEWS, Detector
 from streamer.config import Config
 from streamer.decode import Decoder
 from streamer.health import LoopHealth
@@ -33,6 +33,7 @@ from streamer.transport import OutRecord, Polled, SendError, Transport
 log = logging.getLogger(__name__)
 # Score records name the deciding view; the extra None is for events with nothing to compare.
 _VIEW_NAMES = np.array([*VIEWS, None], dtype=object)
+_HELD_NAMES = np.array([None, *HELD[1:]], dtype=object)
 
 
 class Runner:
@@ -363,6 +364,7 @@ class Runner:
         anomaly = res.is_anomaly.tolist()
         contrib = res.contributions.tolist()
         view = _VIEW_NAMES[np.where(res.valid, res.view, len(VIEWS))].tolist()
+        held = _HELD_NAMES[res.held].tolist()
         ts = dec.ts_ms.tolist()
         out: list[OutRecord] = []
         schemas = self.decoder.schemas
@@ -385,6 +387,7 @@ class Runner:
                 "is_anomaly": anomaly[j],
                 "top_feature": names[top[j]] if top[j] >= 0 else None,
                 "view": view[j],
+                "held": held[j],
                 "contributions": dict(zip(names, contrib[j][:k])),
                 "model_version": version,
             }
@@ -397,6 +400,10 @@ class Runner:
         for name, count in zip(VIEWS, flagged.tolist()):
             if count:
                 self.metrics.anomalies.labels(name).inc(count)
+        held_counts = np.bincount(res.held[emitted], minlength=len(HELD))
+        for name, count in zip(HELD[1:], held_counts[1:].tolist()):
+            if count:
+                self.metrics.held.labels(name).inc(count)
         return out
 
     def _send(self, outputs: list[OutRecord]) -> bool:

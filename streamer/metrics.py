@@ -28,7 +28,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from prometheus_client.samples import Exemplar
 
-from models.detector import VIEWS
+from models.detector import HELD, VIEWS
 from streamer.decode import REASONS
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -118,6 +118,15 @@ class Metrics:
         )
         for view in ANOMALY_VIEWS:
             self.anomalies.labels(view)
+        self.held = Counter(
+            "streamer_held_events",
+            "Sensor events at or above the threshold reported below it: an aftershock of a recent alert, or a recurrence "
+            "of something flagged at this hour on each of the last days (a nightly job).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in HELD[1:]:
+            self.held.labels(reason)
         self.output_records = Counter("streamer_output_records", "Records acknowledged by the broker.", ["topic"], registry=r)
         self.send_failures = Counter("streamer_send_failures", "Output batches not acknowledged (then resent).", registry=r)
         self.commit_failures = Counter("streamer_commit_failures", "Offset commits rejected by the group coordinator.", registry=r)

@@ -539,6 +539,7 @@ def overview() -> Json:
         "moved lately; correlation: a feature is out of line with the others), log for log lines.",
         "cps",
         targets((f"sum by (view) ({rate('streamer_anomalies_total')})", "{{view}}")),
+        w=8,
     )
     b.timeseries(
         "Anomaly share of scored events",
@@ -548,6 +549,17 @@ def overview() -> Json:
         "StreamerAnomalyRateSpike fires at three times the previous day's share.",
         "percentunit",
         targets((f"sum({rate('streamer_anomalies_total')}) / sum({rate('streamer_events_scored_total')})", "flagged share")),
+        w=8,
+    )
+    b.timeseries(
+        "Held events per second",
+        "Sensor events whose score reached the threshold but that were reported below it, not as anomalies: aftershock "
+        "(within detector.holdoff events of an alert they did not exceed: one alert per episode) or recurrence "
+        "(flagged at an hour of the day that had flags on each of the last detector.recur_days days: a nightly job). "
+        "A stream whose anomaly stopped alerting but keeps showing here is one the detector now takes as routine.",
+        "cps",
+        targets((f"sum by (reason) ({rate('streamer_held_events_total')})", "{{reason}}")),
+        w=8,
     )
 
     b.row("Latency")
