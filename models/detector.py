@@ -34,7 +34,7 @@ from models.adapt import (
 from models.calibration import TAIL_THRESHOLD, CalibrationConfig, combine_scores, learn_tail, tail_log10_p, tail_weight
 from models.correlation import active_width, correlation_q, correlation_update, standardised_errors
 from models.gru import StreamGRU, gaussian_nll
-from models.recurrence import recurrence, recurrence_update
+from models.recurrence import RECUR_FIELDS, recurrence, recurrence_update
 from models.state import StateBank
 
 
@@ -143,7 +143,13 @@ def advance(
     aftershock = (hold_left > 0) & (raw <= hold_score)
     # A recurrence (flagged in an hour that had flags on each of the last days, and no larger
     # than they were) is reported the same way, and starts no hold-off: it is routine, not news.
-    recurs = flagged & recurrence(state, ts_ms, level, cal.recur_days, cal.recur_margin / cal.decades)
+    # (Flags are rare: on CPU, a wavefront without one skips the memory, which it would leave as
+    # it is. On a GPU the check would force a sync per wavefront, so the memory always runs.)
+    recur_runs = x.device.type != "cpu" or bool(flagged.any())
+    if recur_runs:
+        recurs = flagged & recurrence(state, ts_ms, level, cal.recur_days, cal.recur_margin / cal.decades)
+    else:
+        recurs = torch.zeros_like(flagged)
     echo = aftershock | recurs
     score = torch.where(echo, raw * cal.holdoff_factor, raw)
     is_anomaly = flagged & (score >= cal.threshold)
@@ -205,7 +211,7 @@ def advance(
         "steps": steps + 1,
         "hold_left": torch.where(alert, cal.holdoff, (hold_left - 1).clamp(min=0)).to(hold_left.dtype),
         "hold_score": torch.where(alert, raw, hold_score),
-        **recurrence_update(state, ts_ms, level, flagged),
+        **(recurrence_update(state, ts_ms, level, flagged) if recur_runs else {k: state[k] for k in RECUR_FIELDS}),
     }
     # The explanation is the decomposition of the statistic that decided the score: the views'
     # scales differ (a recent-mean shift of 50 is extreme where a prediction error of 50 may be

@@ -24,6 +24,8 @@ from models.adapt import DAY_MS, PROFILE_BINS, hour_of_day
 # Neighbouring hours count as the same slot: a job that starts at 01:58 one night and 02:03
 # the next is the same job.
 _REACH = 1  # hours either side
+# The memory's state fields (models/state.py).
+RECUR_FIELDS = ("recur_day", "recur_run", "recur_peak")
 
 
 def _slots(ts_ms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

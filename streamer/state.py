@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from models.detector import CAL_HISTS, CAL_HISTS_LONG
+from models.recurrence import RECUR_FIELDS
 from models.state import with_empty_fields
 
 TP = tuple[str, int]
@@ -189,4 +190,4 @@ def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Te
         state = {**state, **{long: state[short].clone() for short, long in zip(CAL_HISTS, CAL_HISTS_LONG)}}
     if version <= 6:
         state = with_empty_fields(state, ("hold_left", "hold_score"))
-    return with_empty_fields(state, ("recur_day", "recur_run", "recur_peak"))
+    return with_empty_fields(state, RECUR_FIELDS)
