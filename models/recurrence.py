@@ -29,10 +29,12 @@ RECUR_FIELDS = ("recur_day", "recur_run", "recur_peak")
 
 
 def _slots(ts_ms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """UTC day number [B] and the hour slots [B, 3] (the event's hour and its neighbours)."""
-    hour = hour_of_day(ts_ms)
-    offsets = torch.arange(-_REACH, _REACH + 1, device=ts_ms.device)  # (arange: no host-to-device copy)
-    return torch.div(ts_ms, DAY_MS, rounding_mode="floor"), torch.remainder(hour[:, None] + offsets, PROFILE_BINS)
+    """The hour slots [B, 3] of an event (its hour and its neighbours) and the UTC day [B, 3] that
+    each slot's hour falls on around the event: 23:00 next to a 00:10 event is the previous day's,
+    so that a midnight job that runs at 23:59 one night and 00:01 the next is one job."""
+    hour = hour_of_day(ts_ms)[:, None] + torch.arange(-_REACH, _REACH + 1, device=ts_ms.device)  # (arange: no host copy)
+    day = torch.div(ts_ms, DAY_MS, rounding_mode="floor")[:, None] + torch.div(hour, PROFILE_BINS, rounding_mode="floor")
+    return torch.remainder(hour, PROFILE_BINS), day
 
 
 def recurrence(state: dict[str, torch.Tensor], ts_ms: torch.Tensor, level: torch.Tensor, days: int, margin: float) -> torch.Tensor:
@@ -42,13 +44,13 @@ def recurrence(state: dict[str, torch.Tensor], ts_ms: torch.Tensor, level: torch
     history that had never seen the job, and would let anything through later.)"""
     if days <= 0:
         return torch.zeros_like(level, dtype=torch.bool)
-    day, slots = _slots(ts_ms)
+    slots, day = _slots(ts_ms)
     last = state["recur_day"].gather(1, slots).long()
     run = state["recur_run"].gather(1, slots).long()
     peak = state["recur_peak"].gather(1, slots)
     # Consecutive days before today with a flag in this slot: the run as of its last day, less
     # today where today is that day.
-    before = torch.where(last == day[:, None] - 1, run, torch.where(last == day[:, None], run - 1, 0))
+    before = torch.where(last == day - 1, run, torch.where(last == day, run - 1, 0))
     return ((before >= days) & (level[:, None] <= peak + margin)).any(dim=1)
 
 

@@ -261,7 +261,8 @@ def test_a_daily_job_is_flagged_on_two_nights_then_recognised_at_any_reading_rat
 def test_the_recurrence_memory_wants_consecutive_days_at_the_same_hour():
     """The memory alone (models/recurrence.py): flags at 03:10 on two days running make a flag
     at 03:50 (or in the next hour) on the third day a recurrence; not at 06:00, not after a day
-    without a flag, not when it is larger than the last day's by more than the margin."""
+    without a flag, not when it is larger than the last day's by more than the margin, and
+    across midnight the neighbouring hour is the other day's."""
     state = {k: v for k, v in empty_state(ModelConfig(), 1).items() if k.startswith("recur_")}
     hour, day = 3_600_000, 86_400_000
 
@@ -282,6 +283,14 @@ def test_the_recurrence_memory_wants_consecutive_days_at_the_same_hour():
     assert not recurs(d10 + 3 * day)  # the third day had no flag: the run is over
     flag(d10 + 2 * day)
     assert recurs(d10 + 2 * day + 60_000)  # later the same day: still two days before it
+    # Around midnight the neighbouring hour belongs to the day before or after: a job at 23:55
+    # on days 20 and 21 that slips to 00:05 on day 23 recurs; 00:05 on day 22, ten minutes
+    # after day 21's run, does not.
+    state = {k: v for k, v in empty_state(ModelConfig(), 1).items() if k.startswith("recur_")}
+    late = 20 * day + 23 * hour + 55 * 60_000
+    flag(late)
+    flag(late + day)
+    assert recurs(late + 2 * day + 600_000) and not recurs(late + day + 600_000)
     # Without timestamps every event is at midnight of day 0: nothing ever recurs.
     state = {k: v for k, v in empty_state(ModelConfig(), 1).items() if k.startswith("recur_")}
     for _ in range(5):
