@@ -4,15 +4,16 @@ A nightly job, a daily batch load or a backup is an anomaly the first night and 
 third. The calibration histories cannot learn it at every sampling rate: they count events, not
 days, and a flagged event's trace in them lasts ~2,300 events, which is eight days at 5-minute
 readings but less than one at 30-second readings. So each stream also remembers, for every UTC
-hour of the day, the last day something was flagged in that hour, how many consecutive days
-before it had a flag there too, and the largest score flagged there that day. An event flagged in an hour
-(or next to one) that had flags on each of the `recur_days` days before it, and that is no
-larger than they were by more than `recur_margin` (decades of tail probability over the score's
-`decades`), is a recurrence: it is reported like an aftershock of an alert, not as news.
+hour of the day, the last day something was flagged in that hour, how many consecutive days up
+to it had a flag there, and the largest score flagged there that day. An event flagged in an
+hour (or next to one: jobs drift, and DST moves a local-time job by an hour in UTC) that had
+flags on each of the `recur_days` days before it, and whose uncapped score is no more than
+`recur_margin` decades of tail probability above that day's largest, is a recurrence: it is
+reported like an aftershock of an alert, not as news.
 
-Keyed by the event's own timestamp, so it needs timestamps: without them every event is at
-midnight of day 0 and nothing ever recurs. Only daily recurrence is recognised (a weekly job is
-seven days apart and is not).
+Keyed by the event's own timestamp (the daemon falls back to the Kafka record's): without
+timestamps every event is at midnight of day 0 and nothing ever recurs. Only daily recurrence
+is recognised (a weekly job is seven days apart and is not).
 """
 
 from __future__ import annotations
