@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from models.calibration import HIST_BINS, HIST_HI, HIST_LO, TAIL_THRESHOLD, CalibrationConfig, learn_tail, tail_log10_p, tail_weight
-from models.detector import Detector
+from models.detector import HELD, Detector
 from models.gru import DEFAULT_WEIGHTS, load_checkpoint
 
 
@@ -152,12 +152,12 @@ def test_an_episode_raises_one_alert_and_a_bigger_surprise_another(one_torch_thr
     mask = np.zeros_like(x, dtype=bool)
     mask[:, 0] = True
 
-    def run(holdoff: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def run(holdoff: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         res = Detector(model, CalibrationConfig(warmup=100, holdoff=holdoff)).process(slots, x, mask)
-        return res.score, res.is_anomaly, res.surprise
+        return res.score, res.is_anomaly, res.surprise, res.held
 
-    raw, raw_flags, raw_surprise = run(0)
-    score, flags, surprise = run(30)
+    raw, raw_flags, raw_surprise, raw_why = run(0)
+    score, flags, surprise, why = run(30)
     assert list(np.flatnonzero(raw_flags)) == [600, 601, n + 600, n + 610], np.flatnonzero(raw_flags)
     assert list(np.flatnonzero(flags)) == [600, n + 600, n + 610], np.flatnonzero(flags)
     np.testing.assert_array_equal(surprise, raw_surprise)
@@ -166,6 +166,10 @@ def test_an_episode_raises_one_alert_and_a_bigger_surprise_another(one_torch_thr
     # Only inside a hold-off: 30 events after each alert (stream 1's restarts at its second).
     assert all(0 < i - 600 <= 30 if i < n else 0 < i - n - 600 <= 40 for i in held), held
     np.testing.assert_allclose(score[held], 0.4 * raw[held])
+    # The record says why: the aftershock that would have been an alert is held as one (the
+    # events after it that were below the threshold anyway are not held from anything).
+    assert not raw_why.any()
+    assert list(np.flatnonzero(why)) == [601] and HELD[why[601]] == "aftershock"
 
 
 def _normal_streams(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
