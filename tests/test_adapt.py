@@ -13,7 +13,7 @@ from models.adapt import LEVEL_ALPHA, SHIFT_ALPHA, SHIFT_CLIP, level_q, level_up
 from models.calibration import TAIL_THRESHOLD, CalibrationConfig
 from models.detector import BatchResult, Detector
 from models.gru import DEFAULT_WEIGHTS, ModelConfig, load_checkpoint
-from models.recurrence import recurrence, recurrence_update
+from models.recurrence import RECUR_FIELDS, recurrence, recurrence_update
 from models.state import empty_state
 
 FIVE_MIN_MS = 300_000
@@ -263,8 +263,12 @@ def test_the_recurrence_memory_wants_consecutive_days_at_the_same_hour():
     at 03:50 (or in the next hour) on the third day a recurrence; not at 06:00, not after a day
     without a flag, not when it is larger than the last day's by more than the margin, and
     across midnight the neighbouring hour is the other day's."""
-    state = {k: v for k, v in empty_state(ModelConfig(), 1).items() if k.startswith("recur_")}
     hour, day = 3_600_000, 86_400_000
+
+    def empty() -> dict[str, torch.Tensor]:
+        return {k: v for k, v in empty_state(ModelConfig(), 1).items() if k in RECUR_FIELDS}
+
+    state = empty()
 
     def flag(ts: int, level: float = 2.0) -> None:
         state.update(recurrence_update(state, torch.tensor([ts]), torch.tensor([level], dtype=torch.float64), torch.tensor([True])))
@@ -286,13 +290,13 @@ def test_the_recurrence_memory_wants_consecutive_days_at_the_same_hour():
     # Around midnight the neighbouring hour belongs to the day before or after: a job at 23:55
     # on days 20 and 21 that slips to 00:05 on day 23 recurs; 00:05 on day 22, ten minutes
     # after day 21's run, does not.
-    state = {k: v for k, v in empty_state(ModelConfig(), 1).items() if k.startswith("recur_")}
+    state = empty()
     late = 20 * day + 23 * hour + 55 * 60_000
     flag(late)
     flag(late + day)
     assert recurs(late + 2 * day + 600_000) and not recurs(late + day + 600_000)
     # Without timestamps every event is at midnight of day 0: nothing ever recurs.
-    state = {k: v for k, v in empty_state(ModelConfig(), 1).items() if k.startswith("recur_")}
+    state = empty()
     for _ in range(5):
         flag(0)
     assert not recurs(0)

@@ -121,8 +121,8 @@ def test_score_record_fields(broker, topics, state_dir):
         daemon.wait_scored(len(records))
     out = scores_of(read_all(broker, topics["scores"], expect=len(records)))
     last = [r for r in out if r["stream"] == "pump-7"][-1]
-    fields = {"stream", "ts", "topic", "partition", "offset", "surprise", "score", "is_anomaly", "top_feature", "view", "held"}
-    fields |= {"contributions"}
+    fields = {"stream", "ts", "topic", "partition", "offset", "surprise", "score", "is_anomaly"}
+    fields |= {"top_feature", "view", "held", "contributions"}
     assert set(last) >= fields
     assert 0.0 <= last["score"] <= 1.0
     assert last["view"] in VIEWS

@@ -20,6 +20,7 @@ from conftest import event, produce, read_all, scores_of
 from models.calibration import TAIL_THRESHOLD, CalibrationConfig
 from models.detector import CAL_HISTS, CAL_HISTS_LONG, Detector
 from models.gru import DEFAULT_WEIGHTS, load_checkpoint
+from models.recurrence import RECUR_FIELDS
 from streamer.state import SNAPSHOT_VERSION, Snapshot, SnapshotStore
 
 N_STREAMS = 200
@@ -166,7 +167,7 @@ def test_a_snapshot_of_an_older_layout_is_upgraded_keeping_every_stream(tmp_path
     x[:, :2], mask[:, :2] = rng.normal(size=(n, 2)), True
     det.process(np.zeros(n, dtype=np.int64), x, mask)
     state = det.bank.export_rows(torch.tensor([0]))
-    added = {"recur_day", "recur_run", "recur_peak"} | ({"hold_left", "hold_score"} if layout <= 6 else set())
+    added = set(RECUR_FIELDS) | ({"hold_left", "hold_score"} if layout <= 6 else set())
     added |= set(CAL_HISTS_LONG) if layout <= 5 else set()
     added |= {"corr_cov", "corr_n", "cal_hist_corr"} if layout == 4 else set()
     old = {k: v for k, v in state.items() if k not in added}
