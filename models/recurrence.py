@@ -27,6 +27,14 @@ from models.adapt import DAY_MS, PROFILE_BINS, hour_of_day
 _REACH = 1  # hours either side
 # The memory's state fields (models/state.py).
 RECUR_FIELDS = ("recur_day", "recur_run", "recur_peak")
+# The state keeps days in int32 (about 5.9 million years either side of 1970); the daemon
+# accepts any int64 millisecond timestamp, so days beyond are clamped (one side of a day, not
+# wrapped into a random one).
+_DAY_LIMIT = 2**31 - 2
+
+
+def _day(ts_ms: torch.Tensor) -> torch.Tensor:
+    return torch.div(ts_ms, DAY_MS, rounding_mode="floor").clamp(-_DAY_LIMIT, _DAY_LIMIT)
 
 
 def _slots(ts_ms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +42,7 @@ def _slots(ts_ms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     each slot's hour falls on around the event: 23:00 next to a 00:10 event is the previous day's,
     so that a midnight job that runs at 23:59 one night and 00:01 the next is one job."""
     hour = hour_of_day(ts_ms)[:, None] + torch.arange(-_REACH, _REACH + 1, device=ts_ms.device)  # (arange: no host copy)
-    day = torch.div(ts_ms, DAY_MS, rounding_mode="floor")[:, None] + torch.div(hour, PROFILE_BINS, rounding_mode="floor")
+    day = _day(ts_ms)[:, None] + torch.div(hour, PROFILE_BINS, rounding_mode="floor")
     return torch.remainder(hour, PROFILE_BINS), day
 
 
@@ -61,7 +69,7 @@ def recurrence_update(
     """The memory after the events `flagged` [B] (recurrences included, so a run of days goes
     on while its events are no longer reported): a flag on the day after the slot's last one
     extends the run, one on a later day starts a new run. Only the event's own hour is marked."""
-    day = torch.div(ts_ms, DAY_MS, rounding_mode="floor")
+    day = _day(ts_ms)
     hour = hour_of_day(ts_ms)[:, None]
     last = state["recur_day"].gather(1, hour).squeeze(1).long()
     run = state["recur_run"].gather(1, hour).squeeze(1).long()
@@ -70,8 +78,9 @@ def recurrence_update(
     same_day = (last == day) & (run > 0)
     new_run = torch.where(same_day, run, torch.where(next_day, run + 1, 1))
     new_peak = torch.where(same_day, torch.maximum(peak, level), level)
-    # Late events from an earlier day than the slot's last leave it alone.
-    f = flagged & (day >= last)
+    # Late events from an earlier day than the slot's last leave it alone (an empty slot, run 0,
+    # has no last day: its 0 is not 1970-01-01, or events before 1970 would never be recorded).
+    f = flagged & ((day >= last) | (run == 0))
     return {
         "recur_day": state["recur_day"].scatter(1, hour, torch.where(f, day, last).to(state["recur_day"].dtype)[:, None]),
         "recur_run": state["recur_run"].scatter(1, hour, torch.where(f, new_run, run).to(state["recur_run"].dtype)[:, None]),

@@ -262,7 +262,7 @@ def test_the_recurrence_memory_wants_consecutive_days_at_the_same_hour():
     """The memory alone (models/recurrence.py): flags at 03:10 on two days running make a flag
     at 03:50 (or in the next hour) on the third day a recurrence; not at 06:00, not after a day
     without a flag, not when it is larger than the last day's by more than the margin, and
-    across midnight the neighbouring hour is the other day's."""
+    across midnight the neighbouring hour is the other day's. Days before 1970 work the same."""
     hour, day = 3_600_000, 86_400_000
 
     def empty() -> dict[str, torch.Tensor]:
@@ -300,3 +300,9 @@ def test_the_recurrence_memory_wants_consecutive_days_at_the_same_hour():
     for _ in range(5):
         flag(0)
     assert not recurs(0)
+    # Before 1970 as after: an empty slot's day 0 is no day, so days before it are recorded.
+    state = empty()
+    d1960 = -3653 * day + 3 * hour + 600_000
+    flag(d1960)
+    flag(d1960 + day)
+    assert recurs(d1960 + 2 * day + 2_400_000)
