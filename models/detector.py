@@ -45,7 +45,7 @@ class StepOutput:
     surprise: torch.Tensor  # float64 [B]
     score: torch.Tensor  # float64 [B]
     is_anomaly: torch.Tensor  # bool [B]
-    contributions: torch.Tensor  # float32 [B, F]: each feature's part of the deciding view, 0 where absent
+    contributions: torch.Tensor  # float64 [B, F]: each feature's part of the deciding view, 0 where absent
     valid: torch.Tensor  # bool [B]: there was a prediction to be surprised against
     nll: torch.Tensor  # float32 [B, F]: the GRU's NLL per feature (the training loss)
     view: torch.Tensor  # int64 [B]: index into VIEWS of the view with the smallest p
@@ -218,7 +218,9 @@ def advance(
     # routine), so features are compared within that one view.
     view = lp.argmax(dim=1)
     contributions = per_feature.gather(1, view[:, None, None].expand(-1, 1, per_feature.shape[2])).squeeze(1)
-    contributions = contributions.clamp(max=torch.finfo(torch.float32).max).float()  # ~1e48 after a flat stream jumps
+    # In float64: a near-flat feature that jumps reaches ~1e48, past float32, where two such
+    # features would tie at its maximum and the explanation would name the first, not the larger.
+    contributions = contributions.double().clamp(max=torch.finfo(torch.float64).max)
     return new_state, StepOutput(surprise, score, is_anomaly, contributions, valid, nll, view, held)
 
 
@@ -249,7 +251,7 @@ class BatchResult:
     surprise: np.ndarray  # float64 [N]
     score: np.ndarray  # float64 [N]
     is_anomaly: np.ndarray  # bool [N]
-    contributions: np.ndarray  # float32 [N, F]
+    contributions: np.ndarray  # float64 [N, F]
     valid: np.ndarray  # bool [N]
     view: np.ndarray  # int64 [N]: index into VIEWS of the view that decided the score
     held: np.ndarray  # int8 [N]: index into HELD of why a flagged event is not an anomaly
@@ -310,7 +312,7 @@ class Detector:
         out_surprise = torch.zeros(n, dtype=torch.float64, device=dev)
         out_score = torch.zeros(n, dtype=torch.float64, device=dev)
         out_anom = torch.zeros(n, dtype=torch.bool, device=dev)
-        out_contrib = torch.zeros((n, f), dtype=torch.float32, device=dev)
+        out_contrib = torch.zeros((n, f), dtype=torch.float64, device=dev)
         out_valid = torch.zeros(n, dtype=torch.bool, device=dev)
         out_view = torch.zeros(n, dtype=torch.int64, device=dev)
         out_held = torch.zeros(n, dtype=torch.int8, device=dev)
@@ -319,7 +321,7 @@ class Detector:
                 np.zeros(0),
                 np.zeros(0),
                 np.zeros(0, bool),
-                np.zeros((0, f), np.float32),
+                np.zeros((0, f), np.float64),
                 np.zeros(0, bool),
                 np.zeros(0, np.int64),
                 np.zeros(0, np.int8),

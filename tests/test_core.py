@@ -97,6 +97,24 @@ def test_readings_at_the_range_limit_keep_the_state_finite():
         det.process(np.zeros(1, dtype=np.int64), np.full((1, 8), 1e300), mask[:1])
 
 
+@pytest.mark.parametrize("jumps", [(1e14, 0.0, 1e18), (1e18, 0.0, 1e14)])
+def test_the_explanation_names_the_larger_of_two_huge_jumps(jumps):
+    """Two near-flat sensors jump at once, by 1e14 and 1e18: both contributions are beyond what
+    float32 holds (~1e40 and ~1e48), and clamped there they tied, so the first feature was named
+    whichever jumped more."""
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    det = Detector(model, CalibrationConfig(warmup=50))
+    n = 500
+    x = np.zeros((n, 8))
+    x[:, :3] = np.random.default_rng(1).normal(0.0, 1e-7, (n, 3))
+    x[-1, :3] += jumps
+    mask = np.zeros_like(x, dtype=bool)
+    mask[:, :3] = True
+    res = det.process(np.zeros(n, dtype=np.int64), x, mask)
+    assert res.is_anomaly[-1] and np.isfinite(res.contributions[-1]).all()
+    assert res.top_feature(mask)[-1] == int(np.argmax(jumps)), res.contributions[-1, :3]
+
+
 def test_absent_features_do_not_move_their_state():
     model, _ = load_checkpoint(DEFAULT_WEIGHTS)
     det = Detector(model)
