@@ -24,6 +24,7 @@ TS_MIN, TS_MAX = -(2**63), 2**63 - 1
 
 # Dead-letter reasons; the metric label and the `streamer.reason` header use these strings.
 REASONS = (
+    "tombstone",
     "oversized",
     "invalid_json",
     "not_an_object",
@@ -129,7 +130,9 @@ class Decoder:
 
     def _one(self, raw: bytes | None, key: bytes | None, record_ts: int) -> tuple[str, int, tuple[str, ...], list[float]]:
         if raw is None:
-            raise Rejected("invalid_json", "empty (tombstone) message")
+            # A null value deletes its key in a compacted topic; it is not a reading. Dead-lettered
+            # (with its null value) rather than skipped, so no record disappears without a trace.
+            raise Rejected("tombstone", "null value (a tombstone): not an event")
         if len(raw) > self.max_bytes:
             raise Rejected("oversized", f"{len(raw)} bytes > {self.max_bytes}")
         obj = _loads(raw)

@@ -28,12 +28,42 @@ from streamer.health import LoopHealth
 from streamer.logstreams import LogStreams
 from streamer.metrics import Metrics
 from streamer.state import TP, SlotTable, Snapshot, SnapshotStore
-from streamer.transport import OutRecord, Polled, SendError, Transport
+from streamer.transport import Headers, OutRecord, Polled, SendError, Transport
 
 log = logging.getLogger(__name__)
 # Score records name the deciding view; the extra None is for events with nothing to compare.
 _VIEW_NAMES = np.array([*VIEWS, None], dtype=object)
 _HELD_NAMES = np.array([None, *HELD[1:]], dtype=object)
+# Bytes of a dead letter's record taken by the headers the daemon adds and Kafka's framing.
+DEAD_LETTER_OVERHEAD = 4096
+
+
+def _fit_dead_letter(
+    key: bytes | None, value: bytes | None, headers: Headers, room: int
+) -> tuple[bytes | None, bytes | None, Headers, Headers]:
+    """The original key, value and headers of a dead letter, made sendable: returns them plus
+    the headers to add.
+
+    Kafka allows null header values, which kafka-python's producer refuses: they become empty.
+    The record must fit the producer's max_request_size (`room` bytes here), or its send would
+    fail for good: an oversized value is cut, and where the key and headers alone take over half
+    of it they are dropped too (the whole record stays in its source topic, at the offset the
+    dead letter names). A tombstone keeps its null value unless it has no key (Kafka needs one).
+    """
+    original: Headers = [(k, b"" if v is None else v) for k, v in headers]
+    extra: Headers = []
+
+    def framing() -> int:
+        return len(key or b"") + sum(len(k) + len(v or b"") for k, v in original)
+
+    if value is not None and framing() + len(value) > room:
+        extra.append(("streamer.truncated", str(len(value)).encode()))
+        if framing() > room // 2:
+            key, original = None, []
+        value = value[: max(0, room - framing())]
+    if value is None and key is None:
+        value = b""
+    return key, value, original, extra
 
 
 class Runner:
@@ -62,6 +92,10 @@ class Runner:
         self.emit_from: dict[TP, int] = {}
         self.log_ids: dict[TP, str | None] = {}
         self._pending_assign: list[TP] = []
+        # Partitions whose state has stepped past outputs not yet acknowledged: a snapshot of them
+        # would record an offset beyond what a restart may skip, so none is written until the
+        # send succeeds (a failed one leaves the previous snapshot, and the batch is scored again).
+        self._unacked: set[TP] = set()
         self._assign_pending = False
         self.stop_event = threading.Event()
         self.ready = threading.Event()
@@ -79,7 +113,7 @@ class Runner:
     # there and completed by the loop right after poll() returns.
     def _on_assign(self, tps: list[TP]) -> None:
         # An empty assignment (more members than partitions) still completes a join.
-        self._pending_assign.extend(tps)
+        self._pending_assign.extend(tp for tp in tps if tp not in self._pending_assign)
         self._assign_pending = True
         self.health.restoring = True
 
@@ -184,6 +218,8 @@ class Runner:
 
     def _on_revoke(self, tps: list[TP]) -> None:
         self.health.restoring = True  # not ready until the assignment that follows is restored
+        # Two rebalances inside one poll(): an assignment not completed yet may be taken back.
+        self._pending_assign = [tp for tp in self._pending_assign if tp not in tps]
         self._snapshot(set(tps))
         streams = self.slots.streams_of(set(tps))
         self._drop(streams)
@@ -214,6 +250,14 @@ class Runner:
         """Write the state of the given partitions at the offsets processed so far."""
         for tp in sorted(tps):
             if tp not in self.next_offset:
+                continue
+            if tp in self._unacked:
+                log.warning(
+                    "not snapshotting %s[%d]: outputs of its last batch were not acknowledged; the previous snapshot stands",
+                    tp[0],
+                    tp[1],
+                    extra={"topic": tp[0], "partition": tp[1]},
+                )
                 continue
             if self.logs is not None and tp[0] in self.logs.topics:
                 part = self.logs.snapshot(tp)
@@ -268,10 +312,14 @@ class Runner:
             self._housekeeping()
             return 0
         started = time.perf_counter()
-        outputs, offsets = self._process(polled)
+        self._unacked.update(zip(polled.topic, polled.partition.tolist()))
+        outputs, offsets, emitted_ts = self._process(polled)
         if not self._send(outputs):
             return len(polled)  # stopping with the broker unreachable: nothing committed, nothing lost
-        m.e2e_latency.observe_many(self.clock() - polled.timestamp_ms / 1000.0)
+        self._unacked.clear()
+        # (Only records that produced an output, so a replay after a restore does not count, and
+        # only those with a record timestamp.)
+        m.e2e_latency.observe_many(self.clock() - emitted_ts[emitted_ts >= 0] / 1000.0)
         if time.monotonic() - self._last_snapshot >= self.config.state.snapshot_interval_s:
             self._snapshot(set(self.next_offset))
         if not self.transport.commit(offsets):
@@ -281,12 +329,15 @@ class Runner:
         self._housekeeping()
         return len(polled)
 
-    def _process(self, polled: Polled) -> tuple[list[OutRecord], dict[TP, int]]:
+    def _process(self, polled: Polled) -> tuple[list[OutRecord], dict[TP, int], np.ndarray]:
+        """Outputs of a batch, the offsets to commit once they are acknowledged, and the record
+        timestamps of the records that produced outputs (not replays)."""
         m = self.metrics
         n = len(polled)
         tps = list(zip(polled.topic, polled.partition.tolist()))
         emit_from = np.fromiter((self.emit_from.get(tp, 0) for tp in tps), dtype=np.int64, count=n)
         emit = polled.offset >= emit_from
+        emitted_ts = polled.timestamp_ms[emit]
         offsets: dict[TP, int] = {}
         for tp, off in zip(tps, polled.offset.tolist()):
             offsets[tp] = off + 1  # records of a partition arrive in offset order
@@ -301,9 +352,13 @@ class Runner:
                 polled, emit = polled.select(~is_log), emit[~is_log]
                 tps = list(zip(polled.topic, polled.partition.tolist()))
         if len(polled) == 0:
-            return outputs, offsets
+            return outputs, offsets, emitted_ts
 
-        dec = self.decoder.decode(polled.value, polled.key, polled.timestamp_ms)
+        # An event without `ts` takes its record's timestamp; a record without one (-1: written
+        # in the pre-0.10 format), the time it was polled (the 1970 of a -1 would fill the wrong
+        # hour of the time-of-day profile).
+        record_ts = np.where(polled.timestamp_ms >= 0, polled.timestamp_ms, np.int64(self.clock() * 1000.0))
+        dec = self.decoder.decode(polled.value, polled.key, record_ts)
         outputs.extend(self._dead_letters(polled, dec.dead, emit))
 
         if len(dec.index):
@@ -322,22 +377,26 @@ class Runner:
             streams = [s for s, e in zip(dec.stream, emitted.tolist()) if e]
             m.event_lag.observe_many((now_ms - dec.ts_ms[emitted]) / 1000.0, streams)
             m.scores.observe_many(res.score[emitted], streams)
-        return outputs, offsets
+        return outputs, offsets, emitted_ts
 
     def _dead_letters(self, polled: Polled, dead: list[tuple[int, str, str]], emit: np.ndarray) -> list[OutRecord]:
         out = []
         for pos, reason, detail in dead:
             if not emit[pos]:
                 continue
-            headers = [
-                *polled.headers[pos],
+            key, value, original, extra = _fit_dead_letter(
+                polled.key[pos], polled.value[pos], polled.headers[pos], self.config.producer.max_request_size - DEAD_LETTER_OVERHEAD
+            )
+            headers: Headers = [
+                *original,
+                *extra,
                 ("streamer.reason", reason.encode()),
                 ("streamer.error", detail.encode()[:1000]),
                 ("streamer.source.topic", polled.topic[pos].encode()),
                 ("streamer.source.partition", str(int(polled.partition[pos])).encode()),
                 ("streamer.source.offset", str(int(polled.offset[pos])).encode()),
             ]
-            out.append(OutRecord(self.config.topics.dead_letter, polled.key[pos], polled.value[pos] or b"", headers))
+            out.append(OutRecord(self.config.topics.dead_letter, key, value, headers))
             self.metrics.dead_letters.labels(reason).inc()
         return out
 

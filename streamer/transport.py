@@ -25,7 +25,8 @@ from streamer.config import Config
 
 log = logging.getLogger(__name__)
 
-Headers = list[tuple[str, bytes]]
+# Header values may be null in Kafka (other clients write them; kafka-python reads them back).
+Headers = list[tuple[str, bytes | None]]
 TP = tuple[str, int]
 
 
@@ -36,7 +37,7 @@ class Polled:
     topic: list[str]
     partition: np.ndarray  # int32
     offset: np.ndarray  # int64
-    timestamp_ms: np.ndarray  # int64, the record timestamp
+    timestamp_ms: np.ndarray  # int64, the record timestamp; -1 where the record has none
     key: list[bytes | None]
     value: list[bytes | None]
     headers: list[Headers]
@@ -61,7 +62,7 @@ class Polled:
 class OutRecord:
     topic: str
     key: bytes | None
-    value: bytes
+    value: bytes | None  # None only for a dead-lettered tombstone, which keeps its null value
     headers: Headers | None = None
 
 
@@ -115,7 +116,7 @@ class KafkaPythonTransport:
             fetch_max_bytes=c.fetch_max_bytes,
             max_partition_fetch_bytes=c.max_partition_fetch_bytes,
         )
-        self._producer = self._new_producer()
+        self._producer: KafkaProducer | None = self._new_producer()
 
     def _new_producer(self) -> KafkaProducer:
         p = self._config.producer
@@ -145,7 +146,8 @@ class KafkaPythonTransport:
             topic.extend([tp.topic] * n)
             part.extend([tp.partition] * n)
             off.extend(r.offset for r in recs)
-            ts.extend(r.timestamp for r in recs)
+            # (Records of the pre-0.10 message format carry no timestamp: None here, -1 on the wire.)
+            ts.extend(-1 if r.timestamp is None else r.timestamp for r in recs)
             key.extend(r.key for r in recs)
             value.extend(r.value for r in recs)
             headers.extend(list(r.headers or ()) for r in recs)
@@ -160,13 +162,17 @@ class KafkaPythonTransport:
         )
 
     def send_batch(self, records: Sequence[OutRecord]) -> None:
-        """Send and wait for every ack. On failure the producer is rebuilt (kafka-python's
-        idempotent producer never recovers from a broker that lost its memory) and SendError
-        is raised so the caller resends the whole batch."""
-        futures = [self._producer.send(r.topic, value=r.value, key=r.key, headers=r.headers) for r in records]
+        """Send and wait for every ack. On any Kafka error (including one raised by send() itself,
+        such as a record over max_request_size, or no broker to bootstrap a new producer from)
+        the producer is rebuilt (kafka-python's idempotent producer never recovers from a broker
+        that lost its memory) and SendError is raised so the caller resends the whole batch."""
         deadline = time.monotonic() + self._config.producer.send_timeout_s
         try:
-            self._producer.flush(timeout=self._config.producer.send_timeout_s)
+            if self._producer is None:  # the last rebuild found no broker
+                self._producer = self._new_producer()
+            producer = self._producer
+            futures = [producer.send(r.topic, value=r.value, key=r.key, headers=r.headers) for r in records]
+            producer.flush(timeout=self._config.producer.send_timeout_s)
             for f in futures:
                 f.get(timeout=max(0.0, deadline - time.monotonic()))
         except (KafkaError, AssertionError) as err:
@@ -175,11 +181,16 @@ class KafkaPythonTransport:
             raise SendError(str(err)) from err
 
     def _recreate_producer(self) -> None:
+        if self._producer is not None:
+            try:
+                self._producer.close(timeout=1)
+            except Exception:
+                log.debug("closing the failed producer raised", exc_info=True)
+        self._producer = None
         try:
-            self._producer.close(timeout=1)
-        except Exception:
-            log.debug("closing the failed producer raised", exc_info=True)
-        self._producer = self._new_producer()
+            self._producer = self._new_producer()
+        except KafkaError as err:  # no broker reachable: the next send tries again
+            log.warning("could not create a producer yet: %s", err)
 
     def commit(self, offsets: dict[TP, int]) -> bool:
         """Synchronous commit; False (not an exception) when the group rebalanced under us."""
@@ -229,6 +240,7 @@ class KafkaPythonTransport:
 
     def close(self) -> None:
         try:
-            self._producer.close(timeout=5)
+            if self._producer is not None:
+                self._producer.close(timeout=5)
         finally:
             self._consumer.close()

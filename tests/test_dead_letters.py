@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from conftest import DaemonThread, event, make_config, produce, read_all, scores_of
+import time
 
-BAD: dict[str, tuple[bytes | None, bytes]] = {
+from conftest import DaemonThread, event, make_config, produce, read_all, scores_of
+from kafka import KafkaProducer
+
+from streamer.loop import _fit_dead_letter
+
+BAD: dict[str, tuple[bytes | None, bytes | None]] = {
     "invalid_json": (b"x", b"this is not json {"),
     "not_an_object": (b"x", b"[1, 2, 3]"),
     "missing_stream": (None, b'{"ts": 1, "values": {"temp": 1.0}}'),
@@ -17,6 +22,7 @@ BAD: dict[str, tuple[bytes | None, bytes]] = {
     "too_many_features": (b"x", event("wide", 1, {f"f{i}": 1.0 for i in range(9)})),
     "schema_mismatch": (b"s-1", event("s-1", 1, {"pressure": 1.0})),
     "oversized": (b"x", event("s-1", 1, {"temp": 1.0}) + b" " * 5000),
+    "tombstone": (b"s-1", None),  # dead-lettered with its null value (it was b"" and invalid_json)
 }
 EXTRA_NON_FINITE = [b'{"stream": "s-1", "values": {"temp": 1e999}}', b'{"stream": "s-1", "values": {"temp": -Infinity}}']
 # Each of these raised out of the decoder and stopped the daemon: timestamps that do not fit
@@ -30,7 +36,7 @@ EXTRA_RAISED = [
 
 
 def test_bad_input_is_dead_lettered_and_neighbours_scored(broker, topics, state_dir):
-    records: list[tuple[bytes | None, bytes]] = []
+    records: list[tuple[bytes | None, bytes | None]] = []
     valid = 0
     bad = [*BAD.values(), *((b"x", v) for v in EXTRA_NON_FINITE + EXTRA_RAISED)]
     for i in range(180):
@@ -68,3 +74,54 @@ def test_bad_input_is_dead_lettered_and_neighbours_scored(broker, topics, state_
     offsets = sorted(r["offset"] for r in scores)
     bad_offsets = {int(dict(r.headers)["streamer.source.offset"]) for r in dead}
     assert sorted(set(range(len(records))) - bad_offsets) == offsets
+
+
+def test_a_dead_letter_over_the_producers_request_limit_is_cut_to_fit(broker, topics, state_dir):
+    """An input record larger than the daemon's producer may send (here 150 kB against a
+    100 kB max_request_size) made the dead letter's send fail for good, which stopped the
+    daemon. Its value is cut to fit; the header says how long it was, and the record stays in
+    its source topic at the offset the headers name."""
+    big = event("s-1", 1, {"temp": 1.0})[:-1] + b" " * 150_000 + b"}"
+    records = [(b"s-1", event("s-1", 1_000 + i, {"temp": 20.0 + i % 5})) for i in range(40)]
+    records.insert(20, (b"s-1", big))
+    produce(broker, topics["input"], records, partition_of=lambda _key: 0)
+    config = make_config(broker, topics, state_dir, producer={"max_request_size": 100_000})
+    with DaemonThread(config) as daemon:
+        daemon.wait_scored(40)
+        (dead,) = read_all(broker, topics["dead"], expect=1)
+    headers = dict(dead.headers)
+    assert headers["streamer.reason"] == b"oversized" and int(headers["streamer.source.offset"]) == 20
+    assert int(headers["streamer.truncated"]) == len(big)
+    assert 50_000 < len(dead.value) < 100_000 and big.startswith(dead.value)
+    assert sorted(r["offset"] for r in scores_of(read_all(broker, topics["scores"], expect=40))) == [*range(20), *range(21, 41)]
+
+
+def test_dead_letters_are_made_sendable():
+    """Kafka allows null header values (Java's RecordHeader("trace", null)), which kafka-python's
+    producer refuses with a TypeError that stopped the daemon: they become empty. A tombstone
+    keeps its null value, unless it has no key either (Kafka needs one of them)."""
+    assert _fit_dead_letter(b"k", b"v", [("trace", None), ("id", b"1")], 1000) == (b"k", b"v", [("trace", b""), ("id", b"1")], [])
+    assert _fit_dead_letter(b"k", None, [], 1000)[:2] == (b"k", None)
+    assert _fit_dead_letter(None, None, [], 1000)[:2] == (None, b"")
+    # Key and headers over half the room are dropped with the value cut: the source has them.
+    key, value, headers, extra = _fit_dead_letter(b"k" * 600, b"v" * 2000, [("h", b"x")], 1000)
+    assert (key, headers, value, extra) == (None, [], b"v" * 1000, [("streamer.truncated", b"2000")])
+
+
+def test_records_without_a_timestamp_are_scored_at_the_time_they_arrive(broker, topics, state_dir):
+    """An event without `ts` takes its Kafka record's timestamp. A record can have none (-1, as
+    written in the pre-0.10 format): the event was scored at 1969-12-31T23:59:59.999 and each
+    added ~1.8e9 s to the end-to-end latency histogram. It now takes the time it was polled."""
+    producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all")
+    for i in range(30):
+        producer.send(topics["input"], key=b"s-1", value=b'{"values": {"temp": %d}}' % (20 + i % 3), timestamp_ms=-1)
+    producer.flush()
+    producer.close()
+    before = time.time() * 1000
+    with DaemonThread(make_config(broker, topics, state_dir)) as daemon:
+        daemon.wait_scored(30)
+        latency = daemon.metrics.e2e_latency
+    after = time.time() * 1000
+    scores = scores_of(read_all(broker, topics["scores"], expect=30))
+    assert len(scores) == 30 and all(before <= r["ts"] <= after for r in scores)
+    assert latency.counts.sum() == 0 and latency.total == 0.0  # no record had a timestamp to measure from

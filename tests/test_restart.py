@@ -15,13 +15,14 @@ import orjson
 import pytest
 import torch
 import yaml
-from conftest import event, produce, read_all, scores_of
+from conftest import DaemonThread, event, make_config, produce, read_all, scores_of
 
 from models.calibration import TAIL_THRESHOLD, CalibrationConfig
 from models.detector import CAL_HISTS, CAL_HISTS_LONG, Detector
 from models.gru import DEFAULT_WEIGHTS, load_checkpoint
 from models.recurrence import RECUR_FIELDS
 from streamer.state import SNAPSHOT_VERSION, Snapshot, SnapshotStore
+from streamer.transport import SendError
 
 N_STREAMS = 200
 STEPS = 60  # events per stream, half before the first stop, half after
@@ -247,3 +248,42 @@ def test_snapshots_this_code_did_not_write_mean_a_cold_start_not_a_crash(broker,
     assert "does not match (2," in warned
     assert "no offset, streams or schemas" in warned
     assert len(scores_of(read_all(broker, topics["scores"], expect=len(records)))) == len(records)
+
+
+def test_a_stop_with_outputs_unacknowledged_leaves_their_events_to_the_restart(broker, topics, state_dir):
+    """Stopping while the broker does not acknowledge a batch's outputs (an outage): the state has
+    stepped past those events, so no snapshot may record their offsets. The shutdown snapshot
+    did, and the restart sought past events that were never scored. The outage is injected at
+    the transport's send (a stopped memory-only broker would lose the log the restart reads)."""
+    records = [(b"s-1", event("s-1", 1_000 * i, {"temp": 20.0 + i % 5})) for i in range(60)]
+    produce(broker, topics["input"], records)
+    config = make_config(broker, topics, state_dir)
+    down = DaemonThread(config)
+
+    def refuse(outputs: object) -> None:
+        raise SendError("not acknowledged (injected)")
+
+    down.runner.transport.send_batch = refuse  # type: ignore[method-assign]
+    with down:
+        deadline = time.monotonic() + 30
+        while down.metrics.send_failures._value.get() < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert down.metrics.send_failures._value.get() >= 1
+    with DaemonThread(config) as daemon:
+        daemon.wait_scored(60)
+    assert sorted(r["offset"] for r in scores_of(read_all(broker, topics["scores"], expect=60))) == list(range(60))
+
+
+def test_an_assignment_taken_back_within_the_same_poll_is_not_restored(broker, topics, state_dir):
+    """kafka-python can run several rebalances inside one poll(): assigned [0, 1], revoked
+    [0, 1], assigned [0]. Restoring partition 1 after it was taken back made the seek raise
+    (`Unassigned partition`) and stopped the daemon."""
+    runner = DaemonThread(make_config(broker, topics, state_dir)).runner
+    try:
+        t = topics["input"]
+        runner._on_assign([(t, 0), (t, 1)])
+        runner._on_revoke([(t, 0), (t, 1)])
+        runner._on_assign([(t, 0)])
+        assert runner._pending_assign == [(t, 0)]
+    finally:
+        runner.transport.close()

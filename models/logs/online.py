@@ -6,7 +6,9 @@ same order give the same scores" (what restart-and-replay relies on), the weight
 at fixed points of the partition's event sequence: after every `update_every` events, never
 at poll boundaries. A batch is cut into segments at those points (and where a template row is
 recycled); within a segment every event is stepped with the same weights, in wavefronts, so the
-result does not depend on how the events were split into polls.
+result does not depend on how the events were split into polls, up to rounding: on CPU a GRU
+call rounds the last bits of a row differently with the call's row count, which does depend on
+the split, and the updates carry such differences forward (README, Log streams).
 
 An update is one Adam step on the NLL of the last `buffer` events' predictions, each replayed
 with gradients from the stored state before its stream's previous event (one step of
