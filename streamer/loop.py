@@ -39,16 +39,19 @@ DEAD_LETTER_OVERHEAD = 4096
 
 
 def _fit_dead_letter(
-    key: bytes | None, value: bytes | None, headers: Headers, room: int
+    key: bytes | None, value: bytes | None, headers: Headers, room: int, max_value: int
 ) -> tuple[bytes | None, bytes | None, Headers, Headers]:
     """The original key, value and headers of a dead letter, made sendable: returns them plus
     the headers to add.
 
     Kafka allows null header values, which kafka-python's producer refuses: they become empty.
-    The record must fit the producer's max_request_size (`room` bytes here), or its send would
-    fail for good: an oversized value is cut, and where the key and headers alone take over half
-    of it they are dropped too (the whole record stays in its source topic, at the offset the
-    dead letter names). A tombstone keeps its null value unless it has no key (Kafka needs one).
+    A value is kept up to `max_value` bytes (input.max_message_bytes: only an `oversized` record
+    is longer, and a dead-letter topic with the broker's default 1 MB limit would refuse it for
+    good, however large the input topic's limit is). The record must also fit the producer's
+    max_request_size (`room` bytes here): where the key and headers take over half of it they
+    are dropped and the value is cut to the rest. Whatever is cut stays in the source topic, at
+    the offset the dead letter names. A tombstone keeps its null value unless it has no key
+    (Kafka needs one of them).
     """
     original: Headers = [(k, b"" if v is None else v) for k, v in headers]
     extra: Headers = []
@@ -56,11 +59,11 @@ def _fit_dead_letter(
     def framing() -> int:
         return len(key or b"") + sum(len(k) + len(v or b"") for k, v in original)
 
-    if value is not None and framing() + len(value) > room:
+    if value is not None and (len(value) > max_value or framing() + len(value) > room):
         extra.append(("streamer.truncated", str(len(value)).encode()))
         if framing() > room // 2:
             key, original = None, []
-        value = value[: max(0, room - framing())]
+        value = value[: max(0, min(max_value, room - framing()))]
     if value is None and key is None:
         value = b""
     return key, value, original, extra
@@ -385,7 +388,11 @@ class Runner:
             if not emit[pos]:
                 continue
             key, value, original, extra = _fit_dead_letter(
-                polled.key[pos], polled.value[pos], polled.headers[pos], self.config.producer.max_request_size - DEAD_LETTER_OVERHEAD
+                polled.key[pos],
+                polled.value[pos],
+                polled.headers[pos],
+                self.config.producer.max_request_size - DEAD_LETTER_OVERHEAD,
+                self.config.input.max_message_bytes,
             )
             headers: Headers = [
                 *original,

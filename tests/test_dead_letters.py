@@ -62,7 +62,11 @@ def test_bad_input_is_dead_lettered_and_neighbours_scored(broker, topics, state_
         headers = dict(rec.headers)
         assert headers["streamer.source.topic"] == topics["input"].encode()
         assert int(headers["streamer.source.partition"]) == 0
-        assert records[int(headers["streamer.source.offset"])][1] == rec.value, "original bytes must be kept"
+        original = records[int(headers["streamer.source.offset"])][1]
+        if headers["streamer.reason"] == b"oversized":  # cut at input.max_message_bytes
+            assert original is not None and original[:2048] == rec.value and int(headers["streamer.truncated"]) == len(original)
+        else:
+            assert original == rec.value and "streamer.truncated" not in headers, "original bytes must be kept"
         by_reason.setdefault(headers["streamer.reason"].decode(), []).append(rec)
     assert set(by_reason) == set(BAD)
     assert len(by_reason["non_finite"]) == 3
@@ -76,11 +80,12 @@ def test_bad_input_is_dead_lettered_and_neighbours_scored(broker, topics, state_
     assert sorted(set(range(len(records))) - bad_offsets) == offsets
 
 
-def test_a_dead_letter_over_the_producers_request_limit_is_cut_to_fit(broker, topics, state_dir):
+def test_an_oversized_records_dead_letter_is_cut_to_the_input_limit(broker, topics, state_dir):
     """An input record larger than the daemon's producer may send (here 150 kB against a
     100 kB max_request_size) made the dead letter's send fail for good, which stopped the
-    daemon. Its value is cut to fit; the header says how long it was, and the record stays in
-    its source topic at the offset the headers name."""
+    daemon. Its value is cut at input.max_message_bytes (64 KiB), so it also fits a dead-letter
+    topic with the broker's default 1 MB limit; the header says how long it was, and the record
+    stays in its source topic at the offset the headers name."""
     big = event("s-1", 1, {"temp": 1.0})[:-1] + b" " * 150_000 + b"}"
     records = [(b"s-1", event("s-1", 1_000 + i, {"temp": 20.0 + i % 5})) for i in range(40)]
     records.insert(20, (b"s-1", big))
@@ -92,7 +97,7 @@ def test_a_dead_letter_over_the_producers_request_limit_is_cut_to_fit(broker, to
     headers = dict(dead.headers)
     assert headers["streamer.reason"] == b"oversized" and int(headers["streamer.source.offset"]) == 20
     assert int(headers["streamer.truncated"]) == len(big)
-    assert 50_000 < len(dead.value) < 100_000 and big.startswith(dead.value)
+    assert len(dead.value) == 65_536 and big.startswith(dead.value)
     assert sorted(r["offset"] for r in scores_of(read_all(broker, topics["scores"], expect=40))) == [*range(20), *range(21, 41)]
 
 
@@ -100,11 +105,12 @@ def test_dead_letters_are_made_sendable():
     """Kafka allows null header values (Java's RecordHeader("trace", null)), which kafka-python's
     producer refuses with a TypeError that stopped the daemon: they become empty. A tombstone
     keeps its null value, unless it has no key either (Kafka needs one of them)."""
-    assert _fit_dead_letter(b"k", b"v", [("trace", None), ("id", b"1")], 1000) == (b"k", b"v", [("trace", b""), ("id", b"1")], [])
-    assert _fit_dead_letter(b"k", None, [], 1000)[:2] == (b"k", None)
-    assert _fit_dead_letter(None, None, [], 1000)[:2] == (None, b"")
+    assert _fit_dead_letter(b"k", b"v", [("trace", None), ("id", b"1")], 1000, 500) == (b"k", b"v", [("trace", b""), ("id", b"1")], [])
+    assert _fit_dead_letter(b"k", None, [], 1000, 500)[:2] == (b"k", None)
+    assert _fit_dead_letter(None, None, [], 1000, 500)[:2] == (None, b"")
+    assert _fit_dead_letter(b"k", b"v" * 800, [], 1000, 500) == (b"k", b"v" * 500, [], [("streamer.truncated", b"800")])
     # Key and headers over half the room are dropped with the value cut: the source has them.
-    key, value, headers, extra = _fit_dead_letter(b"k" * 600, b"v" * 2000, [("h", b"x")], 1000)
+    key, value, headers, extra = _fit_dead_letter(b"k" * 600, b"v" * 2000, [("h", b"x")], 1000, 5000)
     assert (key, headers, value, extra) == (None, [], b"v" * 1000, [("streamer.truncated", b"2000")])
 
 
