@@ -15,6 +15,7 @@ so the stream id can be any of them (`stream_field`), or the Kafka key (`stream_
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -27,6 +28,8 @@ import orjson
 
 from streamer.decode import Rejected, checked_ms, parse_ts
 
+log = logging.getLogger(__name__)
+
 REASONS = (
     "oversized",
     "empty_message",
@@ -36,6 +39,7 @@ REASONS = (
     "missing_stream",
     "invalid_stream",
     "invalid_timestamp",
+    "parse_error",
 )
 
 # Level ordinals: 0 is "unknown" (no level in the line), then increasing severity. The GRU reads
@@ -104,13 +108,20 @@ _MONTHS = {m: i + 1 for i, m in enumerate(("Jan", "Feb", "Mar", "Apr", "May", "J
 def _generic_ts(raw: str, fallback_ms: int) -> int:
     """Digits are epoch seconds (up to 10 digits) or milliseconds; anything else ISO-8601."""
     s = raw.strip()
-    if s.isdigit():
+    if s.isascii() and s.isdigit():  # (str.isdigit alone accepts "²", which int() refuses)
+        if len(s) > 19:  # past int64 milliseconds (and int() refuses over 4,300 digits)
+            raise Rejected("invalid_timestamp", "ts is out of the int64 epoch-milliseconds range")
         v = int(s)
         return checked_ms(v * 1000 if len(s) <= 10 else v)
     try:
         f = float(s)
     except ValueError:
         return parse_ts(s, fallback_ms)
+    return _number_ts(f)
+
+
+def _number_ts(f: float) -> int:
+    """A number of epoch seconds (below 1e11, as zap's 1700000000.123) or milliseconds."""
     if not math.isfinite(f):
         raise Rejected("invalid_timestamp", "ts is not finite")
     return checked_ms(f * 1000 if abs(f) < 1e11 else f)
@@ -137,7 +148,10 @@ def _syslog_ts(raw: str, fallback_ms: int) -> int:
         hh, mm, ss = (int(p) for p in parts[2].split(":"))
     except (KeyError, ValueError, IndexError):
         raise Rejected("invalid_timestamp", f"ts {raw[:40]!r} is not 'Mon dd hh:mm:ss'") from None
-    year = datetime.fromtimestamp(max(fallback_ms, 0) / 1000.0, tz=timezone.utc).year
+    try:
+        year = datetime.fromtimestamp(max(fallback_ms, 0) / 1000.0, tz=timezone.utc).year
+    except (ValueError, OverflowError, OSError):  # a record timestamp past year 9999
+        raise Rejected("invalid_timestamp", "the record timestamp, which gives a syslog date its year, is out of range") from None
     try:
         dt = datetime(year, month, day, hh, mm, ss, tzinfo=timezone.utc)
         if fallback_ms > 0 and dt.timestamp() * 1000 > fallback_ms + 86_400_000:
@@ -168,20 +182,21 @@ PRESETS: dict[str, LineFormat] = {
         "bgl",
         re.compile(
             r"^(?P<epoch>\d+) (?P<date>\S+) (?P<host>\S+) (?P<ts>\d{4}-\d{2}-\d{2}-\d{2}\.\d{2}\.\d{2}\.\d+) "
-            r"(?P<node>\S+) (?P<type>\S+) (?P<service>\S+) (?P<level>\S+) ?(?P<message>.*)$"
+            r"(?P<node>\S+) (?P<type>\S+) (?P<service>\S+) (?P<level>\S+) ?(?P<message>.*)$",
+            re.DOTALL,
         ),
         _strptime("%Y-%m-%d-%H.%M.%S.%f"),
     ),
     # Loghub HDFS: yymmdd hhmmss pid level component: message.
     "hdfs": LineFormat(
         "hdfs",
-        re.compile(r"^(?P<ts>\d{6} \d{6}) (?P<pid>\d+) (?P<level>[A-Z]+) (?P<service>[^\s:]+):? ?(?P<message>.*)$"),
+        re.compile(r"^(?P<ts>\d{6} \d{6}) (?P<pid>\d+) (?P<level>[A-Z]+) (?P<service>[^\s:]+):? ?(?P<message>.*)$", re.DOTALL),
         _strptime("%y%m%d %H%M%S"),
     ),
     # RFC 3164-ish: "Jun 14 15:16:01 host proc[pid]: message" (Loghub Linux, OpenSSH).
     "syslog": LineFormat(
         "syslog",
-        re.compile(r"^(?P<ts>[A-Z][a-z]{2} +\d{1,2} \d{2}:\d{2}:\d{2}) (?P<host>\S+) " + _SYSLOG_TAIL + "$"),
+        re.compile(r"^(?P<ts>[A-Z][a-z]{2} +\d{1,2} \d{2}:\d{2}:\d{2}) (?P<host>\S+) " + _SYSLOG_TAIL + "$", re.DOTALL),
         _syslog_ts,
     ),
     # Loghub Thunderbird without its label column: epoch, date, host, syslog time, user@host,
@@ -190,7 +205,8 @@ PRESETS: dict[str, LineFormat] = {
         "thunderbird",
         re.compile(
             r"^(?P<ts>\d+) (?P<date>\S+) (?P<host>\S+) (?P<stime>[A-Z][a-z]{2} +\d{1,2} \d{2}:\d{2}:\d{2}) "
-            r"(?P<origin>\S+) " + _SYSLOG_TAIL + "$"
+            r"(?P<origin>\S+) " + _SYSLOG_TAIL + "$",
+            re.DOTALL,
         ),
     ),
     "logfmt": LineFormat("logfmt", None, logfmt=True),
@@ -312,6 +328,9 @@ class LogParser:
         raw_ts = _first(obj, _FIELD_ALIASES["ts"])
         if isinstance(raw_ts, str) and raw_ts.strip().lstrip("-").replace(".", "", 1).isdigit():
             ts: int | None = _generic_ts(raw_ts, fallback_ms)
+        elif isinstance(raw_ts, (int, float)) and not isinstance(raw_ts, bool):
+            # The same rule as for digits in a string: seconds or milliseconds by size.
+            ts = _number_ts(float(raw_ts)) if abs(raw_ts) < 1e19 else checked_ms(raw_ts)
         else:
             ts = None if raw_ts is None else parse_ts(raw_ts, fallback_ms)
         fields = {
@@ -360,6 +379,11 @@ class LogParser:
                 ev = self._one(raw, keys[i], int(ts_list[i]))
             except Rejected as rej:
                 dead.append((i, rej.reason, rej.detail))
+                continue
+            except Exception as err:  # noqa: BLE001 - no record may stop the daemon, not even one that finds a bug here
+                detail = f"{type(err).__name__}: {err}"[:500]
+                log.warning("record at position %d of the poll could not be parsed (%s); dead-lettered as parse_error", i, detail)
+                dead.append((i, "parse_error", detail))
                 continue
             index.append(i)
             streams.append(ev.stream)

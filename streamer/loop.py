@@ -11,6 +11,7 @@ commit). On revoke, the partition's streams are snapshotted and dropped.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -341,6 +342,13 @@ class Runner:
         emit_from = np.fromiter((self.emit_from.get(tp, 0) for tp in tps), dtype=np.int64, count=n)
         emit = polled.offset >= emit_from
         emitted_ts = polled.timestamp_ms[emit]
+        # An event without a time of its own takes its record's timestamp; a record without one
+        # (-1: written in the pre-0.10 format), the time it was polled (the 1970 of a -1 would
+        # fill the wrong hour of the time-of-day profile, and zero every log line's gap).
+        missing = polled.timestamp_ms < 0
+        if missing.any():
+            polled_ms = np.int64(self.clock() * 1000.0)
+            polled = dataclasses.replace(polled, timestamp_ms=np.where(missing, polled_ms, polled.timestamp_ms))
         offsets: dict[TP, int] = {}
         for tp, off in zip(tps, polled.offset.tolist()):
             offsets[tp] = off + 1  # records of a partition arrive in offset order
@@ -357,11 +365,7 @@ class Runner:
         if len(polled) == 0:
             return outputs, offsets, emitted_ts
 
-        # An event without `ts` takes its record's timestamp; a record without one (-1: written
-        # in the pre-0.10 format), the time it was polled (the 1970 of a -1 would fill the wrong
-        # hour of the time-of-day profile).
-        record_ts = np.where(polled.timestamp_ms >= 0, polled.timestamp_ms, np.int64(self.clock() * 1000.0))
-        dec = self.decoder.decode(polled.value, polled.key, record_ts)
+        dec = self.decoder.decode(polled.value, polled.key, polled.timestamp_ms)
         outputs.extend(self._dead_letters(polled, dec.dead, emit))
 
         if len(dec.index):

@@ -95,6 +95,18 @@ def test_json_records():
     assert ev.ts_ms == _ms(2024, 5, 1, 10) + 250 and ev.fields["code"] == "137" and ev.fields["host"] == "h1"
     assert _parse(LogParser("plain", "host"), [raw]).stream == ["h1"]
     assert _parse(LogParser("plain", "service"), [b'{"msg": "x", "service": "s", "ts": 1714557600123, "level": 3}']).level.tolist() == [5]
+    # A number is seconds below 1e11, as in a string: zap writes 1700000000.123 (it was read as
+    # milliseconds, a date in January 1970).
+    seconds = [b'{"msg": "x", "service": "s", "ts": 1700000000.123}', b'{"msg": "x", "service": "s", "ts": 1700000000}']
+    assert _parse(LogParser("plain", "service"), seconds).ts_ms.tolist() == [1_700_000_000_123, 1_700_000_000_000]
+
+
+def test_a_multi_line_record_is_one_event():
+    """A Java stack trace arrives as one record with newlines: the presets matched only up to
+    the first and dead-lettered it as unmatched_format."""
+    raw = b"Jun 14 15:16:01 web-1 app[42]: java.lang.NullPointerException: boom\n\tat com.example.Main.run(Main.java:10)"
+    ev = _parse(LogParser("syslog", "service"), [raw], record_ts=_ms(2024, 6, 15)).event(0)
+    assert ev.stream == "app" and ev.message.startswith("java.lang.NullPointerException") and ev.message.endswith("(Main.java:10)")
 
 
 def test_stream_id_from_key_and_fallback():
@@ -119,6 +131,9 @@ def test_rejections_carry_reasons_and_spare_the_rest():
         # Beyond int64 milliseconds: these raised OverflowError for the whole batch.
         b'{"message": "m", "service": "s", "ts": "99999999999999999999"}',
         b'{"message": "m", "service": "s", "ts": 1e300}',
+        # These raised out of the parser and stopped the daemon: a superscript digit passes
+        # str.isdigit but not int(), and int() refuses over 4,300 digits.
+        '{"message": "m", "service": "s", "ts": "\u00b2"}'.encode(),
         b"Jun 14 15:16:01 combo sshd[1]: fine",
     ]
     res = _parse(parser, values)
@@ -134,11 +149,31 @@ def test_rejections_carry_reasons_and_spare_the_rest():
         "invalid_timestamp",
         "invalid_timestamp",
         "invalid_timestamp",
+        "invalid_timestamp",
     ]
     assert set(reasons) <= set(REASONS)
-    assert res.index.tolist() == [10] and res.stream == ["sshd"]
+    assert res.index.tolist() == [11] and res.stream == ["sshd"]
     sub = res.take(np.array([0]))
-    assert sub.index.tolist() == [10]
+    assert sub.index.tolist() == [11]
+    digits = _parse(LogParser("plain", "service"), [b'{"message": "m", "service": "s", "ts": "' + b"1" * 5000 + b'"}'])
+    assert [r for _, r, _ in digits.dead] == ["invalid_timestamp"]
+    # A syslog date takes its year from the record timestamp; one past year 9999 (a producer
+    # writing microseconds) raised out of the parser.
+    far = _parse(LogParser("syslog", "service"), [b"Jun 14 15:16:01 combo sshd[1]: fine"], record_ts=1_781_449_400_000_000)
+    assert [r for _, r, _ in far.dead] == ["invalid_timestamp"]
+
+
+def test_an_unforeseen_error_dead_letters_the_record_not_the_daemon(monkeypatch):
+    """The net under the checks: an exception none of them foresaw (here injected into the
+    JSON branch) dead-letters its record as parse_error, naming the exception."""
+    parser = LogParser("plain", "service")
+
+    def broken(raw: bytes, fallback_ms: int) -> None:
+        raise KeyError("injected")
+
+    monkeypatch.setattr(parser, "_json", broken)
+    res = _parse(parser, [b'{"message": "m", "service": "s"}', b"plain line"], keys=[None, b"k"])
+    assert res.dead == [(0, "parse_error", "KeyError: 'injected'")] and res.index.tolist() == [1]
 
 
 def test_levels_and_bad_formats():

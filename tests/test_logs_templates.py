@@ -30,6 +30,9 @@ def test_masks_and_numbers():
     assert mined.text[2] == "peer <IP> sent <HEX>"
     assert mined.params[1, :2].tolist() == [4412.0, 120.0] and mined.params_mask[1].tolist() == [True, True, False, False]
     assert numeric_params("a1 b2 7 -3.5 x", 4) == [7.0, -3.5]
+    # A number of 309 digits or more is inf as a float: it turned every weight of the partition's
+    # model into NaN at the next update, and every later score on the partition into null.
+    assert numeric_params("bitmap " + "1" * 320 + " size 12", 4) == [12.0]
 
 
 def test_restore_keeps_ids_and_new_templates_get_new_ids():

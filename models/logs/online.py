@@ -130,6 +130,10 @@ class LogDetector:
             loss = example_loss(self.model, ex, active.expand(len(ex.target), -1))
             w = self.buffer_weight.to(loss.dtype)
             total = (loss * w).sum() / w.sum()
+            if not bool(torch.isfinite(total)):
+                # One non-finite input would make every weight NaN, for good and in every
+                # snapshot after: skip the step (the inputs are guarded; this is the last line).
+                return
             self.optimizer.zero_grad(set_to_none=False)
             total.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), 5.0)

@@ -105,9 +105,12 @@ def numeric_params(message: str, k: int) -> list[float]:
     out: list[float] = []
     for m in _NUMBER.finditer(message):
         try:
-            out.append(float(m.group(2)))
+            v = float(m.group(2))
         except ValueError:
             continue
+        if not np.isfinite(v):  # 309 digits or more: inf, which would turn the weights into NaN
+            continue
+        out.append(v)
         if len(out) == k:
             break
     return out
