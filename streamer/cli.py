@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+from typing import Any
 
 from streamer.config import ConfigError, load_config
 from streamer.jsonlog import setup_logging
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM (a `timeout`, a container stop) ends Python without unwinding, which would leave
+    an embedded broker running as an orphan: raise SystemExit instead, so it is stopped."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
     train.add_argument("--from-offset", type=int, default=0, help="first offset of every partition to replay")
     train.add_argument("--to-offset", type=int, default=None, help="stop before this offset (default: the current end)")
-    train.add_argument("--out", default="models/weights/default.pt")
+    train.add_argument("--out", default="checkpoint.pt", help="where to write the checkpoint (default ./checkpoint.pt)")
     train.add_argument("--steps", type=int, default=300)
     train.add_argument("--batch", type=int, default=64)
     train.add_argument("--length", type=int, default=384)
@@ -48,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["nab"]:
         from streamer.nab import main as nab_main
 
+        _exit_on_sigterm()
         return nab_main(argv[1:])
     if argv[:1] == ["logeval"]:
         from streamer.logeval import main as logeval_main
@@ -69,6 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("kafka").setLevel(logging.CRITICAL)  # keep the live view clean
         from streamer.demo import run_demo
 
+        _exit_on_sigterm()
         return run_demo(args.streams, args.rate, args.metrics_port, args.duration)
     if args.command == "train":
         from models.gru import save_checkpoint
@@ -78,26 +92,35 @@ def main(argv: list[str] | None = None) -> int:
         if not 0.0 < args.public_share < 1.0:
             print("streamer: --public-share must be in (0, 1)", file=sys.stderr)
             return 2
+        if args.topic and args.files:
+            print("streamer: train from files or from --topic, not both", file=sys.stderr)
+            return 2
         cfg = TrainConfig(
             steps=args.steps, batch=args.batch, length=args.length, hidden=args.hidden, seed=args.seed, public_share=args.public_share
         )
-        data = description = public = None
-        if args.topic:
-            from streamer.traindata import load_topic
+        try:
+            data = description = public = None
+            if args.topic:
+                from streamer.traindata import load_topic
 
-            end = "end" if args.to_offset is None else args.to_offset
-            description = f"Kafka topic {args.topic} at {args.bootstrap_servers}, offsets {args.from_offset}..{end}"
-            data = SeriesSampler(load_topic(args.bootstrap_servers, args.topic, args.from_offset, args.to_offset, cfg.max_features))
-        elif args.files:
-            from streamer.traindata import load_files
+                end = "end" if args.to_offset is None else args.to_offset
+                description = f"Kafka topic {args.topic} at {args.bootstrap_servers}, offsets {args.from_offset}..{end}"
+                data = SeriesSampler(load_topic(args.bootstrap_servers, args.topic, args.from_offset, args.to_offset, cfg.max_features))
+            elif args.files:
+                from streamer.traindata import load_files
 
-            description = "files " + ", ".join(args.files[:10]) + (" ..." if len(args.files) > 10 else "")
-            data = SeriesSampler(load_files(args.files))
-        if args.public:
-            from streamer.traindata import load_statsmodels
+                description = "files " + ", ".join(args.files[:10]) + (" ..." if len(args.files) > 10 else "")
+                data = SeriesSampler(load_files(args.files))
+            if args.public:
+                from streamer.traindata import load_statsmodels
 
-            public = SeriesSampler(load_statsmodels())
-        model, summary = train_model(cfg, data=data, data_description=description, public=public, public_description="statsmodels.datasets")
+                public = SeriesSampler(load_statsmodels())
+            model, summary = train_model(
+                cfg, data=data, data_description=description, public=public, public_description="statsmodels.datasets"
+            )
+        except ValueError as err:  # e.g. no column of the files holds a usable series
+            print(f"streamer: {err}", file=sys.stderr)
+            return 2
         save_checkpoint(args.out, model, summary)
         print(f"wrote {args.out}: loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f} in {summary['seconds']}s")
         print(f"data: {summary['data']}")

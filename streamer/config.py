@@ -7,6 +7,7 @@ config.yaml stops the daemon before it connects anywhere, instead of being silen
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -69,6 +70,16 @@ class ConsumerConfig(_Strict):
     max_partition_fetch_bytes: int = Field(default=1_048_576, gt=0)
     poll_timeout_ms: int = Field(default=200, ge=0)
 
+    @model_validator(mode="after")
+    def _heartbeat(self) -> ConsumerConfig:
+        # (kafka-python refuses it too, but at start and with a traceback that names no key.)
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            raise ValueError(
+                f"consumer.heartbeat_interval_ms ({self.heartbeat_interval_ms}) must be below "
+                f"consumer.session_timeout_ms ({self.session_timeout_ms})"
+            )
+        return self
+
 
 class ProducerConfig(_Strict):
     acks: Literal["all", 0, 1] = "all"
@@ -78,12 +89,41 @@ class ProducerConfig(_Strict):
     max_request_size: int = Field(default=4_194_304, gt=0)
     send_timeout_s: float = Field(default=30.0, gt=0)
 
+    @field_validator("compression_type")
+    @classmethod
+    def _codec(cls, v: str | None) -> str | None:
+        from kafka import codec
+
+        if v is not None and not getattr(codec, f"has_{v}")():
+            raise ValueError(f"{v} compression needs its library (python-{v} for kafka-python), which is not installed")
+        return v
+
+
+# Kafka's rule for topic names.
+_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def _topic_name(v: str) -> str:
+    if not _TOPIC.fullmatch(v) or v in (".", ".."):
+        raise ValueError(f"{v!r} is not a legal Kafka topic name (1-249 of letters, digits, '.', '_', '-')")
+    return v
+
 
 class TopicsConfig(_Strict):
     inputs: list[str] = Field(default_factory=lambda: ["sensors"])
     scores: str = "streamer.scores"
     alerts: str = "streamer.alerts"
     dead_letter: str = "streamer.dead-letter"
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs(cls, v: list[str]) -> list[str]:
+        return [_topic_name(t) for t in v]
+
+    @field_validator("scores", "alerts", "dead_letter")
+    @classmethod
+    def _outputs(cls, v: str) -> str:
+        return _topic_name(v)
 
 
 class InputConfig(_Strict):
@@ -100,6 +140,11 @@ class LogsConfig(_Strict):
     stream_field: str = "service"  # the field (JSON key or named group) naming the stream, or "key"
     warmup: int = Field(default=50, ge=0)
     threshold: float = Field(default=4.0 / 6.0, gt=0.0, le=1.0)  # p <= 1e-4
+
+    @field_validator("topics")
+    @classmethod
+    def _topics(cls, v: list[str]) -> list[str]:
+        return [_topic_name(t) for t in v]
 
     @field_validator("line_format")
     @classmethod
@@ -126,6 +171,13 @@ class DetectorConfig(_Strict):
     recur_margin: float = Field(default=1.0, ge=0.0)
     cpu_threads: int | None = Field(default=None, gt=0)  # None: half the cores, at most 8
     reload_check_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint(cls, v: str | None) -> str | None:
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"no checkpoint file at {v}")
+        return v
 
     @field_validator("device")
     @classmethod
@@ -221,6 +273,25 @@ def build_config(data: dict[str, Any] | None, env: Mapping[str, str] | None = No
         raise ConfigError(_format(err)) from None
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+class _NoDuplicatesLoader(yaml.SafeLoader):
+    """YAML keeps the last of two equal keys and drops the first without a word: a second
+    `detector:` section appended to the shipped config.yaml would silently undo the first."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                where = f"line {key_node.start_mark.line + 1}"
+                raise _DuplicateKey(f"{key}: given twice (again at {where}); YAML would keep only the last")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -> Config:
     """Read and validate a YAML file (None: all defaults)."""
     if path is None:
@@ -230,7 +301,9 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_NoDuplicatesLoader)  # (a SafeLoader subclass)
+    except _DuplicateKey as err:
+        raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if data is not None and not isinstance(data, dict):

@@ -93,7 +93,8 @@ def run_demo(streams: int, steps_per_second: float, metrics_port: int, duration:
                 "state": {"dir": state_dir},
                 "metrics": {"host": "127.0.0.1", "port": metrics_port},
                 "logs": {"topics": ["logs"], "stream_field": "service"},
-            }
+            },
+            env={},  # the demo's own broker: a STREAMER_BOOTSTRAP_SERVERS meant for `run` must not point it at a real cluster
         )
         t = cfg.topics
         broker.create_topics({t.inputs[0]: partitions, "logs": 2, t.scores: partitions, t.alerts: 1, t.dead_letter: 1})

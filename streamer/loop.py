@@ -516,6 +516,10 @@ class Runner:
         self.model_version = str(meta["model_version"])
         self.arch = dict(meta["config"])
         self.decoder.max_features = self.detector.max_features
+        if not kept:
+            # The streams start over, schemas included: a stream wider than the new model's
+            # max_features is then refused (too_many_features) instead of overflowing its row.
+            self.decoder.schemas.clear()
         publish_model(self.metrics, self.detector, meta)
         if kept:
             log.info(

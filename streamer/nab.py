@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.detector import Detector
+from models.detector import MAX_ABS_VALUE, Detector
 from models.gru import DEFAULT_WEIGHTS, load_checkpoint
 from streamer.config import DetectorConfig
 
@@ -35,13 +35,24 @@ class Series:
 
 
 def read_series(data_dir: Path) -> list[Series]:
+    """Every CSV with a value column under data_dir. ValueError names the file and row of a value
+    that is not a finite number within the detector's range (the daemon would dead-letter it,
+    and a NAB result file needs a score for every row)."""
     out = []
     for path in sorted(data_dir.rglob("*.csv")):
         with path.open() as fh:
             rows = list(csv.DictReader(fh))
         if not rows or "value" not in rows[0]:
             continue
-        out.append(Series(path.relative_to(data_dir), [r["timestamp"] for r in rows], np.array([float(r["value"]) for r in rows])))
+        values = np.empty(len(rows))
+        for i, r in enumerate(rows):
+            try:
+                values[i] = float(r["value"])
+            except (TypeError, ValueError):
+                values[i] = np.nan
+            if not abs(values[i]) <= MAX_ABS_VALUE:
+                raise ValueError(f"{path}: row {i + 2}: value {r['value']!r} is not a finite number of magnitude <= {MAX_ABS_VALUE:g}")
+        out.append(Series(path.relative_to(data_dir), [r["timestamp"] for r in rows], values))
     return out
 
 
@@ -214,7 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # one small GRU call per wavefront: more threads only add overhead
     model, _meta = load_checkpoint(args.checkpoint)
-    series = read_series(args.data_dir)
+    try:
+        series = read_series(args.data_dir)
+    except ValueError as err:
+        print(f"streamer nab: {err}", file=sys.stderr)
+        return 2
     if not series:
         print(f"no NAB series (CSV with a value column) under {args.data_dir}", file=sys.stderr)
         return 2

@@ -34,9 +34,12 @@ def load_files(paths: list[str]) -> dict[str, np.ndarray]:
         for name in rows[0] if rows else []:
             values: list[float] = []
             for r in rows:
+                cell = (r[name] or "").strip()
+                if not cell:  # a gap in the column, like a nan: skipped
+                    continue
                 try:
-                    v = float(r[name])
-                except (TypeError, ValueError):
+                    v = float(cell)
+                except ValueError:  # a text column (a timestamp, a label): not a series
                     values = []
                     break
                 if math.isfinite(v):

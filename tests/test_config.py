@@ -23,6 +23,15 @@ from streamer.config import ConfigError, build_config, load_config
         ("detector:\n  calibration_long_window: 500\n", "detector.calibration_long_window"),
         ("detector:\n  holdoff_factor: 0\n", "detector.holdoff_factor"),
         ("surprise_section: {}\n", "surprise_section"),
+        # YAML keeps the last of two equal keys: the first section was silently dropped.
+        ("detector:\n  threshold: 0.8\nmetrics: {}\ndetector:\n  warmup: 5\n", "detector: given twice"),
+        ("detector:\n  threshold: 0.8\n  threshold: 0.9\n", "threshold: given twice"),
+        # Accepted here before, then refused by kafka-python at start with a traceback.
+        ("consumer:\n  session_timeout_ms: 1000\n  heartbeat_interval_ms: 5000\n", "consumer.heartbeat_interval_ms"),
+        ("topics:\n  inputs: ['bad topic!']\n", "topics.inputs"),
+        ("topics:\n  scores: ''\n", "topics.scores"),
+        ("logs:\n  topics: ['..']\n", "logs.topics"),
+        ("detector:\n  checkpoint: /nonexistent/model.pt\n", "detector.checkpoint"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, yaml_text, key):
@@ -38,6 +47,19 @@ def test_cli_exits_2_naming_the_key_before_connecting(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "streamer.cli", "run", "--config", str(path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert "consumer.sesion_timeout_ms" in proc.stderr
+
+
+def test_a_compression_codec_without_its_library_is_a_config_error():
+    """config.yaml lists snappy, lz4 and zstd; kafka-python needs an extra library for each and
+    failed at start with a RuntimeError that named no key."""
+    from kafka import codec
+
+    missing = [c for c in ("snappy", "lz4", "zstd") if not getattr(codec, f"has_{c}")()]
+    if not missing:
+        pytest.skip("every codec library is installed here")
+    with pytest.raises(ConfigError, match=r"producer\.compression_type"):
+        build_config({"producer": {"compression_type": missing[0]}}, env={})
+    assert build_config({"producer": {"compression_type": "gzip"}}, env={}).producer.compression_type == "gzip"
 
 
 def test_repo_config_is_valid_and_documents_every_option():

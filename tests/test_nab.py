@@ -61,6 +61,19 @@ def test_nab_results_layout_and_causal_scores(tmp_path):
         np.testing.assert_allclose(a[:200], b, atol=1e-9)
 
 
+def test_a_value_that_is_not_a_finite_number_is_named_not_a_traceback(tmp_path, capsys):
+    """An empty or NaN cell raised a bare ValueError (direct mode) or left `--through-kafka`
+    waiting forever for a row the daemon had dead-lettered."""
+    data = tmp_path / "data"
+    _write_series(data, "catA/ok.csv", [1.0, 2.0, 3.0])
+    _write_series(data, "catA/gap.csv", [1.0, "", 3.0])
+    assert main([str(data), str(tmp_path / "out")]) == 2
+    assert "gap.csv: row 3: value ''" in capsys.readouterr().err
+    _write_series(data, "catA/gap.csv", [1.0, 2.0, "nan"])
+    assert main([str(data), str(tmp_path / "out"), "--through-kafka"]) == 2
+    assert "gap.csv: row 4: value 'nan'" in capsys.readouterr().err
+
+
 def test_through_kafka_equals_direct(tmp_path):
     series = read_series(_dataset(tmp_path))
     model, _ = load_checkpoint(DEFAULT_WEIGHTS)

@@ -26,6 +26,25 @@ def _wait_version(daemon, prefix, timeout_s=30.0):
         time.sleep(0.1)
 
 
+def test_a_narrower_model_refuses_streams_wider_than_it_instead_of_stopping(broker, topics, state_dir, tmp_path):
+    """A checkpoint with a smaller max_features: the decoder kept each stream's feature list,
+    and the next event of a 2-feature stream overflowed its 1-wide row and stopped the loop.
+    The streams start over: the wide one is refused (too_many_features), a narrow one scored."""
+    ckpt = tmp_path / "model.pt"
+    shutil.copy(DEFAULT_WEIGHTS, ckpt)
+    config = make_config(broker, topics, state_dir, detector={"checkpoint": str(ckpt), "reload_check_s": 0.2})
+    wide = [(b"pump-1", event("pump-1", i, {"t": float(i % 5), "p": float(i % 3)})) for i in range(20)]
+    with DaemonThread(config) as daemon:
+        produce(broker, topics["input"], wide)
+        daemon.wait_scored(20)
+        _replace(ckpt, StreamGRU(ModelConfig(max_features=1)), "narrow")
+        _wait_version(daemon, "narrow")
+        produce(broker, topics["input"], [(b"pump-1", event("pump-1", 20, {"t": 1.0, "p": 2.0}))])
+        produce(broker, topics["input"], [(b"fan-1", event("fan-1", i, {"rpm": float(i)})) for i in range(10)])
+        daemon.wait_scored(30)
+        assert daemon.metrics.dead_letters.labels("too_many_features")._value.get() == 1
+
+
 def test_checkpoint_swap_keeps_or_resets_state(broker, topics, state_dir, tmp_path, caplog):
     ckpt = tmp_path / "model.pt"
     shutil.copy(DEFAULT_WEIGHTS, ckpt)

@@ -20,7 +20,8 @@ def test_train_from_csv_writes_a_described_checkpoint(tmp_path):
         w.writerow(["timestamp", "temp", "rpm", "note"])
         for i in range(500):
             temp, rpm = 20 + np.sin(i / 20) + rng.normal(0, 0.1), 1500 + rng.normal(0, 5)
-            w.writerow([f"2024-01-01 00:{i // 60 % 60:02d}:{i % 60:02d}", temp, rpm, "ok"])
+            # One gap in the temperature (an empty cell) is skipped: it dropped the whole column.
+            w.writerow([f"2024-01-01 00:{i // 60 % 60:02d}:{i % 60:02d}", "" if i == 100 else temp, rpm, "ok"])
     out = tmp_path / "m.pt"
     cmd = [sys.executable, "-m", "streamer.cli", "train", str(path), "--out", str(out), "--steps", "3", "--batch", "4", "--length", "64"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -29,8 +30,19 @@ def test_train_from_csv_writes_a_described_checkpoint(tmp_path):
     model, meta = load_checkpoint(out)
     assert meta["training"]["name"] == "custom" and model.config.hidden == 32
     assert meta["training"]["series"] == ["plant.csv:temp", "plant.csv:rpm"]  # the text column is not a series
-    assert "plant.csv" in meta["training"]["data"] and "2 series, 1,000 values" in meta["training"]["data"]
+    assert "plant.csv" in meta["training"]["data"] and "2 series, 999 values" in meta["training"]["data"]
     assert meta["config"]["hidden"] == 32
+
+
+def test_train_refuses_files_with_no_series_and_files_with_a_topic(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_text("when,what\n2024-01-01,ok\n2024-01-02,broken\n")
+    base = [sys.executable, "-m", "streamer.cli", "train", "--out", str(tmp_path / "m.pt"), "--steps", "1"]
+    proc = subprocess.run([*base, str(path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "no series" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    proc = subprocess.run([*base, str(path), "--topic", "sensors"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "not both" in proc.stderr, proc.stderr
+    assert not (tmp_path / "m.pt").exists()
 
 
 def test_train_from_a_kafka_topic_range(broker, topics, tmp_path):
