@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 # Score records name the deciding view; the extra None is for events with nothing to compare.
 _VIEW_NAMES = np.array([*VIEWS, None], dtype=object)
 _HELD_NAMES = np.array([None, *HELD[1:]], dtype=object)
+# A failed send that took less than this was refused, not timed out: worth resending while
+# stopping (see Runner._send).
+QUICK_SEND_FAILURE_S = 5.0
 # Bytes of a dead letter's record taken by the headers the daemon adds and Kafka's framing.
 DEAD_LETTER_OVERHEAD = 4096
 
@@ -310,8 +313,7 @@ class Runner:
         if self._assign_pending:
             polled = self._complete_assign(polled)
         m = self.metrics
-        m.last_progress.set(self.clock())
-        self.health.progress()
+        self._progress()
         if len(polled) == 0:
             self._housekeeping()
             return 0
@@ -476,18 +478,31 @@ class Runner:
                 self.metrics.held.labels(name).inc(count)
         return out
 
+    def _progress(self) -> None:
+        """The loop is alive: /healthz and the gauge the StreamerNoProgress alert reads."""
+        self.metrics.last_progress.set(self.clock())
+        self.health.progress()
+
     def _send(self, outputs: list[OutRecord]) -> bool:
         """Send until acknowledged. Gives up only when asked to stop, returning False."""
         attempt = 0
         while True:
+            started = time.monotonic()
             try:
                 self.transport.send_batch(outputs)
             except SendError:
                 attempt += 1
                 self.metrics.send_failures.inc()
-                # Waiting out a broker outage is progress for liveness: a restart would not help.
-                self.health.progress()
-                if self.stop_event.is_set() and attempt >= 3:
+                # Waiting out a broker outage is progress for liveness: a restart would not help
+                # (send failures have their own alert).
+                self._progress()
+                # Once asked to stop, a slow failure (an outage: the attempt waited out
+                # producer.send_timeout_s) is the last, so that a stop fits its grace period; the
+                # batch's events are scored again after the restart (no snapshot covers them). A
+                # quick one (a broker that forgot the producer after a restart) is resent at once
+                # with a new producer, up to 3 attempts.
+                quick = time.monotonic() - started < QUICK_SEND_FAILURE_S
+                if self.stop_event.is_set() and (attempt >= 3 or not quick):
                     log.error(
                         "stopping with %d output records unacknowledged; their offsets stay uncommitted",
                         len(outputs),

@@ -2,9 +2,9 @@
 
 The loop only polls columns, sends a batch and waits for its acks, commits offsets, and reads
 high-water marks; partition assignment arrives through two callbacks. kafka-python is the
-default client. Its producer tops out around 24k msg/s on two cores, so a faster client (for
-example confluent-kafka) can be added as another class with the same methods without touching
-the loop.
+default client. Its producer tops out around 11-15k msg/s on two cores (README, Benchmarks),
+so a faster client (for example confluent-kafka) can be added as another class with the same
+methods without touching the loop.
 """
 
 from __future__ import annotations
@@ -127,6 +127,9 @@ class KafkaPythonTransport:
             batch_size=p.batch_size,
             compression_type=p.compression_type,
             max_request_size=p.max_request_size,
+            # send() blocks for metadata up to max_block_ms (60 s by default): bounded like the
+            # rest of an attempt, so that one attempt stays within send_timeout_s.
+            max_block_ms=int(p.send_timeout_s * 1000),
         )
 
     def subscribe(self, topics: Sequence[str], on_assign: Callable[[list[TP]], None], on_revoke: Callable[[list[TP]], None]) -> None:
@@ -176,21 +179,20 @@ class KafkaPythonTransport:
             for f in futures:
                 f.get(timeout=max(0.0, deadline - time.monotonic()))
         except (KafkaError, AssertionError) as err:
-            log.warning("output batch not acknowledged (%s); recreating the producer", err)
-            self._recreate_producer()
+            log.warning("output batch not acknowledged (%s); the next attempt uses a new producer", err)
+            self._drop_producer()
             raise SendError(str(err)) from err
 
-    def _recreate_producer(self) -> None:
+    def _drop_producer(self) -> None:
+        """Close the failed producer; the next send builds a new one. (Not here: with no broker
+        reachable, building one blocks ~30 s, and an attempt plus a rebuild would outlast the
+        loop's max_stall_s without a word of progress.)"""
         if self._producer is not None:
             try:
                 self._producer.close(timeout=1)
             except Exception:
                 log.debug("closing the failed producer raised", exc_info=True)
         self._producer = None
-        try:
-            self._producer = self._new_producer()
-        except KafkaError as err:  # no broker reachable: the next send tries again
-            log.warning("could not create a producer yet: %s", err)
 
     def commit(self, offsets: dict[TP, int]) -> bool:
         """Synchronous commit; False (not an exception) when the group rebalanced under us."""

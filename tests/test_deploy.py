@@ -49,6 +49,7 @@ from models.synthetic import SensorFleet
 from streamer.broker import EmbeddedBroker, free_port, stop_process
 from streamer.config import ProducerConfig, build_config, load_config
 from streamer.feed import GARBAGE, sensor_events
+from streamer.loop import QUICK_SEND_FAILURE_S
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -56,10 +57,11 @@ PROM_DIR = DEPLOY / "prometheus"
 DASHBOARD_DIR = DEPLOY / "grafana" / "dashboards"
 K8S_DIR = DEPLOY / "k8s"
 
-# The longest a SIGTERM drain can take (streamer/loop.py): with the broker unreachable, three
-# send attempts of producer.send_timeout_s with 0.4 s + 0.8 s back-off in between, then the
-# producer's 5 s close. Every stop timeout in deploy/ must exceed it.
-DRAIN_WORST_CASE_S = 3 * ProducerConfig().send_timeout_s + 1.2 + 5.0
+# The longest a SIGTERM drain can take (streamer/loop.py, Runner._send): two quick refusals
+# (each under QUICK_SEND_FAILURE_S, then 0.4 s and 0.8 s of back-off), then a slow attempt, which
+# is the last (send() waits for metadata up to producer.send_timeout_s, then the flush up to as
+# long again), then the producer's 5 s close. Every stop timeout in deploy/ must exceed it.
+DRAIN_WORST_CASE_S = 2 * QUICK_SEND_FAILURE_S + 1.2 + 2 * ProducerConfig().send_timeout_s + 5.0
 
 # Grafana's own unit ids (packages/grafana-data/src/valueFormats/categories.ts) that make sense
 # for this daemon's metrics; a typo in generate.py renders as a raw number, so it is caught here.
@@ -352,6 +354,7 @@ def test_every_alert_is_tested_firing_and_silent_and_documented() -> None:
         "StreamerDown",
         "StreamerAbsent",
         "StreamerNoProgress",
+        "StreamerOutputsNotAcknowledged",
         "StreamerConsumerLagGrowing",
         "StreamerDeadLetters",
         "StreamerAnomalyRateSpike",
