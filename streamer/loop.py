@@ -266,21 +266,31 @@ class Runner:
                     extra={"topic": tp[0], "partition": tp[1]},
                 )
                 continue
-            if self.logs is not None and tp[0] in self.logs.topics:
-                part = self.logs.snapshot(tp)
-                if part is not None:
-                    payload = {"kind": "logs", "offset": self.next_offset[tp], "topic_id": self.log_ids.get(tp), "partition": part}
-                    self.store.save_payload(tp, payload)
-                    self.metrics.snapshots.inc()
-                continue
-            streams = self.slots.streams_of({tp})
-            rows = torch.as_tensor([self.slots.slot_of[s] for s in streams], dtype=torch.int64)
-            schemas = [list(self.decoder.schemas.get(s, ())) for s in streams]
-            state = self.detector.bank.export_rows(rows)
-            snap = Snapshot(self.next_offset[tp], streams, schemas, state, self.arch, self.log_ids.get(tp))
-            self.store.save(tp, snap)
-            self.metrics.snapshots.inc()
+            try:
+                self._write_snapshot(tp)
+            except OSError as err:
+                # A full disk or a permissions problem must not stop scoring: the previous
+                # snapshot stands (older state, more replay after a restart), and this is retried
+                # at the next interval.
+                self.metrics.snapshot_failures.inc()
+                log.error("could not write the snapshot of %s[%d]: %s", tp[0], tp[1], err, extra={"topic": tp[0], "partition": tp[1]})
         self._last_snapshot = time.monotonic()
+
+    def _write_snapshot(self, tp: TP) -> None:
+        if self.logs is not None and tp[0] in self.logs.topics:
+            part = self.logs.snapshot(tp)
+            if part is not None:
+                payload = {"kind": "logs", "offset": self.next_offset[tp], "topic_id": self.log_ids.get(tp), "partition": part}
+                self.store.save_payload(tp, payload)
+                self.metrics.snapshots.inc()
+            return
+        streams = self.slots.streams_of({tp})
+        rows = torch.as_tensor([self.slots.slot_of[s] for s in streams], dtype=torch.int64)
+        schemas = [list(self.decoder.schemas.get(s, ())) for s in streams]
+        state = self.detector.bank.export_rows(rows)
+        snap = Snapshot(self.next_offset[tp], streams, schemas, state, self.arch, self.log_ids.get(tp))
+        self.store.save(tp, snap)
+        self.metrics.snapshots.inc()
 
     # -- the loop -----------------------------------------------------------------------
     def start(self) -> None:

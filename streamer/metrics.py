@@ -132,6 +132,9 @@ class Metrics:
         self.commit_failures = Counter("streamer_commit_failures", "Offset commits rejected by the group coordinator.", registry=r)
         self.evicted = Counter("streamer_streams_evicted", "Streams dropped after being idle.", registry=r)
         self.snapshots = Counter("streamer_snapshots", "Partition state snapshots written.", registry=r)
+        self.snapshot_failures = Counter(
+            "streamer_snapshot_failures", "Partition state snapshots that could not be written (the previous one stands).", registry=r
+        )
         self.batch_events = Histogram("streamer_batch_events", "Records per polled batch.", buckets=BATCH_BUCKETS, registry=r)
         self.step_seconds = Histogram(
             "streamer_step_duration_seconds", "Time to step the model over one batch.", buckets=LATENCY_BUCKETS, registry=r

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,11 +113,16 @@ class SnapshotStore:
     def save_payload(self, tp: TP, payload: dict[str, Any]) -> int:
         """Write any snapshot dict (tensors and plain values only) atomically and durably."""
         path = self.path(tp)
-        tmp = path.with_suffix(".tmp")
-        torch.save(payload, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        tmp.replace(path)
+        # A temp file of its own: two members sharing a state dir (a zombie's revoke snapshot
+        # landing on the new owner's periodic one) must not rename each other's half-written file.
+        tmp = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            torch.save(payload, tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path.stat().st_size
 
     def load_payload(self, tp: TP) -> dict[str, Any] | None:

@@ -287,3 +287,41 @@ def test_an_assignment_taken_back_within_the_same_poll_is_not_restored(broker, t
         assert runner._pending_assign == [(t, 0)]
     finally:
         runner.transport.close()
+
+
+_RACE = """
+import sys, torch
+from streamer.state import Snapshot, SnapshotStore
+store = SnapshotStore(sys.argv[1], "g")
+state = {"x": torch.zeros(40, 500)}
+for i in range(150):
+    store.save(("in", 0), Snapshot(i, [f"s{k}" for k in range(40)], [["a"]] * 40, state, {"h": 1}, None))
+"""
+
+
+def test_two_writers_of_one_partitions_snapshot_do_not_trip_over_each_other(tmp_path):
+    """Two members sharing a state dir (a zombie's revoke snapshot landing on the new owner's
+    periodic one) wrote through the same temp file, and about a third of the saves raised
+    FileNotFoundError at the rename, which would have stopped the loop."""
+    procs = [subprocess.Popen([sys.executable, "-c", _RACE, str(tmp_path)], stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    assert SnapshotStore(tmp_path, "g").load_payload(("in", 0)) is not None
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_a_snapshot_that_cannot_be_written_is_counted_not_fatal(broker, topics, state_dir):
+    """A full disk or a permissions problem under state.dir: the loop logs it, counts it and
+    keeps scoring (the previous snapshot stands). Here the snapshot's path is a directory."""
+    config = make_config(broker, topics, state_dir, state={"snapshot_interval_s": 0.2})
+    blocked = state_dir / config.consumer.group_id / f"{topics['input']}-0.pt"
+    (blocked / "occupied").mkdir(parents=True)
+    produce(broker, topics["input"], [(b"s-1", event("s-1", i, {"temp": float(i % 5)})) for i in range(50)], partition_of=lambda _key: 0)
+    with DaemonThread(config) as daemon:
+        daemon.wait_scored(50)
+        deadline = time.monotonic() + 30
+        while daemon.metrics.snapshot_failures._value.get() < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        produce(broker, topics["input"], [(b"s-1", event("s-1", 50 + i, {"temp": 1.0})) for i in range(10)], partition_of=lambda _key: 0)
+        daemon.wait_scored(60)
+    assert daemon.metrics.snapshot_failures._value.get() >= 1

@@ -873,11 +873,12 @@ def capacity() -> Json:
     )
     b.timeseries(
         "Snapshots and evictions",
-        "Partition state snapshots written (every state.snapshot_interval_s, on revoke and on shutdown) and idle streams "
-        "evicted, per second.",
+        "Partition state snapshots written (every state.snapshot_interval_s, on revoke and on shutdown), snapshots that "
+        "failed to write, and idle streams evicted, per second.",
         "cps",
         targets(
             (f"sum({rate('streamer_snapshots_total')})", "snapshots"),
+            (f"sum({rate('streamer_snapshot_failures_total')})", "snapshot failures"),
             (f"sum({rate('streamer_streams_evicted_total')})", "evicted streams"),
         ),
     )
