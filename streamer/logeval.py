@@ -113,11 +113,13 @@ def detect_format(lines: Sequence[bytes]) -> tuple[str, bool]:
     return (best, labelled) if best_rate >= 0.9 else ("plain", False)
 
 
-def load_model(weights: str | None) -> LogGRU:
+def load_model(weights: str | None, seed: int = 0) -> LogGRU:
+    """The checkpoint given, else the bundled one, else an untrained model initialised from
+    `seed` (the daemon's is seed 0)."""
     path = Path(weights) if weights else DEFAULT_LOG_WEIGHTS
     if weights or path.exists():
         return load_log_checkpoint(path)[0]
-    return LogGRU(LogModelConfig())
+    return LogGRU(LogModelConfig(seed=seed))
 
 
 # -- evaluation ------------------------------------------------------------------------------
@@ -227,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--stream-field", default="service", help="field naming the stream ('key': one stream for the file)")
     ap.add_argument("--batch", type=int, default=256, help="lines per simulated poll")
     ap.add_argument("--weights", default=None, help="log model checkpoint (default: the bundled one, else untrained)")
+    ap.add_argument("--seed", type=int, default=0, help="initial weights of an untrained model (default 0, as the daemon's)")
     args = ap.parse_args(argv)
     # As the daemon on a 2-core machine: the log model's ops are tiny, more threads only contend.
     torch.set_num_threads(1)
@@ -239,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         labelled = False
     elif args.format != "auto":
         labelled = fmt in LABELLED_PRESETS
-    result = evaluate(lines, fmt, labelled, args.stream_field, load_model(args.weights), args.batch)
+    result = evaluate(lines, fmt, labelled, args.stream_field, load_model(args.weights, args.seed), args.batch)
     report(Path(args.file).name, result, fmt)
     return 0
 
