@@ -135,3 +135,18 @@ def test_advance_has_gradients_and_checkpoints_load_weights_only(tmp_path):
     assert meta["config"]["vocab"] == 16
     for k, v in model.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v)
+
+
+def test_an_update_whose_loss_is_not_finite_is_skipped():
+    """The last line of defence under the input guards: one non-finite input in the example
+    buffer made the next update turn every weight into NaN, for good. The update is skipped."""
+    part = _partition()
+    data = _events(200)
+    _run(part, data, [200])
+    det = part.detector
+    assert det.buffer is not None
+    before = {k: v.clone() for k, v in det.model.state_dict().items()}
+    det.buffer["prev_feats"][0] = float("inf")
+    det._update(torch.ones(1, det.config.vocab + 1, dtype=torch.bool))
+    after = det.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
