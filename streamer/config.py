@@ -10,10 +10,10 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 if TYPE_CHECKING:
     from models.calibration import CalibrationConfig
@@ -109,21 +109,14 @@ def _topic_name(v: str) -> str:
     return v
 
 
+TopicName = Annotated[str, AfterValidator(_topic_name)]
+
+
 class TopicsConfig(_Strict):
-    inputs: list[str] = Field(default_factory=lambda: ["sensors"])
-    scores: str = "streamer.scores"
-    alerts: str = "streamer.alerts"
-    dead_letter: str = "streamer.dead-letter"
-
-    @field_validator("inputs")
-    @classmethod
-    def _inputs(cls, v: list[str]) -> list[str]:
-        return [_topic_name(t) for t in v]
-
-    @field_validator("scores", "alerts", "dead_letter")
-    @classmethod
-    def _outputs(cls, v: str) -> str:
-        return _topic_name(v)
+    inputs: list[TopicName] = Field(default_factory=lambda: ["sensors"])
+    scores: TopicName = "streamer.scores"
+    alerts: TopicName = "streamer.alerts"
+    dead_letter: TopicName = "streamer.dead-letter"
 
 
 class InputConfig(_Strict):
@@ -135,16 +128,11 @@ class InputConfig(_Strict):
 class LogsConfig(_Strict):
     """Topics of log lines (raw text or JSON), scored by the log sequence model."""
 
-    topics: list[str] = Field(default_factory=list)
+    topics: list[TopicName] = Field(default_factory=list)
     line_format: str = "plain"  # a preset (bgl, hdfs, syslog, thunderbird, logfmt, plain) or a regex with named groups
     stream_field: str = "service"  # the field (JSON key or named group) naming the stream, or "key"
     warmup: int = Field(default=50, ge=0)
     threshold: float = Field(default=4.0 / 6.0, gt=0.0, le=1.0)  # p <= 1e-4
-
-    @field_validator("topics")
-    @classmethod
-    def _topics(cls, v: list[str]) -> list[str]:
-        return [_topic_name(t) for t in v]
 
     @field_validator("line_format")
     @classmethod

@@ -46,6 +46,15 @@ REASONS = (
 )
 
 
+def unforeseen(pos: int, err: Exception) -> tuple[int, str, str]:
+    """The dead letter (position, reason, detail) for an exception no check foresaw while parsing
+    the record at `pos` (a bug): the net under the reasons above, shared by the sensor and log
+    parsers, so that no record can stop the daemon."""
+    detail = f"{type(err).__name__}: {err}"[:500]
+    log.warning("record at position %d of the poll could not be parsed (%s); dead-lettered as parse_error", pos, detail)
+    return pos, "parse_error", detail
+
+
 class Rejected(Exception):
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(detail)
@@ -193,9 +202,7 @@ class Decoder:
                 dead.append((i, rej.reason, rej.detail))
                 continue
             except Exception as err:  # noqa: BLE001 - no record may stop the daemon, not even one that finds a bug here
-                detail = f"{type(err).__name__}: {err}"[:500]
-                log.warning("record at position %d of the poll could not be parsed (%s); dead-lettered as parse_error", i, detail)
-                dead.append((i, "parse_error", detail))
+                dead.append(unforeseen(i, err))
                 continue
             row = len(index)
             k = len(nums)

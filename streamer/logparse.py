@@ -15,7 +15,6 @@ so the stream id can be any of them (`stream_field`), or the Kafka key (`stream_
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -26,9 +25,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from streamer.decode import Rejected, checked_ms, parse_ts
-
-log = logging.getLogger(__name__)
+from streamer.decode import Rejected, checked_ms, parse_ts, unforeseen
 
 REASONS = (
     "oversized",
@@ -381,9 +378,7 @@ class LogParser:
                 dead.append((i, rej.reason, rej.detail))
                 continue
             except Exception as err:  # noqa: BLE001 - no record may stop the daemon, not even one that finds a bug here
-                detail = f"{type(err).__name__}: {err}"[:500]
-                log.warning("record at position %d of the poll could not be parsed (%s); dead-lettered as parse_error", i, detail)
-                dead.append((i, "parse_error", detail))
+                dead.append(unforeseen(i, err))
                 continue
             index.append(i)
             streams.append(ev.stream)

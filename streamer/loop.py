@@ -328,7 +328,6 @@ class Runner:
             self._housekeeping()
             return 0
         started = time.perf_counter()
-        self._unacked.update(zip(polled.topic, polled.partition.tolist()))
         outputs, offsets, emitted_ts = self._process(polled)
         if not self._send(outputs):
             return len(polled)  # stopping with the broker unreachable: nothing committed, nothing lost
@@ -364,6 +363,7 @@ class Runner:
         offsets: dict[TP, int] = {}
         for tp, off in zip(tps, polled.offset.tolist()):
             offsets[tp] = off + 1  # records of a partition arrive in offset order
+        self._unacked.update(offsets)  # (cleared by step() once the outputs are acknowledged)
         self.next_offset.update(offsets)
         for topic in set(polled.topic):
             m.consumed.labels(topic).inc(polled.topic.count(topic))

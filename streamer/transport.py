@@ -167,8 +167,9 @@ class KafkaPythonTransport:
     def send_batch(self, records: Sequence[OutRecord]) -> None:
         """Send and wait for every ack. On any Kafka error (including one raised by send() itself,
         such as a record over max_request_size, or no broker to bootstrap a new producer from)
-        the producer is rebuilt (kafka-python's idempotent producer never recovers from a broker
-        that lost its memory) and SendError is raised so the caller resends the whole batch."""
+        the producer is dropped and the next call builds a new one (kafka-python's idempotent
+        producer never recovers from a broker that lost its memory), and SendError is raised so
+        the caller resends the whole batch."""
         deadline = time.monotonic() + self._config.producer.send_timeout_s
         try:
             if self._producer is None:  # the last rebuild found no broker
