@@ -2,8 +2,9 @@
 
 Kubernetes probes and Prometheus scrape the same listener, so there is one address to expose
 and one to firewall. Liveness means the processing loop has completed a poll recently (a
-wedged loop gets restarted); readiness means the member has joined its group and restored the
-state of the partitions it was given (a rolling update waits for it).
+wedged loop gets restarted); readiness means the member has joined its group, restored the
+state of the partitions it was given and replayed them up to their committed offsets (a
+rolling update waits for it).
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ class LoopHealth:
         self.last_progress = time.monotonic()
         self.joined = False
         self.restoring = False
+        self.replaying = 0  # partitions still re-reading events up to their committed offset
         self.stopping = False
 
     def progress(self) -> None:
@@ -87,4 +89,6 @@ class LoopHealth:
             return False, "waiting for partition assignment"
         if self.restoring:
             return False, "restoring partition state"
+        if self.replaying:
+            return False, f"replaying {self.replaying} partitions up to their committed offsets"
         return True, "partitions assigned and state restored"

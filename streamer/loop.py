@@ -103,6 +103,10 @@ class Runner:
         # would record an offset beyond what a restart may skip, so none is written until the
         # send succeeds (a failed one leaves the previous snapshot, and the batch is scored again).
         self._unacked: set[TP] = set()
+        # Partitions restored from a snapshot older than their committed offset: the events in
+        # between are being scored again (no outputs) to rebuild state. Not ready until done: a
+        # rolling update that moved on would leave the group with cold-ish state and lag.
+        self._replaying: set[TP] = set()
         self._assign_pending = False
         self.stop_event = threading.Event()
         self.ready = threading.Event()
@@ -184,6 +188,8 @@ class Runner:
             )
         self.metrics.assigned_partitions.set(len(self.transport.assignment()))
         self.metrics.active_streams.set(self._stream_count())
+        self._replaying.update(tp for tp in reseeked if self.next_offset.get(tp, 0) < self.emit_from[tp])
+        self._check_replay()
         self.health.joined = True
         self.health.restoring = False
         self.ready.set()
@@ -239,6 +245,8 @@ class Runner:
             len(streams),
             extra={"partitions": {f"{t}[{p}]": self.next_offset.get((t, p)) for t, p in tps}},
         )
+        self._replaying.difference_update(tps)
+        self._check_replay()
         for tp in tps:
             self.next_offset.pop(tp, None)
             self.emit_from.pop(tp, None)
@@ -568,7 +576,22 @@ class Runner:
             warm = int((self.detector.bank.tensors["steps"][rows] < self.detector.calibration.warmup).sum())
         m.warming_up.set(warm)
 
+    def _check_replay(self) -> None:
+        """Forget partitions whose replay has reached the committed offset. The consumer's
+        position counts as well as the last record seen: on a compacted topic the last records
+        before the committed offset may be gone, and no record would ever reach it."""
+        if self._replaying:
+            done = set()
+            for tp in self._replaying:
+                target = self.emit_from.get(tp, 0)
+                position = self.transport.position(tp)
+                if self.next_offset.get(tp, 0) >= target or (position is not None and position >= target):
+                    done.add(tp)
+            self._replaying -= done
+        self.health.replaying = len(self._replaying)
+
     def _housekeeping(self) -> None:
+        self._check_replay()
         self._maybe_reload()
         m = self.metrics
         for tp in self.transport.assignment():

@@ -16,6 +16,8 @@ import pytest
 import torch
 import yaml
 from conftest import DaemonThread, event, make_config, produce, read_all, scores_of
+from kafka import KafkaConsumer, TopicPartition
+from kafka.structs import OffsetAndMetadata
 
 from models.calibration import TAIL_THRESHOLD, CalibrationConfig
 from models.detector import CAL_HISTS, CAL_HISTS_LONG, Detector
@@ -325,3 +327,35 @@ def test_a_snapshot_that_cannot_be_written_is_counted_not_fatal(broker, topics, 
         produce(broker, topics["input"], [(b"s-1", event("s-1", 50 + i, {"temp": 1.0})) for i in range(10)], partition_of=lambda _key: 0)
         daemon.wait_scored(60)
     assert daemon.metrics.snapshot_failures._value.get() >= 1
+
+
+def test_not_ready_until_the_replay_up_to_the_committed_offset_is_done(broker, topics, state_dir):
+    """After a crash the snapshot can be older than the committed offset: the events between are
+    scored again, without outputs, to rebuild state. /readyz said ready before that replay had
+    finished, so a rolling update could move on while the new member still lagged."""
+    t = topics["input"]
+    produce(broker, t, [(b"s-1", event("s-1", 1_000 * i, {"temp": 20.0 + i % 5})) for i in range(40)], lambda k: 0)
+    config = make_config(broker, topics, state_dir, consumer={"max_poll_records": 20})
+    with DaemonThread(config) as first:
+        first.wait_scored(40)
+    # More events, scored and committed by a member whose state never reached the disk (a crash
+    # before its next snapshot): the snapshot stays at offset 40, the commit moves to 400.
+    produce(broker, t, [(b"s-1", event("s-1", 1_000 * i, {"temp": 20.0 + i % 5})) for i in range(40, 400)], lambda k: 0)
+    c = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=config.consumer.group_id, enable_auto_commit=False)
+    c.commit({TopicPartition(t, 0): OffsetAndMetadata(400, "", -1)})
+    c.close()
+
+    runner = DaemonThread(config).runner
+    runner.start()
+    seen: list[tuple[int, bool]] = []
+    try:
+        deadline = time.monotonic() + 60
+        while runner.next_offset.get((t, 0), 0) < 400 or not seen or not seen[-1][1]:
+            assert time.monotonic() < deadline, seen[-5:]
+            runner.step()
+            if runner.health.joined:
+                seen.append((runner.next_offset.get((t, 0), 0), runner.health.readiness()[0]))
+    finally:
+        runner.shutdown()
+    assert any(not ready for _, ready in seen), seen  # the replay took several polls, not ready during them
+    assert all(ready == (offset >= 400) for offset, ready in seen), seen
