@@ -58,6 +58,7 @@ VIEWS = ("prediction", "time_of_day", "recent_level", "recent_mean", "correlatio
 # Why an event at or above the threshold is reported below it: not held, an aftershock of a recent
 # alert (the hold-off) or a recurrence of something flagged at this hour on the last days.
 HELD = ("", "aftershock", "recurrence")
+_AFTERSHOCK, _RECURRENCE = HELD.index("aftershock"), HELD.index("recurrence")
 # Largest magnitude of a reading the core accepts. State keeps squared deviations in float32 (a
 # feature's variance at each hour), which overflows past ~1.8e19: a larger finite reading would
 # turn a stream's state into infinities for good. No real sensor reads 1e18 in a sensible unit,
@@ -153,7 +154,7 @@ def advance(
     echo = aftershock | recurs
     score = torch.where(echo, raw * cal.holdoff_factor, raw)
     is_anomaly = flagged & (score >= cal.threshold)
-    held = torch.where(flagged & ~is_anomaly, torch.where(recurs, 2, torch.where(aftershock, 1, 0)), 0).to(torch.int8)
+    held = torch.where(flagged & ~is_anomaly, torch.where(recurs, _RECURRENCE, torch.where(aftershock, _AFTERSHOCK, 0)), 0).to(torch.int8)
     alert = flagged & ~echo
     # Online adaptation skips the events the stream has just flagged, aftershocks included:
     # what the stream learns does not depend on how alerts are reported.
