@@ -289,9 +289,10 @@ class Detector:
         bank was rebuilt empty for a different architecture."""
         model = model.to(self.device).eval()
         same = model.config == self.model.config
-        self.model = model
-        if not same:
-            self.bank = StateBank(model.config, self.device, self.bank.capacity)
+        # Everything that can fail (allocation included) before anything is replaced: a failed
+        # swap leaves the detector serving the old model with its states.
+        bank = self.bank if same else StateBank(model.config, self.device, self.bank.capacity)
+        self.model, self.bank = model, bank
         return same
 
     @property

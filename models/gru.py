@@ -9,7 +9,10 @@ next normalised value; the negative log-likelihood of what then arrives is the r
 
 from __future__ import annotations
 
+import io
 import math
+import os
+import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,24 @@ class ModelConfig:
     max_log_sigma: float = 3.0
     # A single feature's surprise is capped so one absurd value cannot dominate calibration.
     max_feature_nll: float = 200.0
+
+    def __post_init__(self) -> None:
+        # Checked here, not where a bad value would fail (allocating the state bank, mid-stream):
+        # a checkpoint swapped under a running daemon must be refused whole.
+        for name in ("hidden", "max_features"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"model config: {name} must be a positive integer, not {value!r}")
+        for name in ("norm_alpha", "rel_std_floor", "abs_std_floor", "min_log_sigma", "max_log_sigma", "max_feature_nll"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"model config: {name} must be a finite number, not {value!r}")
+        if not 0.0 < self.norm_alpha <= 1.0:
+            raise ValueError(f"model config: norm_alpha must be in (0, 1], not {self.norm_alpha!r}")
+        if self.rel_std_floor < 0 or self.abs_std_floor <= 0 or self.max_feature_nll <= 0:
+            raise ValueError("model config: rel_std_floor must be >= 0, abs_std_floor and max_feature_nll > 0")
+        if self.min_log_sigma >= self.max_log_sigma:
+            raise ValueError("model config: min_log_sigma must be below max_log_sigma")
 
     @property
     def input_size(self) -> int:
@@ -107,14 +128,26 @@ def write_checkpoint(path: str | Path, fmt: str, model: nn.Module, config: Any, 
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    # A temp file of its own per writer: two trainings writing one --out must not rename each
+    # other's half-written file (the last complete one wins).
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())  # a power cut must not leave an empty file under the real name
+        os.chmod(tmp, 0o644)  # (mkstemp makes it 0600: the daemon may run as another user)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def read_checkpoint(path: str | Path, fmt: str) -> dict[str, Any]:
-    """A checkpoint's payload, loaded safely (weights_only=True) and checked for format and version."""
-    payload = torch.load(Path(path), map_location="cpu", weights_only=True)
+def read_checkpoint(path: str | Path, fmt: str, data: bytes | None = None) -> dict[str, Any]:
+    """A checkpoint's payload, loaded safely (weights_only=True) and checked for format and
+    version. `data`: the file's bytes, already read (path then only names it in errors)."""
+    payload = torch.load(io.BytesIO(data) if data is not None else Path(path), map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != fmt:
         raise ValueError(f"{path}: not a {fmt} checkpoint")
     if payload.get("version") != CHECKPOINT_VERSION:
@@ -126,10 +159,14 @@ def save_checkpoint(path: str | Path, model: StreamGRU, training: dict[str, Any]
     write_checkpoint(path, CHECKPOINT_FORMAT, model, model.config, training)
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[StreamGRU, dict[str, Any]]:
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", data: bytes | None = None) -> tuple[StreamGRU, dict[str, Any]]:
     """Load a checkpoint safely; returns the model in eval mode and its metadata."""
-    payload = read_checkpoint(path, CHECKPOINT_FORMAT)
+    payload = read_checkpoint(path, CHECKPOINT_FORMAT, data)
     model = StreamGRU(ModelConfig.from_dict(payload["config"]))
     model.load_state_dict(payload["state_dict"])
+    bad = [name for name, value in model.state_dict().items() if not bool(torch.isfinite(value).all())]
+    if bad:
+        # One NaN weight makes every score NaN and the calibration's bin index garbage.
+        raise ValueError(f"{path}: weights are not all finite ({', '.join(bad)})")
     model.to(device).eval()
     return model, {k: v for k, v in payload.items() if k != "state_dict"}

@@ -36,6 +36,11 @@ class TrainConfig:
     max_features: int = 8
     public_share: float = 0.25  # of each batch, when public series are given
 
+    def __post_init__(self) -> None:
+        if self.length <= self.burn_in:
+            # Every event of a shorter window is burn-in: nothing to learn from, a loss of 0.
+            raise ValueError(f"length must be more than the burn-in of {self.burn_in} events, not {self.length}")
+
 
 def _sequence_loss(model: StreamGRU, series: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
     """Mean surprise per predicted value. NaN marks padding before a short series starts: it is
@@ -140,6 +145,8 @@ def train(
         for _ in range(cfg.steps):
             series = torch.as_tensor(sample(rng, cfg.batch, cfg.length), dtype=torch.float64)
             loss = _sequence_loss(model, series, cfg)
+            if not loss.requires_grad:  # no value in the batch had a prediction after burn-in
+                continue
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -34,37 +34,51 @@ def load_model(config: Config) -> tuple[StreamGRU, dict[str, Any], torch.device]
     """The configured checkpoint (or the bundled one) on the configured device, plus metadata."""
     path = Path(config.detector.checkpoint) if config.detector.checkpoint else DEFAULT_WEIGHTS
     device = resolve_device(config.detector.device)
-    model, meta = load_checkpoint(path, device)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+    data = path.read_bytes()  # once: the version names the bytes that were loaded, even mid-swap
+    model, meta = load_checkpoint(path, device, data)
+    digest = hashlib.sha256(data).hexdigest()[:12]
     meta["model_version"] = f"{meta.get('training', {}).get('name', path.stem)}-{digest}"
     meta["checkpoint"] = str(path)
     return model, meta, device
 
 
 class CheckpointWatcher:
-    """Notices a replaced checkpoint file (by mtime and size) and loads it."""
+    """Notices a replaced checkpoint file and loads it.
+
+    A file counts as replaced when its inode, size, mtime or ctime changed: two trainings of one
+    architecture write files of identical size, and cp -p, rsync -a or an image build can keep
+    the mtime, but a rename or a rewrite always gives a new inode or ctime (so does a chmod,
+    which is how a file that could not be read gets another chance)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.path = Path(config.detector.checkpoint) if config.detector.checkpoint else DEFAULT_WEIGHTS
+        # Taken before the first load (build_runner makes the watcher first): a file replaced
+        # while the daemon starts is then noticed, not taken for the one that was loaded.
         self._seen = self._stamp()
+        self.failures = 0  # loads refused since start (a bad file is tried once per change)
 
-    def _stamp(self) -> tuple[int, int] | None:
+    def _stamp(self) -> tuple[int, ...] | None:
         try:
             st = self.path.stat()
         except OSError:
             return None
-        return (st.st_mtime_ns, st.st_size)
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def poll(self) -> tuple[StreamGRU, dict[str, Any]] | None:
         stamp = self._stamp()
-        if stamp is None or stamp == self._seen:
+        if stamp == self._seen:
             return None
         self._seen = stamp
+        if stamp is None:
+            # Not fatal now (the model is in memory), but a restart would refuse the config.
+            log.warning("checkpoint %s is gone; serving the loaded model, but a restart will fail until it is back", self.path)
+            return None
         try:
             model, meta, _device = load_model(self.config)
         except Exception as err:  # noqa: BLE001 - a half-written or bad file must not stop the daemon
-            log.error("new checkpoint %s could not be loaded, keeping the current model: %s", self.path, err)
+            self.failures += 1
+            log.error("new checkpoint %s could not be loaded, keeping the current model: %s: %s", self.path, type(err).__name__, err)
             return None
         return model, meta
 
@@ -79,10 +93,11 @@ def build_detector(config: Config) -> tuple[Detector, dict[str, Any]]:
 
 
 def build_runner(config: Config, metrics: Metrics, transport: Transport | None = None) -> Runner:
+    watcher = CheckpointWatcher(config)
     detector, meta = build_detector(config)
     publish_model(metrics, detector, meta)
     runner = Runner(config, transport or KafkaPythonTransport(config), detector, metrics, meta)
-    runner.watcher = CheckpointWatcher(config)
+    runner.watcher = watcher
     return runner
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import logging
 import signal
 import sys
@@ -38,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train", help="train the GRU on synthetic series, CSV/Parquet files or a Kafka topic range")
     train.add_argument("files", nargs="*", help="CSV (header row) or Parquet files: every numeric column is a training series")
     train.add_argument("--topic", default=None, help="replay this Kafka topic instead (the daemon's JSON event format)")
-    train.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
+    train.add_argument(
+        "--config", default=None, help="with --topic: read it as this daemon config does (kafka connection, input.stream_field, limits)"
+    )
+    train.add_argument("--bootstrap-servers", default=None, help="with --topic: the brokers (default: the config's, or 127.0.0.1:9092)")
     train.add_argument("--from-offset", type=int, default=0, help="first offset of every partition to replay")
     train.add_argument("--to-offset", type=int, default=None, help="stop before this offset (default: the current end)")
     train.add_argument("--out", default="checkpoint.pt", help="where to write the checkpoint (default ./checkpoint.pt)")
@@ -95,17 +99,33 @@ def main(argv: list[str] | None = None) -> int:
         if args.topic and args.files:
             print("streamer: train from files or from --topic, not both", file=sys.stderr)
             return 2
-        cfg = TrainConfig(
-            steps=args.steps, batch=args.batch, length=args.length, hidden=args.hidden, seed=args.seed, public_share=args.public_share
-        )
+        for name in ("steps", "batch", "length", "hidden"):
+            if getattr(args, name) < 1:
+                print(f"streamer: --{name} must be at least 1", file=sys.stderr)
+                return 2
+        if (args.config or args.bootstrap_servers) and not args.topic:
+            print("streamer: --config and --bootstrap-servers only apply with --topic", file=sys.stderr)
+            return 2
         try:
+            cfg = TrainConfig(
+                steps=args.steps, batch=args.batch, length=args.length, hidden=args.hidden, seed=args.seed, public_share=args.public_share
+            )
             data = description = public = None
             if args.topic:
                 from streamer.traindata import load_topic
 
+                try:
+                    config = load_config(args.config)  # (None: the defaults; STREAMER_* variables apply as in `run`)
+                except ConfigError as err:
+                    print(f"streamer: config error: {err}", file=sys.stderr)
+                    return 2
+                options = config.kafka.client_options()
+                if args.bootstrap_servers:
+                    options["bootstrap_servers"] = args.bootstrap_servers
                 end = "end" if args.to_offset is None else args.to_offset
-                description = f"Kafka topic {args.topic} at {args.bootstrap_servers}, offsets {args.from_offset}..{end}"
-                data = SeriesSampler(load_topic(args.bootstrap_servers, args.topic, args.from_offset, args.to_offset, cfg.max_features))
+                description = f"Kafka topic {args.topic} at {options['bootstrap_servers']}, offsets {args.from_offset}..{end}"
+                topic_data = load_topic(options, config.input, args.topic, args.from_offset, args.to_offset, cfg.max_features)
+                data = SeriesSampler(topic_data)
             elif args.files:
                 from streamer.traindata import load_files
 
@@ -118,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             model, summary = train_model(
                 cfg, data=data, data_description=description, public=public, public_description="statsmodels.datasets"
             )
-        except ValueError as err:  # e.g. no column of the files holds a usable series
+        except (ValueError, OSError, csv.Error) as err:  # e.g. no column of the files holds a usable series
             print(f"streamer: {err}", file=sys.stderr)
             return 2
         save_checkpoint(args.out, model, summary)

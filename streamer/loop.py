@@ -173,7 +173,8 @@ class Runner:
                 self.detector.bank.import_rows(torch.as_tensor(slots), snap.state)
                 self.slots.touch(slots, self.clock())
             for stream, names in zip(snap.streams, snap.schemas):
-                self.decoder.schemas[stream] = tuple(names)
+                if names:  # (none: the stream had no event since a reload reset it; its next one sets it)
+                    self.decoder.schemas[stream] = tuple(names)
             self.transport.seek(tp, snap.offset)
             self.next_offset[tp] = snap.offset
             reseeked.add(tp)
@@ -539,13 +540,24 @@ class Runner:
         if self.watcher is None or now - self._last_reload_check < self.config.detector.reload_check_s:
             return
         self._last_reload_check = now
+        failures = self.watcher.failures
         found = self.watcher.poll()
         if found is None:
+            if self.watcher.failures > failures:
+                self.metrics.model_reloads.labels("failed").inc()
             return
         model, meta = found
         from streamer.app import publish_model
 
-        kept = self.detector.swap_model(model)
+        try:
+            kept = self.detector.swap_model(model)
+        except Exception as err:  # noqa: BLE001 - e.g. no memory for the new state bank
+            self.metrics.model_reloads.labels("failed").inc()
+            log.error(
+                "new checkpoint %s could not be served, keeping the current model: %s: %s", meta["checkpoint"], type(err).__name__, err
+            )
+            return
+        self.metrics.model_reloads.labels("kept_state" if kept else "reset_state").inc()
         self.model_version = str(meta["model_version"])
         self.arch = dict(meta["config"])
         self.decoder.max_features = self.detector.max_features

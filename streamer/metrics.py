@@ -36,6 +36,8 @@ LAG_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.
 # The score is -log10(p)/6: sixths are decades of p (0.5 = p <= 1e-3, the default threshold).
 SCORE_BUCKETS = (0.1, 1 / 6, 0.25, 2 / 6, 0.5, 4 / 6, 0.75, 5 / 6, 1.0)
 BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 50000)
+# streamer_model_reloads_total's `result` label.
+RELOAD_RESULTS = ("kept_state", "reset_state", "failed")
 # streamer_anomalies_total's `view` label: the sensor views (models/detector.py VIEWS), and log.
 ANOMALY_VIEWS = (*VIEWS, "log")
 
@@ -135,6 +137,14 @@ class Metrics:
         self.snapshot_failures = Counter(
             "streamer_snapshot_failures", "Partition state snapshots that could not be written (the previous one stands).", registry=r
         )
+        self.model_reloads = Counter(
+            "streamer_model_reloads",
+            "Replaced checkpoints noticed: served keeping states, served resetting them, or refused.",
+            ["result"],
+            registry=r,
+        )
+        for result in RELOAD_RESULTS:
+            self.model_reloads.labels(result)
         self.batch_events = Histogram("streamer_batch_events", "Records per polled batch.", buckets=BATCH_BUCKETS, registry=r)
         self.step_seconds = Histogram(
             "streamer_step_duration_seconds", "Time to step the model over one batch.", buckets=LATENCY_BUCKETS, registry=r

@@ -9,15 +9,27 @@ from __future__ import annotations
 
 import csv
 import math
+import sys
+from array import array
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from streamer.config import InputConfig
+
+# Cells that mean "no reading" in the CSVs people export (pandas, R, spreadsheets): gaps, like
+# an empty cell, not text that would make the whole column a non-series.
+_GAPS = {"", "na", "n/a", "nan", "null", "none", "-"}
+
 
 def load_files(paths: list[str]) -> dict[str, np.ndarray]:
-    """Numeric columns of CSV files (header row) and Parquet files (needs pyarrow)."""
+    """Numeric columns of CSV files (header row) and Parquet files (needs pyarrow), one series
+    each, named by the file's path as given and the column (two folders' metrics.csv stay two)."""
     out: dict[str, np.ndarray] = {}
     for p in map(Path, paths):
+        if not p.is_file():
+            raise ValueError(f"{p}: no such file")
         if p.suffix.lower() == ".parquet":
             try:
                 import pyarrow.parquet as pq
@@ -27,48 +39,67 @@ def load_files(paths: list[str]) -> dict[str, np.ndarray]:
             for name in table.column_names:
                 col = table.column(name).to_numpy(zero_copy_only=False)
                 if np.issubdtype(col.dtype, np.number) and not np.issubdtype(col.dtype, np.bool_):
-                    out[f"{p.name}:{name}"] = col.astype(np.float64)
+                    out[f"{p}:{name}"] = col.astype(np.float64)
             continue
-        with p.open(newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        for name in rows[0] if rows else []:
-            values: list[float] = []
-            for r in rows:
-                cell = (r[name] or "").strip()
-                if not cell:  # a gap in the column, like a nan: skipped
-                    continue
-                try:
-                    v = float(cell)
-                except ValueError:  # a text column (a timestamp, a label): not a series
-                    values = []
-                    break
-                if math.isfinite(v):
-                    values.append(v)
-            if values:
-                out[f"{p.name}:{name}"] = np.asarray(values)
+        out.update(_csv_columns(p))
     return out
 
 
+def _csv_columns(p: Path) -> dict[str, np.ndarray]:
+    """Streamed row by row into one float array per column (8 bytes a value: a file of millions
+    of rows is not held as Python objects). A column with a cell that is neither a number nor a
+    gap is text (a timestamp, a label) and dropped; a short row's missing cells are gaps, a long
+    row's extra cells belong to no column and are ignored."""
+    with p.open(newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None) or []
+        columns: list[array[float] | None] = [array("d") for _ in header]
+        for row in reader:
+            for k, cell in enumerate(row[: len(header)]):
+                col = columns[k]
+                if col is None:
+                    continue
+                cell = cell.strip()
+                if cell.lower() in _GAPS:
+                    continue
+                try:
+                    v = float(cell)
+                except ValueError:
+                    columns[k] = None
+                    continue
+                if math.isfinite(v):
+                    col.append(v)
+    return {f"{p}:{name}": np.frombuffer(col, dtype=np.float64).copy() for name, col in zip(header, columns) if col}
+
+
 def load_topic(
-    bootstrap: str, topic: str, start: int, end: int | None, max_features: int, timeout_s: float = 10.0
+    client_options: dict[str, Any],
+    input_cfg: InputConfig,
+    topic: str,
+    start: int,
+    end: int | None,
+    max_features: int,
+    timeout_s: float = 10.0,
 ) -> dict[str, np.ndarray]:
-    """Every partition of `topic` from offset `start` to `end` (exclusive; None: the current end),
-    decoded as the daemon decodes (bad records are skipped), as one series per stream feature."""
+    """Every partition of `topic` from offset `start` to `end` (exclusive; None or beyond the
+    current end: the current end), decoded as the daemon with `input_cfg` decodes (bad records
+    are skipped), as one series per stream feature. Connects with the daemon's `kafka` options
+    (TLS, SASL). Says on stderr when it stopped early because no record came for `timeout_s`."""
     import time
 
     from kafka import KafkaConsumer, TopicPartition
 
     from streamer.decode import Decoder
 
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    consumer = KafkaConsumer(**client_options, group_id=None, enable_auto_commit=False)
     parts = sorted(consumer.partitions_for_topic(topic) or ())
     if not parts:
-        raise SystemExit(f"topic {topic!r} not found at {bootstrap}")
+        raise SystemExit(f"topic {topic!r} not found at {client_options.get('bootstrap_servers')}")
     tps = [TopicPartition(topic, p) for p in parts]
     consumer.assign(tps)
     for tp in tps:
         consumer.seek(tp, start)
-    decoder = Decoder(max_features, 1 << 20, 256)
+    decoder = Decoder(max_features, input_cfg.max_message_bytes, input_cfg.max_stream_id_length, input_cfg.stream_field)
     series: dict[str, list[float]] = {}
     done: set[int] = set()
     idle_since = time.monotonic()
@@ -86,10 +117,12 @@ def load_topic(
                     series.setdefault(f"{stream}:{name}", []).append(float(dec.x[j, k]))
         for tp in tps:
             hw = consumer.highwater(tp)
-            if end is None and hw is not None and consumer.position(tp) >= hw:
+            position = consumer.position(tp)
+            if (hw is not None and position >= hw) or (end is not None and position >= end):
                 done.add(tp.partition)
-            if end is not None and consumer.position(tp) >= end:
-                done.add(tp.partition)
+    if len(done) < len(tps):
+        left = {tp.partition: consumer.position(tp) for tp in tps if tp.partition not in done}
+        print(f"streamer train: no record for {timeout_s:.0f}s, stopped early at positions {left}", file=sys.stderr)
     consumer.close()
     return {k: np.asarray(v) for k, v in series.items()}
 

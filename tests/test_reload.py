@@ -5,12 +5,17 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import time
 
+import pytest
 import torch
 from conftest import DaemonThread, event, make_config, produce, read_all, scores_of
 
 from models.gru import DEFAULT_WEIGHTS, ModelConfig, StreamGRU, load_checkpoint, save_checkpoint
+from streamer.app import CheckpointWatcher
+from streamer.config import build_config
 
 
 def _replace(path, model, name):
@@ -83,6 +88,8 @@ def test_checkpoint_swap_keeps_or_resets_state(broker, topics, state_dir, tmp_pa
         ckpt.write_bytes(b"not a checkpoint")
         time.sleep(1.0)
         assert daemon.runner.model_version.startswith("small")
+        reloads = daemon.metrics.model_reloads
+        assert [reloads.labels(r)._value.get() for r in ("kept_state", "reset_state", "failed")] == [1, 1, 1]
 
     versions = [
         r["model_version"].split("-")[0] for r in sorted(scores_of(read_all(broker, topics["scores"], expect=150)), key=lambda r: r["ts"])
@@ -94,3 +101,129 @@ def test_checkpoint_swap_keeps_or_resets_state(broker, topics, state_dir, tmp_pa
     assert "kept the state of 1 streams" in text
     assert "different architecture; reset the state of 1 streams" in text
     assert "could not be loaded, keeping the current model" in text
+
+
+def _saved(path, seed, name):
+    torch.manual_seed(seed)
+    save_checkpoint(path, StreamGRU(ModelConfig()), {"name": name, "data": "test"})
+
+
+def test_a_replacement_with_the_same_size_and_mtime_is_noticed(tmp_path):
+    """Two trainings of one architecture write files of the same size, and cp -p / rsync -a keep
+    the mtime: the watcher compared only those two and served the old model for good."""
+    ckpt = tmp_path / "model.pt"
+    _saved(ckpt, 1, "first")
+    watcher = CheckpointWatcher(build_config({"detector": {"checkpoint": str(ckpt)}}, env={}))
+    before = ckpt.stat()
+    _saved(tmp_path / "next.pt", 2, "second")
+    assert (tmp_path / "next.pt").stat().st_size == before.st_size
+    os.utime(tmp_path / "next.pt", ns=(before.st_atime_ns, before.st_mtime_ns))
+    os.replace(tmp_path / "next.pt", ckpt)
+    found = watcher.poll()
+    assert found is not None and found[1]["training"]["name"] == "second"
+    assert watcher.poll() is None  # ...once
+
+
+def test_a_refused_checkpoint_gets_another_chance_when_fixed_and_a_deleted_one_is_reported(tmp_path, caplog):
+    ckpt = tmp_path / "model.pt"
+    _saved(ckpt, 1, "first")
+    watcher = CheckpointWatcher(build_config({"detector": {"checkpoint": str(ckpt)}}, env={}))
+    good = tmp_path / "good.pt"
+    _saved(good, 2, "second")
+    ckpt.write_bytes(good.read_bytes()[:100])  # half written
+    assert watcher.poll() is None and watcher.failures == 1
+    assert watcher.poll() is None and watcher.failures == 1  # tried once per change, not every check
+    ckpt.write_bytes(good.read_bytes())  # (the same size and mtime would do: see above)
+    found = watcher.poll()
+    assert found is not None and found[1]["training"]["name"] == "second"
+    caplog.set_level(logging.WARNING, logger="streamer.app")
+    ckpt.unlink()
+    assert watcher.poll() is None
+    assert "is gone" in caplog.text
+
+
+def test_checkpoints_that_would_break_the_daemon_are_refused_at_load(tmp_path):
+    """A NaN weight loaded fine and the next batch stopped the daemon (a garbage histogram bin),
+    again after every restart; a config that cannot build a state bank stopped it at the swap."""
+    path = tmp_path / "nan.pt"
+    model = StreamGRU(ModelConfig())
+    with torch.no_grad():
+        model.head.bias[0] = float("nan")
+    save_checkpoint(path, model, {"name": "nan"})
+    with pytest.raises(ValueError, match=r"not all finite.*head\.bias"):
+        load_checkpoint(path)
+    payload = torch.load(DEFAULT_WEIGHTS, weights_only=True)
+    for key, value in (("max_features", -1), ("hidden", 2.5), ("norm_alpha", float("inf"))):
+        torch.save({**payload, "config": {**payload["config"], key: value}}, path)
+        with pytest.raises(ValueError, match=key):
+            load_checkpoint(path)
+
+
+def test_a_swap_that_fails_keeps_the_current_model_and_states(broker, topics, state_dir, monkeypatch):
+    runner = DaemonThread(make_config(broker, topics, state_dir)).runner
+    try:
+        detector = runner.detector
+        old_model, old_bank = detector.model, detector.bank
+
+        class Watcher:
+            failures = 0
+
+            def poll(self):
+                return StreamGRU(ModelConfig(hidden=8)), {"model_version": "new", "config": {}, "checkpoint": "x"}
+
+        def no_memory(*args, **kwargs):
+            raise RuntimeError("out of memory (injected)")
+
+        runner.watcher = Watcher()
+        monkeypatch.setattr("models.detector.StateBank", no_memory)
+        runner._last_reload_check = float("-inf")
+        runner._maybe_reload()
+        assert detector.model is old_model and detector.bank is old_bank
+        assert runner.metrics.model_reloads.labels("failed")._value.get() == 1
+    finally:
+        runner.transport.close()
+
+
+def test_a_stream_quiet_since_a_reset_is_scored_after_a_restart(broker, topics, state_dir, tmp_path):
+    """A reset clears every stream's feature list; a stream with no event since was snapshotted
+    with an empty list, restored with it, and every later event dead-lettered as schema_mismatch."""
+    ckpt = tmp_path / "model.pt"
+    shutil.copy(DEFAULT_WEIGHTS, ckpt)
+    config = make_config(broker, topics, state_dir, detector={"checkpoint": str(ckpt), "reload_check_s": 0.2})
+
+    def events(stream, start, n):
+        return [(stream.encode(), event(stream, start + i, {"t": float(i % 5), "p": float(i % 3)})) for i in range(n)]
+
+    with DaemonThread(config) as daemon:
+        produce(broker, topics["input"], events("active", 0, 10) + events("quiet", 0, 10))
+        daemon.wait_scored(20)
+        _replace(ckpt, StreamGRU(ModelConfig(hidden=16)), "small")
+        _wait_version(daemon, "small")
+        produce(broker, topics["input"], events("active", 10, 10))
+        daemon.wait_scored(30)
+    with DaemonThread(config) as daemon:
+        produce(broker, topics["input"], events("quiet", 10, 10))
+        daemon.wait_scored(10)
+        assert daemon.metrics.dead_letters.labels("schema_mismatch")._value.get() == 0
+
+
+_SAVE_RACE = """
+import sys, torch
+from models.gru import ModelConfig, StreamGRU, save_checkpoint
+torch.manual_seed(int(sys.argv[2]))
+model = StreamGRU(ModelConfig())
+for i in range(40):
+    save_checkpoint(sys.argv[1], model, {"name": sys.argv[2]})
+"""
+
+
+def test_two_trainings_writing_one_checkpoint_do_not_trip_over_each_other(tmp_path):
+    """Both wrote `<out>.tmp` and renamed it: one failed (FileNotFoundError) or renamed the
+    other's file."""
+    out = tmp_path / "model.pt"
+    procs = [subprocess.Popen([sys.executable, "-c", _SAVE_RACE, str(out), str(seed)], stderr=subprocess.PIPE) for seed in (1, 2)]
+    errors = [p.communicate(timeout=120)[1].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    _, meta = load_checkpoint(out)
+    assert meta["training"]["name"] in ("1", "2")
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import orjson
 from conftest import event, produce
 
 from models.gru import load_checkpoint
@@ -29,7 +30,7 @@ def test_train_from_csv_writes_a_described_checkpoint(tmp_path):
     assert "wrote" in proc.stdout
     model, meta = load_checkpoint(out)
     assert meta["training"]["name"] == "custom" and model.config.hidden == 32
-    assert meta["training"]["series"] == ["plant.csv:temp", "plant.csv:rpm"]  # the text column is not a series
+    assert meta["training"]["series"] == [f"{path}:temp", f"{path}:rpm"]  # the text column is not a series
     assert "plant.csv" in meta["training"]["data"] and "2 series, 999 values" in meta["training"]["data"]
     assert meta["config"]["hidden"] == 32
 
@@ -99,3 +100,49 @@ def test_train_with_the_public_series_records_them_in_the_checkpoint(tmp_path):
     assert public["share"] == 0.25 and "statsmodels:co2:co2" in public["series"] and "statsmodels:nile:volume" in public["series"]
     assert "statsmodels.datasets" in public["data"] and "series" in public["data"]
     assert meta["training"]["name"] == "synthetic"  # the base data is still the synthetic families
+
+
+def test_csv_files_are_read_as_people_export_them(tmp_path):
+    """Two folders' metrics.csv overwrote each other; one `NA` cell dropped its whole column; a
+    ragged row stopped the command with a traceback."""
+    from streamer.traindata import load_files
+
+    (tmp_path / "day1").mkdir()
+    (tmp_path / "day2").mkdir()
+    (tmp_path / "day1" / "metrics.csv").write_text("temp\n" + "".join(f"{i}\n" for i in range(5)))
+    (tmp_path / "day2" / "metrics.csv").write_text("temp\n" + "".join(f"{i}\n" for i in range(7)))
+    (tmp_path / "na.csv").write_text("temp,rpm,when\n1.5,10,a\nNA,11,b\n2.5,,c\nnan,12,d\n3.5,13,e,extra\n4.5\n")
+    out = load_files([str(tmp_path / "day1" / "metrics.csv"), str(tmp_path / "day2" / "metrics.csv"), str(tmp_path / "na.csv")])
+    assert sorted(len(v) for k, v in out.items() if "metrics.csv" in k) == [5, 7]
+    assert out[f"{tmp_path / 'na.csv'}:temp"].tolist() == [1.5, 2.5, 3.5, 4.5]
+    assert out[f"{tmp_path / 'na.csv'}:rpm"].tolist() == [10.0, 11.0, 12.0, 13.0]
+    assert f"{tmp_path / 'na.csv'}:when" not in out
+
+
+def test_train_refuses_bad_arguments_and_missing_files_without_a_traceback(tmp_path):
+    base = [sys.executable, "-m", "streamer.cli", "train", "--out", str(tmp_path / "m.pt")]
+    for extra, message in (
+        ([str(tmp_path / "nowhere.csv")], "no such file"),
+        (["--hidden", "0"], "--hidden must be at least 1"),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--length", "16"], "length must be more than the burn-in"),
+    ):
+        proc = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_train_from_a_topic_decodes_as_the_configured_daemon_does(broker, topics, tmp_path):
+    """Events that name their stream in another field (`input.stream_field: device`) were all
+    skipped: the replay ignored the daemon's config."""
+    records = [(None, orjson.dumps({"device": f"d{i % 2}", "ts": i, "values": {"a": float(i % 7)}})) for i in range(60)]
+    produce(broker, topics["input"], records)
+    config = tmp_path / "config.yaml"
+    config.write_text(f"kafka:\n  bootstrap_servers: {broker.bootstrap}\ninput:\n  stream_field: device\n")
+    out = tmp_path / "d.pt"
+    cmd = [sys.executable, "-m", "streamer.cli", "train", "--topic", topics["input"], "--config", str(config)]
+    cmd += ["--out", str(out), "--steps", "2", "--batch", "4", "--length", "24"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    _, meta = load_checkpoint(out)
+    assert sorted(meta["training"]["series"]) == ["d0:a", "d1:a"]

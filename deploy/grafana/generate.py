@@ -652,6 +652,17 @@ def model() -> Json:
         w=4,
         h=8,
     )
+    b.timeseries(
+        "Checkpoint reloads",
+        "Replaced checkpoint files the members noticed: served keeping every stream's state (same architecture), served "
+        "resetting them (a different architecture: the streams warm up again), or refused (unreadable, not a checkpoint, "
+        "non-finite weights; the member keeps serving its current model and says why in its log).",
+        "short",
+        targets((f"sum by (result) (increase({m('streamer_model_reloads_total')}[$__rate_interval]))", "{{result}}")),
+        w=24,
+        h=6,
+        bars=True,
+    )
 
     b.row("Score distribution")
     b.heatmap(
