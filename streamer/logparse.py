@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from streamer.decode import Rejected, checked_ms, parse_ts, unforeseen
+from streamer.decode import Rejected, checked_ms, epoch_ms, parse_ts, unforeseen
 
 REASONS = (
     "oversized",
@@ -130,7 +130,7 @@ def _strptime(fmt: str) -> Callable[[str, int], int]:
             dt = datetime.strptime(raw.strip(), fmt).replace(tzinfo=timezone.utc)
         except ValueError:
             raise Rejected("invalid_timestamp", f"ts {raw[:40]!r} does not match {fmt}") from None
-        return int(dt.timestamp() * 1000)
+        return epoch_ms(dt)
 
     return parse
 
@@ -151,11 +151,11 @@ def _syslog_ts(raw: str, fallback_ms: int) -> int:
         raise Rejected("invalid_timestamp", "the record timestamp, which gives a syslog date its year, is out of range") from None
     try:
         dt = datetime(year, month, day, hh, mm, ss, tzinfo=timezone.utc)
-        if fallback_ms > 0 and dt.timestamp() * 1000 > fallback_ms + 86_400_000:
+        if fallback_ms > 0 and epoch_ms(dt) > fallback_ms + 86_400_000:
             dt = dt.replace(year=year - 1)
     except ValueError:
         raise Rejected("invalid_timestamp", f"ts {raw[:40]!r} is not a date") from None
-    return int(dt.timestamp() * 1000)
+    return epoch_ms(dt)
 
 
 # -- presets ---------------------------------------------------------------------------------

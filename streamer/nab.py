@@ -25,6 +25,7 @@ import torch
 from models.detector import MAX_ABS_VALUE, Detector
 from models.gru import DEFAULT_WEIGHTS, load_checkpoint
 from streamer.config import DetectorConfig
+from streamer.decode import epoch_ms
 
 
 @dataclass
@@ -124,7 +125,7 @@ def _score_pysad(series: list[Series], name: str) -> list[np.ndarray]:
 
 
 def _ts_ms(ts: str) -> int:
-    return int(datetime.fromisoformat(ts).replace(tzinfo=timezone.utc).timestamp() * 1000)
+    return epoch_ms(datetime.fromisoformat(ts).replace(tzinfo=timezone.utc))
 
 
 def score_through_kafka(series: list[Series], warmup: int, partitions: int = 4) -> list[np.ndarray]:
