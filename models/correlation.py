@@ -57,8 +57,8 @@ def correlation_q(state: dict[str, torch.Tensor], z: torch.Tensor, ready: torch.
     With P the inverse of the (shrunk) covariance of the usable features' errors, feature i's
     conditional error is (P z)_i / P_ii with variance 1 / P_ii, so its squared standardised
     value is (P z)_i^2 / P_ii. Unusable features get an identity row and a zero error: they
-    neither explain nor are explained. (Shrinking the covariances, not the correlations, is
-    the same thing: the result does not depend on the features' scales.)"""
+    neither explain nor are explained. (It is computed in correlation units, errors divided by
+    their deviations, so the result does not depend on the features' scales.)"""
     q = torch.zeros_like(z)
     if k < 2:
         return q, torch.zeros_like(z[:, 0], dtype=torch.bool)
@@ -68,16 +68,27 @@ def correlation_q(state: dict[str, torch.Tensor], z: torch.Tensor, ready: torch.
     use_f = (use & applies[:, None]).to(c.dtype)
     pair = use_f[:, :, None] * use_f[:, None, :]
     eye = torch.eye(k, dtype=c.dtype, device=c.device)
-    cov = pair * c * (1.0 - CORR_SHRINK * (1.0 - eye)) + (1.0 - pair) * eye
+    # In correlation units (the result does not depend on the features' scales), shrunk toward
+    # independence: a valid correlation matrix then has no eigenvalue below CORR_SHRINK.
+    sd = torch.sqrt(torch.where(pair.bool() & (eye > 0), c, 1.0).diagonal(dim1=1, dim2=2).clamp(min=1e-300))
+    corr = (c / (sd[:, :, None] * sd[:, None, :])).clamp(-1.0, 1.0)
+    # More while the estimate is young: from n joint events, k features' sample correlations are
+    # noisy enough (~1/sqrt(n) each) to make a valid-looking matrix nearly singular.
+    n_min = torch.where(use_f > 0, state["corr_n"][:, :k].to(c.dtype), torch.inf).amin(dim=1).clamp(min=1.0)
+    shrink = (use_f.sum(dim=1) / n_min).clamp(min=CORR_SHRINK, max=1.0)[:, None, None]
+    cov = pair * corr * (1.0 - shrink * (1.0 - eye)) + (1.0 - pair) * eye
     # Each moment is learned from the events where both its features had an error, so with a
     # feature that is often absent they come from different events and need not form a valid
-    # covariance. Such a stream is scored as if its features were unrelated this event (its
+    # correlation matrix: nearly singular ones passed as valid and scored ordinary events at
+    # hundreds of times their error (and the calibration history kept those for ~20,000
+    # events). A matrix with an eigenvalue below half the shrinkage's floor is not one a valid
+    # estimate gives: such a stream is scored as if its features were unrelated this event (its
     # errors' plain squares) rather than through an inverse that is meaningless there.
-    _, info = torch.linalg.cholesky_ex(cov)
-    cov = torch.where((info == 0)[:, None, None], cov, cov * eye)
+    _, info = torch.linalg.cholesky_ex(cov - 0.5 * shrink * eye)
+    cov = torch.where((info == 0)[:, None, None], cov, eye.expand_as(cov))
     # (In float64 from here: an error at the readings' range limit squares to ~1e48.)
     prec = torch.linalg.inv_ex(cov)[0].double()
-    pz = (prec @ (z[:, :k] * use_f).unsqueeze(2)).squeeze(2)
+    pz = (prec @ (z[:, :k] / sd.double() * use_f).unsqueeze(2)).squeeze(2)
     q[:, :k] = pz * pz / torch.diagonal(prec, dim1=1, dim2=2) * use_f
     return q, applies
 

@@ -192,3 +192,37 @@ def test_a_tripled_rate_is_flagged_in_the_rate_and_hidden_in_a_raw_counter(one_t
     )
     assert flagged["rate"][change], score["rate"][change - 2 : change + 3]
     assert score["counter"][after].max() < 0.5 * score["rate"][after].max()
+
+
+def test_a_spike_on_a_stream_with_missing_readings_is_flagged_and_named(one_torch_thread):
+    """Eight correlated features, a fifth of the readings missing. The correlations are learned
+    pair by pair from different events, and while young they formed a nearly singular matrix
+    that scored ordinary events at hundreds of times their error; the long calibration history
+    kept those for ~20,000 events, and an 8-sigma spike scored under the threshold. Measured
+    here: 1 of 6 flagged before, 4 of 6 now (the other two score 0.38 and 0.49); with no reading
+    missing, 6 of 6."""
+    rng = np.random.default_rng(21)
+    n, s, at = 3050, 6, 3000
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    det = Detector(model, CalibrationConfig())
+    f = det.max_features
+    x = np.zeros((n, s, f))
+    mask = rng.random((n, s, f)) >= 0.2
+    hit = rng.integers(f, size=s)
+    for k in range(s):
+        load = rng.uniform(0.8, 0.97, f) * rng.choice([-1.0, 1.0], f)
+        x[:, k] = rng.standard_normal(n)[:, None] * load + rng.standard_normal((n, f)) * np.sqrt(1 - load**2)
+        x[:, k] = x[:, k] * 10 ** rng.uniform(-2, 3, f) + rng.uniform(-100, 100, f)
+        x[at, k, hit[k]] += 8 * x[:, k, hit[k]].std()
+        mask[at, k, hit[k]] = True
+    x = np.where(mask, x, 0.0)
+    slots = np.tile(np.arange(s), n)
+    ts = np.repeat(np.arange(n, dtype=np.int64) * 60_000, s)
+    res = det.process(slots, x.reshape(n * s, f), mask.reshape(n * s, f), ts)
+    rows = at * s + np.arange(s)
+    flagged = res.is_anomaly[rows]
+    assert flagged.sum() >= 4, res.score[rows]
+    assert (res.top_feature(mask.reshape(n * s, f))[rows][flagged] == hit[flagged]).all()
+    normal = np.ones(n * s, dtype=bool)
+    normal[rows] = False
+    assert res.is_anomaly[normal].mean() < 1e-3
