@@ -2,7 +2,7 @@
 
 The loop only polls columns, sends a batch and waits for its acks, commits offsets, and reads
 high-water marks; partition assignment arrives through two callbacks. kafka-python is the
-default client. Its producer tops out around 11-15k msg/s on two cores (README, Benchmarks),
+default client. Its producer tops out around 28-36k msg/s on two cores (README, Benchmarks),
 so a faster client (for example confluent-kafka) can be added as another class with the same
 methods without touching the loop.
 """
