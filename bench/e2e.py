@@ -365,9 +365,13 @@ def run_daemon(config: Config, n: int, scores_topic: str, budget_s: float, threa
         transport.done.wait(timeout=budget_s)
         if errors:
             raise errors[0]
+        # Counted now: the batch in flight when the budget ran out is still acknowledged while
+        # the runner stops, after t1, and counting it would overstate the rate (by ~19% for
+        # one stream: 5,000 of 26,000 events).
+        acked = transport.acked
         t1 = transport.done_at or transport.last_ack_at or time.perf_counter()
         if transport.done_at is None:
-            note = f"stopped at the {budget_s:g}s budget: {transport.acked:,} of {n:,} scored"
+            note = f"stopped at the {budget_s:g}s budget: {acked:,} of {n:,} scored"
         bank = runner.detector.bank
         bank_bytes, bank_capacity, active = bank.nbytes(), bank.capacity, len(runner.slots)
     finally:
@@ -375,7 +379,7 @@ def run_daemon(config: Config, n: int, scores_topic: str, budget_s: float, threa
         thread.join(timeout=120)
     if errors:
         raise errors[0]
-    return DaemonRun(t1 - t0, t0 - started, min(transport.acked, n), metrics, intervals, (t0, t1), bank_bytes, bank_capacity, active, note)
+    return DaemonRun(t1 - t0, t0 - started, min(acked, n), metrics, intervals, (t0, t1), bank_bytes, bank_capacity, active, note)
 
 
 def run_case(
