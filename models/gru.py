@@ -114,6 +114,17 @@ def config_from_dict(cls: type[Any], data: dict[str, Any]) -> Any:
     return cls(**data)
 
 
+def _new_file_mode(path: Path) -> int:
+    """The mode a plain open() would give a new file (0666 less the umask), or the replaced
+    file's: the checkpoint keeps the permissions its owner chose."""
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
 def write_checkpoint(path: str | Path, fmt: str, model: nn.Module, config: Any, training: dict[str, Any]) -> None:
     """Weights, config and a description of the training data, written atomically.
 
@@ -137,7 +148,7 @@ def write_checkpoint(path: str | Path, fmt: str, model: nn.Module, config: Any, 
             torch.save(payload, fh)
             fh.flush()
             os.fsync(fh.fileno())  # a power cut must not leave an empty file under the real name
-        os.chmod(tmp, 0o644)  # (mkstemp makes it 0600: the daemon may run as another user)
+        os.chmod(tmp, _new_file_mode(path))  # (mkstemp makes it 0600: the daemon may run as another user)
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)

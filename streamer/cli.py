@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         _exit_on_sigterm()
         return run_demo(args.streams, args.rate, args.metrics_port, args.duration)
     if args.command == "train":
+        from kafka.errors import KafkaError
+
         from models.gru import save_checkpoint
         from models.train import SeriesSampler, TrainConfig
         from models.train import train as train_model
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             model, summary = train_model(
                 cfg, data=data, data_description=description, public=public, public_description="statsmodels.datasets"
             )
-        except (ValueError, OSError, csv.Error) as err:  # e.g. no column of the files holds a usable series
+        except (ValueError, OSError, csv.Error, KafkaError) as err:  # e.g. no usable series; no broker reachable
             print(f"streamer: {err}", file=sys.stderr)
             return 2
         save_checkpoint(args.out, model, summary)

@@ -346,6 +346,9 @@ class Runner:
         m.e2e_latency.observe_many(self.clock() - emitted_ts[emitted_ts >= 0] / 1000.0)
         if time.monotonic() - self._last_snapshot >= self.config.state.snapshot_interval_s:
             self._snapshot(set(self.next_offset))
+        # Never behind the offset committed before this member took the partition: a replay's
+        # batches would move it back, and a crash mid-replay would then emit their events twice.
+        offsets = {tp: max(offset, self.emit_from.get(tp, 0)) for tp, offset in offsets.items()}
         if not self.transport.commit(offsets):
             m.commit_failures.inc()
         m.batch_seconds.observe(time.perf_counter() - started)
@@ -589,15 +592,18 @@ class Runner:
         m.warming_up.set(warm)
 
     def _check_replay(self) -> None:
-        """Forget partitions whose replay has reached the committed offset. The consumer's
-        position counts as well as the last record seen: on a compacted topic the last records
-        before the committed offset may be gone, and no record would ever reach it."""
+        """Forget partitions whose replay has reached the committed offset, or the end of the
+        log: on a compacted or truncated topic the records up to the committed offset may be
+        gone (the consumer's position then jumps past a gap, or stays at the end), and no
+        record would ever reach it."""
         if self._replaying:
             done = set()
             for tp in self._replaying:
                 target = self.emit_from.get(tp, 0)
                 position = self.transport.position(tp)
-                if self.next_offset.get(tp, 0) >= target or (position is not None and position >= target):
+                end = self.transport.highwater(tp)
+                reached = self.next_offset.get(tp, 0) >= target or (position is not None and position >= target)
+                if reached or (position is not None and end is not None and position >= end):
                     done.add(tp)
             self._replaying -= done
         self.health.replaying = len(self._replaying)

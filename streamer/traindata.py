@@ -20,7 +20,7 @@ from streamer.config import InputConfig
 
 # Cells that mean "no reading" in the CSVs people export (pandas, R, spreadsheets): gaps, like
 # an empty cell, not text that would make the whole column a non-series.
-_GAPS = {"", "na", "n/a", "nan", "null", "none", "-"}
+_GAPS = {"", "na", "n/a", "#n/a", "<na>", "nan", "null", "none", "-"}
 
 
 def load_files(paths: list[str]) -> dict[str, np.ndarray]:
@@ -28,7 +28,7 @@ def load_files(paths: list[str]) -> dict[str, np.ndarray]:
     each, named by the file's path as given and the column (two folders' metrics.csv stay two)."""
     out: dict[str, np.ndarray] = {}
     for p in map(Path, paths):
-        if not p.is_file():
+        if not p.exists():  # (a pipe counts: `streamer train <(zcat data.csv.gz)`)
             raise ValueError(f"{p}: no such file")
         if p.suffix.lower() == ".parquet":
             try:
@@ -91,7 +91,8 @@ def load_topic(
 
     from streamer.decode import Decoder
 
-    consumer = KafkaConsumer(**client_options, group_id=None, enable_auto_commit=False)
+    # (earliest: a --from-offset that retention has deleted starts at the log's start, not its end)
+    consumer = KafkaConsumer(**client_options, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest")
     parts = sorted(consumer.partitions_for_topic(topic) or ())
     if not parts:
         raise SystemExit(f"topic {topic!r} not found at {client_options.get('bootstrap_servers')}")

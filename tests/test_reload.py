@@ -227,3 +227,19 @@ def test_two_trainings_writing_one_checkpoint_do_not_trip_over_each_other(tmp_pa
     _, meta = load_checkpoint(out)
     assert meta["training"]["name"] in ("1", "2")
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]
+
+
+def test_a_written_checkpoint_keeps_the_permissions_its_owner_chose(tmp_path):
+    """The unique temp file (mkstemp: 0600) was chmod-ed to 0644 whatever the umask, so a
+    private checkpoint became world-readable; a replaced file keeps its own mode."""
+    old = os.umask(0o077)
+    try:
+        _saved(tmp_path / "private.pt", 1, "private")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "private.pt").stat().st_mode & 0o777 == 0o600
+    shared = tmp_path / "shared.pt"
+    _saved(shared, 1, "shared")
+    shared.chmod(0o640)
+    _saved(shared, 2, "shared")
+    assert shared.stat().st_mode & 0o777 == 0o640

@@ -355,7 +355,32 @@ def test_not_ready_until_the_replay_up_to_the_committed_offset_is_done(broker, t
             runner.step()
             if runner.health.joined:
                 seen.append((runner.next_offset.get((t, 0), 0), runner.health.readiness()[0]))
+                # The replay's own batches must not move the committed offset back: a crash
+                # mid-replay would then emit their events a second time.
+                assert runner.transport.committed((t, 0)) == 400
     finally:
         runner.shutdown()
     assert any(not ready for _, ready in seen), seen  # the replay took several polls, not ready during them
     assert all(ready == (offset >= 400) for offset, ready in seen), seen
+
+
+def test_ready_when_the_log_ends_before_the_committed_offset(broker, topics, state_dir):
+    """A committed offset past the log's end (a truncated or compacted tail): no record ever
+    reaches it, and /readyz stayed 503 until new events went past it."""
+    t = topics["input"]
+    produce(broker, t, [(b"s-1", event("s-1", 1_000 * i, {"temp": 20.0 + i % 5})) for i in range(40)], lambda k: 0)
+    config = make_config(broker, topics, state_dir)
+    with DaemonThread(config) as first:
+        first.wait_scored(40)
+    c = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=config.consumer.group_id, enable_auto_commit=False)
+    c.commit({TopicPartition(t, 0): OffsetAndMetadata(45, "", -1)})
+    c.close()
+    runner = DaemonThread(config).runner
+    runner.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not runner.health.readiness()[0]:
+            assert time.monotonic() < deadline, runner.health.readiness()
+            runner.step()
+    finally:
+        runner.shutdown()

@@ -146,3 +146,24 @@ def test_train_from_a_topic_decodes_as_the_configured_daemon_does(broker, topics
     assert proc.returncode == 0, proc.stderr
     _, meta = load_checkpoint(out)
     assert sorted(meta["training"]["series"]) == ["d0:a", "d1:a"]
+
+
+def test_training_data_can_come_from_a_pipe(tmp_path):
+    """`streamer train <(zcat data.csv.gz)` reads a pipe, which is not a regular file."""
+    import os
+    import threading
+
+    from streamer.traindata import load_files
+
+    fifo = tmp_path / "data.csv"
+    os.mkfifo(fifo)
+
+    def write() -> None:
+        with fifo.open("w") as fh:
+            fh.write("temp\n1\n2\n#N/A\n3\n")
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    out = load_files([str(fifo)])
+    writer.join()
+    assert list(out) == [f"{fifo}:temp"] and out[f"{fifo}:temp"].tolist() == [1.0, 2.0, 3.0]
