@@ -46,11 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--from-offset", type=int, default=0, help="first offset of every partition to replay")
     train.add_argument("--to-offset", type=int, default=None, help="stop before this offset (default: the current end)")
     train.add_argument("--out", default="checkpoint.pt", help="where to write the checkpoint (default ./checkpoint.pt)")
-    train.add_argument("--steps", type=int, default=300)
-    train.add_argument("--batch", type=int, default=64)
-    train.add_argument("--length", type=int, default=384)
-    train.add_argument("--hidden", type=int, default=32)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--steps", type=int, default=300, help="optimiser steps (default 300)")
+    train.add_argument("--batch", type=int, default=64, help="windows per step (default 64)")
+    train.add_argument("--length", type=int, default=384, help="events per window, more than the 16 of burn-in (default 384)")
+    train.add_argument(
+        "--hidden", type=int, default=32, help="GRU hidden units; another size resets a running daemon's states (default 32)"
+    )
+    train.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the sampling (default 0)")
     train.add_argument(
         "--public", action="store_true", help="mix in the real time series bundled with statsmodels (needs the `train` extra)"
     )
