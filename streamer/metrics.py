@@ -69,11 +69,15 @@ class BulkHistogram(Collector):
         binned = np.bincount(idx[finite], minlength=len(self.counts))
         exemplars: dict[int, Exemplar] = {}
         if streams is not None:
-            # Largest value per bucket: sort by value, the last occurrence of each bucket wins.
+            # Largest value per bucket: sorted by value, bucket indices never decrease, so each
+            # bucket's last position is where the next index differs (no per-value Python work).
             order = np.flatnonzero(finite)[np.argsort(values[finite], kind="stable")]
-            last = {int(b): int(i) for b, i in zip(idx[order], order)}
+            sorted_idx = idx[order]
+            ends = np.flatnonzero(np.r_[sorted_idx[1:] != sorted_idx[:-1], True])
             now = time.time()
-            exemplars = {b: Exemplar({"stream": streams[i][:100]}, float(values[i]), now) for b, i in last.items()}
+            exemplars = {
+                int(sorted_idx[j]): Exemplar({"stream": streams[int(order[j])][:100]}, float(values[order[j]]), now) for j in ends
+            }
         with self._lock:
             self.counts += binned
             self.total += float(values[finite].sum())

@@ -68,3 +68,27 @@ def test_a_member_without_partitions_is_ready(broker, state_dir):
             time.sleep(0.1)
         owned = [len(d.runner.transport.assignment()) for d in (first, second)]
         assert sorted(owned) == [0, 1]
+
+
+def test_each_bucket_exemplar_is_the_stream_of_its_largest_value():
+    import numpy as np
+    from prometheus_client import CollectorRegistry
+
+    from streamer.metrics import BulkHistogram
+
+    rng = np.random.default_rng(0)
+    values = np.round(rng.lognormal(0.0, 2.0, 2_000), 1)
+    values[::97] = np.nan
+    streams = [f"s{i}" for i in range(len(values))]
+    h = BulkHistogram("t_seconds", "test", [0.1, 1.0, 5.0, 10.0, 100.0], CollectorRegistry())
+    h.observe_many(values, streams)
+    idx = np.searchsorted(h.bounds, values, side="left")
+    for b, ex in enumerate(h.exemplars):
+        inside = np.flatnonzero((idx == b) & np.isfinite(values))
+        if not len(inside):
+            assert ex is None
+            continue
+        top = values[inside].max()
+        assert ex is not None and ex.value == top
+        assert ex.labels["stream"] == streams[inside[values[inside] == top][-1]]  # ties: the last one
+    assert h.counts.sum() == np.isfinite(values).sum()
