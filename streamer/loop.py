@@ -108,6 +108,7 @@ class Runner:
         # rolling update that moved on would leave the group with cold-ish state and lag.
         self._replaying: set[TP] = set()
         self._assign_pending = False
+        self._batch_model: tuple[float, int] | None = None  # model seconds and wavefronts of the batch in hand
         self.stop_event = threading.Event()
         self.ready = threading.Event()
         self.health = LoopHealth(config.metrics.max_stall_s)
@@ -254,13 +255,15 @@ class Runner:
             self.log_ids.pop(tp, None)
             with contextlib.suppress(KeyError):
                 self.metrics.consumer_lag.remove(tp[0], str(tp[1]))
+        self.metrics.assigned_partitions.set(len(set(self.transport.assignment()) - set(tps)))
+        self.metrics.active_streams.set(self._stream_count())
 
     def _drop(self, streams: list[str]) -> None:
         freed = self.slots.release(streams)
         if freed:
             self.detector.bank.reset(torch.as_tensor(freed))
         self.decoder.forget(streams)
-        self.metrics.active_streams.set(len(self.slots))
+        self.metrics.active_streams.set(self._stream_count())
 
     def _snapshot(self, tps: set[TP]) -> None:
         """Write the state of the given partitions at the offsets processed so far."""
@@ -338,6 +341,9 @@ class Runner:
             return 0
         started = time.perf_counter()
         outputs, offsets, emitted_ts = self._process(polled)
+        if self._batch_model is not None:  # (one observation per batch, sensor and log work together)
+            m.step_seconds.observe(self._batch_model[0])
+            m.wavefronts.observe(self._batch_model[1])
         if not self._send(outputs):
             return len(polled)  # stopping with the broker unreachable: nothing committed, nothing lost
         self._unacked.clear()
@@ -361,6 +367,7 @@ class Runner:
         timestamps of the records that produced outputs (not replays)."""
         m = self.metrics
         n = len(polled)
+        self._batch_model = None
         tps = list(zip(polled.topic, polled.partition.tolist()))
         emit_from = np.fromiter((self.emit_from.get(tp, 0) for tp in tps), dtype=np.int64, count=n)
         emit = polled.offset >= emit_from
@@ -397,8 +404,7 @@ class Runner:
             self.slots.touch(slots, self.clock())
             t0 = time.perf_counter()
             res = self.detector.process(slots, dec.x, dec.mask, dec.ts_ms)
-            m.step_seconds.observe(time.perf_counter() - t0)
-            m.wavefronts.observe(res.wavefronts)
+            self._model_work(time.perf_counter() - t0, res.wavefronts)
             emitted = emit[dec.index]
             m.scored.inc(int(emitted.sum()))
             m.replayed.inc(int((~emitted).sum()))
@@ -410,10 +416,17 @@ class Runner:
             m.scores.observe_many(res.score[emitted], streams)
         return outputs, offsets, emitted_ts
 
+    def _model_work(self, seconds: float, wavefronts: int) -> None:
+        done = self._batch_model or (0.0, 0)
+        self._batch_model = (done[0] + seconds, done[1] + wavefronts)
+
     def _dead_letters(self, polled: Polled, dead: list[tuple[int, str, str]], emit: np.ndarray) -> list[OutRecord]:
         out = []
         for pos, reason, detail in dead:
             if not emit[pos]:
+                # Re-read in a replay: dead-lettered when first read, not again; counted as
+                # replayed, so consumed = scored + replayed + dead letters still holds.
+                self.metrics.replayed.inc()
                 continue
             key, value, original, extra = _fit_dead_letter(
                 polled.key[pos],
@@ -440,8 +453,7 @@ class Runner:
         m = self.metrics
         t0 = time.perf_counter()
         outputs, dead, stats = self.logs.process(polled, emit)
-        m.step_seconds.observe(time.perf_counter() - t0)
-        m.wavefronts.observe(stats["wavefronts"])
+        self._model_work(time.perf_counter() - t0, stats["wavefronts"])
         m.scored.inc(stats["scored"])
         m.replayed.inc(stats["replayed"])
         m.anomalies.labels("log").inc(stats["anomalies"])
@@ -614,7 +626,8 @@ class Runner:
         m = self.metrics
         for tp in self.transport.assignment():
             hw = self.transport.highwater(tp)
-            pos = self.next_offset.get(tp)
+            # (A partition with nothing polled yet: the consumer's position, so it has a series.)
+            pos = self.next_offset.get(tp, self.transport.position(tp))
             if hw is not None and pos is not None:
                 m.consumer_lag.labels(tp[0], str(tp[1])).set(max(0, hw - pos))
         now = time.monotonic()
@@ -630,5 +643,6 @@ class Runner:
                 m.evicted.inc(len(idle))
             if self.logs is not None:
                 m.evicted.inc(self.logs.evict_idle(self.clock(), self.config.state.idle_evict_s))
+                m.active_streams.set(self._stream_count())
         if self.next_offset and now - self._last_snapshot >= self.config.state.snapshot_interval_s:
             self._snapshot(set(self.next_offset))

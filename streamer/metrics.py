@@ -75,9 +75,7 @@ class BulkHistogram(Collector):
             sorted_idx = idx[order]
             ends = np.flatnonzero(np.r_[sorted_idx[1:] != sorted_idx[:-1], True])
             now = time.time()
-            exemplars = {
-                int(sorted_idx[j]): Exemplar({"stream": streams[int(order[j])][:100]}, float(values[order[j]]), now) for j in ends
-            }
+            exemplars = {int(sorted_idx[j]): Exemplar({"stream": streams[int(order[j])][:100]}, float(values[order[j]]), now) for j in ends}
         with self._lock:
             self.counts += binned
             self.total += float(values[finite].sum())
@@ -110,7 +108,8 @@ class Metrics:
         self.scored = Counter("streamer_events_scored", "Events stepped through the model and scored.", registry=r)
         self.replayed = Counter(
             "streamer_events_replayed",
-            "Events stepped only to rebuild state after a restore (their scores were already emitted).",
+            "Records re-read after a restore without outputs: events stepped only to rebuild state (their scores were already "
+            "emitted), bad records already dead-lettered.",
             registry=r,
         )
         self.dead_letters = Counter("streamer_dead_letters", "Input records sent to the dead-letter topic.", ["reason"], registry=r)

@@ -95,3 +95,33 @@ def test_idle_log_streams_are_evicted():
     assert streams.evict_idle(time.time(), 3600) == 0
     assert streams.evict_idle(time.time() + 7200, 3600) == 3
     assert len(streams) == 0
+
+
+def test_sensor_and_log_records_in_one_batch_are_one_observation_and_every_stream_counts(broker, topics, state_dir):
+    """A batch with sensor and log records observed the step-time and wavefront histograms twice,
+    and dropping sensor streams set streamer_active_streams to the sensor count alone."""
+    import time
+
+    from conftest import event
+
+    config = _log_config(broker, topics, state_dir)
+    config = config.model_copy(update={"topics": config.topics.model_copy(update={"inputs": [topics["input"] + "-unused"]})})
+    produce(broker, topics["input"] + "-unused", [(b"pump", event("pump", i, {"t": float(i % 5)})) for i in range(60)])
+    produce(broker, topics["input"], [(b"web-1", _syslog(i, "web-1", _routine(i))) for i in range(60)], partition_of=lambda _k: 0)
+    daemon = DaemonThread(config)  # stepped here, in this thread, so nothing races the checks
+    runner, m = daemon.runner, daemon.metrics
+    runner.start()
+    try:
+        deadline = time.monotonic() + 30
+        while m.scored._value.get() < 120:
+            assert time.monotonic() < deadline, m.scored._value.get()
+            runner.step()
+        batches = m.batch_events.collect()[0].samples
+        steps = m.step_seconds.collect()[0].samples
+        count = {s.name: s.value for s in batches + steps if s.name.endswith("_count")}
+        assert count["streamer_step_duration_seconds_count"] == count["streamer_batch_events_count"], count
+        assert m.active_streams._value.get() == 2
+        runner._drop(["pump"])  # as idle eviction does
+        assert m.active_streams._value.get() == 1  # the log stream is still there
+    finally:
+        runner.shutdown()

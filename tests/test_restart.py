@@ -384,3 +384,47 @@ def test_ready_when_the_log_ends_before_the_committed_offset(broker, topics, sta
             runner.step()
     finally:
         runner.shutdown()
+
+
+def test_bad_records_re_read_in_a_replay_are_counted(broker, topics, state_dir):
+    """consumed = scored + replayed + dead letters: bad records re-read in a replay (dead-lettered
+    the first time, not again) were counted as consumed and nowhere else."""
+    t = topics["input"]
+
+    def mixed(start: int, stop: int) -> list[tuple[bytes, bytes]]:
+        return [(b"s-1", b"{broken" if i % 10 == 9 else event("s-1", 1_000 * i, {"temp": 20.0 + i % 5})) for i in range(start, stop)]
+
+    produce(broker, t, mixed(0, 40), lambda k: 0)
+    config = make_config(broker, topics, state_dir)
+    with DaemonThread(config) as first:
+        first.wait_scored(36)
+    produce(broker, t, mixed(40, 200), lambda k: 0)  # scored and committed by a member that crashed before its snapshot
+    c = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=config.consumer.group_id, enable_auto_commit=False)
+    c.commit({TopicPartition(t, 0): OffsetAndMetadata(200, "", -1)})
+    c.close()
+    produce(broker, t, mixed(200, 240), lambda k: 0)
+    with DaemonThread(config) as daemon:
+        daemon.wait_scored(36)
+        m = daemon.metrics
+        deadline = time.monotonic() + 30
+        while m.consumed.labels(t)._value.get() < 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        dead = sum(m.dead_letters.labels(r)._value.get() for r in ("invalid_json",))
+        assert (m.scored._value.get(), m.replayed._value.get(), dead) == (36, 160, 4)
+        assert m.consumed.labels(t)._value.get() == m.scored._value.get() + m.replayed._value.get() + dead
+
+
+def test_every_assigned_partition_has_a_lag_series(broker, topics, state_dir):
+    """A partition with nothing polled yet had no streamer_consumer_lag_records series at all."""
+    t = topics["input"]
+    produce(broker, t, [(b"s-1", event("s-1", 1_000 * i, {"temp": 20.0})) for i in range(10)], lambda k: 0)
+    with DaemonThread(make_config(broker, topics, state_dir)) as daemon:
+        daemon.wait_scored(10)
+        deadline = time.monotonic() + 10
+        while True:
+            lag = {s.labels["partition"]: s.value for s in daemon.metrics.consumer_lag.collect()[0].samples}
+            if len(lag) == 4 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert lag == {"0": 0.0, "1": 0.0, "2": 0.0, "3": 0.0}
