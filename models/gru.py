@@ -116,13 +116,33 @@ def config_from_dict(cls: type[Any], data: dict[str, Any]) -> Any:
 
 def _new_file_mode(path: Path) -> int:
     """The mode a plain open() would give a new file (0666 less the umask), or the replaced
-    file's: the checkpoint keeps the permissions its owner chose."""
+    file's: the file keeps the permissions its owner chose."""
     try:
         return path.stat().st_mode & 0o777
     except OSError:
         mask = os.umask(0)
         os.umask(mask)
         return 0o666 & ~mask
+
+
+def save_atomically(payload: Any, path: Path) -> None:
+    """torch.save to `path` through a temp file of this writer's own, fsynced, then renamed.
+
+    Readers see the old file or the new one, never half of one, and a power cut cannot leave an
+    empty file under the real name. The temp file is unique per write: two writers of one path
+    (two trainings of one --out, two members sharing a state dir) must not rename each other's
+    half-written file; the last complete one wins."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, _new_file_mode(path))  # (mkstemp makes it 0600: a daemon may run as another user)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_checkpoint(path: str | Path, fmt: str, model: nn.Module, config: Any, training: dict[str, Any]) -> None:
@@ -139,20 +159,7 @@ def write_checkpoint(path: str | Path, fmt: str, model: nn.Module, config: Any, 
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A temp file of its own per writer: two trainings writing one --out must not rename each
-    # other's half-written file (the last complete one wins).
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())  # a power cut must not leave an empty file under the real name
-        os.chmod(tmp, _new_file_mode(path))  # (mkstemp makes it 0600: the daemon may run as another user)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    save_atomically(payload, path)
 
 
 def read_checkpoint(path: str | Path, fmt: str, data: bytes | None = None) -> dict[str, Any]:

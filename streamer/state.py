@@ -10,8 +10,6 @@ rebalance, the way Kafka Streams restores a store from its changelog.
 from __future__ import annotations
 
 import logging
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import numpy as np
 import torch
 
 from models.detector import CAL_HISTS, CAL_HISTS_LONG
+from models.gru import save_atomically
 from models.recurrence import RECUR_FIELDS
 from models.state import with_empty_fields
 
@@ -113,16 +112,9 @@ class SnapshotStore:
     def save_payload(self, tp: TP, payload: dict[str, Any]) -> int:
         """Write any snapshot dict (tensors and plain values only) atomically and durably."""
         path = self.path(tp)
-        # A temp file of its own: two members sharing a state dir (a zombie's revoke snapshot
-        # landing on the new owner's periodic one) must not rename each other's half-written file.
-        tmp = path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            torch.save(payload, tmp)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        # (Two members sharing a state dir, a zombie's revoke snapshot landing on the new owner's
+        # periodic one, each write through a temp file of their own.)
+        save_atomically(payload, path)
         return path.stat().st_size
 
     def load_payload(self, tp: TP) -> dict[str, Any] | None:
