@@ -96,6 +96,15 @@ class BulkHistogram(Collector):
         yield family
 
 
+def _labelled_counter(name: str, documentation: str, label: str, values: Sequence[str], registry: CollectorRegistry) -> Counter:
+    """A counter with one label whose every value is exported from the start (at 0): rate() and
+    increase() need a series before its first event, and an alert on a reason must see it."""
+    counter = Counter(name, documentation, [label], registry=registry)
+    for value in values:
+        counter.labels(value)
+    return counter
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None, process: bool = True) -> None:
         self.registry = registry or CollectorRegistry()
@@ -112,26 +121,22 @@ class Metrics:
             "emitted), bad records already dead-lettered.",
             registry=r,
         )
-        self.dead_letters = Counter("streamer_dead_letters", "Input records sent to the dead-letter topic.", ["reason"], registry=r)
-        for reason in REASONS:
-            self.dead_letters.labels(reason)
-        self.anomalies = Counter(
+        self.dead_letters = _labelled_counter("streamer_dead_letters", "Input records sent to the dead-letter topic.", "reason", REASONS, r)
+        self.anomalies = _labelled_counter(
             "streamer_anomalies",
             "Events flagged as anomalous, by what flagged them: the deciding view of a sensor event, or log.",
-            ["view"],
-            registry=r,
+            "view",
+            ANOMALY_VIEWS,
+            r,
         )
-        for view in ANOMALY_VIEWS:
-            self.anomalies.labels(view)
-        self.held = Counter(
+        self.held = _labelled_counter(
             "streamer_held_events",
             "Sensor events at or above the threshold reported below it: an aftershock of a recent alert, or a recurrence "
             "of something flagged at this hour on each of the last days (a nightly job).",
-            ["reason"],
-            registry=r,
+            "reason",
+            HELD[1:],
+            r,
         )
-        for reason in HELD[1:]:
-            self.held.labels(reason)
         self.output_records = Counter("streamer_output_records", "Records acknowledged by the broker.", ["topic"], registry=r)
         self.send_failures = Counter("streamer_send_failures", "Output batches not acknowledged (then resent).", registry=r)
         self.commit_failures = Counter("streamer_commit_failures", "Offset commits rejected by the group coordinator.", registry=r)
@@ -140,14 +145,13 @@ class Metrics:
         self.snapshot_failures = Counter(
             "streamer_snapshot_failures", "Partition state snapshots that could not be written (the previous one stands).", registry=r
         )
-        self.model_reloads = Counter(
+        self.model_reloads = _labelled_counter(
             "streamer_model_reloads",
             "Replaced checkpoints noticed: served keeping states, served resetting them, or refused.",
-            ["result"],
-            registry=r,
+            "result",
+            RELOAD_RESULTS,
+            r,
         )
-        for result in RELOAD_RESULTS:
-            self.model_reloads.labels(result)
         self.batch_events = Histogram("streamer_batch_events", "Records per polled batch.", buckets=BATCH_BUCKETS, registry=r)
         self.step_seconds = Histogram(
             "streamer_step_duration_seconds", "Time to step the model over one batch.", buckets=LATENCY_BUCKETS, registry=r
