@@ -248,7 +248,7 @@ class Runner:
             extra={"partitions": {f"{t}[{p}]": self.next_offset.get((t, p)) for t, p in tps}},
         )
         self._replaying.difference_update(tps)
-        self._check_replay()
+        self.health.replaying = len(self._replaying)
         for tp in tps:
             self.next_offset.pop(tp, None)
             self.emit_from.pop(tp, None)
@@ -626,8 +626,9 @@ class Runner:
         m = self.metrics
         for tp in self.transport.assignment():
             hw = self.transport.highwater(tp)
-            # (A partition with nothing polled yet: the consumer's position, so it has a series.)
-            pos = self.next_offset.get(tp, self.transport.position(tp))
+            pos = self.next_offset.get(tp)
+            if pos is None:  # nothing polled from it yet: the consumer's position, so it has a series
+                pos = self.transport.position(tp)
             if hw is not None and pos is not None:
                 m.consumer_lag.labels(tp[0], str(tp[1])).set(max(0, hw - pos))
         now = time.monotonic()
