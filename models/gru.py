@@ -9,10 +9,12 @@ next normalised value; the negative log-likelihood of what then arrives is the r
 
 from __future__ import annotations
 
+import glob
 import io
 import math
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -143,6 +145,26 @@ def save_atomically(payload: Any, path: Path) -> None:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+    _remove_stale_temps(path)
+
+
+# A write takes seconds; a temp file of this age was left by a writer killed mid-write.
+STALE_TEMP_S = 3600.0
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete temp files of `path` that a writer killed mid-write (SIGKILL, OOM, power cut) left.
+
+    Each write has a temp file of its own, so nothing else ever replaces or removes them: a
+    daemon in a crash loop would fill its state volume with copies of its snapshots. Only old
+    ones go: a younger one may belong to another writer that is still writing."""
+    cutoff = time.time() - STALE_TEMP_S
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+        except OSError:
+            pass  # (gone already, or not ours to remove: the write itself succeeded)
 
 
 def write_checkpoint(path: str | Path, fmt: str, model: nn.Module, config: Any, training: dict[str, Any]) -> None:

@@ -243,3 +243,20 @@ def test_a_written_checkpoint_keeps_the_permissions_its_owner_chose(tmp_path):
     shared.chmod(0o640)
     _saved(shared, 2, "shared")
     assert shared.stat().st_mode & 0o777 == 0o640
+
+
+def test_temp_files_left_by_a_killed_writer_are_cleaned_up_by_the_next_write(tmp_path):
+    """A writer killed mid-write (SIGKILL, OOM) leaves its unique temp file behind, and nothing
+    removed it: a daemon in a crash loop filled its state volume with snapshot copies. An old one
+    goes at the next write; a young one may be another writer's, still writing, and stays."""
+    out = tmp_path / "model.pt"
+    stale, young, other = (tmp_path / ".model.pt.abc123.tmp", tmp_path / ".model.pt.def456.tmp", tmp_path / ".other.pt.abc123.tmp")
+    for f in (stale, young, other):
+        f.write_bytes(b"half a checkpoint")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(stale, (hours_ago, hours_ago))
+    os.utime(other, (hours_ago, hours_ago))
+    _saved(out, 1, "after the crash")
+    assert not stale.exists()
+    assert young.exists()
+    assert other.exists()  # (another file's temp: its own writer cleans it)
