@@ -38,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
 
     train = sub.add_parser("train", help="train the GRU on synthetic series, CSV/Parquet files or a Kafka topic range")
     train.add_argument("files", nargs="*", help="CSV (header row) or Parquet files: every numeric column is a training series")
+    train.add_argument(
+        "--columns",
+        default=None,
+        help="with files: train only these comma-separated columns (default: every numeric column but index and time ones)",
+    )
     train.add_argument("--topic", default=None, help="replay this Kafka topic instead (the daemon's JSON event format)")
     train.add_argument(
         "--config", default=None, help="with --topic: read it as this daemon config does (kafka connection, input.stream_field, limits)"
@@ -107,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, name) < 1:
                 print(f"streamer: --{name} must be at least 1", file=sys.stderr)
                 return 2
+        if args.columns and not args.files:
+            print("streamer: --columns only applies to files", file=sys.stderr)
+            return 2
         if (args.config or args.bootstrap_servers) and not args.topic:
             print("streamer: --config and --bootstrap-servers only apply with --topic", file=sys.stderr)
             return 2
@@ -134,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
                 from streamer.traindata import load_files
 
                 description = "files " + ", ".join(args.files[:10]) + (" ..." if len(args.files) > 10 else "")
-                data = SeriesSampler(load_files(args.files))
+                skipped: list[str] = []
+                columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
+                data = SeriesSampler(load_files(args.files, columns, skipped))
+                if skipped:
+                    print(f"not series (index or time; --columns to train them): {', '.join(skipped)}", file=sys.stderr)
             if args.public:
                 from streamer.traindata import load_statsmodels
 

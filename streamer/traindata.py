@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import sys
 from array import array
 from pathlib import Path
@@ -23,9 +24,17 @@ from streamer.config import InputConfig
 _GAPS = {"", "na", "n/a", "#n/a", "<na>", "nan", "null", "none", "-"}
 
 
-def load_files(paths: list[str]) -> dict[str, np.ndarray]:
+# Numeric columns that are not measurements: the index pandas writes with `to_csv()` (an empty
+# header or "Unnamed: 0") and epoch time columns. Trained as series they are pure ramps.
+_NOT_SERIES = re.compile(r"(|index|unnamed: \d+|ts|time|timestamp|epoch|date|datetime)", re.IGNORECASE)
+
+
+def load_files(paths: list[str], columns: list[str] | None = None, skipped: list[str] | None = None) -> dict[str, np.ndarray]:
     """Numeric columns of CSV files (header row) and Parquet files (needs pyarrow), one series
-    each, named by the file's path as given and the column (two folders' metrics.csv stay two)."""
+    each, named by the file's path as given and the column (two folders' metrics.csv stay two).
+
+    `columns`: only these (by header name; one that no file has is an error, so a typo does not
+    train on nothing). Without it, index and time columns are left out and named in `skipped`."""
     out: dict[str, np.ndarray] = {}
     for p in map(Path, paths):
         if not p.exists():  # (a pipe counts: `streamer train <(zcat data.csv.gz)`)
@@ -36,12 +45,22 @@ def load_files(paths: list[str]) -> dict[str, np.ndarray]:
             except ImportError:
                 raise SystemExit(f"{p}: reading Parquet needs pyarrow (pip install pyarrow)") from None
             table = pq.read_table(p)
+            found = {}
             for name in table.column_names:
                 col = table.column(name).to_numpy(zero_copy_only=False)
                 if np.issubdtype(col.dtype, np.number) and not np.issubdtype(col.dtype, np.bool_):
-                    out[f"{p}:{name}"] = col.astype(np.float64)
-            continue
-        out.update(_csv_columns(p))
+                    found[name] = col.astype(np.float64)
+        else:
+            found = _csv_columns(p)
+        for name, values in found.items():
+            if columns is None and _NOT_SERIES.fullmatch(name.strip()):
+                if skipped is not None:
+                    skipped.append(f"{p}:{name}")
+            elif columns is None or name in columns:
+                out[f"{p}:{name}"] = values
+    missing = [c for c in columns or [] if not any(key.endswith(":" + c) for key in out)]
+    if missing:
+        raise ValueError(f"--columns: no numeric column named {', '.join(map(repr, missing))} in the files")
     return out
 
 
@@ -69,7 +88,7 @@ def _csv_columns(p: Path) -> dict[str, np.ndarray]:
                     continue
                 if math.isfinite(v):
                     col.append(v)
-    return {f"{p}:{name}": np.frombuffer(col, dtype=np.float64).copy() for name, col in zip(header, columns) if col}
+    return {name: np.frombuffer(col, dtype=np.float64).copy() for name, col in zip(header, columns) if col}
 
 
 def load_topic(

@@ -167,3 +167,24 @@ def test_training_data_can_come_from_a_pipe(tmp_path):
     out = load_files([str(fifo)])
     writer.join()
     assert list(out) == [f"{fifo}:temp"] and out[f"{fifo}:temp"].tolist() == [1.0, 2.0, 3.0]
+
+
+def test_index_and_epoch_time_columns_are_not_trained_as_series(tmp_path):
+    """A CSV written by pandas' `to_csv()` starts with an unnamed index column, and exports often
+    carry epoch seconds: both were trained as series (pure ramps). Left out by default and named;
+    `--columns` picks columns by name, and one that no file has is an error."""
+    path = tmp_path / "export.csv"
+    rows = "".join(f"{i},{1_700_000_000 + 60 * i},{20 + np.sin(i / 9):.3f},{i % 5}\n" for i in range(300))
+    path.write_text(",timestamp,temp,errors\n" + rows)
+    base = [sys.executable, "-m", "streamer.cli", "train", str(path), "--steps", "2", "--batch", "4", "--length", "64"]
+    proc = subprocess.run([*base, "--out", str(tmp_path / "a.pt")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{path}:, {path}:timestamp" in proc.stderr  # (said, so a user knows what was left out)
+    assert load_checkpoint(tmp_path / "a.pt")[1]["training"]["series"] == [f"{path}:temp", f"{path}:errors"]
+    both = ["--columns", "temp,timestamp"]
+    proc = subprocess.run([*base, "--out", str(tmp_path / "b.pt"), *both], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert load_checkpoint(tmp_path / "b.pt")[1]["training"]["series"] == [f"{path}:timestamp", f"{path}:temp"]
+    proc = subprocess.run([*base, "--out", str(tmp_path / "c.pt"), "--columns", "temp,tmep"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "'tmep'" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "c.pt").exists()
