@@ -39,6 +39,9 @@ class LogStreams:
     def __len__(self) -> int:
         return sum(len(p) for p in self.parts.values())
 
+    def warming_up(self) -> int:
+        return sum(p.warming_up() for p in self.parts.values())
+
     def part(self, tp: TP) -> LogPartition:
         part = self.parts.get(tp)
         if part is None:

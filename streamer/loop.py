@@ -601,6 +601,8 @@ class Runner:
         if self.slots.slot_of:
             rows = torch.as_tensor(list(self.slots.slot_of.values()), device=self.detector.device)
             warm = int((self.detector.bank.tensors["steps"][rows] < self.detector.calibration.warmup).sum())
+        if self.logs is not None:
+            warm += self.logs.warming_up()
         m.warming_up.set(warm)
 
     def _check_replay(self) -> None:

@@ -125,3 +125,26 @@ def test_sensor_and_log_records_in_one_batch_are_one_observation_and_every_strea
         assert m.active_streams._value.get() == 1  # the log stream is still there
     finally:
         runner.shutdown()
+
+
+def test_log_streams_in_their_warm_up_are_counted_as_warming_up(broker, topics, state_dir):
+    """streamer_streams_warming_up counted sensor streams only: a log stream inside `logs.warmup`
+    (nothing flagged yet) was reported as live."""
+    import time
+
+    config = _log_config(broker, topics, state_dir)  # (logs.warmup: 30 lines)
+    daemon = DaemonThread(config)
+    runner, m = daemon.runner, daemon.metrics
+    runner.start()
+    try:
+        for n, warming in ((20, 1), (40, 0)):
+            lines = [(b"web-1", _syslog(i, "web-1", _routine(i))) for i in range(n - 20, n)]
+            produce(broker, topics["input"], lines, partition_of=lambda _k: 0)
+            deadline = time.monotonic() + 30
+            while m.scored._value.get() < n:
+                assert time.monotonic() < deadline, m.scored._value.get()
+                runner.step()
+            runner._refresh_state_gauges()  # (the loop does this once a second)
+            assert m.warming_up._value.get() == warming, n
+    finally:
+        runner.shutdown()

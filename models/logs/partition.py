@@ -98,6 +98,14 @@ class LogPartition:
     def __len__(self) -> int:
         return len(self.slot_of)
 
+    def warming_up(self) -> int:
+        """Streams that have not yet seen their warm-up's worth of lines (nothing flagged yet)."""
+        if not self.slot_of:
+            return 0
+        det = self.detector
+        rows = torch.as_tensor(list(self.slot_of.values()), device=det.device)
+        return int((det.bank.tensors["steps"][rows] < det.calibration.warmup).sum())
+
     def _slots(self, streams: list[str]) -> np.ndarray:
         out = np.empty(len(streams), dtype=np.int64)
         for i, s in enumerate(streams):
