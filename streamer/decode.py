@@ -43,6 +43,7 @@ REASONS = (
     "too_many_features",
     "schema_mismatch",
     "parse_error",
+    "unreadable",  # the Kafka client could not parse the record (streamer/transport.py)
 )
 
 

@@ -387,8 +387,14 @@ class Runner:
         for topic in set(polled.topic):
             m.consumed.labels(topic).inc(polled.topic.count(topic))
         outputs: list[OutRecord] = []
+        if polled.unreadable:  # (no value to decode: only their coordinates reach the dead letter)
+            outputs.extend(self._dead_letters(polled, [(pos, "unreadable", err) for pos, err in polled.unreadable.items()], emit))
+            keep = np.ones(n, dtype=bool)
+            keep[list(polled.unreadable)] = False
+            polled, emit = polled.select(keep), emit[keep]
+            tps = list(zip(polled.topic, polled.partition.tolist()))
         if self.logs is not None:
-            is_log = np.fromiter((t in self.logs.topics for t in polled.topic), dtype=bool, count=n)
+            is_log = np.fromiter((t in self.logs.topics for t in polled.topic), dtype=bool, count=len(polled))
             if is_log.any():
                 outputs.extend(self._process_logs(polled.select(is_log), emit[is_log]))
                 polled, emit = polled.select(~is_log), emit[~is_log]

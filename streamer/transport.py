@@ -12,13 +12,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import CommitFailedError, CorruptRecordError, KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from streamer.config import Config
@@ -41,12 +41,17 @@ class Polled:
     key: list[bytes | None]
     value: list[bytes | None]
     headers: list[Headers]
+    # Records the client could not parse (a header name that is not UTF-8, a batch failing its
+    # CRC): position -> the client's error. Only their coordinates are known; the loop
+    # dead-letters them so that the offset is passed and committed.
+    unreadable: dict[int, str] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.value)
 
     def select(self, keep: np.ndarray) -> Polled:
         idx = np.flatnonzero(keep).tolist()
+        new_pos = {old: new for new, old in enumerate(idx)}
         return Polled(
             [self.topic[i] for i in idx],
             self.partition[keep],
@@ -55,7 +60,38 @@ class Polled:
             [self.key[i] for i in idx],
             [self.value[i] for i in idx],
             [self.headers[i] for i in idx],
+            {new_pos[i]: err for i, err in self.unreadable.items() if i in new_pos},
         )
+
+
+def _columns(batches: dict[Any, list[Any]]) -> Polled:
+    """kafka-python's {partition: [ConsumerRecord]} as columns."""
+    topic: list[str] = []
+    part: list[int] = []
+    off: list[int] = []
+    ts: list[int] = []
+    key: list[bytes | None] = []
+    value: list[bytes | None] = []
+    headers: list[Headers] = []
+    for tp, recs in batches.items():
+        n = len(recs)
+        topic.extend([tp.topic] * n)
+        part.extend([tp.partition] * n)
+        off.extend(r.offset for r in recs)
+        # (Records of the pre-0.10 message format carry no timestamp: None here, -1 on the wire.)
+        ts.extend(-1 if r.timestamp is None else r.timestamp for r in recs)
+        key.extend(r.key for r in recs)
+        value.extend(r.value for r in recs)
+        headers.extend(list(r.headers or ()) for r in recs)
+    return Polled(
+        topic,
+        np.asarray(part, dtype=np.int32),
+        np.asarray(off, dtype=np.int64),
+        np.asarray(ts, dtype=np.int64),
+        key,
+        value,
+        headers,
+    )
 
 
 @dataclass(frozen=True)
@@ -136,32 +172,42 @@ class KafkaPythonTransport:
         self._consumer.subscribe(list(topics), listener=_Listener(on_assign, on_revoke))
 
     def poll(self, timeout_ms: int, max_records: int) -> Polled:
-        batches = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
-        topic: list[str] = []
-        part: list[int] = []
-        off: list[int] = []
-        ts: list[int] = []
-        key: list[bytes | None] = []
-        value: list[bytes | None] = []
-        headers: list[Headers] = []
-        for tp, recs in batches.items():
-            n = len(recs)
-            topic.extend([tp.topic] * n)
-            part.extend([tp.partition] * n)
-            off.extend(r.offset for r in recs)
-            # (Records of the pre-0.10 message format carry no timestamp: None here, -1 on the wire.)
-            ts.extend(-1 if r.timestamp is None else r.timestamp for r in recs)
-            key.extend(r.key for r in recs)
-            value.extend(r.value for r in recs)
-            headers.extend(list(r.headers or ()) for r in recs)
+        try:
+            return _columns(self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records))
+        except CorruptRecordError as err:
+            return self._around_unreadable(err)
+
+    def _around_unreadable(self, err: CorruptRecordError) -> Polled:
+        """The next record of the partition the client could not parse, as `unreadable`, with
+        the consumer moved past it.
+
+        kafka-python raises without naming the partition or the offset, and raises again at every
+        later poll: one such record (a header name that is not UTF-8, which Java clients read with
+        replacement characters) stopped the daemon on every restart. The fetcher's records in
+        hand name the partition (private state of kafka-python 3; tests/test_dead_letters.py
+        checks it through a real broker), and its position is the first record not returned.
+        The client parses a record batch from its start, so the records after the bad one in the
+        same batch cannot be read either: each is dead-lettered in turn (they stay in the source
+        topic at the offsets the dead letters name). Where the partition cannot be found, the
+        error is raised as before."""
+        part = getattr(getattr(self._consumer, "_fetcher", None), "_next_partition_records", None)
+        tp = getattr(part, "topic_partition", None)
+        if not isinstance(tp, TopicPartition) or tp not in self._consumer.assignment():
+            raise err
+        offset = self._consumer.position(tp)
+        where = getattr(part, "next_fetch_offset", offset)
+        detail = str(err) if where == offset else f"in the same record batch as an unreadable record before it: {err}"
+        log.warning("unreadable record at %s[%d] offset %d, dead-lettered: %s", tp.topic, tp.partition, offset, detail)
+        self._consumer.seek(tp, offset + 1)  # (also discards the fetcher's broken records)
         return Polled(
-            topic,
-            np.asarray(part, dtype=np.int32),
-            np.asarray(off, dtype=np.int64),
-            np.asarray(ts, dtype=np.int64),
-            key,
-            value,
-            headers,
+            [tp.topic],
+            np.array([tp.partition], dtype=np.int32),
+            np.array([offset], dtype=np.int64),
+            np.array([-1], dtype=np.int64),
+            [None],
+            [None],
+            [[]],
+            {0: detail},
         )
 
     def send_batch(self, records: Sequence[OutRecord]) -> None:

@@ -131,3 +131,55 @@ def test_records_without_a_timestamp_are_scored_at_the_time_they_arrive(broker, 
     scores = scores_of(read_all(broker, topics["scores"], expect=30))
     assert len(scores) == 30 and all(before <= r["ts"] <= after for r in scores)
     assert latency.counts.sum() == 0 and latency.total == 0.0  # no record had a timestamp to measure from
+
+
+class _RawName(str):
+    """A header name whose bytes on the wire are not UTF-8: Kafka's protocol carries any bytes
+    there, and Java clients read them with replacement characters."""
+
+    def __new__(cls, raw: bytes) -> _RawName:
+        name = super().__new__(cls, raw.decode("latin-1"))
+        name.raw = raw
+        return name
+
+    def encode(self, *_args: object, **_kwargs: object) -> bytes:
+        return self.raw
+
+
+def test_a_record_the_client_cannot_parse_is_dead_lettered_and_passed(broker, topics, state_dir):
+    """kafka-python's poll() raised on a header name that is not UTF-8, naming neither partition
+    nor offset, and again at every poll: the daemon stopped, and stopped again on every restart
+    at the same record. It is dead-lettered with its coordinates and passed; the client parses a
+    record batch from its start, so the records after it in the same batch are dead-lettered
+    too (partition 1), while those in other batches (partition 0) and partitions are scored."""
+    bad = [(_RawName(b"\xff\xfetrace"), b"1")]
+    p = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=500)
+    for i in range(41):  # partition 0: the bad record in a batch of its own
+        p.send(topics["input"], key=b"s-1", value=event("s-1", i, {"temp": 20.0 + i % 5}), headers=bad if i == 20 else [], partition=0)
+        if i in (19, 20):
+            p.flush()
+    for i in range(16):  # partition 1: one batch, the bad record its 11th
+        p.send(topics["input"], key=b"s-2", value=event("s-2", i, {"temp": 5.0 + i % 3}), headers=bad if i == 10 else [], partition=1)
+    for i in range(20):
+        p.send(topics["input"], key=b"s-3", value=event("s-3", i, {"temp": 1.0 + i % 2}), partition=2 + i % 2)
+    p.flush()
+    p.close()
+    config = make_config(broker, topics, state_dir)
+    with DaemonThread(config) as daemon:
+        daemon.wait_scored(40 + 10 + 20)
+        dead = read_all(broker, topics["dead"], expect=7)
+        for part, end in ((0, 41), (1, 16)):
+            deadline = time.monotonic() + 30
+            while daemon.runner.transport.committed((topics["input"], part)) != end:
+                assert time.monotonic() < deadline, daemon.runner.transport.committed((topics["input"], part))
+                time.sleep(0.2)
+        assert daemon.metrics.dead_letters.labels("unreadable")._value.get() == 7
+    where = [(dict(d.headers)["streamer.source.partition"], int(dict(d.headers)["streamer.source.offset"])) for d in dead]
+    assert sorted(where) == [(b"0", 20), *((b"1", o) for o in range(10, 16))]
+    errors = {int(dict(d.headers)["streamer.source.offset"]): dict(d.headers)["streamer.error"] for d in dead}
+    assert {dict(d.headers)["streamer.reason"] for d in dead} == {b"unreadable"} and b"UnicodeDecodeError" in errors[20]
+    assert errors[11].startswith(b"in the same record batch as an unreadable record before it")
+    scores = scores_of(read_all(broker, topics["scores"], expect=70))
+    assert sorted(r["offset"] for r in scores if r["partition"] == 0) == [*range(20), *range(21, 41)]
+    assert sorted(r["offset"] for r in scores if r["partition"] == 1) == [*range(10)]
+    assert len(scores) == 70
