@@ -42,6 +42,10 @@ QUICK_SEND_FAILURE_S = 5.0
 DEAD_LETTER_OVERHEAD = 4096
 
 
+# Kafka frames each header with two varints (the lengths of its name and value), up to 5 bytes each.
+HEADER_FRAMING = 10
+
+
 def _fit_dead_letter(
     key: bytes | None, value: bytes | None, headers: Headers, room: int, max_value: int
 ) -> tuple[bytes | None, bytes | None, Headers, Headers]:
@@ -49,25 +53,31 @@ def _fit_dead_letter(
     the headers to add.
 
     Kafka allows null header values, which kafka-python's producer refuses: they become empty.
-    A value is kept up to `max_value` bytes (input.max_message_bytes: only an `oversized` record
-    is longer, and a dead-letter topic with the broker's default 1 MB limit would refuse it for
-    good, however large the input topic's limit is). The record must also fit the producer's
-    max_request_size (`room` bytes here): where the key and headers take over half of it they
-    are dropped and the value is cut to the rest. Whatever is cut stays in the source topic, at
-    the offset the dead letter names. A tombstone keeps its null value unless it has no key
-    (Kafka needs one of them).
+    A header of the input named like the daemon's own (`streamer.reason`, ...) is kept as
+    `original.<name>`, so a reader taking the first or the last header of a name gets the
+    daemon's. A value is kept up to `max_value` bytes (input.max_message_bytes: only an
+    `oversized` record is longer, and a dead-letter topic with the broker's default 1 MB limit
+    would refuse it for good, however large the input topic's limit is). The record must also
+    fit the producer's max_request_size (`room` bytes here): where the key and headers take over
+    half of it they are dropped (`streamer.dropped` says so) and the value is cut to the rest. A
+    send refused for size is refused on every retry, which would stall the partition for good.
+    Whatever is cut stays in the source topic, at the offset the dead letter names. A tombstone
+    keeps its null value unless it has no key (Kafka needs one of them).
     """
-    original: Headers = [(k, b"" if v is None else v) for k, v in headers]
+    original: Headers = [(f"original.{k}" if k.startswith("streamer.") else k, b"" if v is None else v) for k, v in headers]
     extra: Headers = []
 
     def framing() -> int:
-        return len(key or b"") + sum(len(k) + len(v or b"") for k, v in original)
+        return len(key or b"") + sum(len(k.encode()) + len(v or b"") + HEADER_FRAMING for k, v in original)
 
-    if value is not None and (len(value) > max_value or framing() + len(value) > room):
-        extra.append(("streamer.truncated", str(len(value)).encode()))
+    size = len(value) if value is not None else 0
+    if size > max_value or framing() + size > room:
         if framing() > room // 2:
+            extra.append(("streamer.dropped", f"key of {len(key or b'')} bytes, {len(original)} headers".encode()))
             key, original = None, []
-        value = value[: max(0, min(max_value, room - framing()))]
+        if value is not None and (size > max_value or framing() + size > room):
+            extra.append(("streamer.truncated", str(size).encode()))
+            value = value[: max(0, min(max_value, room - framing()))]
     if value is None and key is None:
         value = b""
     return key, value, original, extra

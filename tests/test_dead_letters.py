@@ -111,7 +111,25 @@ def test_dead_letters_are_made_sendable():
     assert _fit_dead_letter(b"k", b"v" * 800, [], 1000, 500) == (b"k", b"v" * 500, [], [("streamer.truncated", b"800")])
     # Key and headers over half the room are dropped with the value cut: the source has them.
     key, value, headers, extra = _fit_dead_letter(b"k" * 600, b"v" * 2000, [("h", b"x")], 1000, 5000)
-    assert (key, headers, value, extra) == (None, [], b"v" * 1000, [("streamer.truncated", b"2000")])
+    assert (key, headers, value) == (None, [], b"v" * 1000)
+    assert extra == [("streamer.dropped", b"key of 600 bytes, 1 headers"), ("streamer.truncated", b"2000")]
+
+
+def test_dead_letters_fit_whatever_their_key_and_headers():
+    """A tombstone's key was never cut (a 150 kB key against 100 kB of room: refused on every
+    retry, so nothing was committed again), and 40,000 empty headers counted as 40 kB were
+    120 kB on the wire. A header of the input named like the daemon's came first, so a reader
+    taking the first `streamer.reason` read the forged one."""
+
+    def wire(key, value, headers):  # (what Kafka's record format spends on them, at most)
+        return len(key or b"") + len(value or b"") + sum(len(k.encode()) + len(v) + 10 for k, v in headers)
+
+    key, value, headers, extra = _fit_dead_letter(b"k" * 150_000, None, [], 100_000, 65_536)
+    assert (key, value, headers) == (None, b"", []) and extra == [("streamer.dropped", b"key of 150000 bytes, 0 headers")]
+    key, value, headers, extra = _fit_dead_letter(b"s-1", b"{bad", [("h", b"")] * 40_000, 100_000, 65_536)
+    assert wire(key, value, headers + extra) <= 100_000 and value == b"{bad"
+    _, _, headers, _ = _fit_dead_letter(b"k", b"{bad", [("streamer.reason", b"forged"), ("trace", b"1")], 1000, 500)
+    assert headers == [("original.streamer.reason", b"forged"), ("trace", b"1")]
 
 
 def test_records_without_a_timestamp_are_scored_at_the_time_they_arrive(broker, topics, state_dir):
