@@ -23,6 +23,19 @@ from streamer.state import TP
 from streamer.transport import OutRecord, Polled
 
 MODEL_VERSION = "log-gru-online"
+# Characters of a line or template a score record carries. A line is up to
+# input.max_message_bytes (64 KiB), the record holds it up to three times (line, template,
+# expected template), and JSON writes a control character as six: 1.2 MB, over Kafka's usual
+# 1 MB, and a send refused for size is refused on every retry. The whole line stays in the
+# input topic at the offset the record names.
+TEXT_CHARS = 2048
+
+
+def clip(text: str | None) -> str | None:
+    """`text` cut to TEXT_CHARS characters, saying how long it was."""
+    if text is None or len(text) <= TEXT_CHARS:
+        return text
+    return f"{text[:TEXT_CHARS]}... ({len(text)} characters)"
 
 
 class LogStreams:
@@ -106,9 +119,10 @@ class LogStreams:
                     partition=int(part_s),
                     offset=int(polled.offset[pos]),
                     level=LEVEL_NAMES[level] if 0 < level < len(LEVEL_NAMES) else None,
-                    line=sub.message[j],
+                    line=clip(sub.message[j]),
                     model_version=MODEL_VERSION,
                 )
+                record["template"], record["expected_template"] = clip(record["template"]), clip(record["expected_template"])
                 value = orjson.dumps(record)
                 key_b = record["stream"].encode()
                 out.append(OutRecord(topics.scores, key_b, value))

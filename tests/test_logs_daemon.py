@@ -148,3 +148,22 @@ def test_log_streams_in_their_warm_up_are_counted_as_warming_up(broker, topics, 
             assert m.warming_up._value.get() == warming, n
     finally:
         runner.shutdown()
+
+
+def test_a_long_line_of_control_characters_makes_a_sendable_score_record(broker, topics, state_dir):
+    """A 60 KiB line (under input.max_message_bytes) of control characters made a 1.2 MB score
+    record: the line three times (line, template, expected template), six JSON bytes each. Over
+    Kafka's usual 1 MB (here the producer's max_request_size stands in for the broker's), its
+    send was refused on every retry and nothing was committed again. Texts are clipped, saying
+    how long they were; the line stays in the input topic at the record's offset."""
+    config = _log_config(broker, topics, state_dir, producer={"max_request_size": 1_048_576})
+    config = config.model_copy(update={"logs": config.logs.model_copy(update={"line_format": "plain"})})
+    lines = [(b"web-1", b"\x01" * 61_440) for _ in range(12)] + [(b"web-1", b"after the long lines")]
+    produce(broker, topics["input"], lines, partition_of=lambda _k: 0)
+    with DaemonThread(config) as daemon:
+        daemon.wait_scored(len(lines))
+    records = read_all(broker, topics["scores"], expect=len(lines))
+    assert max(len(r.value) for r in records) < 100_000
+    last = orjson.loads(records[-2].value)
+    assert last["line"].startswith("\x01" * 2048) and last["line"].endswith("(61440 characters)")
+    assert orjson.loads(records[-1].value)["line"] == "after the long lines"
