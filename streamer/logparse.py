@@ -27,6 +27,7 @@ import orjson
 
 from streamer.decode import Rejected, checked_ms, epoch_ms, parse_ts, unforeseen
 
+UTF8_BOM = b"\xef\xbb\xbf"
 REASONS = (
     "oversized",
     "empty_message",
@@ -322,6 +323,11 @@ class LogParser:
         message = _first(obj, _FIELD_ALIASES["message"])
         if not isinstance(message, str):
             raise Rejected("missing_message", "no string 'message' (or 'msg', 'log', 'text') field")
+        if not message.strip():
+            raise Rejected("empty_message", "empty 'message' field")
+        named = obj.get(self.stream_field) if self.stream_field != "key" else None
+        if named is not None and (not isinstance(named, (str, int, float)) or isinstance(named, bool)):
+            raise Rejected("invalid_stream", f"'{self.stream_field}' is a {type(named).__name__}, not a string")
         raw_ts = _first(obj, _FIELD_ALIASES["ts"])
         if isinstance(raw_ts, str) and raw_ts.strip().lstrip("-").replace(".", "", 1).isdigit():
             ts: int | None = _generic_ts(raw_ts, fallback_ms)
@@ -342,6 +348,8 @@ class LogParser:
             raise Rejected("empty_message", "empty or tombstone message")
         if len(raw) > self.max_bytes:
             raise Rejected("oversized", f"{len(raw)} bytes > {self.max_bytes}")
+        if raw.startswith(UTF8_BOM):  # (as some Windows tools write; the sensor decoder accepts it too)
+            raw = raw[len(UTF8_BOM) :]
         if raw.lstrip()[:1] == b"{":
             ts, message, fields, level = self._json(raw, record_ts)
         else:

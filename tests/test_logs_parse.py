@@ -192,3 +192,19 @@ def test_levels_and_bad_formats():
         line_format("(unclosed")
     with pytest.raises(ValueError):
         line_format(r"\d+ no groups")
+
+
+def test_json_records_are_judged_as_the_sensor_decoder_judges_them():
+    """A JSON record with a byte-order mark was read as a plain line (its `service` ignored); an
+    empty `message` was scored; a `service` that is a list fell back to the key, or was reported
+    missing, where the sensor path says invalid_stream."""
+    bom = b'\xef\xbb\xbf{"service": "api", "message": "GET /items 200"}'
+    ev = _parse(LogParser("plain", "service"), [bom]).event(0)
+    assert (ev.stream, ev.message) == ("api", "GET /items 200")
+    res = _parse(
+        LogParser("plain", "service"),
+        [b'{"service": "api", "message": ""}', b'{"service": "api", "message": "  "}', b'{"service": ["a", "b"], "message": "x"}'],
+        [b"key", b"key", b"key"],
+    )
+    assert len(res) == 0
+    assert [(pos, reason) for pos, reason, _ in res.dead] == [(0, "empty_message"), (1, "empty_message"), (2, "invalid_stream")]
