@@ -8,7 +8,6 @@ snapshot, like the sensor streams' state.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import numpy as np
@@ -61,9 +60,20 @@ class LogStreams:
             part = self.parts[tp] = LogPartition(self.model, self.calibration)
         return part
 
-    def restore(self, tp: TP, payload: dict[str, Any]) -> int:
-        self.parts[tp] = LogPartition.restore(payload, calibration=self.calibration)
-        return len(self.parts[tp])
+    def restore(self, tp: TP, payload: dict[str, Any], idle_s: Any, now: float) -> int:
+        """Restore a partition's streams, each as idle as it was when the snapshot was written
+        (`idle_s`: stream -> seconds; a stream it does not name counts as just seen). Without
+        this a restored stream that never spoke again was never evicted, and every later snapshot
+        carried it on."""
+        part = self.parts[tp] = LogPartition.restore(payload, calibration=self.calibration)
+        idle = idle_s if isinstance(idle_s, dict) else {}
+        ages = {s: idle.get(s) for s in part.slot_of}
+        self.last_seen[tp] = {s: now - (max(0.0, float(a)) if isinstance(a, (int, float)) and a == a else 0.0) for s, a in ages.items()}
+        return len(part)
+
+    def idle_ages(self, tp: TP, now: float) -> dict[str, float]:
+        """Seconds each stream of the partition has been silent, for its snapshot."""
+        return {s: now - t for s, t in self.last_seen.get(tp, {}).items()}
 
     def snapshot(self, tp: TP) -> dict[str, Any] | None:
         part = self.parts.get(tp)
@@ -86,9 +96,10 @@ class LogStreams:
         part = self.parts.pop(tp, None)
         return len(part) if part is not None else 0
 
-    def process(self, polled: Polled, emit: np.ndarray) -> tuple[list[OutRecord], list[tuple[int, str, str]], dict[str, Any]]:
-        """Score a batch of log records (any partitions). Returns score/alert records, dead
-        letters as (position, reason, detail), and per-batch figures for the metrics."""
+    def process(self, polled: Polled, emit: np.ndarray, now: float) -> tuple[list[OutRecord], list[tuple[int, str, str]], dict[str, Any]]:
+        """Score a batch of log records (any partitions) polled at `now` (the runner's clock, which
+        eviction compares with). Returns score/alert records, dead letters as (position, reason,
+        detail), and per-batch figures for the metrics."""
         topics = self.config.topics
         parsed = self.parser.parse(polled.value, polled.key, polled.timestamp_ms)
         out: list[OutRecord] = []
@@ -104,7 +115,6 @@ class LogStreams:
             sub = parsed.take(rows)
             tp = (topic, int(part_s))
             res = self.part(tp).process(sub.stream, sub.ts_ms, sub.level, sub.message)
-            now = time.time()
             self.last_seen.setdefault(tp, {}).update(dict.fromkeys(sub.stream, now))
             wavefronts += res.wavefronts
             for j, pos in enumerate(sub.index.tolist()):

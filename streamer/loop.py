@@ -182,7 +182,8 @@ class Runner:
             if len(slots):
                 self.detector.bank.ensure_capacity(int(slots.max()) + 1)
                 self.detector.bank.import_rows(torch.as_tensor(slots), snap.state)
-                self.slots.touch(slots, self.clock())
+                now = self.clock()
+                self.slots.touch(slots, now if snap.idle_s is None else now - np.asarray(snap.idle_s))
             for stream, names in zip(snap.streams, snap.schemas):
                 if names:  # (none: the stream had no event since a reload reset it; its next one sets it)
                     self.decoder.schemas[stream] = tuple(names)
@@ -221,7 +222,7 @@ class Runner:
             )
             return False
         try:
-            n = self.logs.restore(tp, payload["partition"])
+            n = self.logs.restore(tp, payload["partition"], payload.get("idle_s"), self.clock())
         except (KeyError, ValueError) as err:
             log.warning("discarding log snapshot of %s[%d]: %s", tp[0], tp[1], err, extra={"topic": tp[0], "partition": tp[1]})
             return False
@@ -302,7 +303,13 @@ class Runner:
         if self.logs is not None and tp[0] in self.logs.topics:
             part = self.logs.snapshot(tp)
             if part is not None:
-                payload = {"kind": "logs", "offset": self.next_offset[tp], "topic_id": self.log_ids.get(tp), "partition": part}
+                payload = {
+                    "kind": "logs",
+                    "offset": self.next_offset[tp],
+                    "topic_id": self.log_ids.get(tp),
+                    "partition": part,
+                    "idle_s": self.logs.idle_ages(tp, self.clock()),
+                }
                 self.store.save_payload(tp, payload)
                 self.metrics.snapshots.inc()
             return
@@ -310,7 +317,8 @@ class Runner:
         rows = torch.as_tensor([self.slots.slot_of[s] for s in streams], dtype=torch.int64)
         schemas = [list(self.decoder.schemas.get(s, ())) for s in streams]
         state = self.detector.bank.export_rows(rows)
-        snap = Snapshot(self.next_offset[tp], streams, schemas, state, self.arch, self.log_ids.get(tp))
+        idle = (self.clock() - self.slots.last_seen[rows.numpy()]).tolist()
+        snap = Snapshot(self.next_offset[tp], streams, schemas, state, self.arch, self.log_ids.get(tp), idle)
         self.store.save(tp, snap)
         self.metrics.snapshots.inc()
 
@@ -468,7 +476,7 @@ class Runner:
         assert self.logs is not None
         m = self.metrics
         t0 = time.perf_counter()
-        outputs, dead, stats = self.logs.process(polled, emit)
+        outputs, dead, stats = self.logs.process(polled, emit, self.clock())
         self._model_work(time.perf_counter() - t0, stats["wavefronts"])
         m.scored.inc(stats["scored"])
         m.replayed.inc(stats["replayed"])

@@ -69,7 +69,7 @@ class SlotTable:
             slots[i] = slot
         return slots, new
 
-    def touch(self, slots: np.ndarray, now: float) -> None:
+    def touch(self, slots: np.ndarray, now: float | np.ndarray) -> None:
         self.last_seen[slots] = now
 
     def streams_of(self, tps: set[TP]) -> list[str]:
@@ -97,6 +97,10 @@ class Snapshot:
     state: dict[str, torch.Tensor]
     arch: dict[str, Any]
     topic_id: str | None = None  # the log the offset refers to
+    # Seconds each stream had been silent when the snapshot was written (None: an older file).
+    # Restored as that much idle time, so eviction counts silence across restarts and
+    # rebalances (not the time the daemon was down: a stream is not idle while nobody reads it).
+    idle_s: list[float] | None = None
 
 
 class SnapshotStore:
@@ -138,6 +142,7 @@ class SnapshotStore:
             "state": snap.state,
             "arch": snap.arch,
             "topic_id": snap.topic_id,
+            "idle_s": snap.idle_s,
         }
         return self.save_payload(tp, payload)
 
@@ -169,7 +174,15 @@ class SnapshotStore:
         ):
             log.warning("ignoring snapshot %s: no offset, streams or schemas in this code's format; streams restart cold", self.path(tp))
             return None
-        return Snapshot(offset, streams, schemas, state, payload["arch"], payload.get("topic_id"))
+        return Snapshot(offset, streams, schemas, state, payload["arch"], payload.get("topic_id"), idle_ages(payload, len(streams)))
+
+
+def idle_ages(payload: dict[str, Any], n: int) -> list[float] | None:
+    """A snapshot's per-stream idle seconds, or None where it has none that fit (an older file)."""
+    idle = payload.get("idle_s")
+    if isinstance(idle, list) and len(idle) == n and all(isinstance(x, (int, float)) and x == x for x in idle):
+        return [max(0.0, float(x)) for x in idle]
+    return None
 
 
 def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:

@@ -89,7 +89,7 @@ def test_idle_log_streams_are_evicted():
     streams = LogStreams(build_config({"logs": {"topics": ["l"], "line_format": "syslog", "stream_field": "host"}}, env={}))
     lines = [_syslog(i, f"h{i % 3}", _routine(i)) for i in range(9)]
     polled = Polled(["l"] * 9, np.zeros(9, np.int32), np.arange(9, dtype=np.int64), np.zeros(9, np.int64), [None] * 9, lines, [[]] * 9)
-    out, dead, stats = streams.process(polled, np.ones(9, dtype=bool))
+    out, dead, stats = streams.process(polled, np.ones(9, dtype=bool), time.time())
     assert len(out) >= 9  # one score record per line (plus alerts)
     assert stats["scored"] == 9 and not dead and len(streams) == 3
     assert streams.evict_idle(time.time(), 3600) == 0

@@ -428,3 +428,50 @@ def test_every_assigned_partition_has_a_lag_series(broker, topics, state_dir):
                 break
             time.sleep(0.1)
         assert lag == {"0": 0.0, "1": 0.0, "2": 0.0, "3": 0.0}
+
+
+def test_idle_time_survives_a_restart_so_silent_streams_are_still_evicted(broker, topics, state_dir):
+    """A restore marked every restored stream as just seen, and log streams were restored with
+    no idle time at all: under restarts or rebalances more often than `state.idle_evict_s` (a
+    rolling update, a member joining), a stream that had gone silent was never evicted, and every
+    snapshot carried it on. Snapshots now keep each stream's idle time; the time the daemon was
+    down does not count (nobody was reading the stream)."""
+    logs_topic = topics["input"] + "-logs"
+    broker.create_topics({logs_topic: 1})
+    sys_line = "Jun 14 15:00:{:02d} web-1 sshd[1]: session opened for user u{}"
+    produce(broker, topics["input"], [(b"pump", event("pump", i, {"t": float(i % 5)})) for i in range(30)], partition_of=lambda _k: 0)
+    produce(broker, logs_topic, [(b"web-1", sys_line.format(i, i % 3).encode()) for i in range(30)])
+    logs = {"topics": [logs_topic], "line_format": "syslog", "stream_field": "host"}
+    config = make_config(broker, topics, state_dir, logs=logs, state={"idle_evict_s": 7200})
+    clock = [1_000_000.0]
+
+    def run(expect_scored: int, then: float) -> DaemonThread:
+        daemon = DaemonThread(config)
+        runner = daemon.runner
+        runner.clock = lambda: clock[0]
+        runner.start()
+        deadline = time.monotonic() + 60
+        while daemon.metrics.scored._value.get() < expect_scored or not runner.ready.is_set() or runner.health.replaying:
+            assert time.monotonic() < deadline, daemon.metrics.scored._value.get()
+            runner.step()
+        clock[0] = then
+        return daemon
+
+    first = run(60, 1_005_000.0)  # both streams seen at 1,000,000; stopped 5,000 s later
+    first.runner.shutdown()
+    clock[0] = 2_000_000.0  # down for ~11 days: not idleness
+    second = run(0, 2_000_000.0)
+    runner = second.runner
+    try:
+        assert second.metrics.active_streams._value.get() == 2
+
+        def evict_at(t: float) -> float:
+            clock[0] = t
+            runner._last_evict = -math.inf
+            runner.step()
+            return second.metrics.active_streams._value.get()
+
+        assert evict_at(2_001_000.0) == 2  # idle 6,000 s of the daemon's time: kept
+        assert evict_at(2_002_300.0) == 0  # idle 7,300 s: both evicted
+    finally:
+        runner.shutdown()
