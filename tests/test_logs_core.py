@@ -150,3 +150,15 @@ def test_an_update_whose_loss_is_not_finite_is_skipped():
     det._update(torch.ones(1, det.config.vocab + 1, dtype=torch.bool))
     after = det.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_the_expected_template_is_the_rows_owner_when_the_line_was_scored():
+    """Row 0 belonged to template 1, passed to template 5 at line 3 and to template 8 at line 6;
+    row 1 was never recycled. Lines before 3 that expected row 0 were reported as expecting
+    template 5, the second owner, not 1."""
+    from models.logs.partition import owners_at
+
+    rows = np.array([0, 1, 0, 0, 0, 1, 0, 0, 0])
+    owner_now = np.array([8, 2, -1])
+    got = owners_at(rows, owner_now, [(3, 0, 1, "a"), (6, 0, 5, "b")])
+    assert got.tolist() == [1, 2, 1, 5, 5, 2, 8, 8, 8]

@@ -70,6 +70,25 @@ class LogScores:
         }
 
 
+def owners_at(rows: np.ndarray, owner_now: np.ndarray, recycled: list[tuple[int, int, int, str]]) -> np.ndarray:
+    """The template that owned `rows[i]` when line i was scored: the owner after the batch
+    (`owner_now`), unless the row was recycled after line i, and then the template evicted by the
+    first such recycling. (Walking the recyclings in order and overwriting every earlier line
+    gave a row recycled twice in one batch its second owner before the first recycling too.)"""
+    owners = owner_now[rows]
+    if not recycled:
+        return owners
+    pos, row, old = (np.array([r[k] for r in recycled], dtype=np.int64) for k in range(3))
+    order = np.lexsort((pos, row))  # by row, then position
+    pos, row, old = pos[order], row[order], old[order]
+    n = len(rows)
+    first_after = np.searchsorted(row * (n + 1) + pos, rows * (n + 1) + np.arange(n), side="right")
+    j = np.minimum(first_after, len(row) - 1)
+    later = (first_after < len(row)) & (row[j] == rows)
+    owners[later] = old[j[later]]
+    return owners
+
+
 class LogPartition:
     """Miner + detector + the stream -> row table of one input partition."""
 
@@ -127,13 +146,8 @@ class LogPartition:
         res = self.detector.process(slots, mined, np.asarray(level), np.asarray(ts_ms), active_start)
         # Expected template: the row's owner when the event was scored (a recycled row belonged
         # to the evicted template before its recycling point).
-        tid_of_row = np.r_[self.book.tid_of_row, NO_TEMPLATE]
-        exp_tid = tid_of_row[res.expected_row]
-        old_text: dict[int, str] = {}
-        for pos, row, old_tid, text in mined.recycled:
-            before = (np.arange(len(exp_tid)) < pos) & (res.expected_row == row) & (exp_tid != old_tid)
-            exp_tid[before] = old_tid
-            old_text[old_tid] = text
+        exp_tid = owners_at(res.expected_row, np.r_[self.book.tid_of_row, NO_TEMPLATE], mined.recycled)
+        old_text = {old_tid: text for _pos, _row, old_tid, text in mined.recycled}
         texts = {t: self.book.template(t) or old_text.get(t) for t in set(exp_tid.tolist()) if t != NO_TEMPLATE}
         return LogScores(
             list(stream),
