@@ -9,6 +9,7 @@ next normalised value; the negative log-likelihood of what then arrives is the r
 
 from __future__ import annotations
 
+import errno
 import glob
 import io
 import math
@@ -134,11 +135,18 @@ def save_atomically(payload: Any, path: Path) -> None:
     empty file under the real name. The temp file is unique per write: two writers of one path
     (two trainings of one --out, two members sharing a state dir) must not rename each other's
     half-written file; the last complete one wins."""
+    path.parent.mkdir(parents=True, exist_ok=True)  # (a state dir removed under a running daemon)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
+            try:
+                torch.save(payload, fh)
+            except RuntimeError as err:
+                # torch's zip writer reports a failed write (a disk that fills up mid-file) as a
+                # RuntimeError with the OSError only in its context: callers handle OSError.
+                cause = err.__cause__ or err.__context__
+                raise OSError(getattr(cause, "errno", None) or errno.EIO, f"writing {path}: {cause or err}") from err
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, _new_file_mode(path))  # (mkstemp makes it 0600: a daemon may run as another user)

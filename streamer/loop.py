@@ -124,6 +124,7 @@ class Runner:
         self.health = LoopHealth(config.metrics.max_stall_s)
         self._last_snapshot = time.monotonic()
         self._last_evict = time.monotonic()
+        self._snapshotted_for_stop = False
         self._last_reload_check = time.monotonic()
         self._last_gauges = 0.0
         self.watcher: Any = None  # set by streamer.app: notices a replaced checkpoint file
@@ -246,7 +247,8 @@ class Runner:
         self.health.restoring = True  # not ready until the assignment that follows is restored
         # Two rebalances inside one poll(): an assignment not completed yet may be taken back.
         self._pending_assign = [tp for tp in self._pending_assign if tp not in tps]
-        self._snapshot(set(tps))
+        if not self._snapshotted_for_stop:
+            self._snapshot(set(tps))
         streams = self.slots.streams_of(set(tps))
         self._drop(streams)
         if self.logs is not None:
@@ -342,6 +344,9 @@ class Runner:
         self.health.stopping = True
         try:
             self._snapshot(set(self.next_offset))
+            # Closing the consumer revokes every partition; nothing has changed since the
+            # snapshots just written, so the revoke does not write them a second time.
+            self._snapshotted_for_stop = True
         finally:
             self.transport.close()
         log.info("stopped")

@@ -260,3 +260,31 @@ def test_temp_files_left_by_a_killed_writer_are_cleaned_up_by_the_next_write(tmp
     assert not stale.exists()
     assert young.exists()
     assert other.exists()  # (another file's temp: its own writer cleans it)
+
+
+def test_a_disk_that_fills_up_mid_write_is_an_oserror_and_leaves_the_old_file(tmp_path, monkeypatch):
+    """torch.save reported a write that failed part way (ENOSPC once the free space was smaller
+    than one snapshot) as a RuntimeError; the daemon handled OSError only, so it died at its
+    first periodic snapshot and again after every restart."""
+    import errno
+    import io
+
+    import models.gru as gru
+
+    out = tmp_path / "state.pt"
+    gru.save_atomically({"x": torch.zeros(10)}, out)
+    before = out.read_bytes()
+    real_fdopen = os.fdopen
+
+    class Full(io.FileIO):
+        def write(self, b):  # (room for 100 bytes, as on a disk with that much left)
+            if self.tell() + len(b) > 100:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(b)
+
+    monkeypatch.setattr(gru.os, "fdopen", lambda fd, mode="r", *a, **k: Full(fd, "wb") if "w" in mode else real_fdopen(fd, mode, *a, **k))
+    with pytest.raises(OSError) as info:
+        gru.save_atomically({"x": torch.zeros(100_000)}, out)
+    assert info.value.errno == errno.ENOSPC
+    assert out.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]

@@ -475,3 +475,21 @@ def test_idle_time_survives_a_restart_so_silent_streams_are_still_evicted(broker
         assert evict_at(2_002_300.0) == 0  # idle 7,300 s: both evicted
     finally:
         runner.shutdown()
+
+
+def test_a_stop_writes_each_partitions_snapshot_once(broker, topics, state_dir):
+    """shutdown() snapshotted every partition, then closing the consumer revoked them all and the
+    revoke snapshotted them again: twice the writes at every stop (hundreds of MB at 100,000
+    streams) and twice the error lines when the disk is full."""
+    produce(broker, topics["input"], [(f"s{i % 8}".encode(), event(f"s{i % 8}", i, {"t": float(i % 5)})) for i in range(80)])
+    daemon = DaemonThread(make_config(broker, topics, state_dir))
+    runner, m = daemon.runner, daemon.metrics
+    runner.start()
+    deadline = time.monotonic() + 60
+    while m.scored._value.get() < 80:
+        assert time.monotonic() < deadline
+        runner.step()
+    owned = len(runner.next_offset)
+    before = m.snapshots._value.get()
+    runner.shutdown()
+    assert owned >= 2 and m.snapshots._value.get() - before == owned
