@@ -357,6 +357,7 @@ def test_every_alert_is_tested_firing_and_silent_and_documented() -> None:
         "StreamerOutputsNotAcknowledged",
         "StreamerConsumerLagGrowing",
         "StreamerDeadLetters",
+        "StreamerSnapshotsFailing",
         "StreamerAnomalyRateSpike",
     }
     assert names <= fired, f"alerts never shown firing: {sorted(names - fired)}"
