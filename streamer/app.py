@@ -6,6 +6,7 @@ import hashlib
 import logging
 import os
 import signal
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import torch
 
 from models.detector import Detector
 from models.gru import DEFAULT_WEIGHTS, StreamGRU, load_checkpoint
-from streamer.config import Config
+from streamer.config import Config, ConfigError
 from streamer.loop import Runner
 from streamer.metrics import Metrics
 from streamer.transport import KafkaPythonTransport, Transport
@@ -114,12 +115,39 @@ def publish_model(metrics: Metrics, detector: Detector, meta: dict[str, Any]) ->
     )
 
 
+def check_environment(config: Config) -> None:
+    """What the config names must be usable before the daemon joins its group: a state dir it
+    can write, a checkpoint it can load. Raises ConfigError naming the key (these were
+    tracebacks, some only after the Kafka clients had connected)."""
+    state = Path(config.state.dir) / config.consumer.group_id
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=state):
+            pass
+    except OSError as err:
+        raise ConfigError(f"state.dir: cannot write snapshots under {state}: {err.strerror or err}") from None
+    try:
+        resolve_device(config.detector.device)
+    except RuntimeError as err:
+        raise ConfigError(str(err)) from None
+    try:
+        load_model(config)
+    except Exception as err:  # noqa: BLE001 - any failure to load it is the setting's problem
+        raise ConfigError(f"detector.checkpoint: {config.detector.checkpoint or DEFAULT_WEIGHTS}: {type(err).__name__}: {err}") from None
+
+
 def run_daemon(config: Config) -> int:
     """`streamer run`: serve metrics, consume until SIGTERM/SIGINT, drain, exit 0."""
+    check_environment(config)
     metrics = Metrics()
     runner = build_runner(config, metrics)
     if config.metrics.enabled:
-        port = metrics.serve(config.metrics.host, config.metrics.port, runner.health)
+        try:
+            port = metrics.serve(config.metrics.host, config.metrics.port, runner.health)
+        except OSError as err:
+            runner.transport.close()
+            where = f"{config.metrics.host}:{config.metrics.port}"
+            raise ConfigError(f"metrics.port: cannot listen on {where}: {err.strerror or err}") from None
         log.info("serving /metrics, /healthz and /readyz on %s:%d", config.metrics.host, port)
     install_signal_handlers(runner.stop)
     log.info("consuming %s as group %s", ",".join(config.topics.inputs), config.consumer.group_id)

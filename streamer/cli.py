@@ -87,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(config.log_level, config.log_format)
         from streamer.app import run_daemon
 
-        return run_daemon(config)
+        try:
+            return run_daemon(config)
+        except ConfigError as err:  # (found at start: a state dir, checkpoint or port it cannot use)
+            print(f"streamer: config error: {err}", file=sys.stderr)
+            return 2
     if args.command == "demo":
         setup_logging("WARNING", "text")
         logging.getLogger("kafka").setLevel(logging.CRITICAL)  # keep the live view clean
