@@ -156,12 +156,23 @@ def run_daemon(config: Config) -> int:
 
 
 def install_signal_handlers(stop: Any) -> None:
+    """SIGTERM, SIGINT and SIGHUP (a closed terminal, or a supervisor's stop) drain and exit 0.
+    A second one exits at once (128 + the signal, as a shell reports it): a drain waiting out a
+    broker outage can take send_timeout_s and more, and an operator who asks twice means now.
+    Nothing is lost either way: what was not committed is read again by the next run."""
     if threading.current_thread() is not threading.main_thread():
         return
+    asked: list[int] = []
 
     def handler(signum: int, _frame: Any) -> None:
-        log.info("received %s, draining", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if asked:
+            log.warning("received %s again, exiting without draining; uncommitted events are read again on restart", name)
+            logging.shutdown()
+            os._exit(128 + signum)
+        asked.append(signum)
+        log.info("received %s, draining", name)
         stop()
 
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, handler)

@@ -493,3 +493,39 @@ def test_a_stop_writes_each_partitions_snapshot_once(broker, topics, state_dir):
     before = m.snapshots._value.get()
     runner.shutdown()
     assert owned >= 2 and m.snapshots._value.get() - before == owned
+
+
+def test_sighup_drains_like_sigterm_and_a_second_signal_exits_at_once(broker, topics, tmp_path):
+    """SIGHUP (a closed terminal) killed the daemon without a drain or a snapshot; a second
+    SIGTERM was ignored, so a stop waiting out a broker outage could not be hurried."""
+    config = {
+        "kafka": {"bootstrap_servers": broker.bootstrap},
+        "consumer": {"group_id": f"g-{topics['input']}", "session_timeout_ms": 3000, "heartbeat_interval_ms": 500},
+        "topics": {"inputs": [topics["input"]], "scores": topics["scores"], "alerts": topics["alerts"], "dead_letter": topics["dead"]},
+        "state": {"dir": str(tmp_path / "state")},
+        "metrics": {"enabled": False},
+        "log_level": "INFO",
+    }
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(config))
+    log = tmp_path / "daemon.log"
+    produce(broker, topics["input"], _events(0, 5))
+    proc = _start(cfg_path, log)
+    _wait_for_scores(broker, topics["scores"], 5, proc)
+    proc.send_signal(signal.SIGHUP)
+    assert proc.wait(timeout=30) == 0, log.read_text()[-2000:]
+    assert "received SIGHUP, draining" in log.read_text()
+    assert list((tmp_path / "state").rglob("*.pt")), "no snapshot written at the stop"
+
+    # A second signal while the first drains (here a drain that would take 60 s): exit at once.
+    script = (
+        "import os, signal, time\n"
+        "from streamer.app import install_signal_handlers\n"
+        "install_signal_handlers(lambda: None)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(0.2)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
