@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from datetime import datetime, timezone
 from typing import Any
 
@@ -34,8 +35,39 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
+class Repeats(logging.Filter):
+    """Passes each message of the Kafka client (logger and format string) at most once per
+    `every_s` seconds and says, on the next one it passes, how many it held back.
+
+    During a broker outage kafka-python logs the same line (marking the coordinator dead) about
+    1,800 times a second: megabytes of log a minute for one fact. The daemon's own lines are
+    never held back (one format string there covers many partitions or records)."""
+
+    def __init__(self, every_s: float = 10.0) -> None:
+        super().__init__()
+        self.every_s = every_s
+        self._last: dict[tuple[str, object], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (record.name == "kafka" or record.name.startswith("kafka.")):
+            return True
+        key = (record.name, record.msg)
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last[0] < self.every_s:
+            self._last[key] = (last[0], last[1] + 1)
+            return False
+        if last is not None and last[1]:
+            record.repeated = last[1]  # (held back since the last one passed)
+        if len(self._last) > 10_000:  # (format strings are few; this only bounds a pathological case)
+            self._last.clear()
+        self._last[key] = (now, 0)
+        return True
+
+
 def setup_logging(level: str, fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(Repeats())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
