@@ -655,7 +655,11 @@ class Runner:
         self._check_replay()
         self._maybe_reload()
         m = self.metrics
-        for tp in self.transport.assignment():
+        # The partitions this runner has taken over (emit_from is set when an assignment is
+        # completed and cleared on revoke), not the client's assignment: kafka-python keeps the
+        # revoked ones in it until the next assignment arrives, and their series came back,
+        # frozen, for as long as the daemon ran: summed over the group, lag that was not there.
+        for tp in list(self.emit_from):
             hw = self.transport.highwater(tp)
             pos = self.next_offset.get(tp)
             if pos is None:  # nothing polled from it yet: the consumer's position, so it has a series

@@ -529,3 +529,28 @@ def test_sighup_drains_like_sigterm_and_a_second_signal_exits_at_once(broker, to
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+
+
+def test_a_revoked_partitions_lag_series_does_not_come_back(broker, topics, state_dir):
+    """kafka-python keeps revoked partitions in its assignment until the next assignment
+    arrives; in that window the lag refresh recreated the series the revoke had removed, and it
+    stayed on /metrics, frozen, for as long as the daemon ran (a review saw 3,900 records of lag
+    summed over the group where there was none)."""
+    t = topics["input"]
+    produce(broker, t, [(b"s-1", event("s-1", 1_000 * i, {"temp": 20.0})) for i in range(10)], lambda k: 0)
+    daemon = DaemonThread(make_config(broker, topics, state_dir))
+    runner, m = daemon.runner, daemon.metrics
+    runner.start()
+    try:
+        deadline = time.monotonic() + 60
+        while m.scored._value.get() < 10:
+            assert time.monotonic() < deadline
+            runner.step()
+        runner._housekeeping()
+        assert {s.labels["partition"] for s in m.consumer_lag.collect()[0].samples} == {"0", "1", "2", "3"}
+        runner._on_revoke([(t, 2), (t, 3)])  # (the client still lists them, as in a rebalance)
+        assert (t, 3) in runner.transport.assignment()
+        runner._housekeeping()
+        assert {s.labels["partition"] for s in m.consumer_lag.collect()[0].samples} == {"0", "1"}
+    finally:
+        runner.shutdown()
