@@ -72,6 +72,7 @@ class LoopHealth:
         self.restoring = False
         self.replaying = 0  # partitions still re-reading events up to their committed offset
         self.stopping = False
+        self.unreachable_since: float | None = None  # monotonic time the idle broker probe first failed
 
     def progress(self) -> None:
         self.last_progress = time.monotonic()
@@ -91,4 +92,6 @@ class LoopHealth:
             return False, "restoring partition state"
         if self.replaying:
             return False, f"replaying {self.replaying} partitions up to their committed offsets"
+        if self.unreachable_since is not None:
+            return False, f"no broker has answered for {time.monotonic() - self.unreachable_since:.0f}s"
         return True, "partitions assigned and state restored"

@@ -125,6 +125,10 @@ class Runner:
         self._last_snapshot = time.monotonic()
         self._last_evict = time.monotonic()
         self._snapshotted_for_stop = False
+        # An idle loop hears nothing from the brokers: its polls come back empty whether or not
+        # one is there. After this long without an answer it asks for the log ends (a round trip).
+        self.probe_idle_s = 15.0
+        self._last_contact = time.monotonic()
         self._last_reload_check = time.monotonic()
         self._last_gauges = 0.0
         self.watcher: Any = None  # set by streamer.app: notices a replaced checkpoint file
@@ -362,6 +366,7 @@ class Runner:
         if len(polled) == 0:
             self._housekeeping()
             return 0
+        self._reachable(True)
         started = time.perf_counter()
         outputs, offsets, emitted_ts = self._process(polled)
         if self._batch_model is not None:  # (one observation per batch, sensor and log work together)
@@ -556,6 +561,7 @@ class Runner:
             except SendError:
                 attempt += 1
                 self.metrics.send_failures.inc()
+                self._reachable(False)
                 # Waiting out a broker outage is progress for liveness: a restart would not help
                 # (send failures have their own alert).
                 self._progress()
@@ -574,9 +580,41 @@ class Runner:
                     return False
                 time.sleep(min(5.0, 0.2 * 2**attempt))
                 continue
+            self._reachable(True)
             for topic in {r.topic for r in outputs}:
                 self.metrics.output_records.labels(topic).inc(sum(1 for r in outputs if r.topic == topic))
             return True
+
+    def _reachable(self, answered: bool) -> None:
+        """Record whether the brokers answered the last look: `streamer_broker_reachable` and
+        /readyz (503 while they do not: a caught-up member cut off from its brokers looked healthy,
+        with lag 0 from the last high-water marks it had)."""
+        if answered:
+            self._last_contact = time.monotonic()
+            if self.health.unreachable_since is not None:
+                log.info("brokers answering again")
+            self.health.unreachable_since = None
+        elif self.health.unreachable_since is None:
+            self.health.unreachable_since = time.monotonic()
+            log.warning("no broker answered; scoring resumes when one does")
+        self.metrics.broker_reachable.set(1 if answered else 0)
+
+    def _probe_brokers(self) -> None:
+        """While idle, ask the brokers for the log ends of the held partitions every probe_idle_s:
+        whether they answer, and the true lag (the last fetch's high-water marks go stale)."""
+        now = time.monotonic()
+        if not self.emit_from or now - self._last_contact < self.probe_idle_s:
+            return
+        ends = self.transport.log_ends(list(self.emit_from), timeout_ms=2000)
+        self._last_contact = now  # (the next probe waits probe_idle_s either way)
+        if ends is None:
+            self._reachable(False)
+            return
+        self._reachable(True)
+        for tp, end in ends.items():
+            pos = self.next_offset.get(tp)
+            if pos is not None and tp in self.emit_from:
+                self.metrics.consumer_lag.labels(tp[0], str(tp[1])).set(max(0, end - pos))
 
     def _maybe_reload(self) -> None:
         """Serve a replaced checkpoint without a restart; keep states only if they still fit."""
@@ -666,6 +704,7 @@ class Runner:
                 pos = self.transport.position(tp)
             if hw is not None and pos is not None:
                 m.consumer_lag.labels(tp[0], str(tp[1])).set(max(0, hw - pos))
+        self._probe_brokers()
         now = time.monotonic()
         if now - self._last_gauges >= 1.0:
             # O(streams) work: refreshed once a second, not after every batch.

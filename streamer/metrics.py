@@ -186,6 +186,12 @@ class Metrics:
         )
         self.active_streams = Gauge("streamer_active_streams", "Streams with state in the bank.", registry=r)
         self.assigned_partitions = Gauge("streamer_assigned_partitions", "Input partitions assigned to this member.", registry=r)
+        self.broker_reachable = Gauge(
+            "streamer_broker_reachable",
+            "1 when the last look at the brokers got an answer: a batch acknowledged, or, while idle, the log ends asked for.",
+            registry=r,
+        )
+        self.broker_reachable.set(1)
         self.state_bytes = Gauge("streamer_state_bytes", "Bytes held by the state bank on its device.", registry=r)
         self.last_progress = Gauge("streamer_last_progress_timestamp_seconds", "Unix time the loop last completed a poll.", registry=r)
         self.model = Info("streamer_model", "The loaded model.", registry=r)

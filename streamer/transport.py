@@ -116,6 +116,7 @@ class Transport(Protocol):
     def highwater(self, tp: TP) -> int | None: ...
     def topic_id(self, topic: str) -> str | None: ...
     def position(self, tp: TP) -> int | None: ...
+    def log_ends(self, tps: list[TP], timeout_ms: int) -> dict[TP, int] | None: ...
     def assignment(self) -> list[TP]: ...
     def close(self) -> None: ...
 
@@ -283,6 +284,15 @@ class KafkaPythonTransport:
             return self._consumer.position(TopicPartition(*tp), timeout_ms=0)
         except (KafkaError, TypeError):
             return None
+
+    def log_ends(self, tps: list[TP], timeout_ms: int) -> dict[TP, int] | None:
+        """Each partition's log end, asked of the broker now (a round trip, not the high-water
+        mark of the last fetch); None when no broker answered within timeout_ms."""
+        try:
+            ends = self._consumer.end_offsets([TopicPartition(*tp) for tp in tps], timeout_ms=timeout_ms)
+        except KafkaError:
+            return None
+        return {(tp.topic, tp.partition): int(off) for tp, off in ends.items()}
 
     def assignment(self) -> list[TP]:
         return sorted((tp.topic, tp.partition) for tp in self._consumer.assignment())

@@ -37,3 +37,41 @@ def test_daemon_survives_broker_restart_and_discards_stale_snapshots(state_dir):
         )
     finally:
         broker.stop()
+
+
+def test_an_idle_member_cut_off_from_its_broker_says_so(state_dir):
+    """A caught-up member whose broker went away stayed ready, with lag 0 from its last fetch and
+    no send failing (it had nothing to send): nothing alerted. While idle it now asks for the log
+    ends every probe_idle_s; no answer sets streamer_broker_reachable to 0 and /readyz to 503."""
+    broker = EmbeddedBroker().start()
+    try:
+        _create(broker)
+        produce(broker, "in", [(f"s{i % 4}".encode(), event(f"s{i % 4}", i, {"x": float(i % 7)})) for i in range(40)])
+        daemon = DaemonThread(make_config(broker, TOPICS, state_dir))
+        runner, m = daemon.runner, daemon.metrics
+        runner.probe_idle_s = 0.5
+        runner.start()
+
+        def step_until(what: str, ok, timeout_s: float = 60.0) -> None:
+            deadline = time.monotonic() + timeout_s
+            while not ok():
+                assert time.monotonic() < deadline, what
+                runner.step()
+
+        try:
+            step_until("scored", lambda: m.scored._value.get() >= 40)
+            time.sleep(0.6)
+            runner.step()
+            assert m.broker_reachable._value.get() == 1 and runner.health.readiness()[0]
+            broker.stop()
+            step_until("unreachable", lambda: m.broker_reachable._value.get() == 0)
+            ready, detail = runner.health.readiness()
+            assert not ready and detail.startswith("no broker has answered"), detail
+            assert runner.health.liveness()[0]  # (a restart would not help: still alive)
+            broker.start()
+            _create(broker)
+            step_until("reachable again", lambda: m.broker_reachable._value.get() == 1, timeout_s=90)
+        finally:
+            runner.shutdown()
+    finally:
+        broker.stop()

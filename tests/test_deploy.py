@@ -358,6 +358,7 @@ def test_every_alert_is_tested_firing_and_silent_and_documented() -> None:
         "StreamerConsumerLagGrowing",
         "StreamerDeadLetters",
         "StreamerSnapshotsFailing",
+        "StreamerBrokerUnreachable",
         "StreamerAnomalyRateSpike",
     }
     assert names <= fired, f"alerts never shown firing: {sorted(names - fired)}"

@@ -453,6 +453,14 @@ def overview() -> Json:
         "short",
         targets((f"sum({m('streamer_active_streams')})", "streams")),
     )
+    b.stat(
+        "Members cut off from brokers",
+        "Members whose last look at the brokers got no answer (streamer_broker_reachable 0): a send not acknowledged, or, "
+        "while idle, no answer to the log-end request sent every 15 s. They score nothing; StreamerBrokerUnreachable fires after 2 min.",
+        "none",
+        targets((f"count({m('streamer_broker_reachable')} == 0) or vector(0)", "members")),
+        thresholds=((None, "green"), (1, "red")),
+    )
     b.timeseries(
         "Up by instance",
         "1 when Prometheus scraped the instance, 0 when the scrape failed. A gap means the target disappeared from discovery.",
