@@ -129,7 +129,7 @@ class SnapshotStore:
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - a corrupt snapshot means a cold start, not a crash
-            log.warning("ignoring unreadable snapshot %s: %s", path, err)
+            log.warning("ignoring unreadable snapshot %s: %s: %s", path, type(err).__name__, err)
             return None
         return payload if isinstance(payload, dict) else None
 
