@@ -8,6 +8,7 @@ import os
 import signal
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -115,25 +116,35 @@ def publish_model(metrics: Metrics, detector: Detector, meta: dict[str, Any]) ->
     )
 
 
+class StartupError(Exception):
+    """The environment is not ready for what the config names (a volume not mounted yet, a GPU
+    driver still loading, a port the previous instance has not released): exit 1, which a
+    supervisor retries, unlike a config error (exit 2), which only an edit fixes."""
+
+
 def check_environment(config: Config) -> None:
     """What the config names must be usable before the daemon joins its group: a state dir it
-    can write, a checkpoint it can load. Raises ConfigError naming the key (these were
-    tracebacks, some only after the Kafka clients had connected)."""
+    can write, a device that is there, a checkpoint it can load. Raises ConfigError (a file that
+    is not a checkpoint) or StartupError (I/O, a missing device), each naming the key; these
+    were tracebacks, some only after the Kafka clients had connected."""
     state = Path(config.state.dir) / config.consumer.group_id
     try:
         state.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=state):
             pass
     except OSError as err:
-        raise ConfigError(f"state.dir: cannot write snapshots under {state}: {err.strerror or err}") from None
+        raise StartupError(f"state.dir: cannot write snapshots under {state}: {err.strerror or err}") from None
     try:
         resolve_device(config.detector.device)
     except RuntimeError as err:
-        raise ConfigError(str(err)) from None
+        raise StartupError(str(err)) from None
+    checkpoint = config.detector.checkpoint or DEFAULT_WEIGHTS
     try:
         load_model(config)
-    except Exception as err:  # noqa: BLE001 - any failure to load it is the setting's problem
-        raise ConfigError(f"detector.checkpoint: {config.detector.checkpoint or DEFAULT_WEIGHTS}: {type(err).__name__}: {err}") from None
+    except OSError as err:
+        raise StartupError(f"detector.checkpoint: cannot read {checkpoint}: {err.strerror or err}") from None
+    except Exception as err:  # noqa: BLE001 - a file that does not load as a checkpoint is the setting's problem
+        raise ConfigError(f"detector.checkpoint: {checkpoint}: {type(err).__name__}: {err}") from None
 
 
 def run_daemon(config: Config) -> int:
@@ -147,7 +158,7 @@ def run_daemon(config: Config) -> int:
         except OSError as err:
             runner.transport.close()
             where = f"{config.metrics.host}:{config.metrics.port}"
-            raise ConfigError(f"metrics.port: cannot listen on {where}: {err.strerror or err}") from None
+            raise StartupError(f"metrics.port: cannot listen on {where}: {err.strerror or err}") from None
         log.info("serving /metrics, /healthz and /readyz on %s:%d", config.metrics.host, port)
     install_signal_handlers(runner.stop)
     log.info("consuming %s as group %s", ",".join(config.topics.inputs), config.consumer.group_id)
@@ -157,20 +168,24 @@ def run_daemon(config: Config) -> int:
 
 def install_signal_handlers(stop: Any) -> None:
     """SIGTERM, SIGINT and SIGHUP (a closed terminal, or a supervisor's stop) drain and exit 0.
-    A second one exits at once (128 + the signal, as a shell reports it): a drain waiting out a
-    broker outage can take send_timeout_s and more, and an operator who asks twice means now.
-    Nothing is lost either way: what was not committed is read again by the next run."""
+    A second one at least a second later exits at once (128 + the signal, as a shell reports it):
+    a drain waiting out a broker outage can take send_timeout_s and more, and an operator who
+    asks twice means now. (Within a second it is a duplicate: a closing terminal's SIGHUP can
+    come from the kernel and from the shell.) Nothing is lost either way: what was not committed
+    is read again by the next run."""
     if threading.current_thread() is not threading.main_thread():
         return
-    asked: list[int] = []
+    asked: list[float] = []
 
     def handler(signum: int, _frame: Any) -> None:
         name = signal.Signals(signum).name
+        if asked and time.monotonic() - asked[0] < 1.0:
+            return
         if asked:
             log.warning("received %s again, exiting without draining; uncommitted events are read again on restart", name)
             logging.shutdown()
             os._exit(128 + signum)
-        asked.append(signum)
+        asked.append(time.monotonic())
         log.info("received %s, draining", name)
         stop()
 

@@ -85,13 +85,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"streamer: config error: {err}", file=sys.stderr)
             return 2
         setup_logging(config.log_level, config.log_format)
-        from streamer.app import run_daemon
+        from streamer.app import StartupError, run_daemon
 
         try:
             return run_daemon(config)
-        except ConfigError as err:  # (found at start: a state dir, checkpoint or port it cannot use)
+        except ConfigError as err:  # (found at start: a checkpoint that is not one)
             print(f"streamer: config error: {err}", file=sys.stderr)
             return 2
+        except StartupError as err:  # (a state dir, device, file or port not usable yet: retried by supervisors)
+            print(f"streamer: cannot start: {err}", file=sys.stderr)
+            return 1
     if args.command == "demo":
         setup_logging("WARNING", "text")
         logging.getLogger("kafka").setLevel(logging.CRITICAL)  # keep the live view clean

@@ -46,12 +46,12 @@ class Repeats(logging.Filter):
     def __init__(self, every_s: float = 10.0) -> None:
         super().__init__()
         self.every_s = every_s
-        self._last: dict[tuple[str, object], tuple[float, int]] = {}
+        self._last: dict[tuple[str, str], tuple[float, int]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
         if not (record.name == "kafka" or record.name.startswith("kafka.")):
             return True
-        key = (record.name, record.msg)
+        key = (record.name, record.getMessage())  # (the same text: "connection lost" to broker 2 is news after broker 1)
         now = time.monotonic()
         last = self._last.get(key)
         if last is not None and now - last[0] < self.every_s:
@@ -59,7 +59,11 @@ class Repeats(logging.Filter):
             return False
         if last is not None and last[1]:
             record.repeated = last[1]  # (held back since the last one passed)
-        if len(self._last) > 10_000:  # (format strings are few; this only bounds a pathological case)
+            if not isinstance(record.msg, str) or not record.args:
+                record.msg = f"{record.getMessage()} (repeated {last[1]} times)"
+            else:
+                record.msg = f"{record.msg} (repeated {last[1]} times)"
+        if len(self._last) > 10_000:  # (distinct lines are few; this only bounds a pathological case)
             self._last.clear()
         self._last[key] = (now, 0)
         return True
@@ -67,7 +71,8 @@ class Repeats(logging.Filter):
 
 def setup_logging(level: str, fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(Repeats())
+    if logging.getLevelName(level) > logging.DEBUG:  # (at DEBUG every line of the client is wanted)
+        handler.addFilter(Repeats())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

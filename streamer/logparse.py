@@ -344,12 +344,12 @@ class LogParser:
         return ts, message, fields, _first(obj, _FIELD_ALIASES["level"])
 
     def _one(self, raw: bytes | None, key: bytes | None, record_ts: int) -> LogEvent:
+        if raw is not None and raw.startswith(UTF8_BOM):  # (as some Windows tools write; the sensor decoder accepts it too)
+            raw = raw[len(UTF8_BOM) :]
         if raw is None or not raw.strip():
             raise Rejected("empty_message", "empty or tombstone message")
         if len(raw) > self.max_bytes:
             raise Rejected("oversized", f"{len(raw)} bytes > {self.max_bytes}")
-        if raw.startswith(UTF8_BOM):  # (as some Windows tools write; the sensor decoder accepts it too)
-            raw = raw[len(UTF8_BOM) :]
         if raw.lstrip()[:1] == b"{":
             ts, message, fields, level = self._json(raw, record_ts)
         else:

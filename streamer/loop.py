@@ -211,6 +211,7 @@ class Runner:
         self.health.joined = True
         self.health.restoring = False
         self.ready.set()
+        self._reachable(True)  # (a completed assignment came from the group coordinator)
         if reseeked and len(polled):
             keep = np.array([tp not in reseeked for tp in zip(polled.topic, polled.partition.tolist())], dtype=bool)
             polled = polled.select(keep)
@@ -561,7 +562,6 @@ class Runner:
             except SendError:
                 attempt += 1
                 self.metrics.send_failures.inc()
-                self._reachable(False)
                 # Waiting out a broker outage is progress for liveness: a restart would not help
                 # (send failures have their own alert).
                 self._progress()
@@ -601,20 +601,14 @@ class Runner:
 
     def _probe_brokers(self) -> None:
         """While idle, ask the brokers for the log ends of the held partitions every probe_idle_s:
-        whether they answer, and the true lag (the last fetch's high-water marks go stale)."""
+        do they answer? (A failed send is not counted as no answer: a missing topic or a refused
+        record is an answer, and StreamerOutputsNotAcknowledged covers sends.)"""
         now = time.monotonic()
         if not self.emit_from or now - self._last_contact < self.probe_idle_s:
             return
         ends = self.transport.log_ends(list(self.emit_from), timeout_ms=2000)
         self._last_contact = now  # (the next probe waits probe_idle_s either way)
-        if ends is None:
-            self._reachable(False)
-            return
-        self._reachable(True)
-        for tp, end in ends.items():
-            pos = self.next_offset.get(tp)
-            if pos is not None and tp in self.emit_from:
-                self.metrics.consumer_lag.labels(tp[0], str(tp[1])).set(max(0, end - pos))
+        self._reachable(ends is not None)
 
     def _maybe_reload(self) -> None:
         """Serve a replaced checkpoint without a restart; keep states only if they still fit."""

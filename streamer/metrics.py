@@ -188,7 +188,8 @@ class Metrics:
         self.assigned_partitions = Gauge("streamer_assigned_partitions", "Input partitions assigned to this member.", registry=r)
         self.broker_reachable = Gauge(
             "streamer_broker_reachable",
-            "1 when the last look at the brokers got an answer: a batch acknowledged, or, while idle, the log ends asked for.",
+            "1 when the last look at the brokers got an answer: records fetched, a batch acknowledged, an assignment, "
+            "or, while idle, the log ends asked for.",
             registry=r,
         )
         self.broker_reachable.set(1)

@@ -26,7 +26,7 @@ _GAPS = {"", "na", "n/a", "#n/a", "<na>", "nan", "null", "none", "-"}
 
 # Numeric columns that are not measurements: the index pandas writes with `to_csv()` (an empty
 # header or "Unnamed: 0") and epoch time columns. Trained as series they are pure ramps.
-_NOT_SERIES = re.compile(r"(|index|unnamed: \d+|ts|time|timestamp|epoch|date|datetime)", re.IGNORECASE)
+_NOT_SERIES = re.compile(r"(|index|unnamed: \d+|__index_level_\d+__|ts|time|timestamp|epoch|date|datetime)", re.IGNORECASE)
 
 
 def load_files(paths: list[str], columns: list[str] | None = None, skipped: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -36,6 +36,7 @@ def load_files(paths: list[str], columns: list[str] | None = None, skipped: list
     `columns`: only these (by header name; one that no file has is an error, so a typo does not
     train on nothing). Without it, index and time columns are left out and named in `skipped`."""
     out: dict[str, np.ndarray] = {}
+    picked: set[str] = set()
     for p in map(Path, paths):
         if not p.exists():  # (a pipe counts: `streamer train <(zcat data.csv.gz)`)
             raise ValueError(f"{p}: no such file")
@@ -56,9 +57,10 @@ def load_files(paths: list[str], columns: list[str] | None = None, skipped: list
             if columns is None and _NOT_SERIES.fullmatch(name.strip()):
                 if skipped is not None:
                     skipped.append(f"{p}:{name}")
-            elif columns is None or name in columns:
+            elif columns is None or name.strip() in columns:
                 out[f"{p}:{name}"] = values
-    missing = [c for c in columns or [] if not any(key.endswith(":" + c) for key in out)]
+                picked.add(name.strip())
+    missing = [c for c in columns or [] if c not in picked]
     if missing:
         raise ValueError(f"--columns: no numeric column named {', '.join(map(repr, missing))} in the files")
     return out

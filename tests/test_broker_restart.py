@@ -71,6 +71,14 @@ def test_an_idle_member_cut_off_from_its_broker_says_so(state_dir):
             broker.start()
             _create(broker)
             step_until("reachable again", lambda: m.broker_reachable._value.get() == 1, timeout_s=90)
+            # A member marked cut off that then holds no partition has nothing to probe: the
+            # assignment that left it empty came from the group coordinator, so it is reachable
+            # (it stayed 503 and 0 for good).
+            runner._reachable(False)
+            runner._on_revoke(sorted(runner.emit_from))
+            runner._on_assign([])
+            runner.step()
+            assert m.broker_reachable._value.get() == 1 and runner.health.readiness()[0], runner.health.readiness()
         finally:
             runner.shutdown()
     finally:

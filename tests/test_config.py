@@ -108,19 +108,20 @@ def _run_exits(tmp_path, config: str, timeout: float = 60) -> subprocess.Complet
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
-def test_a_state_dir_or_checkpoint_the_daemon_cannot_use_is_a_config_error_naming_the_key(tmp_path):
+def test_a_state_dir_or_checkpoint_the_daemon_cannot_use_is_an_error_naming_the_key(tmp_path):
     """A state dir that is a file (or read-only) and a checkpoint that is not one stopped the
     daemon with tracebacks naming neither the setting nor, for the checkpoint, the file."""
     (tmp_path / "file").write_text("not a directory")
     proc = _run_exits(tmp_path, f"state:\n  dir: {tmp_path / 'file'}\n")
-    assert proc.returncode == 2 and "config error: state.dir" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    # (exit 1, not 2: a volume not mounted yet looks the same, and a supervisor should retry it)
+    assert proc.returncode == 1 and "cannot start: state.dir" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     (tmp_path / "bad.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
     proc = _run_exits(tmp_path, f"state:\n  dir: {tmp_path / 'state'}\ndetector:\n  checkpoint: {tmp_path / 'bad.pt'}\n")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert f"config error: detector.checkpoint: {tmp_path / 'bad.pt'}" in proc.stderr
 
 
-def test_a_metrics_port_in_use_is_a_config_error_naming_the_key(broker, tmp_path):
+def test_a_metrics_port_in_use_is_an_error_naming_the_key(broker, tmp_path):
     import socket
 
     with socket.socket() as taken:
@@ -129,5 +130,5 @@ def test_a_metrics_port_in_use_is_a_config_error_naming_the_key(broker, tmp_path
         port = taken.getsockname()[1]
         config = f"kafka:\n  bootstrap_servers: {broker.bootstrap}\nstate:\n  dir: {tmp_path / 'state'}\n"
         proc = _run_exits(tmp_path, config + f"metrics:\n  host: 127.0.0.1\n  port: {port}\n")
-    assert proc.returncode == 2 and f"config error: metrics.port: cannot listen on 127.0.0.1:{port}" in proc.stderr, proc.stderr
+    assert proc.returncode == 1 and f"cannot start: metrics.port: cannot listen on 127.0.0.1:{port}" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr

@@ -116,15 +116,17 @@ def test_the_kafka_clients_repeated_lines_are_held_back_and_counted():
         log.propagate = False
         log.setLevel(logging.WARNING)
     try:
-        for i in range(1000):
-            kafka.warning("Marking the coordinator dead (node %s)", i)
+        for _ in range(1000):
+            kafka.warning("Marking the coordinator dead (node %s)", 1001)
+        kafka.warning("Marking the coordinator dead (node %s)", 1002)  # (another broker: news)
         for p in range(4):
             ours.error("could not write the snapshot of %s[%d]", "t", p)
         repeats._last = {k: (v[0] - 11.0, v[1]) for k, v in repeats._last.items()}  # (10 s later)
-        kafka.warning("Marking the coordinator dead (node %s)", 1000)
+        kafka.warning("Marking the coordinator dead (node %s)", 1001)
     finally:
         for log in (kafka, ours):
             log.removeHandler(handler)
     lines = [orjson.loads(x) for x in out.getvalue().splitlines()]
-    assert [x["logger"] for x in lines] == ["kafka.coordinator.test"] + ["streamer.test"] * 4 + ["kafka.coordinator.test"]
-    assert lines[-1]["repeated"] == 999
+    assert [x["logger"] for x in lines] == ["kafka.coordinator.test"] * 2 + ["streamer.test"] * 4 + ["kafka.coordinator.test"]
+    assert lines[1]["message"].endswith("(node 1002)")
+    assert lines[-1]["repeated"] == 999 and lines[-1]["message"] == "Marking the coordinator dead (node 1001) (repeated 999 times)"

@@ -208,3 +208,5 @@ def test_json_records_are_judged_as_the_sensor_decoder_judges_them():
     )
     assert len(res) == 0
     assert [(pos, reason) for pos, reason, _ in res.dead] == [(0, "empty_message"), (1, "empty_message"), (2, "invalid_stream")]
+    blank = _parse(LogParser("plain", "service"), [b"\xef\xbb\xbf", b"\xef\xbb\xbf  \r\n"], [b"key", b"key"])
+    assert len(blank) == 0 and [reason for _, reason, _ in blank.dead] == ["empty_message", "empty_message"]

@@ -524,11 +524,14 @@ def test_sighup_drains_like_sigterm_and_a_second_signal_exits_at_once(broker, to
         "install_signal_handlers(lambda: None)\n"
         "os.kill(os.getpid(), signal.SIGTERM)\n"
         "time.sleep(0.2)\n"
+        "os.kill(os.getpid(), signal.SIGTERM)\n"  # (within a second: a duplicate delivery, ignored)
+        "time.sleep(1.2)\n"
+        "print('still running', flush=True)\n"
         "os.kill(os.getpid(), signal.SIGTERM)\n"
         "time.sleep(60)\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
-    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert proc.returncode == 128 + signal.SIGTERM and "still running" in proc.stdout, proc.stderr
 
 
 def test_a_revoked_partitions_lag_series_does_not_come_back(broker, topics, state_dir):

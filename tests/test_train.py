@@ -175,16 +175,16 @@ def test_index_and_epoch_time_columns_are_not_trained_as_series(tmp_path):
     `--columns` picks columns by name, and one that no file has is an error."""
     path = tmp_path / "export.csv"
     rows = "".join(f"{i},{1_700_000_000 + 60 * i},{20 + np.sin(i / 9):.3f},{i % 5}\n" for i in range(300))
-    path.write_text(",timestamp,temp,errors\n" + rows)
+    path.write_text(",timestamp,temp, errors\n" + rows)  # (" errors": a space after the comma, as spreadsheets write)
     base = [sys.executable, "-m", "streamer.cli", "train", str(path), "--steps", "2", "--batch", "4", "--length", "64"]
     proc = subprocess.run([*base, "--out", str(tmp_path / "a.pt")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert f"{path}:, {path}:timestamp" in proc.stderr  # (said, so a user knows what was left out)
-    assert load_checkpoint(tmp_path / "a.pt")[1]["training"]["series"] == [f"{path}:temp", f"{path}:errors"]
-    both = ["--columns", "temp,timestamp"]
+    assert load_checkpoint(tmp_path / "a.pt")[1]["training"]["series"] == [f"{path}:temp", f"{path}: errors"]
+    both = ["--columns", "errors,timestamp"]
     proc = subprocess.run([*base, "--out", str(tmp_path / "b.pt"), *both], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert load_checkpoint(tmp_path / "b.pt")[1]["training"]["series"] == [f"{path}:timestamp", f"{path}:temp"]
+    assert load_checkpoint(tmp_path / "b.pt")[1]["training"]["series"] == [f"{path}:timestamp", f"{path}: errors"]
     proc = subprocess.run([*base, "--out", str(tmp_path / "c.pt"), "--columns", "temp,tmep"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "'tmep'" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "c.pt").exists()
