@@ -32,10 +32,10 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_model(config: Config) -> tuple[StreamGRU, dict[str, Any], torch.device]:
+def load_model(config: Config, device: torch.device | None = None) -> tuple[StreamGRU, dict[str, Any], torch.device]:
     """The configured checkpoint (or the bundled one) on the configured device, plus metadata."""
     path = Path(config.detector.checkpoint) if config.detector.checkpoint else DEFAULT_WEIGHTS
-    device = resolve_device(config.detector.device)
+    device = device or resolve_device(config.detector.device)
     data = path.read_bytes()  # once: the version names the bytes that were loaded, even mid-swap
     model, meta = load_checkpoint(path, device, data)
     digest = hashlib.sha256(data).hexdigest()[:12]
@@ -85,8 +85,27 @@ class CheckpointWatcher:
         return model, meta
 
 
+class StartupError(Exception):
+    """The environment is not ready for what the config names (a volume not mounted yet, a GPU
+    driver still loading, a port the previous instance has not released): exit 1, which a
+    supervisor retries, unlike a config error (exit 2), which only an edit fixes."""
+
+
 def build_detector(config: Config) -> tuple[Detector, dict[str, Any]]:
-    model, meta, device = load_model(config)
+    """The detector for the configured device and checkpoint, loaded before any Kafka client is
+    built. Raises StartupError (a missing device, a file it cannot read) or ConfigError (a file
+    that is not a checkpoint), each naming the key, not a traceback."""
+    try:
+        device = resolve_device(config.detector.device)
+    except RuntimeError as err:
+        raise StartupError(str(err)) from None
+    checkpoint = config.detector.checkpoint or DEFAULT_WEIGHTS
+    try:
+        model, meta, device = load_model(config, device)
+    except OSError as err:
+        raise StartupError(f"detector.checkpoint: cannot read {checkpoint}: {err.strerror or err}") from None
+    except Exception as err:  # noqa: BLE001 - a file that does not load as a checkpoint is the setting's problem
+        raise ConfigError(f"detector.checkpoint: {checkpoint}: {type(err).__name__}: {err}") from None
     if device.type == "cpu":
         # The per-wavefront tensors are small: extra intra-op threads only fight the Kafka
         # client's network thread for cores.
@@ -116,17 +135,10 @@ def publish_model(metrics: Metrics, detector: Detector, meta: dict[str, Any]) ->
     )
 
 
-class StartupError(Exception):
-    """The environment is not ready for what the config names (a volume not mounted yet, a GPU
-    driver still loading, a port the previous instance has not released): exit 1, which a
-    supervisor retries, unlike a config error (exit 2), which only an edit fixes."""
-
-
 def check_environment(config: Config) -> None:
-    """What the config names must be usable before the daemon joins its group: a state dir it
-    can write, a device that is there, a checkpoint it can load. Raises ConfigError (a file that
-    is not a checkpoint) or StartupError (I/O, a missing device), each naming the key; these
-    were tracebacks, some only after the Kafka clients had connected."""
+    """The state dir must be writable before the daemon joins its group (it was a traceback,
+    after the Kafka clients had connected). Raises StartupError naming the key: a volume may
+    not be mounted yet."""
     state = Path(config.state.dir) / config.consumer.group_id
     try:
         state.mkdir(parents=True, exist_ok=True)
@@ -134,17 +146,6 @@ def check_environment(config: Config) -> None:
             pass
     except OSError as err:
         raise StartupError(f"state.dir: cannot write snapshots under {state}: {err.strerror or err}") from None
-    try:
-        resolve_device(config.detector.device)
-    except RuntimeError as err:
-        raise StartupError(str(err)) from None
-    checkpoint = config.detector.checkpoint or DEFAULT_WEIGHTS
-    try:
-        load_model(config)
-    except OSError as err:
-        raise StartupError(f"detector.checkpoint: cannot read {checkpoint}: {err.strerror or err}") from None
-    except Exception as err:  # noqa: BLE001 - a file that does not load as a checkpoint is the setting's problem
-        raise ConfigError(f"detector.checkpoint: {checkpoint}: {type(err).__name__}: {err}") from None
 
 
 def run_daemon(config: Config) -> int:
