@@ -187,9 +187,7 @@ def write_checkpoint(path: str | Path, fmt: str, model: nn.Module, config: Any, 
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "training": training,
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_atomically(payload, path)
+    save_atomically(payload, Path(path))
 
 
 def read_checkpoint(path: str | Path, fmt: str, data: bytes | None = None) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from models.logs.model import LogGRU, LogModelConfig
 from models.logs.partition import LogPartition
 from streamer.config import Config
 from streamer.logparse import LEVEL_NAMES, LogParser
-from streamer.state import TP
+from streamer.state import TP, idle_age
 from streamer.transport import OutRecord, Polled
 
 MODEL_VERSION = "log-gru-online"
@@ -67,8 +67,7 @@ class LogStreams:
         carried it on."""
         part = self.parts[tp] = LogPartition.restore(payload, calibration=self.calibration)
         idle = idle_s if isinstance(idle_s, dict) else {}
-        ages = {s: idle.get(s) for s in part.slot_of}
-        self.last_seen[tp] = {s: now - (max(0.0, float(a)) if isinstance(a, (int, float)) and a == a else 0.0) for s, a in ages.items()}
+        self.last_seen[tp] = {s: now - (idle_age(idle.get(s)) or 0.0) for s in part.slot_of}
         return len(part)
 
     def idle_ages(self, tp: TP, now: float) -> dict[str, float]:

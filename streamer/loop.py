@@ -606,9 +606,9 @@ class Runner:
         now = time.monotonic()
         if not self.emit_from or now - self._last_contact < self.probe_idle_s:
             return
-        ends = self.transport.log_ends(list(self.emit_from), timeout_ms=2000)
+        answered = self.transport.brokers_answer(list(self.emit_from), timeout_ms=2000)
         self._last_contact = now  # (the next probe waits probe_idle_s either way)
-        self._reachable(ends is not None)
+        self._reachable(answered)
 
     def _maybe_reload(self) -> None:
         """Serve a replaced checkpoint without a restart; keep states only if they still fit."""

@@ -177,12 +177,18 @@ class SnapshotStore:
         return Snapshot(offset, streams, schemas, state, payload["arch"], payload.get("topic_id"), idle_ages(payload, len(streams)))
 
 
+def idle_age(x: Any) -> float | None:
+    """One stream's idle seconds as a snapshot stored them, or None where it is not a number."""
+    return max(0.0, float(x)) if isinstance(x, (int, float)) and x == x else None
+
+
 def idle_ages(payload: dict[str, Any], n: int) -> list[float] | None:
     """A snapshot's per-stream idle seconds, or None where it has none that fit (an older file)."""
     idle = payload.get("idle_s")
-    if isinstance(idle, list) and len(idle) == n and all(isinstance(x, (int, float)) and x == x for x in idle):
-        return [max(0.0, float(x)) for x in idle]
-    return None
+    if not isinstance(idle, list) or len(idle) != n:
+        return None
+    ages = [idle_age(x) for x in idle]
+    return [a for a in ages if a is not None] if None not in ages else None
 
 
 def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Tensor]:

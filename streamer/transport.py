@@ -116,7 +116,7 @@ class Transport(Protocol):
     def highwater(self, tp: TP) -> int | None: ...
     def topic_id(self, topic: str) -> str | None: ...
     def position(self, tp: TP) -> int | None: ...
-    def log_ends(self, tps: list[TP], timeout_ms: int) -> dict[TP, int] | None: ...
+    def brokers_answer(self, tps: list[TP], timeout_ms: int) -> bool: ...
     def assignment(self) -> list[TP]: ...
     def close(self) -> None: ...
 
@@ -285,14 +285,14 @@ class KafkaPythonTransport:
         except (KafkaError, TypeError):
             return None
 
-    def log_ends(self, tps: list[TP], timeout_ms: int) -> dict[TP, int] | None:
-        """Each partition's log end, asked of the broker now (a round trip, not the high-water
-        mark of the last fetch); None when no broker answered within timeout_ms."""
+    def brokers_answer(self, tps: list[TP], timeout_ms: int) -> bool:
+        """Whether the brokers answer a request about these partitions (their log ends: a round
+        trip, unlike an empty poll) within timeout_ms."""
         try:
-            ends = self._consumer.end_offsets([TopicPartition(*tp) for tp in tps], timeout_ms=timeout_ms)
+            self._consumer.end_offsets([TopicPartition(*tp) for tp in tps], timeout_ms=timeout_ms)
         except KafkaError:
-            return None
-        return {(tp.topic, tp.partition): int(off) for tp, off in ends.items()}
+            return False
+        return True
 
     def assignment(self) -> list[TP]:
         return sorted((tp.topic, tp.partition) for tp in self._consumer.assignment())
