@@ -39,8 +39,8 @@ class Repeats(logging.Filter):
     """Passes each message of the Kafka client (logger and format string) at most once per
     `every_s` seconds and says, on the next one it passes, how many it held back.
 
-    During a broker outage kafka-python logs the same line (marking the coordinator dead) about
-    1,800 times a second: megabytes of log a minute for one fact. The daemon's own lines are
+    During a broker outage kafka-python logs the same line (marking the coordinator dead) many
+    times a second (a review counted ~1,800): megabytes of log a minute for one fact. The daemon's own lines are
     never held back (one format string there covers many partitions or records)."""
 
     def __init__(self, every_s: float = 10.0) -> None:
