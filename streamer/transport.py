@@ -25,6 +25,12 @@ from streamer.config import Config
 
 log = logging.getLogger(__name__)
 
+# poll() pacing while kafka-python busy-waits (KafkaPythonTransport.poll).
+_SPIN_CPU_SHARE = 0.5
+_SPIN_MIN_WALL_S = 0.005
+_SPIN_POLL_MS = 10
+_SETTLED_POLLS = 3
+
 # Header values may be null in Kafka (other clients write them; kafka-python reads them back).
 Headers = list[tuple[str, bytes | None]]
 TP = tuple[str, int]
@@ -154,6 +160,8 @@ class KafkaPythonTransport:
             max_partition_fetch_bytes=c.max_partition_fetch_bytes,
         )
         self._producer: KafkaProducer | None = self._new_producer()
+        self._spinning = False
+        self._calm = 0
 
     def _new_producer(self) -> KafkaProducer:
         p = self._config.producer
@@ -173,10 +181,48 @@ class KafkaPythonTransport:
         self._consumer.subscribe(list(topics), listener=_Listener(on_assign, on_revoke))
 
     def poll(self, timeout_ms: int, max_records: int) -> Polled:
+        """One poll, paced while the client spins.
+
+        kafka-python 3 busy-waits inside poll() while a heartbeat is overdue, that is as long as
+        the group coordinator does not answer (a hung or cut-off broker, not a refused
+        connection): the wait for fetches shrinks to the time left before the next heartbeat,
+        which stays 0. A caught-up daemon then burned half to two thirds of a core doing
+        nothing for as long as the outage lasted. An empty poll that used more CPU than half
+        its wall time (the whole process's CPU, the client's network thread included) is taken
+        for that. From then on each poll waits at most `_SPIN_POLL_MS` and the rest of
+        `timeout_ms` is slept, until a poll returns records or `_SETTLED_POLLS` polls in a row
+        waited their short time calmly (in the outage they spin, or block on the client's
+        locks for longer). Nothing that could arrive is held back for long: fetches run on the
+        client's network thread meanwhile, and a record waits at most one sleep."""
+        wait_ms = min(timeout_ms, _SPIN_POLL_MS) if self._spinning else timeout_ms
+        t0, c0 = time.monotonic(), time.process_time()
         try:
-            return _columns(self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records))
+            got = self._consumer.poll(timeout_ms=wait_ms, max_records=max_records)
         except CorruptRecordError as err:
             return self._around_unreadable(err)
+        wall, cpu = time.monotonic() - t0, time.process_time() - c0
+        busy = wall >= _SPIN_MIN_WALL_S and cpu > _SPIN_CPU_SHARE * wall
+        if got:
+            self._pace(False)
+        elif not self._spinning:
+            self._pace(busy)
+        else:
+            calm = not busy and wall < 5 * _SPIN_POLL_MS / 1000
+            self._calm = self._calm + 1 if calm else 0
+            if self._calm >= _SETTLED_POLLS:
+                self._pace(False)
+            else:
+                time.sleep(max(timeout_ms / 1000 - wall, 0.0))
+        return _columns(got)
+
+    def _pace(self, spinning: bool) -> None:
+        if spinning != self._spinning:
+            if spinning:
+                log.warning("the Kafka client is busy-waiting with nothing to read (a coordinator not answering): pacing polls")
+            else:
+                log.info("the Kafka client settled: polling normally")
+        self._spinning = spinning
+        self._calm = 0
 
     def _around_unreadable(self, err: CorruptRecordError) -> Polled:
         """The next record of the partition the client could not parse, as `unreadable`, with

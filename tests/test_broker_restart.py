@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 from conftest import DaemonThread, event, make_config, produce, read_all, scores_of
 
 from streamer.broker import EmbeddedBroker
+from streamer.transport import KafkaPythonTransport
 
 TOPICS = {"input": "in", "scores": "scores", "alerts": "alerts", "dead": "dead"}
 
@@ -82,4 +85,44 @@ def test_an_idle_member_cut_off_from_its_broker_says_so(state_dir):
         finally:
             runner.shutdown()
     finally:
+        broker.stop()
+
+
+def test_a_hung_broker_does_not_make_the_client_spin(state_dir):
+    """kafka-python busy-waits inside poll() while its group coordinator does not answer (a hung
+    broker, not a refused connection): an idle daemon used half to two thirds of a core for as
+    long as that lasted. Its transport now paces polls that spin; it still reads what the
+    broker has once it answers again."""
+    broker = EmbeddedBroker().start()
+    transport = None
+    try:
+        _create(broker)
+        transport = KafkaPythonTransport(make_config(broker, TOPICS, state_dir))
+        transport.subscribe(["in"], lambda tps: None, lambda tps: None)
+        deadline = time.monotonic() + 30
+        while not transport.assignment():
+            assert time.monotonic() < deadline, "never assigned"
+            transport.poll(100, 100)
+        assert broker.proc is not None
+        os.kill(broker.proc.pid, signal.SIGSTOP)
+        try:
+            for _ in range(20):  # let the heartbeat fall overdue
+                transport.poll(100, 100)
+            t0, c0 = time.monotonic(), time.process_time()
+            while time.monotonic() - t0 < 8:
+                assert not transport.poll(100, 100)
+            share = (time.process_time() - c0) / (time.monotonic() - t0)
+        finally:
+            os.kill(broker.proc.pid, signal.SIGCONT)
+        print(f"CPU share while the broker hung: {share:.3f}")
+        assert share < 0.2
+        produce(broker, "in", [(b"s", event("s", 1, {"x": 1.0}))])
+        deadline = time.monotonic() + 60
+        got = 0
+        while not got:
+            assert time.monotonic() < deadline, "nothing read after the broker answered again"
+            got = len(transport.poll(100, 100))
+    finally:
+        if transport is not None:
+            transport.close()
         broker.stop()
