@@ -49,6 +49,8 @@ MIX_ALPHA = 0.01  # error statistics follow the last ~100 events
 LEVEL_ALPHA = 0.03  # the recent level follows the last ~30 events
 SHIFT_ALPHA = 0.1  # the recent mean follows the last ~10 events
 SHIFT_CLIP = 3.0  # a reading moves it as if it were at most this many long-run deviations away
+# The profile view is scored once a stream has come back to this many hours of the day.
+PROFILE_REVISITS = 2
 PROFILE_VAR_SHARE = 0.001  # the profile's variance is never below 0.1% of the stream's variance
 # The normaliser learns a reading as if it were at most this many deviations from its mean, once
 # it rests on NORM_CLIP_AFTER readings (see `clip_around`).
@@ -114,12 +116,36 @@ def profile_update(
     d = x - p_mean
     m = torch.where(learn, p_mean + PROFILE_ALPHA * d, p_mean)
     v = torch.where(learn, (1.0 - PROFILE_ALPHA) * (p_var_raw + PROFILE_ALPHA * d * d), p_var_raw)
-    bit = torch.where(learn, torch.ones_like(state["prof_seen"]) << hour[:, None], torch.zeros_like(state["prof_seen"]))
+    seen = state["prof_seen"]
+    one = torch.ones_like(seen)
+    was_seen = ((seen >> hour[:, None]) & 1).bool()
+    # Back in an hour it had learned, from another one: a revisit (the first events of an hour on
+    # a stream's second day). A last hour of 0 is a snapshot older than the field: any hour counts.
+    back = (state["prof_last"].long() != hour + 1)[:, None]
+    bit = torch.where(learn, one << hour[:, None], 0) | torch.where(learn & was_seen & back, one << (hour[:, None] + PROFILE_BINS), 0)
     return {
         "prof_mean": state["prof_mean"].scatter(2, idx, m.unsqueeze(2)),
         "prof_var": state["prof_var"].scatter(2, idx, v.to(state["prof_var"].dtype).unsqueeze(2)),
-        "prof_seen": state["prof_seen"] | bit,
+        "prof_seen": seen | bit,
+        "prof_last": torch.where(learn.any(dim=1), hour + 1, state["prof_last"].long()).to(state["prof_last"].dtype),
     }
+
+
+def profile_scored(state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B] whether the profile view is scored: once the stream has come back to PROFILE_REVISITS
+    hours of the day it had learned before.
+
+    On its first day a stream's profile holds, for each hour, the readings of that hour alone
+    (with 1-minute data, the last ~10 of them): its spread says nothing about how different the
+    same hour is from one day to the next. The first revisits then measured that difference
+    against the within-hour spread, and against a calibration history that had never seen such
+    a comparison: a stream with no daily rhythm (a random walk, a slow cycle) was flagged with
+    scores of 1.0 about a day after it started, every stream of a fleet at once. The view's
+    history still learns from the first event on, so by the time it is scored it has seen a
+    couple of hours of revisits."""
+    shifts = torch.arange(PROFILE_BINS, 2 * PROFILE_BINS, device=state["prof_seen"].device)
+    revisited = ((state["prof_seen"][..., None] >> shifts) & 1).sum(dim=-1)  # [B, F]
+    return revisited.amax(dim=1) >= PROFILE_REVISITS
 
 
 def mix(state: dict[str, torch.Tensor], errors: torch.Tensor, has_pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

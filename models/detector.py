@@ -26,6 +26,7 @@ from models.adapt import (
     mix,
     mix_update,
     profile_lookup,
+    profile_scored,
     profile_update,
     running_mean_var,
     shift_q,
@@ -86,6 +87,7 @@ def advance(
     cfg = model.config
     x = torch.where(mask, x, torch.zeros_like(x))
     n, mean, var = state["norm_n"], state["norm_mean"], state["norm_var"]
+    timed = ts_ms is not None
     if ts_ms is None:
         ts_ms = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
 
@@ -123,7 +125,13 @@ def advance(
     steps = state["steps"]
     per_feature = torch.stack((q_mix, q_prof, q_lvl, q_shift, q_corr), dim=1)  # [B, 5, F]
     views = per_feature.sum(dim=2)  # [B, 5]
-    applies = torch.cat((torch.ones_like(views[:, :-1], dtype=torch.bool), corr_applies[:, None]), dim=1)
+    # Every view's history learns from the first event on; the profile's is scored only once the
+    # stream has come back to hours it knows (`profile_scored`; always without timestamps, where
+    # the profile is a local level).
+    learns = torch.cat((torch.ones_like(views[:, :-1], dtype=torch.bool), corr_applies[:, None]), dim=1)
+    applies = learns.clone()
+    if timed:
+        applies[:, 1] = profile_scored(state)
     # Each view is ranked against two histories of itself: the last ~window events and the last
     # ~long_window. An event counts as unusual as it is against the less surprised of the two: a
     # spike larger than anything in the last 1,000 events is no news when spikes of its size come
@@ -164,7 +172,7 @@ def advance(
     # ~10,000 events and hold every later anomaly of ordinary size below the threshold.
     weight = tail_weight(cal, steps, valid, flagged)
     weight_long = torch.where(flagged, 0.0, weight)
-    cal_weight = torch.cat((weight[:, None] * applies, weight_long[:, None] * applies), dim=1)  # [B, 10]
+    cal_weight = torch.cat((weight[:, None] * learns, weight_long[:, None] * learns), dim=1)  # [B, 10]
     windows = torch.full((2, nv), float(cal.window), dtype=hists.dtype, device=hists.device)  # (fills: no copy from host)
     windows[1] = float(cal.long_window)
     flagged_b = flagged[:, None].expand_as(bins)

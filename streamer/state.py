@@ -27,8 +27,8 @@ TP = tuple[str, int]
 # a third histogram; 4 the recent mean and a fourth histogram; 5 the correlation view (error
 # correlations and a fifth histogram); 6 a long-memory histogram per view; 7 the alert hold-off;
 # 8 the memory of recurring events. Layouts 4 to 7 are upgraded on load (see `_upgrade`).
-SNAPSHOT_VERSION = 8
-UPGRADABLE = (4, 5, 6, 7)
+SNAPSHOT_VERSION = 9
+UPGRADABLE = (4, 5, 6, 7, 8)
 log = logging.getLogger(__name__)
 
 
@@ -199,12 +199,16 @@ def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Te
     as on a new stream (it applies only once its correlations rest on CORR_MIN events). Layout
     6's long-memory histograms start as copies of the short ones: the best record of the
     stream's history there is, and an empty one would rank every event as ordinary until it
-    filled, silencing the stream. Layout 7's hold-off starts off, as if no alert were recent, and
-    layout 8's memory of recurring events empty, as if nothing had been flagged on earlier days."""
+    filled, silencing the stream. Layout 7's hold-off starts off, as if no alert were recent,
+    layout 8's memory of recurring events empty, as if nothing had been flagged on earlier days,
+    and layout 9's last hour unknown (the profile then counts the hour of the next event as a
+    revisit, so a stream that ran for days has its profile view back after two hours)."""
     if version <= 4:
         state = with_empty_fields(state, ("corr_cov", "corr_n", "cal_hist_corr"))
     if version <= 5:
         state = {**state, **{long: state[short].clone() for short, long in zip(CAL_HISTS, CAL_HISTS_LONG)}}
     if version <= 6:
         state = with_empty_fields(state, ("hold_left", "hold_score"))
-    return with_empty_fields(state, RECUR_FIELDS)
+    if version <= 7:
+        state = with_empty_fields(state, RECUR_FIELDS)
+    return with_empty_fields(state, ("prof_last",))
