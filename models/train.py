@@ -60,7 +60,16 @@ def _sequence_loss(model: StreamGRU, series: torch.Tensor, cfg: TrainConfig) -> 
             if i >= cfg.burn_in:
                 total = total + out.nll.sum().double()
                 count += float(has_pred.sum())
-    return total / max(count, 1.0)
+    if count == 0:
+        # No value had a prediction after the burn-in: nothing to learn from (the surprises are
+        # all zero; an optimiser step on them would change nothing). No graph: the step is skipped.
+        return torch.zeros((), dtype=torch.float64)
+    return total / count
+
+
+# A value is predicted (and so trained on) only once its stream has seen 2 values before it
+# (`has_pred` in `advance`): a series needs at least this many to be trained on at all.
+MIN_SERIES_VALUES = 3
 
 
 class SeriesSampler:
@@ -71,15 +80,26 @@ class SeriesSampler:
     probability proportional to its length (every value equally likely to be trained on). Series
     shorter than a window are used whole, left-padded with NaN: the padding is an absent feature,
     neither stepped nor scored, so the stream starts cold as it would in the daemon.
+
+    Only values the daemon would step count (finite, magnitude <= MAX_ABS_VALUE; anything else
+    is an absent reading): a series with fewer than MIN_SERIES_VALUES of them has no value to
+    predict and is left out (named in `too_short`).
     """
 
     def __init__(self, series: dict[str, np.ndarray]) -> None:
-        self.names = [n for n, s in series.items() if len(s) >= 2]
+        arrays = {n: np.asarray(s, dtype=np.float64) for n, s in series.items()}
+        present = {n: int((np.abs(s) <= MAX_ABS_VALUE).sum()) for n, s in arrays.items()}  # (NaN compares False)
+        self.names = [n for n in arrays if present[n] >= MIN_SERIES_VALUES]
+        self.too_short = [n for n in arrays if present[n] < MIN_SERIES_VALUES]
         if not self.names:
-            raise ValueError("no series with at least 2 values to train on")
-        self.series = [np.asarray(series[n], dtype=np.float64) for n in self.names]
-        self.rows = sum(len(s) for s in self.series)
-        self.weights = np.array([len(s) for s in self.series], dtype=np.float64) / self.rows
+            raise ValueError(
+                f"no series with at least {MIN_SERIES_VALUES} values to train on ({len(arrays)} series read; a value "
+                f"is predicted, and trained on, only after {MIN_SERIES_VALUES - 1} values of its series)"
+            )
+        self.series = [arrays[n] for n in self.names]
+        self.rows = sum(present[n] for n in self.names)
+        lengths = np.array([len(s) for s in self.series], dtype=np.float64)
+        self.weights = lengths / lengths.sum()
 
     def __call__(self, rng: np.random.Generator, batch: int, length: int) -> np.ndarray:
         out = np.empty((batch, length))
@@ -158,6 +178,9 @@ def train(
     finally:
         if bar is not None:
             bar.stop()
+    if not losses:
+        # The weights are still the random initialisation: not a model to serve.
+        raise ValueError(f"no training step had a value to predict in {cfg.steps} batches: nothing was learned")
     model.eval()
     summary = {
         "name": "synthetic" if data is None else "custom",

@@ -23,6 +23,119 @@ def _exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+def _out_problem(out: str) -> str | None:
+    """Why a checkpoint could not be written at `out` (None: it can), found before training, not
+    after it. Probed with a temp file like the one the checkpoint is written through."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = Path(out)
+    if path.is_dir():
+        return f"--out {out} is a directory"
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:  # (missing folders are made: where they would go counts)
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"--out {out}: {parent} is not a directory"
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    except OSError as err:
+        return f"--out {out}: cannot write in {parent} ({err.strerror})"
+    os.close(fd)
+    os.unlink(tmp)
+    return None
+
+
+def _train(args: argparse.Namespace) -> int:
+    from kafka.errors import KafkaError
+
+    from models.gru import save_checkpoint
+    from models.train import MIN_SERIES_VALUES, SeriesSampler, TrainConfig
+    from models.train import train as train_model
+
+    if not 0.0 < args.public_share < 1.0:
+        print("streamer: --public-share must be in (0, 1)", file=sys.stderr)
+        return 2
+    if args.topic and args.files:
+        print("streamer: train from files or from --topic, not both", file=sys.stderr)
+        return 2
+    for name in ("steps", "batch", "length", "hidden"):
+        if getattr(args, name) < 1:
+            print(f"streamer: --{name} must be at least 1", file=sys.stderr)
+            return 2
+    if args.columns and not args.files:
+        print("streamer: --columns only applies to files", file=sys.stderr)
+        return 2
+    if (args.config or args.bootstrap_servers) and not args.topic:
+        print("streamer: --config and --bootstrap-servers only apply with --topic", file=sys.stderr)
+        return 2
+    problem = _out_problem(args.out)
+    if problem:
+        print(f"streamer: {problem}", file=sys.stderr)
+        return 2
+    try:
+        cfg = TrainConfig(
+            steps=args.steps, batch=args.batch, length=args.length, hidden=args.hidden, seed=args.seed, public_share=args.public_share
+        )
+        data = description = public = None
+        if args.topic:
+            from streamer.traindata import load_topic
+
+            try:
+                # (None: the defaults; STREAMER_* variables apply as in `run`. Its detector.checkpoint
+                # need not exist: it is often the file this run is to write.)
+                config = load_config(args.config, checkpoint_must_exist=False)
+            except ConfigError as err:
+                print(f"streamer: config error: {err}", file=sys.stderr)
+                return 2
+            options = config.kafka.client_options()
+            if args.bootstrap_servers:
+                options["bootstrap_servers"] = args.bootstrap_servers
+            read: dict[int, tuple[int, int] | None] = {}
+            dead: dict[str, int] = {}
+            topic_data = load_topic(
+                options, config.input, args.topic, args.from_offset, args.to_offset, cfg.max_features, read=read, skipped=dead
+            )
+            if dead:
+                n = sum(dead.values())
+                reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(dead.items()))
+                print(f"skipped {n} record{'s' * (n != 1)} the daemon would dead-letter: {reasons}", file=sys.stderr)
+            spans = ", ".join(f"p{p} {r[0]}..{r[1]}" if r else f"p{p} none" for p, r in sorted(read.items()))
+            description = f"Kafka topic {args.topic} at {options['bootstrap_servers']}, offsets read {spans}"
+            data = SeriesSampler(topic_data)
+        elif args.files:
+            from streamer.traindata import load_files
+
+            description = "files " + ", ".join(args.files[:10]) + (" ..." if len(args.files) > 10 else "")
+            skipped: list[str] = []
+            columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
+            data = SeriesSampler(load_files(args.files, columns, skipped))
+            if skipped:
+                print(f"not series (index or time; --columns to train them): {', '.join(skipped)}", file=sys.stderr)
+        if data is not None and data.too_short:
+            names = ", ".join(data.too_short[:10]) + (f" and {len(data.too_short) - 10} more" if len(data.too_short) > 10 else "")
+            print(f"too short to train on (fewer than {MIN_SERIES_VALUES} values): {names}", file=sys.stderr)
+        if args.public:
+            from streamer.traindata import load_statsmodels
+
+            public = SeriesSampler(load_statsmodels())
+        model, summary = train_model(cfg, data=data, data_description=description, public=public, public_description="statsmodels.datasets")
+    except (ValueError, OSError, csv.Error, KafkaError) as err:  # e.g. no usable series; no broker reachable
+        print(f"streamer: {err}", file=sys.stderr)
+        return 2
+    try:
+        save_checkpoint(args.out, model, summary)
+    except OSError as err:  # (checked before training, but a disk can fill up or a folder go since)
+        print(f"streamer: --out {args.out}: {err.strerror or err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f} in {summary['seconds']}s")
+    print(f"data: {summary['data']}")
+    if summary["public"]:
+        print(f"public: {summary['public']['data']}, {summary['public']['share']:.0%} of every batch")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="streamer", description="Real-time anomaly detection for Kafka event streams.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -49,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     train.add_argument("--bootstrap-servers", default=None, help="with --topic: the brokers (default: the config's, or 127.0.0.1:9092)")
     train.add_argument("--from-offset", type=int, default=0, help="first offset of every partition to replay")
-    train.add_argument("--to-offset", type=int, default=None, help="stop before this offset (default: the current end)")
+    train.add_argument(
+        "--to-offset", type=int, default=None, help="stop before this offset (default: each partition's end when the replay starts)"
+    )
     train.add_argument("--out", default="checkpoint.pt", help="where to write the checkpoint (default ./checkpoint.pt)")
     train.add_argument("--steps", type=int, default=300, help="optimiser steps (default 300)")
     train.add_argument("--batch", type=int, default=64, help="windows per step (default 64)")
@@ -103,73 +218,11 @@ def main(argv: list[str] | None = None) -> int:
         _exit_on_sigterm()
         return run_demo(args.streams, args.rate, args.metrics_port, args.duration)
     if args.command == "train":
-        from kafka.errors import KafkaError
-
-        from models.gru import save_checkpoint
-        from models.train import SeriesSampler, TrainConfig
-        from models.train import train as train_model
-
-        if not 0.0 < args.public_share < 1.0:
-            print("streamer: --public-share must be in (0, 1)", file=sys.stderr)
-            return 2
-        if args.topic and args.files:
-            print("streamer: train from files or from --topic, not both", file=sys.stderr)
-            return 2
-        for name in ("steps", "batch", "length", "hidden"):
-            if getattr(args, name) < 1:
-                print(f"streamer: --{name} must be at least 1", file=sys.stderr)
-                return 2
-        if args.columns and not args.files:
-            print("streamer: --columns only applies to files", file=sys.stderr)
-            return 2
-        if (args.config or args.bootstrap_servers) and not args.topic:
-            print("streamer: --config and --bootstrap-servers only apply with --topic", file=sys.stderr)
-            return 2
         try:
-            cfg = TrainConfig(
-                steps=args.steps, batch=args.batch, length=args.length, hidden=args.hidden, seed=args.seed, public_share=args.public_share
-            )
-            data = description = public = None
-            if args.topic:
-                from streamer.traindata import load_topic
-
-                try:
-                    config = load_config(args.config)  # (None: the defaults; STREAMER_* variables apply as in `run`)
-                except ConfigError as err:
-                    print(f"streamer: config error: {err}", file=sys.stderr)
-                    return 2
-                options = config.kafka.client_options()
-                if args.bootstrap_servers:
-                    options["bootstrap_servers"] = args.bootstrap_servers
-                end = "end" if args.to_offset is None else args.to_offset
-                description = f"Kafka topic {args.topic} at {options['bootstrap_servers']}, offsets {args.from_offset}..{end}"
-                topic_data = load_topic(options, config.input, args.topic, args.from_offset, args.to_offset, cfg.max_features)
-                data = SeriesSampler(topic_data)
-            elif args.files:
-                from streamer.traindata import load_files
-
-                description = "files " + ", ".join(args.files[:10]) + (" ..." if len(args.files) > 10 else "")
-                skipped: list[str] = []
-                columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
-                data = SeriesSampler(load_files(args.files, columns, skipped))
-                if skipped:
-                    print(f"not series (index or time; --columns to train them): {', '.join(skipped)}", file=sys.stderr)
-            if args.public:
-                from streamer.traindata import load_statsmodels
-
-                public = SeriesSampler(load_statsmodels())
-            model, summary = train_model(
-                cfg, data=data, data_description=description, public=public, public_description="statsmodels.datasets"
-            )
-        except (ValueError, OSError, csv.Error, KafkaError) as err:  # e.g. no usable series; no broker reachable
-            print(f"streamer: {err}", file=sys.stderr)
-            return 2
-        save_checkpoint(args.out, model, summary)
-        print(f"wrote {args.out}: loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f} in {summary['seconds']}s")
-        print(f"data: {summary['data']}")
-        if summary["public"]:
-            print(f"public: {summary['public']['data']}, {summary['public']['share']:.0%} of every batch")
-        return 0
+            return _train(args)
+        except KeyboardInterrupt:  # (Ctrl-C: the checkpoint is written through a temp file, so none is left)
+            print(f"streamer: train interrupted; {args.out} not written", file=sys.stderr)
+            return 130
     return 2
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 if TYPE_CHECKING:
     from models.calibration import CalibrationConfig
@@ -162,8 +162,9 @@ class DetectorConfig(_Strict):
 
     @field_validator("checkpoint")
     @classmethod
-    def _checkpoint(cls, v: str | None) -> str | None:
-        if v is not None and not Path(v).is_file():
+    def _checkpoint(cls, v: str | None, info: ValidationInfo) -> str | None:
+        # (`streamer train` reads the config for its connection: the file may be what it is to write)
+        if v is not None and (info.context or {}).get("checkpoint_must_exist", True) and not Path(v).is_file():
             raise ValueError(f"no checkpoint file at {v}")
         return v
 
@@ -245,8 +246,9 @@ def _format(err: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def build_config(data: dict[str, Any] | None, env: Mapping[str, str] | None = None) -> Config:
-    """Validate a parsed mapping, apply environment overrides, raise ConfigError naming the key."""
+def build_config(data: dict[str, Any] | None, env: Mapping[str, str] | None = None, checkpoint_must_exist: bool = True) -> Config:
+    """Validate a parsed mapping, apply environment overrides, raise ConfigError naming the key.
+    `checkpoint_must_exist=False`: a `detector.checkpoint` that is not there yet is no error."""
     data = dict(data or {})
     environ: Mapping[str, str] = os.environ if env is None else env
     for var, (section, key) in ENV_OVERRIDES.items():
@@ -256,7 +258,7 @@ def build_config(data: dict[str, Any] | None, env: Mapping[str, str] | None = No
                 raise ConfigError(f"{section}: must be a mapping")
             data[section] = {**sect, key: environ[var]}
     try:
-        return Config.model_validate(data)
+        return Config.model_validate(data, context={"checkpoint_must_exist": checkpoint_must_exist})
     except ValidationError as err:
         raise ConfigError(_format(err)) from None
 
@@ -280,10 +282,10 @@ class _NoDuplicatesLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -> Config:
+def load_config(path: str | Path | None, env: Mapping[str, str] | None = None, checkpoint_must_exist: bool = True) -> Config:
     """Read and validate a YAML file (None: all defaults)."""
     if path is None:
-        return build_config({}, env)
+        return build_config({}, env, checkpoint_must_exist)
     try:
         text = Path(path).read_text()
     except OSError as err:
@@ -296,4 +298,4 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
-    return build_config(data, env)
+    return build_config(data, env, checkpoint_must_exist)

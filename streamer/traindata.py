@@ -50,7 +50,10 @@ def load_files(paths: list[str], columns: list[str] | None = None, skipped: list
             for name in table.column_names:
                 col = table.column(name).to_numpy(zero_copy_only=False)
                 if np.issubdtype(col.dtype, np.number) and not np.issubdtype(col.dtype, np.bool_):
-                    found[name] = col.astype(np.float64)
+                    values = col.astype(np.float64)
+                    values = values[np.isfinite(values)]  # NaN (a null), inf: gaps, skipped as in a CSV
+                    if values.size:  # (a column of gaps only is no series, as in a CSV)
+                        found[name] = values
         else:
             found = _csv_columns(p)
         for name, values in found.items():
@@ -101,51 +104,84 @@ def load_topic(
     end: int | None,
     max_features: int,
     timeout_s: float = 10.0,
+    read: dict[int, tuple[int, int] | None] | None = None,
+    skipped: dict[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Every partition of `topic` from offset `start` to `end` (exclusive; None or beyond the
-    current end: the current end), decoded as the daemon with `input_cfg` decodes (bad records
-    are skipped), as one series per stream feature. Connects with the daemon's `kafka` options
-    (TLS, SASL). Says on stderr when it stopped early because no record came for `timeout_s`."""
+    """Every partition of `topic` from offset `start` to `end` (exclusive; None or beyond the end:
+    the end), decoded as the daemon with `input_cfg` decodes, as one series per stream feature.
+    Each partition's end is taken once, from the first fetch (the broker's high watermark then;
+    not ListOffsets, which Tansu under-reports): records produced while it replays a live topic
+    are not read, so the data is the range it reports. Connects with the daemon's `kafka` options
+    (TLS, SASL). Says on stderr when it stopped early because no record came for `timeout_s`.
+
+    `read`, when given, gets each partition's first and last offset read (None: none read);
+    `skipped`, the number of records the daemon would dead-letter, by reason."""
     import time
 
     from kafka import KafkaConsumer, TopicPartition
 
     from streamer.decode import Decoder
 
-    # (earliest: a --from-offset that retention has deleted starts at the log's start, not its end)
+    # (earliest: a log start that retention moves on while replaying is where it goes on from)
     consumer = KafkaConsumer(**client_options, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest")
-    parts = sorted(consumer.partitions_for_topic(topic) or ())
-    if not parts:
-        raise SystemExit(f"topic {topic!r} not found at {client_options.get('bootstrap_servers')}")
-    tps = [TopicPartition(topic, p) for p in parts]
-    consumer.assign(tps)
-    for tp in tps:
-        consumer.seek(tp, start)
-    decoder = Decoder(max_features, input_cfg.max_message_bytes, input_cfg.max_stream_id_length, input_cfg.stream_field)
-    series: dict[str, list[float]] = {}
-    done: set[int] = set()
-    idle_since = time.monotonic()
-    while len(done) < len(tps) and time.monotonic() - idle_since < timeout_s:
-        batch = consumer.poll(timeout_ms=500)
-        if batch:
-            idle_since = time.monotonic()
-        for tp, recs in batch.items():
-            recs = [r for r in recs if end is None or r.offset < end]
-            if end is not None and len(recs) < len(batch[tp]):
-                done.add(tp.partition)
-            dec = decoder.decode([r.value for r in recs], [r.key for r in recs], np.array([r.timestamp for r in recs], dtype=np.int64))
-            for j, stream in enumerate(dec.stream):
-                for k, name in enumerate(decoder.schemas[stream]):
-                    series.setdefault(f"{stream}:{name}", []).append(float(dec.x[j, k]))
-        for tp in tps:
-            hw = consumer.highwater(tp)
-            position = consumer.position(tp)
-            if (hw is not None and position >= hw) or (end is not None and position >= end):
-                done.add(tp.partition)
-    if len(done) < len(tps):
-        left = {tp.partition: consumer.position(tp) for tp in tps if tp.partition not in done}
-        print(f"streamer train: no record for {timeout_s:.0f}s, stopped early at positions {left}", file=sys.stderr)
-    consumer.close()
+    try:
+        parts = sorted(consumer.partitions_for_topic(topic) or ())
+        if not parts:
+            raise SystemExit(f"topic {topic!r} not found at {client_options.get('bootstrap_servers')}")
+        tps = [TopicPartition(topic, p) for p in parts]
+        # (a --from-offset that retention has deleted starts at the log's start)
+        log_start = consumer.beginning_offsets(tps)
+        first = {tp: max(start, log_start[tp]) for tp in tps}
+        left = [tp for tp in tps if end is None or first[tp] < end]
+        stop: dict[Any, int] = {}  # each partition's end, fixed at its first fetch
+        decoder = Decoder(max_features, input_cfg.max_message_bytes, input_cfg.max_stream_id_length, input_cfg.stream_field)
+        series: dict[str, list[float]] = {}
+        span: dict[int, tuple[int, int] | None] = dict.fromkeys(parts)
+        dead: dict[str, int] = {}
+        if left:
+            consumer.assign(left)
+            for tp in left:
+                consumer.seek(tp, first[tp])
+        idle_since = time.monotonic()
+        while left and time.monotonic() - idle_since < timeout_s:
+            batch = consumer.poll(timeout_ms=500)
+            if batch:
+                idle_since = time.monotonic()
+            for tp in left:
+                hw = consumer.highwater(tp) if tp not in stop else None  # (set by the fetches this poll parsed)
+                if hw is not None:
+                    stop[tp] = hw if end is None else min(end, hw)
+            past = set()
+            for tp, recs in batch.items():
+                if recs and recs[0].offset < first[tp]:
+                    # Reset to the log's start: --from-offset was past the partition's end.
+                    past.add(tp)
+                    continue
+                recs = [r for r in recs if r.offset < stop.get(tp, math.inf)]
+                if not recs:
+                    continue
+                was = span[tp.partition]
+                span[tp.partition] = (recs[0].offset if was is None else was[0], recs[-1].offset)
+                dec = decoder.decode([r.value for r in recs], [r.key for r in recs], np.array([r.timestamp for r in recs], dtype=np.int64))
+                for _, reason, _ in dec.dead:
+                    dead[reason] = dead.get(reason, 0) + 1
+                for j, stream in enumerate(dec.stream):
+                    for k, name in enumerate(decoder.schemas[stream]):
+                        series.setdefault(f"{stream}:{name}", []).append(float(dec.x[j, k]))
+            done = [tp for tp in left if tp in past or (tp in stop and consumer.position(tp) >= stop[tp])]
+            if done:
+                consumer.pause(*done)  # (no fetches past the end taken at the start)
+                left = [tp for tp in left if tp not in done]
+        if left:
+            at = {tp.partition: consumer.position(tp) for tp in left}
+            print(f"streamer train: no record for {timeout_s:.0f}s, stopped early at positions {at}", file=sys.stderr)
+    finally:
+        consumer.close()
+    if read is not None:
+        read.update(span)
+    if skipped is not None:
+        for reason, n in dead.items():
+            skipped[reason] = skipped.get(reason, 0) + n
     return {k: np.asarray(v) for k, v in series.items()}
 
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 import csv
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import orjson
-from conftest import event, produce
+import pytest
+from conftest import event, produce, read_all
+from kafka import KafkaConsumer
 
 from models.gru import load_checkpoint
+from streamer.config import ConfigError, load_config
 
 
 def test_train_from_csv_writes_a_described_checkpoint(tmp_path):
@@ -55,9 +59,15 @@ def test_train_from_a_kafka_topic_range(broker, topics, tmp_path):
     cmd += ["--to-offset", "50", "--out", str(out), "--steps", "2", "--batch", "4", "--length", "32"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    # The skipped record is counted, with its reason (it was dropped without a word).
+    assert "skipped 1 record" in proc.stderr and "invalid_json 1" in proc.stderr, proc.stderr
     _, meta = load_checkpoint(out)
     assert sorted(meta["training"]["series"]) == sorted(f"s{i}:{f}" for i in range(4) for f in "ab")
-    assert f"Kafka topic {topics['input']}" in meta["training"]["data"] and "offsets 0..50" in meta["training"]["data"]
+    # The offsets actually read, per partition (first..last, inclusive), not the range asked for.
+    ends = Counter(r.partition for r in read_all(broker, topics["input"], expect=len(records)))  # (ListOffsets under-reports on Tansu)
+    read = ", ".join(f"p{p} 0..{min(ends[p], 50) - 1}" if ends[p] else f"p{p} none" for p in range(4))
+    assert f"Kafka topic {topics['input']}" in meta["training"]["data"], meta["training"]["data"]
+    assert f"offsets read {read}" in meta["training"]["data"], meta["training"]["data"]
 
 
 def test_padding_before_a_short_series_is_neither_stepped_nor_trained_on():
@@ -138,8 +148,12 @@ def test_train_from_a_topic_decodes_as_the_configured_daemon_does(broker, topics
     records = [(None, orjson.dumps({"device": f"d{i % 2}", "ts": i, "values": {"a": float(i % 7)}})) for i in range(60)]
     produce(broker, topics["input"], records)
     config = tmp_path / "config.yaml"
-    config.write_text(f"kafka:\n  bootstrap_servers: {broker.bootstrap}\ninput:\n  stream_field: device\n")
     out = tmp_path / "d.pt"
+    # The daemon's config names the checkpoint this first training run is to write: training
+    # needs the connection and input settings only, not that file (it refused: "no checkpoint").
+    config.write_text(f"kafka:\n  bootstrap_servers: {broker.bootstrap}\ninput:\n  stream_field: device\ndetector:\n  checkpoint: {out}\n")
+    with pytest.raises(ConfigError, match="no checkpoint file"):
+        load_config(config)  # (the daemon still refuses to start without it)
     cmd = [sys.executable, "-m", "streamer.cli", "train", "--topic", topics["input"], "--config", str(config)]
     cmd += ["--out", str(out), "--steps", "2", "--batch", "4", "--length", "24"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -188,3 +202,144 @@ def test_index_and_epoch_time_columns_are_not_trained_as_series(tmp_path):
     proc = subprocess.run([*base, "--out", str(tmp_path / "c.pt"), "--columns", "temp,tmep"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "'tmep'" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert not (tmp_path / "c.pt").exists()
+
+
+def test_train_refuses_series_too_short_to_predict_a_value(tmp_path):
+    """A value is predicted (and trained on) only after 2 values of its series: two rows passed
+    the old ">= 2 values" check and wrote the untrained initial weights with exit 0."""
+    path = tmp_path / "two.csv"
+    path.write_text("temp,rpm\n1.5,3\n2.5,4\n")
+    out = tmp_path / "m.pt"
+    cmd = [sys.executable, "-m", "streamer.cli", "train", str(path), "--out", str(out), "--steps", "2", "--batch", "4", "--length", "32"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "at least 3 values" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not out.exists()
+
+
+def test_three_values_are_enough_and_a_run_that_learns_nothing_is_an_error():
+    import torch
+
+    from models.gru import ModelConfig, StreamGRU
+    from models.train import SeriesSampler, TrainConfig, train
+
+    with pytest.raises(ValueError, match="at least 3 values"):
+        SeriesSampler({"a": np.array([1.0, 2.0]), "gaps": np.array([np.nan, 1.0, np.inf, 2.0, 1e300])})
+    sampler = SeriesSampler({"a": np.array([1.0, 2.5, 2.0]), "short": np.array([4.0])})
+    assert sampler.names == ["a"] and sampler.too_short == ["short"] and sampler.rows == 3
+    cfg = TrainConfig(steps=2, batch=2, length=32)
+    model, summary = train(cfg, progress=False, data=sampler, data_description="three")
+    torch.manual_seed(cfg.seed)
+    init = StreamGRU(ModelConfig(hidden=cfg.hidden, max_features=cfg.max_features))
+    assert summary["first_loss"] > 0 and not all(torch.equal(a, b) for a, b in zip(init.state_dict().values(), model.state_dict().values()))
+
+    class NoPredictions(SeriesSampler):
+        def __call__(self, rng, batch, length):
+            return np.full((batch, length), np.nan)
+
+    with pytest.raises(ValueError, match="no training step"):
+        train(cfg, progress=False, data=NoPredictions({"a": np.arange(5.0)}), data_description="gaps")
+
+
+def test_parquet_cells_that_are_not_finite_are_gaps_as_in_csv(tmp_path, monkeypatch):
+    """An all-NaN Parquet column was "1 series, 500 values" (and trained nothing) where the same
+    data as CSV is refused. (A stand-in for pyarrow.parquet: the dev install does not have it.)"""
+    import types
+
+    from streamer.traindata import load_files
+
+    columns = {"temp": np.r_[np.nan, 1.0, np.inf, 2.0, -np.inf, 3.0], "empty": np.full(6, np.nan), "n": np.arange(6)}
+
+    class Column:
+        def __init__(self, values):
+            self.values = values
+
+        def to_numpy(self, zero_copy_only=True):
+            return self.values
+
+    class Table:
+        column_names = tuple(columns)
+
+        def column(self, name):
+            return Column(columns[name])
+
+    parquet = types.ModuleType("pyarrow.parquet")
+    parquet.read_table = lambda p: Table()
+    monkeypatch.setitem(sys.modules, "pyarrow", types.ModuleType("pyarrow"))
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", parquet)
+    path = tmp_path / "d.parquet"
+    path.write_bytes(b"")
+    out = load_files([str(path)])
+    assert sorted(out) == [f"{path}:n", f"{path}:temp"]  # (no column of gaps only, as from a CSV)
+    assert out[f"{path}:temp"].tolist() == [1.0, 2.0, 3.0] and out[f"{path}:n"].tolist() == list(range(6))
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text("temp,empty,n\n" + "".join(f"{t},,{n}\n" for t, n in zip(columns["temp"], columns["n"])))
+    assert {k.rsplit(":", 1)[1]: v.tolist() for k, v in load_files([str(csv_path)]).items()} == {
+        k.rsplit(":", 1)[1]: v.tolist() for k, v in out.items()
+    }
+
+
+def test_a_bad_out_is_refused_before_training(tmp_path):
+    """--out a directory, or in a place that cannot be written, was found after the whole run,
+    with a traceback. (--steps is far more than the timeout allows: it must not train.)"""
+    (tmp_path / "afile").write_text("")
+    base = [sys.executable, "-m", "streamer.cli", "train", "--steps", "1000000", "--batch", "4", "--length", "32"]
+    for out in (tmp_path, "/proc/x.pt", tmp_path / "afile" / "m.pt"):
+        proc = subprocess.run([*base, "--out", str(out)], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and "--out" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_sigint_during_train_says_one_line_and_leaves_no_file(tmp_path):
+    import os
+    import signal
+
+    fifo = tmp_path / "data.csv"
+    os.mkfifo(fifo)
+    out = tmp_path / "m.pt"
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamer.cli",
+        "train",
+        str(fifo),
+        "--out",
+        str(out),
+        "--steps",
+        "1000000",
+        "--batch",
+        "4",
+        "--length",
+        "32",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with fifo.open("w") as fh:  # (opens once the command reads its data: past start-up)
+        fh.write("temp\n" + "".join(f"{np.sin(i / 5):.3f}\n" for i in range(200)))
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and "interrupted" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data.csv"]  # no checkpoint, no temp file
+
+
+def test_a_topic_replay_stops_at_the_end_it_found_at_start(broker, topics, monkeypatch):
+    """Without --to-offset the replay stopped at a moving end: on a topic being written it read
+    records produced after the command started."""
+    from streamer.config import InputConfig
+    from streamer.traindata import load_topic
+
+    early = [(f"s{i % 4}".encode(), event(f"s{i % 4}", i, {"a": float(i % 9)})) for i in range(120)]
+    produce(broker, topics["input"], early)
+    late = [(f"s{i % 4}".encode(), event("late", i, {"a": 1.0})) for i in range(40)]
+    poll = KafkaConsumer.poll
+
+    def poll_then_produce(self, *args, **kwargs):  # records that arrive once the replay has started
+        batch = poll(self, *args, **kwargs)
+        if batch and late:
+            produce(broker, topics["input"], late)
+            late.clear()
+        return batch
+
+    monkeypatch.setattr(KafkaConsumer, "poll", poll_then_produce)
+    series = load_topic({"bootstrap_servers": broker.bootstrap}, InputConfig(), topics["input"], 0, None, 8, timeout_s=5)
+    assert not late  # (they were produced while it replayed)
+    assert sorted(series) == [f"s{i}:a" for i in range(4)] and sum(len(v) for v in series.values()) == 120
