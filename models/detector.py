@@ -124,6 +124,12 @@ def advance(
     # more features, each feature's error given the others' (is one out of line with the rest).
     steps = state["steps"]
     per_feature = torch.stack((q_mix, q_prof, q_lvl, q_shift, q_corr), dim=1)  # [B, 5, F]
+    # A feature that came later than its stream (a sensor added to it, or one whose first
+    # readings were missing) has statistics resting on a few readings while the stream is past
+    # warm-up: its third reading was flagged as if it were a spike. Like a new stream's, its first
+    # half warm-up is kept out of the views (it still learns).
+    late = mask & (n < cal.warmup // 2) & (n < steps[:, None])
+    per_feature = torch.where(late[:, None, :], 0.0, per_feature)
     views = per_feature.sum(dim=2)  # [B, 5]
     # Every view's history learns from the first event on; the profile's is scored only once the
     # stream has come back to hours it knows (`profile_scored`; always without timestamps, where

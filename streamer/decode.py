@@ -2,12 +2,13 @@
 
 JSON parsing is the one unavoidable per-event Python step, so it is kept to a single pass with
 orjson and every check is a cheap type test. Anything the detector could not score (bad JSON,
-no stream id, a value that is not a finite number or is too large to hold, a feature set other than the stream's) is
-sent back with a reason instead of raising, so one bad producer cannot stop the daemon.
+no stream id, a value that is not a finite number or is too large to hold, more features than the model
+has channels) is sent back with a reason instead of raising, so one bad producer cannot stop the daemon.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -41,7 +42,6 @@ REASONS = (
     "non_finite",
     "out_of_range",
     "too_many_features",
-    "schema_mismatch",
     "parse_error",
     "unreadable",  # the Kafka client could not parse the record (streamer/transport.py)
 )
@@ -134,8 +134,19 @@ def _loads(raw: bytes) -> Any:
     return obj
 
 
+@functools.lru_cache(maxsize=4096)
+def _channels(schema: tuple[str, ...]) -> dict[str, int]:
+    return {name: k for k, name in enumerate(schema)}
+
+
 class Decoder:
-    """Holds each stream's feature schema (sorted names, fixed by its first valid event)."""
+    """Holds each stream's features: a feature's channel is its place in the stream's schema.
+
+    The schema is the features of the stream's first valid event (sorted by name), and any
+    feature a later event brings is appended, up to the model's channels. An event may leave
+    features out, or send null for them: a missed reading is not scored or learned, and the
+    stream's other features are. (A stream whose first event lacked one feature used to lose
+    every later complete event to the dead-letter topic.)"""
 
     def __init__(self, max_features: int, max_bytes: int, max_stream_len: int, stream_field: str = "stream") -> None:
         self.max_features = max_features
@@ -154,7 +165,7 @@ class Decoder:
             raise Rejected("missing_values", "'values' must be a non-empty object")
         return values
 
-    def _one(self, raw: bytes | None, key: bytes | None, record_ts: int) -> tuple[str, int, tuple[str, ...], list[float]]:
+    def _one(self, raw: bytes | None, key: bytes | None, record_ts: int) -> tuple[str, int, list[int], list[float]]:
         if raw is None:
             # A null value deletes its key in a compacted topic; it is not a reading. Dead-lettered
             # (with its null value) rather than skipped, so no record disappears without a trace.
@@ -176,25 +187,32 @@ class Decoder:
             raise Rejected("invalid_stream", f"stream id must be a string of at most {self.max_stream_len} characters")
         ts = parse_ts(obj.get("ts"), record_ts)
         values = self._values(obj)
-        names = tuple(sorted(values))
+        names = []
         nums = []
-        for name in names:
+        for name in sorted(values):
             v = values[name]
+            if v is None:
+                continue  # a missed reading
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise Rejected("non_numeric", f"value of {name!r} is not a number")
             if isinstance(v, float) and not math.isfinite(v):
                 raise Rejected("non_finite", f"value of {name!r} is not finite")
             if abs(v) > MAX_ABS_VALUE:  # (before float(): an int of hundreds of digits overflows it)
                 raise Rejected("out_of_range", f"value of {name!r} has magnitude above {MAX_ABS_VALUE:g}")
+            names.append(name)
             nums.append(float(v))
-        schema = self.schemas.get(stream)
-        if schema is None:
-            if len(names) > self.max_features:
-                raise Rejected("too_many_features", f"{len(names)} features > model maximum {self.max_features}")
-            self.schemas[stream] = names
-        elif schema != names:
-            raise Rejected("schema_mismatch", f"features {list(names)} differ from the stream's {list(schema)}")
-        return stream, ts, names, nums
+        if not names:
+            raise Rejected("missing_values", "every value is null")
+        schema = self.schemas.get(stream, ())
+        channel = _channels(schema)
+        new = [name for name in names if name not in channel]
+        if new:
+            if len(schema) + len(new) > self.max_features:
+                had = f" (the stream has {list(schema)})" if schema else ""
+                raise Rejected("too_many_features", f"{len(schema) + len(new)} features > model maximum {self.max_features}{had}")
+            schema = self.schemas[stream] = schema + tuple(new)
+            channel = _channels(schema)
+        return stream, ts, [channel[name] for name in names], nums
 
     def decode(self, values: list[bytes | None], keys: list[bytes | None], record_ts: np.ndarray) -> Decoded:
         n = len(values)
@@ -208,7 +226,7 @@ class Decoder:
         ts_list = record_ts.tolist()
         for i in range(n):
             try:
-                stream, t, _names, nums = self._one(values[i], keys[i], ts_list[i])
+                stream, t, channels, nums = self._one(values[i], keys[i], ts_list[i])
             except Rejected as rej:
                 dead.append((i, rej.reason, rej.detail))
                 continue
@@ -216,9 +234,8 @@ class Decoder:
                 dead.append(unforeseen(i, err))
                 continue
             row = len(index)
-            k = len(nums)
-            x[row, :k] = nums
-            mask[row, :k] = True
+            x[row, channels] = nums
+            mask[row, channels] = True
             index.append(i)
             streams.append(stream)
             ts.append(t)

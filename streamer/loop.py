@@ -504,6 +504,7 @@ class Runner:
         score = res.score.tolist()
         anomaly = res.is_anomaly.tolist()
         contrib = res.contributions.tolist()
+        present = dec.mask.tolist()
         view = _VIEW_NAMES[np.where(res.valid, res.view, len(VIEWS))].tolist()
         held = _HELD_NAMES[res.held].tolist()
         ts = dec.ts_ms.tolist()
@@ -515,7 +516,7 @@ class Runner:
                 continue
             stream = dec.stream[j]
             names = schemas[stream]
-            k = len(names)
+            here = present[j]
             record = {
                 "kind": "sensor",
                 "stream": stream,
@@ -529,7 +530,7 @@ class Runner:
                 "top_feature": names[top[j]] if top[j] >= 0 else None,
                 "view": view[j],
                 "held": held[j],
-                "contributions": dict(zip(names, contrib[j][:k])),
+                "contributions": {name: c for name, c, p in zip(names, contrib[j], here) if p},
                 "model_version": version,
             }
             value = orjson.dumps(record)

@@ -167,7 +167,8 @@ def load_topic(
                     dead[reason] = dead.get(reason, 0) + 1
                 for j, stream in enumerate(dec.stream):
                     for k, name in enumerate(decoder.schemas[stream]):
-                        series.setdefault(f"{stream}:{name}", []).append(float(dec.x[j, k]))
+                        if dec.mask[j, k]:  # (a missed reading is a gap, as an empty CSV cell)
+                            series.setdefault(f"{stream}:{name}", []).append(float(dec.x[j, k]))
             done = [tp for tp in left if tp in past or (tp in stop and consumer.position(tp) >= stop[tp])]
             if done:
                 consumer.pause(*done)  # (no fetches past the end taken at the start)

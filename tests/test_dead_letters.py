@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import orjson
 from conftest import DaemonThread, event, make_config, produce, read_all, scores_of
 from kafka import KafkaProducer
 
@@ -20,7 +21,6 @@ BAD: dict[str, tuple[bytes | None, bytes | None]] = {
     "non_finite": (b"x", b'{"stream": "s-1", "values": {"temp": NaN}}'),
     "out_of_range": (b"x", b'{"stream": "s-1", "values": {"temp": 1e300}}'),
     "too_many_features": (b"x", event("wide", 1, {f"f{i}": 1.0 for i in range(9)})),
-    "schema_mismatch": (b"s-1", event("s-1", 1, {"pressure": 1.0})),
     "oversized": (b"x", event("s-1", 1, {"temp": 1.0}) + b" " * 5000),
     "tombstone": (b"s-1", None),  # dead-lettered with its null value (it was b"" and invalid_json)
 }
@@ -78,6 +78,37 @@ def test_bad_input_is_dead_lettered_and_neighbours_scored(broker, topics, state_
     offsets = sorted(r["offset"] for r in scores)
     bad_offsets = {int(dict(r.headers)["streamer.source.offset"]) for r in dead}
     assert sorted(set(range(len(records))) - bad_offsets) == offsets
+
+
+def test_a_stream_may_miss_readings_and_gain_features(broker, topics, state_dir):
+    """A stream's first event fixed its features: one that lacked a reading there lost every later
+    complete event to the dead-letter topic (schema_mismatch), and so did every later missed
+    reading or null. Now a missed or null reading is left out of that event, a new feature gets
+    the next channel, and only a stream that would need more channels than the model has is
+    refused (too_many_features)."""
+    values: list[dict[str, float | None]] = [{"a": 1.0}]  # the first event lacks b
+    values += [{"a": float(i % 5), "b": float(i % 3)} for i in range(40)]
+    values += [{"a": 2.0, "b": None}, {"b": 1.0}]  # a null reading, a missing one
+    values += [{"a": float(i % 5), "b": 1.0, "c": float(i % 4)} for i in range(20)]  # c joins
+    values.append({f"f{i}": 1.0 for i in range(6)})  # 3 + 6 features: more than the model's 8
+    values.append({"a": 1.0, "b": 2.0, "c": 3.0})
+    records: list[tuple[bytes | None, bytes | None]] = [
+        (b"m", orjson.dumps({"stream": "m", "ts": i, "values": v})) for i, v in enumerate(values)
+    ]
+    produce(broker, topics["input"], records, partition_of=lambda _key: 0)
+    with DaemonThread(make_config(broker, topics, state_dir)) as daemon:
+        daemon.wait_scored(len(values) - 1)
+        assert daemon.runner.decoder.schemas["m"] == ("a", "b", "c")
+    dead = read_all(broker, topics["dead"], expect=1)
+    assert [(dict(r.headers)["streamer.reason"], dict(r.headers)["streamer.source.offset"]) for r in dead] == [
+        (b"too_many_features", b"63")
+    ]
+    scores = {r["offset"]: r for r in scores_of(read_all(broker, topics["scores"], expect=len(values) - 1))}
+    assert sorted(scores) == [i for i in range(len(values)) if i != 63]
+    for i, r in scores.items():
+        present = {k for k, v in values[i].items() if v is not None}
+        assert set(r["contributions"]) == present, i
+        assert r["top_feature"] is None or r["top_feature"] in present, i
 
 
 def test_an_oversized_records_dead_letter_is_cut_to_the_input_limit(broker, topics, state_dir):
