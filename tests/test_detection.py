@@ -269,3 +269,43 @@ def test_a_feature_that_joins_a_stream_late_has_its_own_warm_up(one_torch_thread
     assert not flagged[joins : joins + 100].any()
     assert flagged[n - 1].all()
     assert (res.top_feature(mask.reshape(n * streams, -1)).reshape(n, streams)[n - 1] == 3).all()
+
+
+def test_a_setpoint_step_raises_the_bar_for_the_other_features(one_torch_thread):
+    """A known limit (README, Calibration). Twin chillers (setpoint, supply and return
+    temperature, condenser pressure; 1-minute readings) with the same noise and one spike of 10
+    deviations on return temperature or pressure. Where the setpoint never moves, the spikes are
+    flagged. Where it steps once from 7.0 to 6.5, 100 to 1,900 events before the spike, its
+    enormous surprise while its normaliser follows (its deviation is at the floor, 0.01% of its
+    level) fills the stream's calibration histories, and spikes of that size go unflagged."""
+    n, step_at = 3000, 1000
+    spikes = [1100, 1300, 1500, 1700, 1900, 2300, 2600, 2900]
+    t = np.arange(n)
+    rows = []
+    for k, at in enumerate(spikes):
+        for step in (False, True):
+            rng = np.random.default_rng(100 + k)
+            sp = np.where(step & (t >= step_at), 6.5, 7.0)
+            load = 0.5 + 0.3 * np.sin(2 * np.pi * t / 1440.0)
+            supply = sp + rng.normal(0, 0.05, n)
+            ret = supply + 6 * load + rng.normal(0, 0.08, n)
+            press = 9.0e5 + 2.0e5 * load + rng.normal(0, 3e3, n)
+            v = np.stack([sp, supply, ret, press], axis=1)
+            f, noise = (2, 0.08) if k % 2 == 0 else (3, 3e3)
+            v[at, f] += 10 * noise
+            rows.append(v)
+    x = np.stack(rows, axis=1)  # [n, streams, 4]
+    streams = x.shape[1]
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    det = Detector(model, CalibrationConfig())  # the daemon's defaults
+    xs = np.zeros((n * streams, det.max_features))
+    xs[:, :4] = x.reshape(n * streams, 4)
+    mask = np.zeros_like(xs, dtype=bool)
+    mask[:, :4] = True
+    ts = np.repeat(t.astype(np.int64) * 60_000, streams)
+    res = det.process(np.tile(np.arange(streams), n), xs, mask, ts)
+    flagged = res.is_anomaly.reshape(n, streams)
+    flat = [bool(flagged[at, 2 * k]) for k, at in enumerate(spikes)]
+    stepped = [bool(flagged[at, 2 * k + 1]) for k, at in enumerate(spikes)]
+    print(f"\nspikes flagged: setpoint constant {sum(flat)} of {len(spikes)}, setpoint stepped {sum(stepped)} of {len(spikes)}")
+    assert sum(flat) >= len(spikes) - 2
