@@ -14,6 +14,7 @@ import glob
 import io
 import math
 import os
+import pickle
 import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
@@ -193,7 +194,16 @@ def write_checkpoint(path: str | Path, fmt: str, model: nn.Module, config: Any, 
 def read_checkpoint(path: str | Path, fmt: str, data: bytes | None = None) -> dict[str, Any]:
     """A checkpoint's payload, loaded safely (weights_only=True) and checked for format and
     version. `data`: the file's bytes, already read (path then only names it in errors)."""
-    payload = torch.load(io.BytesIO(data) if data is not None else Path(path), map_location="cpu", weights_only=True)
+    if data is None:
+        data = Path(path).read_bytes()  # (an OSError here is the file's: torch's reader raised EINVAL for a cut file)
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # (torch's own message suggests weights_only=False, which would run the file's code)
+        detail = "not a file torch.save wrote, or one holding more than tensors and values"
+        raise ValueError(f"{path}: not a {fmt} checkpoint: {detail}") from None
+    except (ValueError, RuntimeError, EOFError) as err:
+        raise ValueError(f"{path}: not a complete checkpoint (cut short, or not a file torch.save wrote): {err}") from None
     if not isinstance(payload, dict) or payload.get("format") != fmt:
         raise ValueError(f"{path}: not a {fmt} checkpoint")
     if payload.get("version") != CHECKPOINT_VERSION:

@@ -160,6 +160,23 @@ def test_checkpoints_that_would_break_the_daemon_are_refused_at_load(tmp_path):
             load_checkpoint(path)
 
 
+def test_a_file_that_is_not_a_whole_checkpoint_is_refused_saying_so(tmp_path):
+    """torch's message for a file its safe loader refuses suggests loading it with
+    weights_only=False (which would run the file's code), and a file cut short said only
+    "negative seek value": both were the last line a refused start-up printed."""
+    whole = DEFAULT_WEIGHTS.read_bytes()
+    for name, data, says in (
+        ("text.pt", b"not a checkpoint", "not a streamer-gru checkpoint"),
+        ("half.pt", whole[: len(whole) // 2], "not a complete checkpoint"),
+    ):
+        path = tmp_path / name
+        path.write_bytes(data)
+        for loaded in (None, data):  # (the daemon passes the bytes it read; a path alone is read here)
+            with pytest.raises(ValueError, match=says) as err:
+                load_checkpoint(path, data=loaded)
+            assert "weights_only" not in str(err.value)
+
+
 def test_a_swap_that_fails_keeps_the_current_model_and_states(broker, topics, state_dir, monkeypatch):
     runner = DaemonThread(make_config(broker, topics, state_dir)).runner
     try:
