@@ -59,6 +59,9 @@ class CheckpointWatcher:
         # while the daemon starts is then noticed, not taken for the one that was loaded.
         self._seen = self._stamp()
         self.failures = 0  # loads refused since start (a bad file is tried once per change)
+        # Whether the file now at the path is not the model served: refused, or gone. A restart
+        # would then fail, although the running daemon is fine.
+        self.refused = False
 
     def _stamp(self) -> tuple[int, ...] | None:
         try:
@@ -74,14 +77,17 @@ class CheckpointWatcher:
         self._seen = stamp
         if stamp is None:
             # Not fatal now (the model is in memory), but a restart would refuse the config.
+            self.refused = True
             log.warning("checkpoint %s is gone; serving the loaded model, but a restart will fail until it is back", self.path)
             return None
         try:
             model, meta, _device = load_model(self.config)
         except Exception as err:  # noqa: BLE001 - a half-written or bad file must not stop the daemon
             self.failures += 1
+            self.refused = True
             log.error("new checkpoint %s could not be loaded, keeping the current model: %s: %s", self.path, type(err).__name__, err)
             return None
+        self.refused = False
         return model, meta
 
 

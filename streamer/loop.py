@@ -619,6 +619,7 @@ class Runner:
         self._last_reload_check = now
         failures = self.watcher.failures
         found = self.watcher.poll()
+        self.metrics.checkpoint_refused.set(1 if self.watcher.refused else 0)
         if found is None:
             if self.watcher.failures > failures:
                 self.metrics.model_reloads.labels("failed").inc()
@@ -630,6 +631,7 @@ class Runner:
             kept = self.detector.swap_model(model)
         except Exception as err:  # noqa: BLE001 - e.g. no memory for the new state bank
             self.metrics.model_reloads.labels("failed").inc()
+            self.metrics.checkpoint_refused.set(1)
             log.error(
                 "new checkpoint %s could not be served, keeping the current model: %s: %s", meta["checkpoint"], type(err).__name__, err
             )

@@ -177,6 +177,11 @@ class Metrics:
         self.device_memory = Gauge(
             "streamer_device_memory_bytes", "Memory allocated by torch on the detector's device (0 on cpu: see process_*).", registry=r
         )
+        self.checkpoint_refused = Gauge(
+            "streamer_checkpoint_refused",
+            "1 while the checkpoint file is not the model served (refused when it changed, or gone): a restart would fail.",
+            registry=r,
+        )
         self.model_loaded = Gauge("streamer_model_loaded_timestamp_seconds", "Unix time the current model was loaded.", registry=r)
         self.consumer_lag = Gauge(
             "streamer_consumer_lag_records",

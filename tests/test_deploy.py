@@ -359,6 +359,7 @@ def test_every_alert_is_tested_firing_and_silent_and_documented() -> None:
         "StreamerDeadLetters",
         "StreamerSnapshotsFailing",
         "StreamerBrokerUnreachable",
+        "StreamerCheckpointRefused",
         "StreamerAnomalyRateSpike",
     }
     assert names <= fired, f"alerts never shown firing: {sorted(names - fired)}"

@@ -85,10 +85,12 @@ def test_checkpoint_swap_keeps_or_resets_state(broker, topics, state_dir, tmp_pa
         assert int(daemon.runner.detector.bank.tensors["steps"][slot]) == 50
         assert daemon.runner.detector.bank.tensors["h"].shape[-1] == 16
 
-        # A broken file is refused; the current model stays.
+        # A broken file is refused; the current model stays, and the gauge says a restart would fail.
+        assert daemon.metrics.checkpoint_refused._value.get() == 0
         ckpt.write_bytes(b"not a checkpoint")
         time.sleep(1.0)
         assert daemon.runner.model_version.startswith("small")
+        assert daemon.metrics.checkpoint_refused._value.get() == 1
         reloads = daemon.metrics.model_reloads
         assert [reloads.labels(r)._value.get() for r in ("kept_state", "reset_state", "failed")] == [1, 1, 1]
 
@@ -132,15 +134,18 @@ def test_a_refused_checkpoint_gets_another_chance_when_fixed_and_a_deleted_one_i
     good = tmp_path / "good.pt"
     _saved(good, 2, "second")
     ckpt.write_bytes(good.read_bytes()[:100])  # half written
+    assert not watcher.refused
     assert watcher.poll() is None and watcher.failures == 1
     assert watcher.poll() is None and watcher.failures == 1  # tried once per change, not every check
+    assert watcher.refused  # (streamer_checkpoint_refused: a restart would fail on this file)
     ckpt.write_bytes(good.read_bytes())  # (the same size and mtime would do: see above)
     found = watcher.poll()
     assert found is not None and found[1]["training"]["name"] == "second"
+    assert not watcher.refused
     caplog.set_level(logging.WARNING, logger="streamer.app")
     ckpt.unlink()
     assert watcher.poll() is None
-    assert "is gone" in caplog.text
+    assert "is gone" in caplog.text and watcher.refused
 
 
 def test_checkpoints_that_would_break_the_daemon_are_refused_at_load(tmp_path):
@@ -185,6 +190,7 @@ def test_a_swap_that_fails_keeps_the_current_model_and_states(broker, topics, st
 
         class Watcher:
             failures = 0
+            refused = False
 
             def poll(self):
                 return StreamGRU(ModelConfig(hidden=8)), {"model_version": "new", "config": {}, "checkpoint": "x"}

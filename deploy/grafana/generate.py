@@ -632,7 +632,7 @@ def model() -> Json:
         "string",
         targets((m("streamer_model_info"), ""), instant=True, fmt="table"),
         ("instance", "version", "checkpoint", "device", "hidden", "max_features", "job"),
-        w=12,
+        w=8,
     )
     b.stat(
         "Model versions running",
@@ -659,6 +659,17 @@ def model() -> Json:
         targets((f"max(time() - {m('streamer_model_loaded_timestamp_seconds')})", "age")),
         w=4,
         h=8,
+    )
+    b.stat(
+        "Checkpoints refused",
+        "Members whose checkpoint file is not the model they serve (streamer_checkpoint_refused 1): it was replaced by one "
+        "they could not load, or removed. They keep serving, but a restart would fail on that file; "
+        "StreamerCheckpointRefused fires after 5 min.",
+        "none",
+        targets((f"count({m('streamer_checkpoint_refused')} == 1) or vector(0)", "members")),
+        w=4,
+        h=8,
+        thresholds=((None, "green"), (1, "orange")),
     )
     b.timeseries(
         "Checkpoint reloads",
