@@ -105,6 +105,7 @@ def profile_lookup(
 
 def profile_update(
     state: dict[str, torch.Tensor],
+    ts_ms: torch.Tensor,
     hour: torch.Tensor,
     x: torch.Tensor,
     p_mean: torch.Tensor,
@@ -118,22 +119,28 @@ def profile_update(
     v = torch.where(learn, (1.0 - PROFILE_ALPHA) * (p_var_raw + PROFILE_ALPHA * d * d), p_var_raw)
     seen = state["prof_seen"]
     one = torch.ones_like(seen)
+    # A revisit: an hour the feature had learned, a day or more after the feature's first
+    # reading (so at least the next day's same hour: every other hour's first visit ends within
+    # the first day; a reading stamped before its predecessor is no revisit). The start is the
+    # epoch hour of the first reading, valid where any hour is seen (a snapshot older than the
+    # field has it at 0: long ago).
+    now = torch.div(ts_ms, 3_600_000, rounding_mode="floor").clamp(-(2**31), 2**31 - 1)[:, None]
+    start = torch.where(seen != 0, state["prof_start"].long(), now)
     was_seen = ((seen >> hour[:, None]) & 1).bool()
-    # Back in an hour it had learned, from another one: a revisit (the first events of an hour on
-    # a stream's second day). A last hour of 0 is a snapshot older than the field: any hour counts.
-    back = (state["prof_last"].long() != hour + 1)[:, None]
-    bit = torch.where(learn, one << hour[:, None], 0) | torch.where(learn & was_seen & back, one << (hour[:, None] + PROFILE_BINS), 0)
+    back = learn & was_seen & (now - start >= PROFILE_BINS)
+    bit = torch.where(learn, one << hour[:, None], 0) | torch.where(back, one << (hour[:, None] + PROFILE_BINS), 0)
     return {
         "prof_mean": state["prof_mean"].scatter(2, idx, m.unsqueeze(2)),
         "prof_var": state["prof_var"].scatter(2, idx, v.to(state["prof_var"].dtype).unsqueeze(2)),
         "prof_seen": seen | bit,
-        "prof_last": torch.where(learn.any(dim=1), hour + 1, state["prof_last"].long()).to(state["prof_last"].dtype),
+        "prof_start": torch.where(learn & (seen == 0), now, state["prof_start"].long()).to(state["prof_start"].dtype),
     }
 
 
 def profile_scored(state: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[B] whether the profile view is scored: once the stream has come back to PROFILE_REVISITS
-    hours of the day it had learned before.
+    """[B] whether the profile view is scored: once every feature of the stream has come back to
+    PROFILE_REVISITS hours of the day it had learned before (or to every hour it knows, for a
+    stream read once a day), a day or more after its first reading.
 
     On its first day a stream's profile holds, for each hour, the readings of that hour alone
     (with 1-minute data, the last ~10 of them): its spread says nothing about how different the
@@ -142,10 +149,14 @@ def profile_scored(state: dict[str, torch.Tensor]) -> torch.Tensor:
     a comparison: a stream with no daily rhythm (a random walk, a slow cycle) was flagged with
     scores of 1.0 about a day after it started, every stream of a fleet at once. The view's
     history still learns from the first event on, so by the time it is scored it has seen a
-    couple of hours of revisits."""
-    shifts = torch.arange(PROFILE_BINS, 2 * PROFILE_BINS, device=state["prof_seen"].device)
-    revisited = ((state["prof_seen"][..., None] >> shifts) & 1).sum(dim=-1)  # [B, F]
-    return revisited.amax(dim=1) >= PROFILE_REVISITS
+    couple of hours of revisits. A feature that joins a stream later holds the view back in the
+    same way until its own second day."""
+    seen = state["prof_seen"]
+    shifts = torch.arange(2 * PROFILE_BINS, device=seen.device)
+    bits = (seen[..., None] >> shifts) & 1  # [B, F, 48]
+    known, revisited = bits[..., :PROFILE_BINS].sum(dim=-1), bits[..., PROFILE_BINS:].sum(dim=-1)
+    ready = (revisited >= torch.clamp(known, max=PROFILE_REVISITS)) | (seen == 0)
+    return ready.all(dim=1) & (seen != 0).any(dim=1)
 
 
 def mix(state: dict[str, torch.Tensor], errors: torch.Tensor, has_pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

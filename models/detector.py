@@ -134,10 +134,14 @@ def advance(
     # Every view's history learns from the first event on; the profile's is scored only once the
     # stream has come back to hours it knows (`profile_scored`; always without timestamps, where
     # the profile is a local level).
+    # The correlation view likewise waits for its history to hold half a warm-up of events: in a
+    # stream that gains its second feature long after its start, it applies for the first time
+    # past warm-up, and an empty history ranked its first events as extreme.
     learns = torch.cat((torch.ones_like(views[:, :-1], dtype=torch.bool), corr_applies[:, None]), dim=1)
     applies = learns.clone()
     if timed:
         applies[:, 1] = profile_scored(state)
+    applies[:, 4] &= state["cal_hist_corr"].sum(dim=1) >= cal.warmup // 2
     # Each view is ranked against two histories of itself: the last ~window events and the last
     # ~long_window. An event counts as unusual as it is against the less surprised of the two: a
     # spike larger than anything in the last 1,000 events is no news when spikes of its size come
@@ -217,7 +221,7 @@ def advance(
         "pred_log_sigma": ls_new,
         # (A stream's very first event starts its hour at its own value, not at the empty
         # normaliser's zero.)
-        **profile_update(state, hour, x, torch.where(n > 0, p_mean, x), p_var_raw, learn),
+        **profile_update(state, ts_ms, hour, x, torch.where(n > 0, p_mean, x), p_var_raw, learn),
         **mix_update(state, errors, r, floor_var, ready, has_pred, learn, n),
         **dict(zip(CAL_HISTS + CAL_HISTS_LONG, learn_tail(cal, hists, bins, cal_weight, flagged_b, tops, windows.reshape(-1)).unbind(1))),
         **level_update(state, x, n, mask),
@@ -359,7 +363,8 @@ class Detector:
         for wave in pieces:
             idx = torch.as_tensor(wave).to(dev, non_blocking=True)
             rows = slots_dev[idx]
-            new_state, out = advance(self.model, self.calibration, self.bank.gather(rows), x_dev[idx], mask_dev[idx], ts_dev[idx])
+            wave_ts = None if ts_ms is None else ts_dev[idx]  # (untimed: the profile is a local level)
+            new_state, out = advance(self.model, self.calibration, self.bank.gather(rows), x_dev[idx], mask_dev[idx], wave_ts)
             self.bank.scatter(rows, new_state)
             out_surprise[idx] = out.surprise
             out_score[idx] = out.score

@@ -41,10 +41,10 @@ FIELDS: tuple[Field, ...] = (
     # Online adaptation (models/adapt.py): the time-of-day profile and the predictor mixture.
     Field("prof_mean", True, False, torch.float64, PROFILE_BINS),
     Field("prof_var", True, False, torch.float32, PROFILE_BINS),
-    # Bit h set once hour h has been learned; bit PROFILE_BINS + h once it has been learned again
-    # after the stream had left that hour (a revisit: normally the next day).
+    # Bit h set once hour h has been learned; bit PROFILE_BINS + h once it has been learned a day
+    # or more after the feature's first reading (a revisit), whose epoch hour is prof_start.
     Field("prof_seen", True, False, torch.int64),
-    Field("prof_last", False, False, torch.int8),  # the hour of the stream's last event, plus 1 (0: none)
+    Field("prof_start", True, False, torch.int32),
     Field("mix_mse", True, False, torch.float64, 2),  # running squared error of GRU and profile
     Field("mix_var", True, False, torch.float64),  # running variance of the mixed error
     Field("lvl_mean", True, False, torch.float64),  # the recent level: mean of the last ~30 events

@@ -201,8 +201,9 @@ def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Te
     stream's history there is, and an empty one would rank every event as ordinary until it
     filled, silencing the stream. Layout 7's hold-off starts off, as if no alert were recent,
     layout 8's memory of recurring events empty, as if nothing had been flagged on earlier days,
-    and layout 9's last hour unknown (the profile then counts the hour of the next event as a
-    revisit, so a stream that ran for days has its profile view back after two hours)."""
+    and layout 9's first hour of each feature at 0, long ago (the profile then counts the next
+    events as revisits, so a stream that ran for days has its profile view back within two
+    hours)."""
     if version <= 4:
         state = with_empty_fields(state, ("corr_cov", "corr_n", "cal_hist_corr"))
     if version <= 5:
@@ -211,4 +212,4 @@ def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Te
         state = with_empty_fields(state, ("hold_left", "hold_score"))
     if version <= 7:
         state = with_empty_fields(state, RECUR_FIELDS)
-    return with_empty_fields(state, ("prof_last",))
+    return with_empty_fields(state, ("prof_start",))
