@@ -13,14 +13,20 @@ from streamer.config import ConfigError, load_config
 from streamer.jsonlog import setup_logging
 
 
-def _exit_on_sigterm() -> None:
+def _exit_on_sigterm(*also: signal.Signals) -> None:
     """SIGTERM (a `timeout`, a container stop) ends Python without unwinding, which would leave
-    an embedded broker running as an orphan: raise SystemExit instead, so it is stopped."""
+    an embedded broker running as an orphan: raise SystemExit instead, so it is stopped.
+
+    `streamer run` sets it too, until the daemon's draining handlers replace it: as a
+    container's PID 1 a process gets no signal it has no handler for, and a daemon still
+    starting (loading the model, reaching the brokers) ignored `docker stop` and pod deletion
+    until its bootstrap timed out, ~30 s."""
 
     def handler(signum: int, frame: Any) -> None:
         raise SystemExit(128 + signum)
 
-    signal.signal(signal.SIGTERM, handler)
+    for sig in (signal.SIGTERM, *also):
+        signal.signal(sig, handler)
 
 
 def _out_problem(out: str) -> str | None:
@@ -194,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         return logeval_main(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "run":
+        _exit_on_sigterm(signal.SIGHUP)
         try:
             config = load_config(args.config)
         except ConfigError as err:

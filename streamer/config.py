@@ -54,6 +54,20 @@ class KafkaConfig(_Strict):
     ssl_check_hostname: bool | None = None
     request_timeout_ms: int | None = Field(default=None, gt=0)
 
+    @model_validator(mode="after")
+    def _sasl(self) -> KafkaConfig:
+        # kafka-python ignores SASL credentials under a protocol without SASL: a Secret of
+        # credentials mounted beside a config left at PLAINTEXT connected unauthenticated.
+        given = [k for k in ("sasl_plain_username", "sasl_plain_password") if getattr(self, k) is not None]
+        if given and not self.security_protocol.startswith("SASL_"):
+            raise ValueError(
+                f"kafka.security_protocol is {self.security_protocol}, which sends no SASL credentials, but "
+                f"kafka.{given[0]} is set: use SASL_SSL (or SASL_PLAINTEXT) with kafka.sasl_mechanism"
+            )
+        if self.security_protocol.startswith("SASL_") and self.sasl_mechanism is None:
+            raise ValueError(f"kafka.sasl_mechanism is needed with kafka.security_protocol {self.security_protocol}")
+        return self
+
     def client_options(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if v is not None}
 

@@ -631,6 +631,7 @@ class Runner:
             kept = self.detector.swap_model(model)
         except Exception as err:  # noqa: BLE001 - e.g. no memory for the new state bank
             self.metrics.model_reloads.labels("failed").inc()
+            self.watcher.refused = True  # (until another file is served: the next checks see no change)
             self.metrics.checkpoint_refused.set(1)
             log.error(
                 "new checkpoint %s could not be served, keeping the current model: %s: %s", meta["checkpoint"], type(err).__name__, err

@@ -179,7 +179,7 @@ class Metrics:
         )
         self.checkpoint_refused = Gauge(
             "streamer_checkpoint_refused",
-            "1 while the checkpoint file is not the model served (refused when it changed, or gone): a restart would fail.",
+            "1 while the checkpoint file is not the model served (refused or not served when it changed, or gone).",
             registry=r,
         )
         self.model_loaded = Gauge("streamer_model_loaded_timestamp_seconds", "Unix time the current model was loaded.", registry=r)

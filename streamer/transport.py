@@ -10,6 +10,7 @@ methods without touching the loop.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -162,6 +163,7 @@ class KafkaPythonTransport:
         self._producer: KafkaProducer | None = self._new_producer()
         self._spinning = False
         self._calm = 0
+        self._paced_logged = -math.inf  # when the pacing last ended, as logged
 
     def _new_producer(self) -> KafkaProducer:
         p = self._config.producer
@@ -190,10 +192,12 @@ class KafkaPythonTransport:
         nothing for as long as the outage lasted. An empty poll that used more CPU than half
         its wall time (the whole process's CPU, the client's network thread included) is taken
         for that. From then on each poll waits at most `_SPIN_POLL_MS` and the rest of
-        `timeout_ms` is slept, until a poll returns records or `_SETTLED_POLLS` polls in a row
-        waited their short time calmly (in the outage they spin, or block on the client's
-        locks for longer). Nothing that could arrive is held back for long: fetches run on the
-        client's network thread meanwhile, and a record waits at most one sleep."""
+        `timeout_ms` is slept (not after a poll that returned records), until `_SETTLED_POLLS`
+        polls in a row waited their short time calmly (in the outage they spin, or block on the
+        client's locks for longer). Records alone do not end it: a hung coordinator can sit
+        beside partition leaders that still serve fetches. Nothing that could arrive is held
+        back for long: fetches run on the client's network thread meanwhile, and a record
+        waits at most one sleep."""
         wait_ms = min(timeout_ms, _SPIN_POLL_MS) if self._spinning else timeout_ms
         t0, c0 = time.monotonic(), time.process_time()
         try:
@@ -202,25 +206,29 @@ class KafkaPythonTransport:
             return self._around_unreadable(err)
         wall, cpu = time.monotonic() - t0, time.process_time() - c0
         busy = wall >= _SPIN_MIN_WALL_S and cpu > _SPIN_CPU_SHARE * wall
-        if got:
-            self._pace(False)
-        elif not self._spinning:
-            self._pace(busy)
+        if not self._spinning:
+            if busy and not got:
+                self._pace(True)
         else:
             calm = not busy and wall < 5 * _SPIN_POLL_MS / 1000
             self._calm = self._calm + 1 if calm else 0
             if self._calm >= _SETTLED_POLLS:
                 self._pace(False)
-            else:
+            elif not got:
                 time.sleep(max(timeout_ms / 1000 - wall, 0.0))
         return _columns(got)
 
     def _pace(self, spinning: bool) -> None:
         if spinning != self._spinning:
+            # Said once a minute at most (the rest at DEBUG): an outage where the client spins
+            # and settles by turns would otherwise log a pair of lines every second.
+            now = time.monotonic()
+            level = logging.DEBUG if now - self._paced_logged < 60.0 else logging.WARNING if spinning else logging.INFO
             if spinning:
-                log.warning("the Kafka client is busy-waiting with nothing to read (a coordinator not answering): pacing polls")
+                log.log(level, "the Kafka client is busy-waiting with nothing to read (a coordinator not answering): pacing polls")
             else:
-                log.info("the Kafka client settled: polling normally")
+                log.log(level, "the Kafka client settled: polling normally")
+                self._paced_logged = now
         self._spinning = spinning
         self._calm = 0
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import signal
 import time
+from types import SimpleNamespace
+from typing import Any
 
 from conftest import DaemonThread, event, make_config, produce, read_all, scores_of
+from kafka import TopicPartition
 
 from streamer.broker import EmbeddedBroker
 from streamer.transport import KafkaPythonTransport
@@ -126,3 +131,33 @@ def test_a_hung_broker_does_not_make_the_client_spin(state_dir):
         if transport is not None:
             transport.close()
         broker.stop()
+
+
+def test_pacing_ends_on_calm_polls_not_on_records_and_says_so_once(caplog):
+    """A hung coordinator can sit beside partition leaders that still serve fetches: polls spin
+    when empty and return records now and then. Pacing ended at every record and began again at
+    the next empty poll, logging a warning and an info line each time. It now ends only after
+    calm polls, and the transitions are logged once a minute at most. (A stand-in client: the
+    outage itself is in the test above.)"""
+
+    class Spinning:
+        polls = 0
+
+        def poll(self, timeout_ms: int, max_records: int) -> dict[Any, list[Any]]:
+            self.polls += 1
+            if self.polls % 5 == 0:
+                return {TopicPartition("in", 0): [SimpleNamespace(offset=self.polls, timestamp=1, key=None, value=b"{}", headers=[])]}
+            end = time.monotonic() + timeout_ms / 1000  # the client's busy wait
+            while time.monotonic() < end:
+                pass
+            return {}
+
+    transport = KafkaPythonTransport.__new__(KafkaPythonTransport)
+    transport._consumer = Spinning()  # type: ignore[assignment]
+    transport._spinning, transport._calm, transport._paced_logged = False, 0, -math.inf
+    caplog.set_level(logging.DEBUG, logger="streamer.transport")
+    got = sum(len(transport.poll(20, 10)) for _ in range(40))
+    assert got == 8
+    assert transport._spinning  # (records did not end it)
+    said = [r for r in caplog.records if r.name == "streamer.transport" and r.levelno >= logging.INFO]
+    assert [r.levelname for r in said] == ["WARNING"]

@@ -32,6 +32,9 @@ from streamer.config import ConfigError, build_config, load_config
         ("topics:\n  scores: ''\n", "topics.scores"),
         ("logs:\n  topics: ['..']\n", "logs.topics"),
         ("detector:\n  checkpoint: /nonexistent/model.pt\n", "detector.checkpoint"),
+        # (credentials that kafka-python would silently not send)
+        ("kafka:\n  sasl_plain_username: u\n  sasl_plain_password: p\n", "kafka.security_protocol"),
+        ("kafka:\n  security_protocol: SASL_SSL\n", "kafka.sasl_mechanism"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, yaml_text, key):
@@ -94,7 +97,7 @@ def test_repo_config_is_valid_and_documents_every_option():
 
 def test_environment_overrides_bootstrap_and_secrets():
     config = build_config(
-        {"kafka": {"bootstrap_servers": "file:9092"}},
+        {"kafka": {"bootstrap_servers": "file:9092", "security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN"}},
         env={"STREAMER_BOOTSTRAP_SERVERS": "env:9092", "STREAMER_SASL_PLAIN_PASSWORD": "s3cret"},
     )
     assert config.kafka.bootstrap_servers == "env:9092"

@@ -360,6 +360,7 @@ def test_every_alert_is_tested_firing_and_silent_and_documented() -> None:
         "StreamerSnapshotsFailing",
         "StreamerBrokerUnreachable",
         "StreamerCheckpointRefused",
+        "StreamerRestarting",
         "StreamerAnomalyRateSpike",
     }
     assert names <= fired, f"alerts never shown firing: {sorted(names - fired)}"
@@ -856,3 +857,39 @@ def test_k8s_manifests_fit_together_and_are_hardened() -> None:
     (endpoint,) = pm["spec"]["podMetricsEndpoints"]
     assert endpoint["port"] in ports and endpoint["path"] == "/metrics"
     assert pod_labels[pm["spec"]["jobLabel"]] == "streamer", "alert rules select job=streamer"
+
+
+def test_a_daemon_still_starting_stops_on_sigterm_as_pid_1(tmp_path: Path) -> None:
+    """As a container's PID 1 a process gets no signal it has no handler for. The daemon's
+    handlers were installed after start-up, so one still bootstrapping (brokers unreachable)
+    ignored `docker stop` and pod deletion until its bootstrap timed out (~30 s, exit 1). Run
+    as PID 1 of a new PID namespace, as in a container, with no broker to reach."""
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run([unshare, "--pid", "--fork", "--mount-proc", "true"], capture_output=True).returncode != 0:
+        pytest.skip("cannot make a PID namespace here (unshare)")
+    config = tmp_path / "c.yaml"
+    settings = {
+        "kafka": {"bootstrap_servers": f"127.0.0.1:{free_port()}"},
+        "state": {"dir": str(tmp_path / "s")},
+        "metrics": {"enabled": False},
+    }
+    config.write_text(yaml.safe_dump(settings))
+    streamer = Path(sys.executable).with_name("streamer")
+    outer = subprocess.Popen([unshare, "--pid", "--fork", "--mount-proc", str(streamer), "run", "--config", str(config)])
+    try:
+        deadline = time.monotonic() + 10
+        children: list[str] = []
+        while not children:
+            assert time.monotonic() < deadline, "the daemon did not start"
+            time.sleep(0.1)
+            children = subprocess.run(["pgrep", "-P", str(outer.pid)], capture_output=True, text=True).stdout.split()
+        time.sleep(2.0)  # (in the bootstrap by now: nothing answers on that port)
+        sent = time.monotonic()
+        os.kill(int(children[0]), signal.SIGTERM)
+        rc = outer.wait(timeout=60)
+        print(f"exit {rc} {time.monotonic() - sent:.1f} s after SIGTERM")
+    finally:
+        if outer.poll() is None:
+            outer.kill()
+            outer.wait()
+    assert rc == 128 + signal.SIGTERM  # (before: 1, when the bootstrap gave up)

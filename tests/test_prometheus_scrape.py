@@ -259,7 +259,7 @@ def test_prometheus_scrapes_the_daemon_and_dashboards_and_alerts_work(stack: Sta
     # The alert rules run against this data: no evaluation errors; dead letters pending (for:
     # 1m), the availability alerts inactive.
     rules = {r["name"]: r for g in prom.get("/api/v1/rules")["data"]["groups"] for r in g["rules"]}
-    assert len(rules) == 10
+    assert len(rules) == 11
     for name, rule in rules.items():
         assert rule["health"] == "ok", f"{name}: {rule.get('lastError')}"
 
@@ -270,7 +270,7 @@ def test_prometheus_scrapes_the_daemon_and_dashboards_and_alerts_work(stack: Sta
     _wait("StreamerDeadLetters to be pending", dead_letter_alert_pending, 10)
     rules = {r["name"]: r for g in prom.get("/api/v1/rules")["data"]["groups"] for r in g["rules"]}
     quiet = ("StreamerDown", "StreamerAbsent", "StreamerNoProgress", "StreamerOutputsNotAcknowledged", "StreamerConsumerLagGrowing")
-    for name in (*quiet, "StreamerSnapshotsFailing", "StreamerBrokerUnreachable", "StreamerCheckpointRefused"):
+    for name in (*quiet, "StreamerSnapshotsFailing", "StreamerBrokerUnreachable", "StreamerCheckpointRefused", "StreamerRestarting"):
         assert rules[name]["state"] == "inactive", f"{name} is {rules[name]['state']}"
 
     # SIGTERM drains and exits 0; Prometheus then sees the target down (StreamerDown's input).

@@ -204,6 +204,13 @@ def test_a_swap_that_fails_keeps_the_current_model_and_states(broker, topics, st
         runner._maybe_reload()
         assert detector.model is old_model and detector.bank is old_bank
         assert runner.metrics.model_reloads.labels("failed")._value.get() == 1
+        # The file is not the model served until another one is: the next checks, which see no
+        # change, keep saying so (the gauge went back to 0 one check later).
+        Watcher.poll = lambda self: None  # type: ignore[assignment,method-assign]
+        for _ in range(2):
+            runner._last_reload_check = float("-inf")
+            runner._maybe_reload()
+        assert runner.metrics.checkpoint_refused._value.get() == 1
     finally:
         runner.transport.close()
 
