@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.adapt import PROFILE_BINS
 from models.detector import CAL_HISTS, CAL_HISTS_LONG
 from models.gru import save_atomically
 from models.recurrence import RECUR_FIELDS
@@ -27,8 +28,8 @@ TP = tuple[str, int]
 # a third histogram; 4 the recent mean and a fourth histogram; 5 the correlation view (error
 # correlations and a fifth histogram); 6 a long-memory histogram per view; 7 the alert hold-off;
 # 8 the memory of recurring events. Layouts 4 to 7 are upgraded on load (see `_upgrade`).
-SNAPSHOT_VERSION = 9
-UPGRADABLE = (4, 5, 6, 7, 8)
+SNAPSHOT_VERSION = 10
+UPGRADABLE = (4, 5, 6, 7, 8, 9)
 log = logging.getLogger(__name__)
 
 
@@ -200,10 +201,11 @@ def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Te
     6's long-memory histograms start as copies of the short ones: the best record of the
     stream's history there is, and an empty one would rank every event as ordinary until it
     filled, silencing the stream. Layout 7's hold-off starts off, as if no alert were recent,
-    layout 8's memory of recurring events empty, as if nothing had been flagged on earlier days,
-    and layout 9's first hour of each feature at 0, long ago (the profile then counts the next
-    events as revisits, so a stream that ran for days has its profile view back within two
-    hours)."""
+    and layout 8's memory of recurring events empty, as if nothing had been flagged on earlier
+    days. Layout 10 keeps each feature's first hour, at 0 (long ago) from older layouts: the
+    profile then counts the next events as revisits, so a stream that ran for days has its
+    profile view back within two hours. Layout 9 (one commit's life) marked revisits by the
+    last event's hour, which out-of-order timestamps fooled: its marks are cleared."""
     if version <= 4:
         state = with_empty_fields(state, ("corr_cov", "corr_n", "cal_hist_corr"))
     if version <= 5:
@@ -212,4 +214,7 @@ def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Te
         state = with_empty_fields(state, ("hold_left", "hold_score"))
     if version <= 7:
         state = with_empty_fields(state, RECUR_FIELDS)
+    if version == 9:
+        state = {k: v for k, v in state.items() if k != "prof_last"}
+        state["prof_seen"] = state["prof_seen"] & ((1 << PROFILE_BINS) - 1)
     return with_empty_fields(state, ("prof_start",))

@@ -152,16 +152,17 @@ def test_a_snapshot_of_another_state_layout_is_ignored_not_fatal(tmp_path):
     assert store.load(("sensors", 0), arch) is None
 
 
-@pytest.mark.parametrize("layout", [4, 5, 6, 7, 8])
+@pytest.mark.parametrize("layout", [4, 5, 6, 7, 8, 9])
 def test_a_snapshot_of_an_older_layout_is_upgraded_keeping_every_stream(tmp_path, layout):
     """Layout 5 added the correlation view, layout 6 a long-memory histogram per view, layout 7
     the alert hold-off, layout 8 the memory of recurring events, layout 9 the hour of the last
-    event (for the profile's revisits). An older snapshot restores every
+    event (for the profile's revisits), which layout 10 replaced by each feature's first hour.
+    An older snapshot restores every
     stream's state as it was; the correlation view starts empty, as on a new stream (it applies
     after CORR_MIN events), each long-memory histogram starts as a copy of its view's short one
     (empty, it would rank every event as ordinary), the hold-off starts off and the recurrence
-    memory empty, and the last hour unknown."""
-    assert SNAPSHOT_VERSION == 9
+    memory empty, and the first hours long ago."""
+    assert SNAPSHOT_VERSION == 10
     model, _ = load_checkpoint(DEFAULT_WEIGHTS)
     rng = np.random.default_rng(0)
     det = Detector(model, CalibrationConfig(warmup=10))
@@ -176,6 +177,8 @@ def test_a_snapshot_of_an_older_layout_is_upgraded_keeping_every_stream(tmp_path
     added |= set(CAL_HISTS_LONG) if layout <= 5 else set()
     added |= {"corr_cov", "corr_n", "cal_hist_corr"} if layout == 4 else set()
     old = {k: v for k, v in state.items() if k not in added}
+    if layout == 9:
+        old["prof_last"] = torch.ones(1, dtype=torch.int8)  # (dropped on the way in)
     store = SnapshotStore(tmp_path, "g")
     arch = {"hidden": 32}
     store.save(("sensors", 0), Snapshot(7, ["pump-1"], [["a", "b"]], old, arch, None))
@@ -188,6 +191,7 @@ def test_a_snapshot_of_an_older_layout_is_upgraded_keeping_every_stream(tmp_path
     restored = Detector(model, CalibrationConfig(warmup=10))
     restored.bank.import_rows(torch.tensor([0]), loaded.state)
     got = restored.bank.export_rows(torch.tensor([0]))
+    assert "prof_last" not in got
     for name, t in got.items():
         if name in old:
             assert torch.equal(t, old[name]), name
