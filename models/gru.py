@@ -176,8 +176,11 @@ def _remove_stale_temps(path: Path) -> None:
             pass  # (gone already, or not ours to remove: the write itself succeeded)
 
 
-def write_checkpoint(path: str | Path, fmt: str, model: nn.Module, config: Any, training: dict[str, Any]) -> None:
-    """Weights, config and a description of the training data, written atomically.
+def write_checkpoint(
+    path: str | Path, fmt: str, model: nn.Module, config: Any, training: dict[str, Any], schema: dict[str, Any] | None = None
+) -> None:
+    """Weights, config, the input schema the model serves and a description of the training
+    data, written atomically.
 
     Only tensors and plain Python values go in, so the file loads with weights_only=True.
     """
@@ -187,6 +190,7 @@ def write_checkpoint(path: str | Path, fmt: str, model: nn.Module, config: Any, 
         "config": asdict(config),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "training": training,
+        **({"schema": schema} if schema is not None else {}),
     }
     save_atomically(payload, Path(path))
 
@@ -211,8 +215,22 @@ def read_checkpoint(path: str | Path, fmt: str, data: bytes | None = None) -> di
     return payload
 
 
+def feature_schema(config: ModelConfig, training: dict[str, Any]) -> dict[str, Any]:
+    """What a sensor model takes: the feature schema a checkpoint carries. One set of weights
+    serves every feature channel, so no feature names are bound to the weights: any stream of
+    up to `max_features` numeric features is served (the daemon gives each feature a channel in
+    the order the stream first sends it). The features the training series came from are listed
+    for the record (the part of each series name after its last ':', at most 1,000)."""
+    names = [str(s).rsplit(":", 1)[-1] for s in (training.get("series") or [])]
+    return {
+        "max_features": config.max_features,
+        "features": "any names, numeric values: one set of weights for every feature channel",
+        "trained_on": sorted(set(names))[:1000] if names else "synthetic series (models/synthetic.py)",
+    }
+
+
 def save_checkpoint(path: str | Path, model: StreamGRU, training: dict[str, Any]) -> None:
-    write_checkpoint(path, CHECKPOINT_FORMAT, model, model.config, training)
+    write_checkpoint(path, CHECKPOINT_FORMAT, model, model.config, training, feature_schema(model.config, training))
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", data: bytes | None = None) -> tuple[StreamGRU, dict[str, Any]]:
@@ -225,4 +243,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", data: 
         # One NaN weight makes every score NaN and the calibration's bin index garbage.
         raise ValueError(f"{path}: weights are not all finite ({', '.join(bad)})")
     model.to(device).eval()
-    return model, {k: v for k, v in payload.items() if k != "state_dict"}
+    meta = {k: v for k, v in payload.items() if k != "state_dict"}
+    meta.setdefault("schema", feature_schema(model.config, meta.get("training") or {}))  # (files written before it)
+    return model, meta

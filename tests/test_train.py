@@ -35,6 +35,9 @@ def test_train_from_csv_writes_a_described_checkpoint(tmp_path):
     model, meta = load_checkpoint(out)
     assert meta["training"]["name"] == "custom" and model.config.hidden == 32
     assert meta["training"]["series"] == [f"{path}:temp", f"{path}:rpm"]  # the text column is not a series
+    # The feature schema: what the model serves (any names, up to max_features), and the
+    # features it was trained on.
+    assert meta["schema"] == {"max_features": 8, "features": meta["schema"]["features"], "trained_on": ["rpm", "temp"]}
     assert "plant.csv" in meta["training"]["data"] and "2 series, 999 values" in meta["training"]["data"]
     assert meta["config"]["hidden"] == 32
 
