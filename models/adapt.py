@@ -125,7 +125,9 @@ def profile_update(
     # epoch hour of the first reading, valid where any hour is seen (a snapshot older than the
     # field has it at 0: long ago).
     now = torch.div(ts_ms, 3_600_000, rounding_mode="floor").clamp(-(2**31), 2**31 - 1)[:, None]
-    start = torch.where(seen != 0, state["prof_start"].long(), now)
+    # (The earliest reading, not the first: one stamped a year ahead would otherwise put every
+    # later reading "before the start" and no hour would ever count as revisited.)
+    start = torch.where(seen != 0, torch.minimum(state["prof_start"].long(), now), now)
     was_seen = ((seen >> hour[:, None]) & 1).bool()
     back = learn & was_seen & (now - start >= PROFILE_BINS)
     bit = torch.where(learn, one << hour[:, None], 0) | torch.where(back, one << (hour[:, None] + PROFILE_BINS), 0)
@@ -133,12 +135,12 @@ def profile_update(
         "prof_mean": state["prof_mean"].scatter(2, idx, m.unsqueeze(2)),
         "prof_var": state["prof_var"].scatter(2, idx, v.to(state["prof_var"].dtype).unsqueeze(2)),
         "prof_seen": seen | bit,
-        "prof_start": torch.where(learn & (seen == 0), now, state["prof_start"].long()).to(state["prof_start"].dtype),
+        "prof_start": torch.where(learn, start, state["prof_start"].long()).to(state["prof_start"].dtype),
     }
 
 
 def profile_scored(state: dict[str, torch.Tensor]) -> torch.Tensor:
-    """[B] whether the profile view is scored: once every feature of the stream has come back to
+    """[B, F] whether each feature's profile error is scored: once the feature has come back to
     PROFILE_REVISITS hours of the day it had learned before (or to every hour it knows, for a
     stream read once a day), a day or more after its first reading.
 
@@ -149,14 +151,14 @@ def profile_scored(state: dict[str, torch.Tensor]) -> torch.Tensor:
     a comparison: a stream with no daily rhythm (a random walk, a slow cycle) was flagged with
     scores of 1.0 about a day after it started, every stream of a fleet at once. The view's
     history still learns from the first event on, so by the time it is scored it has seen a
-    couple of hours of revisits. A feature that joins a stream later holds the view back in the
-    same way until its own second day."""
+    couple of hours of revisits. A feature that joins a stream later is scored in the view from
+    its own second day (and one that stopped reporting on its first day never is, without
+    holding the stream's other features back)."""
     seen = state["prof_seen"]
     shifts = torch.arange(2 * PROFILE_BINS, device=seen.device)
     bits = (seen[..., None] >> shifts) & 1  # [B, F, 48]
     known, revisited = bits[..., :PROFILE_BINS].sum(dim=-1), bits[..., PROFILE_BINS:].sum(dim=-1)
-    ready = (revisited >= torch.clamp(known, max=PROFILE_REVISITS)) | (seen == 0)
-    return ready.all(dim=1) & (seen != 0).any(dim=1)
+    return (seen != 0) & (revisited >= torch.clamp(known, max=PROFILE_REVISITS))
 
 
 def mix(state: dict[str, torch.Tensor], errors: torch.Tensor, has_pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -108,7 +108,7 @@ def tail_log10_p(cfg: CalibrationConfig, sq: torch.Tensor, hist: torch.Tensor) -
     """
     width = (HIST_HI - HIST_LO) / HIST_BINS
     lq = torch.log(sq.clamp(min=1e-30))
-    b = ((lq - HIST_LO) / width).floor().clamp(0, HIST_BINS - 1).long()
+    b = hist_bin(sq)
     # Count above the event's bin plus half its own: a masked sum of positive counts, so float32
     # loses nothing to cancellation (a cumulative sum minus the total would), and it reads the
     # histograms fewer times than a cumsum in float64 did (this was half of a 100,000-stream step).
@@ -127,6 +127,12 @@ def tail_log10_p(cfg: CalibrationConfig, sq: torch.Tensor, hist: torch.Tensor) -
     log_tail = math.log(HIST_PRIOR) - cfg.tail_slope * excess
     log_p = torch.logaddexp(torch.log(above.clamp(min=0.0)), log_tail) - log_norm
     return -log_p / math.log(10.0), b, top
+
+
+def hist_bin(sq: torch.Tensor) -> torch.Tensor:
+    """The histogram bin of each statistic (log-spaced from e^HIST_LO to e^HIST_HI)."""
+    width = (HIST_HI - HIST_LO) / HIST_BINS
+    return ((torch.log(sq.clamp(min=1e-30)) - HIST_LO) / width).floor().clamp(0, HIST_BINS - 1).long()
 
 
 def learn_tail(

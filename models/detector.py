@@ -32,7 +32,7 @@ from models.adapt import (
     shift_q,
     shift_update,
 )
-from models.calibration import TAIL_THRESHOLD, CalibrationConfig, combine_scores, learn_tail, tail_log10_p, tail_weight
+from models.calibration import TAIL_THRESHOLD, CalibrationConfig, combine_scores, hist_bin, learn_tail, tail_log10_p, tail_weight
 from models.correlation import active_width, correlation_q, correlation_update, standardised_errors
 from models.gru import StreamGRU, gaussian_nll
 from models.recurrence import RECUR_FIELDS, recurrence, recurrence_update
@@ -130,18 +130,23 @@ def advance(
     # half warm-up is kept out of the views (it still learns).
     late = mask & (n < cal.warmup // 2) & (n < steps[:, None])
     per_feature = torch.where(late[:, None, :], 0.0, per_feature)
-    views = per_feature.sum(dim=2)  # [B, 5]
-    # Every view's history learns from the first event on; the profile's is scored only once the
-    # stream has come back to hours it knows (`profile_scored`; always without timestamps, where
-    # the profile is a local level).
+    # Every view's history learns from the first event on. A feature's profile error is scored
+    # only once it has come back to hours it knows (`profile_scored`; always without timestamps,
+    # where the profile is a local level), but the view's history learns it before: it knows
+    # such comparisons by then. (Learned while not scored, it makes the scored sum the smaller:
+    # fewer flags, never more.)
+    learned = per_feature.sum(dim=2)  # [B, 5]
+    prof_ok = profile_scored(state) if timed else torch.ones_like(mask)
+    per_feature = per_feature.clone()
+    per_feature[:, 1] = torch.where(prof_ok, per_feature[:, 1], 0.0)
+    views = per_feature.sum(dim=2)
     # The correlation view likewise waits for its history to hold half a warm-up of events: in a
     # stream that gains its second feature long after its start, it applies for the first time
     # past warm-up, and an empty history ranked its first events as extreme.
     learns = torch.cat((torch.ones_like(views[:, :-1], dtype=torch.bool), corr_applies[:, None]), dim=1)
     applies = learns.clone()
-    if timed:
-        applies[:, 1] = profile_scored(state)
-    applies[:, 4] &= state["cal_hist_corr"].sum(dim=1) >= cal.warmup // 2
+    applies[:, 1] = (prof_ok & mask).any(dim=1)
+    applies[:, 4] &= state["cal_hist_corr"].sum(dim=1) >= min(cal.warmup, cal.window) // 2  # (its mass stays under window)
     # Each view is ranked against two histories of itself: the last ~window events and the last
     # ~long_window. An event counts as unusual as it is against the less surprised of the two: a
     # spike larger than anything in the last 1,000 events is no news when spikes of its size come
@@ -149,7 +154,8 @@ def advance(
     # larger p keeps the score's meaning (P(score >= s) <= the bound still holds).
     hists = torch.stack([state[k] for k in CAL_HISTS + CAL_HISTS_LONG], dim=1)  # [B, 10, bins]: one call
     nv = len(CAL_HISTS)
-    lp_both, bins, tops = tail_log10_p(cal, views.repeat(1, 2), hists)
+    lp_both, _, tops = tail_log10_p(cal, views.repeat(1, 2), hists)
+    bins = hist_bin(learned.repeat(1, 2))
     lp = torch.where(applies, torch.minimum(lp_both[:, :nv], lp_both[:, nv:]), 0.0)
     level = combine_scores(cal, lp, valid, applies)  # uncapped: recurrences compare above 1
     raw = level.clamp(max=1.0)

@@ -75,6 +75,19 @@ class Decoded:
     dead: list[tuple[int, str, str]] = field(default_factory=list)  # (position, reason, detail)
 
 
+def fine_epoch_ms(v: int | float) -> int:
+    """Epoch milliseconds from a number that may be micro- or nanoseconds (as OpenTelemetry and
+    Loki write them): 1e14 ms is the year 5138, so a value that large is taken as µs, and from
+    1e17 as ns. Read as milliseconds they were dates millions of years ahead, whose hours
+    meant nothing to the time-of-day profile and whose timing scored 1.0."""
+    a = abs(v)
+    if a >= 1e17:
+        return checked_ms(v // 1_000_000 if isinstance(v, int) else v / 1e6)
+    if a >= 1e14:
+        return checked_ms(v // 1000 if isinstance(v, int) else v / 1e3)
+    return checked_ms(v)
+
+
 def checked_ms(ms: int | float) -> int:
     """ms as int epoch milliseconds, or rejected where int64 cannot hold it (numpy would raise
     OverflowError for the whole batch)."""
@@ -94,7 +107,8 @@ def epoch_ms(dt: datetime) -> int:
 
 
 def parse_ts(raw: Any, fallback_ms: int) -> int:
-    """Epoch milliseconds from a number (ms) or an ISO-8601 string; fallback when absent."""
+    """Epoch milliseconds from a number (ms; µs or ns by size, `fine_epoch_ms`) or an ISO-8601
+    string; fallback when absent."""
     if raw is None:
         return fallback_ms
     if isinstance(raw, bool):
@@ -102,7 +116,7 @@ def parse_ts(raw: Any, fallback_ms: int) -> int:
     if isinstance(raw, (int, float)):
         if isinstance(raw, float) and not math.isfinite(raw):  # (an int of 400 digits overflows isfinite)
             raise Rejected("invalid_timestamp", "ts is not finite")
-        return checked_ms(raw)
+        return fine_epoch_ms(raw) if abs(raw) < 1e19 else checked_ms(raw)
     if isinstance(raw, str):
         try:
             dt = datetime.fromisoformat(raw.replace("Z", "+00:00"))

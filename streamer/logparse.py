@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from streamer.decode import Rejected, checked_ms, epoch_ms, parse_ts, unforeseen
+from streamer.decode import Rejected, checked_ms, epoch_ms, fine_epoch_ms, parse_ts, unforeseen
 
 UTF8_BOM = b"\xef\xbb\xbf"
 REASONS = (
@@ -110,7 +110,7 @@ def _generic_ts(raw: str, fallback_ms: int) -> int:
         if len(s) > 19:  # past int64 milliseconds (and int() refuses over 4,300 digits)
             raise Rejected("invalid_timestamp", "ts is out of the int64 epoch-milliseconds range")
         v = int(s)
-        return checked_ms(v * 1000 if len(s) <= 10 else v)
+        return checked_ms(v * 1000) if len(s) <= 10 else fine_epoch_ms(v)
     try:
         f = float(s)
     except ValueError:
@@ -119,10 +119,11 @@ def _generic_ts(raw: str, fallback_ms: int) -> int:
 
 
 def _number_ts(f: float) -> int:
-    """A number of epoch seconds (below 1e11, as zap's 1700000000.123) or milliseconds."""
+    """A number of epoch seconds (below 1e11, as zap's 1700000000.123) or milliseconds (µs or
+    ns by size: `fine_epoch_ms`)."""
     if not math.isfinite(f):
         raise Rejected("invalid_timestamp", "ts is not finite")
-    return checked_ms(f * 1000 if abs(f) < 1e11 else f)
+    return checked_ms(f * 1000) if abs(f) < 1e11 else fine_epoch_ms(f)
 
 
 def _strptime(fmt: str) -> Callable[[str, int], int]:
@@ -333,7 +334,12 @@ class LogParser:
             ts: int | None = _generic_ts(raw_ts, fallback_ms)
         elif isinstance(raw_ts, (int, float)) and not isinstance(raw_ts, bool):
             # The same rule as for digits in a string: seconds or milliseconds by size.
-            ts = _number_ts(float(raw_ts)) if abs(raw_ts) < 1e19 else checked_ms(raw_ts)
+            if abs(raw_ts) >= 1e19:
+                ts = checked_ms(raw_ts)
+            elif isinstance(raw_ts, int) and abs(raw_ts) >= 1e11:
+                ts = fine_epoch_ms(raw_ts)  # (an int: nanoseconds keep their digits, which a float loses)
+            else:
+                ts = _number_ts(float(raw_ts))
         else:
             ts = None if raw_ts is None else parse_ts(raw_ts, fallback_ms)
         fields = {

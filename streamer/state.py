@@ -27,7 +27,8 @@ TP = tuple[str, int]
 # Layout versions: 2 online adaptation (profile, mixture, second histogram); 3 the recent level and
 # a third histogram; 4 the recent mean and a fourth histogram; 5 the correlation view (error
 # correlations and a fifth histogram); 6 a long-memory histogram per view; 7 the alert hold-off;
-# 8 the memory of recurring events. Layouts 4 to 7 are upgraded on load (see `_upgrade`).
+# 8 the memory of recurring events; 9 and 10 each feature's first hour, for the profile's revisits.
+# Layouts 4 to 9 are upgraded on load (see `_upgrade`).
 SNAPSHOT_VERSION = 10
 UPGRADABLE = (4, 5, 6, 7, 8, 9)
 log = logging.getLogger(__name__)
@@ -204,8 +205,10 @@ def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Te
     and layout 8's memory of recurring events empty, as if nothing had been flagged on earlier
     days. Layout 10 keeps each feature's first hour, at 0 (long ago) from older layouts: the
     profile then counts the next events as revisits, so a stream that ran for days has its
-    profile view back within two hours. Layout 9 (one commit's life) marked revisits by the
-    last event's hour, which out-of-order timestamps fooled: its marks are cleared."""
+    profile view back within two hours. Layout 9 as first written (one commit's life) marked
+    revisits by the last event's hour (`prof_last`), which out-of-order timestamps fooled: its
+    marks are cleared. Written by the next two commits, layout 9 already held `prof_start` and
+    is kept as it is."""
     if version <= 4:
         state = with_empty_fields(state, ("corr_cov", "corr_n", "cal_hist_corr"))
     if version <= 5:
@@ -214,7 +217,7 @@ def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Te
         state = with_empty_fields(state, ("hold_left", "hold_score"))
     if version <= 7:
         state = with_empty_fields(state, RECUR_FIELDS)
-    if version == 9:
+    if version == 9 and "prof_last" in state:
         state = {k: v for k, v in state.items() if k != "prof_last"}
         state["prof_seen"] = state["prof_seen"] & ((1 << PROFILE_BINS) - 1)
-    return with_empty_fields(state, ("prof_start",))
+    return state if "prof_start" in state else with_empty_fields(state, ("prof_start",))

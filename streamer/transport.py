@@ -163,7 +163,7 @@ class KafkaPythonTransport:
         self._producer: KafkaProducer | None = self._new_producer()
         self._spinning = False
         self._calm = 0
-        self._paced_logged = -math.inf  # when the pacing last ended, as logged
+        self._paced_logged = (False, -math.inf)  # the pacing state last logged, and when
 
     def _new_producer(self) -> KafkaProducer:
         p = self._config.producer
@@ -216,21 +216,28 @@ class KafkaPythonTransport:
                 self._pace(False)
             elif not got:
                 time.sleep(max(timeout_ms / 1000 - wall, 0.0))
+        self._say_pacing()
         return _columns(got)
 
     def _pace(self, spinning: bool) -> None:
         if spinning != self._spinning:
-            # Said once a minute at most (the rest at DEBUG): an outage where the client spins
-            # and settles by turns would otherwise log a pair of lines every second.
-            now = time.monotonic()
-            level = logging.DEBUG if now - self._paced_logged < 60.0 else logging.WARNING if spinning else logging.INFO
-            if spinning:
-                log.log(level, "the Kafka client is busy-waiting with nothing to read (a coordinator not answering): pacing polls")
-            else:
-                log.log(level, "the Kafka client settled: polling normally")
-                self._paced_logged = now
+            log.debug("pacing polls" if spinning else "polling normally")
         self._spinning = spinning
         self._calm = 0
+
+    def _say_pacing(self) -> None:
+        """Log the pacing state when it differs from the last one logged, once a minute at most:
+        an outage where the client spins and settles by turns would otherwise log a pair of
+        lines every second, and the last line logged always tells the state now, give or take
+        a minute."""
+        now = time.monotonic()
+        if self._spinning == self._paced_logged[0] or now - self._paced_logged[1] < 60.0:
+            return
+        if self._spinning:
+            log.warning("the Kafka client is busy-waiting with nothing to read (a coordinator not answering): pacing polls")
+        else:
+            log.info("the Kafka client settled: polling normally")
+        self._paced_logged = (self._spinning, now)
 
     def _around_unreadable(self, err: CorruptRecordError) -> Polled:
         """The next record of the partition the client could not parse, as `unreadable`, with

@@ -154,10 +154,30 @@ def test_pacing_ends_on_calm_polls_not_on_records_and_says_so_once(caplog):
 
     transport = KafkaPythonTransport.__new__(KafkaPythonTransport)
     transport._consumer = Spinning()  # type: ignore[assignment]
-    transport._spinning, transport._calm, transport._paced_logged = False, 0, -math.inf
+    transport._spinning, transport._calm, transport._paced_logged = False, 0, (False, -math.inf)
     caplog.set_level(logging.DEBUG, logger="streamer.transport")
     got = sum(len(transport.poll(20, 10)) for _ in range(40))
     assert got == 8
     assert transport._spinning  # (records did not end it)
     said = [r for r in caplog.records if r.name == "streamer.transport" and r.levelno >= logging.INFO]
     assert [r.levelname for r in said] == ["WARNING"]
+
+
+def test_the_pacing_state_logged_last_is_the_state_now_within_a_minute(caplog, monkeypatch):
+    """Transitions logged at most once a minute must not leave a lasting outage unsaid: the
+    time limit ran from the last settle even when that was not logged, so an outage that began
+    within a minute of one was never logged at all, and the last line read "settled"."""
+    clock = [1000.0]
+    monkeypatch.setattr("streamer.transport.time.monotonic", lambda: clock[0])
+    transport = KafkaPythonTransport.__new__(KafkaPythonTransport)
+    transport._spinning, transport._calm, transport._paced_logged = False, 0, (False, -math.inf)
+    caplog.set_level(logging.INFO, logger="streamer.transport")
+    said = []
+    # Flapping for a minute, settled at 70 s, and an outage from 80 s that lasts.
+    steps = [(0, True), (20, False), (40, True), (50, False), (55, True), (70, False), (80, True), (100, True), (131, True), (200, True)]
+    for t, spinning in steps:
+        clock[0] = 1000.0 + t
+        transport._pace(spinning)
+        transport._say_pacing()
+        said += [(t, r.levelname) for r in caplog.records[len(said) :]]
+    assert said == [(0, "WARNING"), (70, "INFO"), (131, "WARNING")]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from models.calibration import CalibrationConfig
 from models.correlation import CORR_ALPHA, CORR_CLIP, CORR_MIN, CORR_SHRINK, active_width, correlation_q, correlation_update
-from models.gru import ModelConfig
+from models.detector import VIEWS, Detector
+from models.gru import DEFAULT_WEIGHTS, ModelConfig, load_checkpoint
 from models.state import empty_state
 
 F = ModelConfig().max_features
@@ -102,3 +104,23 @@ def test_moments_that_are_no_valid_covariance_score_as_unrelated_features():
     q, applies = correlation_q(state, z, ready, 3)
     assert bool(applies[0])
     assert np.allclose(q[0, :3].numpy(), [1.0, 4.0, 9.0 / 4.0])
+
+
+def test_the_view_is_scored_once_its_history_holds_half_a_warm_up_whatever_the_settings():
+    """The correlation view waits for its history to hold half a warm-up of events, but a decayed
+    history never holds more than its window: with `warmup` at twice `calibration_window` the view
+    was never scored, and two features that stopped agreeing went unflagged. The wait is capped
+    at half the window."""
+    n = 2300
+    rng = np.random.default_rng(0)
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    det = Detector(model, CalibrationConfig(warmup=2000, window=1000))
+    common = rng.normal(0, 1, n)
+    xs = np.zeros((n, det.max_features))
+    mask = np.zeros_like(xs, dtype=bool)
+    xs[:, 0] = common + rng.normal(0, 0.05, n)
+    xs[:, 1] = common + rng.normal(0, 0.05, n)
+    xs[-1, 0], xs[-1, 1] = 1.5, -1.5  # the two disagree; each alone is ordinary
+    mask[:, :2] = True
+    res = det.process(np.zeros(n, dtype=np.int64), xs, mask, 1_767_225_600_000 + np.arange(n, dtype=np.int64) * 60_000)
+    assert res.is_anomaly[-1] and VIEWS[res.view[-1]] == "correlation"

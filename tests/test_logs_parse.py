@@ -6,8 +6,10 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 
 import numpy as np
+import orjson
 import pytest
 
+from streamer.decode import Decoder
 from streamer.logparse import LEVEL_NAMES, REASONS, LogParser, ParsedLogs, line_format, parse_level
 
 
@@ -84,6 +86,21 @@ def test_logfmt_plain_and_custom_regex():
     custom = LogParser(r"^(?P<ts>\d+) \[(?P<level>\w+)\] (?P<component>[\w.]+) - (?P<message>.*)$", "component")
     ev = _parse(custom, [b"1714557600 [E] db.pool - connection reset"]).event(0)
     assert (ev.stream, ev.ts_ms, LEVEL_NAMES[ev.level], ev.message) == ("db.pool", 1714557600000, "ERROR", "connection reset")
+
+
+def test_micro_and_nanosecond_epochs_are_recognised_by_size():
+    """OpenTelemetry and Loki write epoch nanoseconds: read as milliseconds they were dates 53
+    million years ahead (through a float that lost the last digits), which scored 1.0 on timing
+    alone. From 1e14 (the year 5138 in ms) a number is microseconds, from 1e17 nanoseconds, for
+    log lines and sensor events alike."""
+    ms = 1_700_000_000_123
+    for ts in (b"1700000000123", b"1700000000123456", b"1700000000123456789", b'"1700000000123456789"'):
+        ev = _parse(LogParser("plain", "service"), [b'{"msg": "x", "service": "s", "ts": ' + ts + b"}"]).event(0)
+        assert ev.ts_ms == ms, ts
+    decoder = Decoder(8, 65536, 256)
+    for ts in (ms, ms * 1000 + 456, ms * 1_000_000 + 456_789):
+        dec = decoder.decode([orjson.dumps({"stream": "s", "ts": ts, "values": {"x": 1.0}})], [None], np.zeros(1, dtype=np.int64))
+        assert dec.ts_ms.tolist() == [ms], ts
 
 
 def test_json_records():

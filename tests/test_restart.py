@@ -563,3 +563,29 @@ def test_a_revoked_partitions_lag_series_does_not_come_back(broker, topics, stat
         assert {s.labels["partition"] for s in m.consumer_lag.collect()[0].samples} == {"0", "1"}
     finally:
         runner.shutdown()
+
+
+def test_a_layout_9_snapshot_that_already_holds_first_hours_keeps_them(tmp_path):
+    """Layout 9 had two field sets (the first with `prof_last`, the next two commits with
+    `prof_start`); the second kind was upgraded by overwriting its first hours with "long ago",
+    which gave streams under a day old their profile view early."""
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    det = Detector(model, CalibrationConfig(warmup=10))
+    n = 50
+    x = np.zeros((n, det.max_features))
+    mask = np.zeros_like(x, dtype=bool)
+    x[:, 0], mask[:, 0] = np.random.default_rng(0).normal(size=n), True
+    det.process(np.zeros(n, dtype=np.int64), x, mask, 1_767_225_600_000 + np.arange(n, dtype=np.int64) * 300_000)
+    state = det.bank.export_rows(torch.tensor([0]))
+    assert int(state["prof_start"][0, 0]) > 0
+    store = SnapshotStore(tmp_path, "g")
+    arch = {"hidden": 32}
+    store.save(("sensors", 0), Snapshot(7, ["pump-1"], [["a"]], state, arch, None))
+    payload = store.load_payload(("sensors", 0))
+    assert payload is not None
+    payload["version"] = 9
+    store.save_payload(("sensors", 0), payload)
+    loaded = store.load(("sensors", 0), arch)
+    assert loaded is not None
+    assert torch.equal(loaded.state["prof_start"], state["prof_start"])
+    assert torch.equal(loaded.state["prof_seen"], state["prof_seen"])
