@@ -31,7 +31,8 @@ EXTRA_RAISED = [
     b'{"stream": "s-1", "values": {"temp": 1' + b"0" * 400 + b"}}",
     b'{"stream": "s-1\\ud800", "values": {"temp": 1.0}}',
     b'{"stream": "s-1", "ts": 1e300, "values": {"temp": 1.0}}',
-    b'{"stream": "s-1", "ts": 9223372036854775808, "values": {"temp": 1.0}}',
+    # (2^64: past int64 even as nanoseconds; 2^63 is now read as nanoseconds, the year 2262)
+    b'{"stream": "s-1", "ts": 18446744073709551616, "values": {"temp": 1.0}}',
 ]
 
 
