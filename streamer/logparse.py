@@ -310,6 +310,10 @@ class LogParser:
         message = fields.pop("message", None)
         if message is None:
             message = fields.pop("message_only", text)
+        if not message.strip():
+            # (a header with nothing after it: as a blank JSON message, not one empty template
+            # that every such line shares)
+            raise Rejected("empty_message", f"nothing after the {fmt.name} header")
         raw_ts = fields.get("ts")
         ts = fmt.ts_parser(raw_ts, fallback_ms) if raw_ts else None
         return ts, message, fields, fields.get("level")

@@ -151,6 +151,8 @@ def test_rejections_carry_reasons_and_spare_the_rest():
         # These raised out of the parser and stopped the daemon: a superscript digit passes
         # str.isdigit but not int(), and int() refuses over 4,300 digits.
         '{"message": "m", "service": "s", "ts": "\u00b2"}'.encode(),
+        # A header with nothing after it was scored with an empty template, one for all such lines.
+        b"Jun 14 15:16:04 web-1 sshd[1]:   ",
         b"Jun 14 15:16:01 combo sshd[1]: fine",
     ]
     res = _parse(parser, values)
@@ -167,11 +169,12 @@ def test_rejections_carry_reasons_and_spare_the_rest():
         "invalid_timestamp",
         "invalid_timestamp",
         "invalid_timestamp",
+        "empty_message",
     ]
     assert set(reasons) <= set(REASONS)
-    assert res.index.tolist() == [11] and res.stream == ["sshd"]
+    assert res.index.tolist() == [12] and res.stream == ["sshd"]
     sub = res.take(np.array([0]))
-    assert sub.index.tolist() == [11]
+    assert sub.index.tolist() == [12]
     digits = _parse(LogParser("plain", "service"), [b'{"message": "m", "service": "s", "ts": "' + b"1" * 5000 + b'"}'])
     assert [r for _, r, _ in digits.dead] == ["invalid_timestamp"]
     # A syslog date takes its year from the record timestamp; one past year 9999 (a producer
