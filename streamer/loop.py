@@ -625,6 +625,11 @@ class Runner:
                 self.metrics.model_reloads.labels("failed").inc()
             return
         model, meta = found
+        if str(meta["model_version"]) == self.model_version:
+            # The same bytes again (a symlink flipped back and forth, a copy of the file served):
+            # nothing to swap, and no reload to count.
+            log.debug("checkpoint %s replaced by the model already served (%s)", meta["checkpoint"], self.model_version)
+            return
         from streamer.app import publish_model
 
         try:

@@ -73,6 +73,12 @@ def test_checkpoint_swap_keeps_or_resets_state(broker, topics, state_dir, tmp_pa
         _wait_version(daemon, "halved")
         produce(broker, topics["input"], batch(50))
         daemon.wait_scored(100)
+        # The same bytes again (a new inode): nothing to swap, no reload counted.
+        same = ckpt.with_name("same.pt")
+        same.write_bytes(ckpt.read_bytes())
+        os.replace(same, ckpt)
+        time.sleep(1.0)
+        assert daemon.metrics.model_reloads.labels("kept_state")._value.get() == 1
         slot = daemon.runner.slots.slot_of["pump-1"]
         assert int(daemon.runner.detector.bank.tensors["steps"][slot]) == 100
 
