@@ -142,6 +142,7 @@ def test_pacing_ends_on_calm_polls_not_on_records_and_says_so_once(caplog):
 
     class Spinning:
         polls = 0
+        _coordinator = SimpleNamespace(time_to_next_heartbeat=lambda: 0)  # (the outage: overdue)
 
         def poll(self, timeout_ms: int, max_records: int) -> dict[Any, list[Any]]:
             self.polls += 1
