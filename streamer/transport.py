@@ -163,6 +163,7 @@ class KafkaPythonTransport:
         self._producer: KafkaProducer | None = self._new_producer()
         self._spinning = False
         self._calm = 0
+        self._suspect = 0  # busy empty polls in a row with a heartbeat overdue
         self._paced_logged = (False, -math.inf)  # the pacing state last logged, and when
 
     def _new_producer(self) -> KafkaProducer:
@@ -191,7 +192,7 @@ class KafkaPythonTransport:
         which stays 0. A caught-up daemon then burned half to two thirds of a core doing
         nothing for as long as the outage lasted. An empty poll that used more CPU than half
         its wall time (the whole process's CPU, the client's network thread included) while a
-        heartbeat is overdue is taken for that. From then on each poll waits at most
+        heartbeat is overdue, three times in a row, is taken for that. From then on each poll waits at most
         `_SPIN_POLL_MS` and the rest of `timeout_ms` is slept (not after a poll that returned
         records), until `_SETTLED_POLLS` polls in a row were calm: waited their short time
         without burning CPU, or found the heartbeats answered. Records alone do not end it: a
@@ -207,7 +208,11 @@ class KafkaPythonTransport:
         wall, cpu = time.monotonic() - t0, time.process_time() - c0
         busy = wall >= _SPIN_MIN_WALL_S and cpu > _SPIN_CPU_SHARE * wall
         if not self._spinning:
-            if busy and not got and self._heartbeat_overdue():
+            # Three such polls in a row: under load (a backlog, a busy process) one empty poll
+            # can burn CPU while a heartbeat is briefly late, and pacing then would slow the
+            # catch-up.
+            self._suspect = self._suspect + 1 if busy and not got and self._heartbeat_overdue() else 0
+            if self._suspect >= _SETTLED_POLLS:
                 self._pace(True)
         else:
             # (Calm: a short poll that burnt no CPU, or heartbeats answered again; the process's
@@ -237,6 +242,7 @@ class KafkaPythonTransport:
             log.debug("pacing polls" if spinning else "polling normally")
         self._spinning = spinning
         self._calm = 0
+        self._suspect = 0
 
     def _say_pacing(self) -> None:
         """Log the pacing state when it differs from the last one logged, once a minute at most:

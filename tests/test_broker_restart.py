@@ -155,7 +155,7 @@ def test_pacing_ends_on_calm_polls_not_on_records_and_says_so_once(caplog):
 
     transport = KafkaPythonTransport.__new__(KafkaPythonTransport)
     transport._consumer = Spinning()  # type: ignore[assignment]
-    transport._spinning, transport._calm, transport._paced_logged = False, 0, (False, -math.inf)
+    transport._spinning, transport._calm, transport._suspect, transport._paced_logged = False, 0, 0, (False, -math.inf)
     caplog.set_level(logging.DEBUG, logger="streamer.transport")
     got = sum(len(transport.poll(20, 10)) for _ in range(40))
     assert got == 8
@@ -171,7 +171,7 @@ def test_the_pacing_state_logged_last_is_the_state_now_within_a_minute(caplog, m
     clock = [1000.0]
     monkeypatch.setattr("streamer.transport.time.monotonic", lambda: clock[0])
     transport = KafkaPythonTransport.__new__(KafkaPythonTransport)
-    transport._spinning, transport._calm, transport._paced_logged = False, 0, (False, -math.inf)
+    transport._spinning, transport._calm, transport._suspect, transport._paced_logged = False, 0, 0, (False, -math.inf)
     caplog.set_level(logging.INFO, logger="streamer.transport")
     said = []
     # Flapping for a minute, settled at 70 s, and an outage from 80 s that lasts.
