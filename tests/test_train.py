@@ -10,6 +10,7 @@ from collections import Counter
 import numpy as np
 import orjson
 import pytest
+import torch
 from conftest import event, produce, read_all
 from kafka import KafkaConsumer
 
@@ -38,6 +39,7 @@ def test_train_from_csv_writes_a_described_checkpoint(tmp_path):
     # The feature schema: what the model serves (any names, up to max_features), and the
     # features it was trained on.
     assert meta["schema"] == {"max_features": 8, "features": meta["schema"]["features"], "trained_on": ["rpm", "temp"]}
+    assert torch.load(out, weights_only=True)["schema"] == meta["schema"]  # in the file, not derived at load
     assert "plant.csv" in meta["training"]["data"] and "2 series, 999 values" in meta["training"]["data"]
     assert meta["config"]["hidden"] == 32
 
