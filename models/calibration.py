@@ -108,7 +108,7 @@ def tail_log10_p(cfg: CalibrationConfig, sq: torch.Tensor, hist: torch.Tensor) -
     """
     width = (HIST_HI - HIST_LO) / HIST_BINS
     lq = torch.log(sq.clamp(min=1e-30))
-    b = hist_bin(sq)
+    b = _bin_of_log(lq)
     # Count above the event's bin plus half its own: a masked sum of positive counts, so float32
     # loses nothing to cancellation (a cumulative sum minus the total would), and it reads the
     # histograms fewer times than a cumsum in float64 did (this was half of a 100,000-stream step).
@@ -131,8 +131,12 @@ def tail_log10_p(cfg: CalibrationConfig, sq: torch.Tensor, hist: torch.Tensor) -
 
 def hist_bin(sq: torch.Tensor) -> torch.Tensor:
     """The histogram bin of each statistic (log-spaced from e^HIST_LO to e^HIST_HI)."""
+    return _bin_of_log(torch.log(sq.clamp(min=1e-30)))
+
+
+def _bin_of_log(lq: torch.Tensor) -> torch.Tensor:
     width = (HIST_HI - HIST_LO) / HIST_BINS
-    return ((torch.log(sq.clamp(min=1e-30)) - HIST_LO) / width).floor().clamp(0, HIST_BINS - 1).long()
+    return ((lq - HIST_LO) / width).floor().clamp(0, HIST_BINS - 1).long()
 
 
 def learn_tail(

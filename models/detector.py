@@ -137,8 +137,7 @@ def advance(
     # fewer flags, never more.)
     learned = per_feature.sum(dim=2)  # [B, 5]
     prof_ok = profile_scored(state) if timed else torch.ones_like(mask)
-    per_feature = per_feature.clone()
-    per_feature[:, 1] = torch.where(prof_ok, per_feature[:, 1], 0.0)
+    per_feature[:, 1] = torch.where(prof_ok, per_feature[:, 1], 0.0)  # (a fresh tensor since `late`: learned is summed)
     views = per_feature.sum(dim=2)
     # The correlation view likewise waits for its history to hold half a warm-up of events: in a
     # stream that gains its second feature long after its start, it applies for the first time

@@ -118,10 +118,10 @@ def _generic_ts(raw: str, fallback_ms: int) -> int:
     return _number_ts(f)
 
 
-def _number_ts(f: float) -> int:
+def _number_ts(f: int | float) -> int:
     """A number of epoch seconds (below 1e11, as zap's 1700000000.123) or milliseconds (µs or
-    ns by size: `fine_epoch_ms`)."""
-    if not math.isfinite(f):
+    ns by size: `fine_epoch_ms`; an int keeps the digits of nanoseconds, which a float loses)."""
+    if isinstance(f, float) and not math.isfinite(f):
         raise Rejected("invalid_timestamp", "ts is not finite")
     return checked_ms(f * 1000) if abs(f) < 1e11 else fine_epoch_ms(f)
 
@@ -338,12 +338,7 @@ class LogParser:
             ts: int | None = _generic_ts(raw_ts, fallback_ms)
         elif isinstance(raw_ts, (int, float)) and not isinstance(raw_ts, bool):
             # The same rule as for digits in a string: seconds or milliseconds by size.
-            if abs(raw_ts) >= 1e19:
-                ts = checked_ms(raw_ts)
-            elif isinstance(raw_ts, int) and abs(raw_ts) >= 1e11:
-                ts = fine_epoch_ms(raw_ts)  # (an int: nanoseconds keep their digits, which a float loses)
-            else:
-                ts = _number_ts(float(raw_ts))
+            ts = checked_ms(raw_ts) if abs(raw_ts) >= 1e19 else _number_ts(raw_ts)
         else:
             ts = None if raw_ts is None else parse_ts(raw_ts, fallback_ms)
         fields = {
