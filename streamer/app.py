@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import logging
 import os
@@ -19,6 +20,7 @@ from models.gru import DEFAULT_WEIGHTS, StreamGRU, load_checkpoint
 from streamer.config import Config, ConfigError
 from streamer.loop import Runner
 from streamer.metrics import Metrics
+from streamer.sdnotify import Notifier
 from streamer.transport import KafkaPythonTransport, Transport
 
 log = logging.getLogger(__name__)
@@ -168,6 +170,12 @@ def run_daemon(config: Config) -> int:
             raise StartupError(f"metrics.port: cannot listen on {where}: {err.strerror or err}") from None
         log.info("serving /metrics, /healthz and /readyz on %s:%d", config.metrics.host, port)
     install_signal_handlers(runner.stop)
+    # Under systemd (Type=notify): READY=1 once the loop runs, the watchdog from the loop itself.
+    # The watchdog's SIGABRT then leaves every thread's traceback in the journal.
+    runner.notifier = Notifier.from_env()
+    if runner.notifier.watchdog_s is not None:
+        faulthandler.enable()
+        log.info("pinging the service manager's watchdog (%gs) from the processing loop", runner.notifier.watchdog_s)
     log.info("consuming %s as group %s", ",".join(config.topics.inputs), config.consumer.group_id)
     runner.run()
     return 0

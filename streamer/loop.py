@@ -28,6 +28,7 @@ from streamer.decode import Decoder
 from streamer.health import LoopHealth
 from streamer.logstreams import LogStreams
 from streamer.metrics import Metrics
+from streamer.sdnotify import Notifier
 from streamer.state import TP, SlotTable, Snapshot, SnapshotStore
 from streamer.transport import Headers, OutRecord, Polled, SendError, Transport
 
@@ -132,6 +133,7 @@ class Runner:
         self._last_reload_check = time.monotonic()
         self._last_gauges = 0.0
         self.watcher: Any = None  # set by streamer.app: notices a replaced checkpoint file
+        self.notifier = Notifier()  # streamer.app gives `run` systemd's, when it has one
 
     # -- partition ownership ------------------------------------------------------------
     # kafka-python runs rebalance callbacks on its network thread while poll() waits, and that
@@ -347,6 +349,7 @@ class Runner:
     def shutdown(self) -> None:
         """Snapshot every owned partition, then close (leaving the group)."""
         self.health.stopping = True
+        self.notifier.stopping()
         try:
             self._snapshot(set(self.next_offset))
             # Closing the consumer revokes every partition; nothing has changed since the
@@ -354,6 +357,7 @@ class Runner:
             self._snapshotted_for_stop = True
         finally:
             self.transport.close()
+            self.notifier.close()
         log.info("stopped")
 
     def step(self) -> int:
@@ -552,6 +556,12 @@ class Runner:
         """The loop is alive: /healthz and the gauge the StreamerNoProgress alert reads."""
         self.metrics.last_progress.set(self.clock())
         self.health.progress()
+        self.notifier.alive(self._status_line)
+
+    def _status_line(self) -> str:
+        ready, detail = self.health.readiness()
+        owned = len(self.transport.assignment())
+        return f"{'ready' if ready else 'not ready'}: {detail}; {owned} partitions, {self._stream_count()} streams"
 
     def _send(self, outputs: list[OutRecord]) -> bool:
         """Send until acknowledged. Gives up only when asked to stop, returning False."""

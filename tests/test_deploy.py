@@ -666,10 +666,14 @@ def test_systemd_unit_verifies_and_is_hardened(tmp_path: Path) -> None:
         "KillSignal": "SIGTERM",
         "Restart": "on-failure",
         "SystemCallFilter": "@system-service",
+        "Type": "notify",  # READY=1 and the watchdog's pings: tests/test_sdnotify.py
+        "NotifyAccess": "main",
     }.items():
         assert value in d.get(key, []), f"{key}={value} missing"
     assert set(d["RestrictAddressFamilies"][0].split()) == {"AF_INET", "AF_INET6", "AF_UNIX"}
     assert float(d["TimeoutStopSec"][0]) > DRAIN_WORST_CASE_S
+    # The watchdog must not fire before /healthz would (its limit is the default max_stall_s).
+    assert float(d["WatchdogSec"][0]) > load_config(DEPLOY / "config" / "streamer.yaml", env={}).metrics.max_stall_s
     assert "MemoryDenyWriteExecute" not in d, "oneDNN's JIT needs W+X memory; see the unit's comment"
     # The config's state.dir lives in StateDirectory=.
     assert load_config(DEPLOY / "config" / "streamer.yaml", env={}).state.dir.startswith("/var/lib/streamer/")
