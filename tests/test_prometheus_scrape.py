@@ -191,7 +191,8 @@ def test_prometheus_scrapes_the_daemon_and_dashboards_and_alerts_work(stack: Sta
         records: list[tuple[bytes | None, bytes]] = list(sensor_events(fleet, chunk * STEPS_PER_CHUNK, STEPS_PER_CHUNK, wall_clock=True))
         valid += len(records)
         if chunk == 1:
-            records += [(b"broken", value) for value in GARBAGE]
+            # 20 of each: about 1% of the records per reason, over StreamerDeadLetters' 0.1%.
+            records += [(b"broken", value) for value in GARBAGE * 20]
         produce(broker, topics["input"], records)
         time.sleep(1.0)
     assert daemon.alive(), daemon.log_path.read_text()[-3000:]

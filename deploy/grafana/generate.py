@@ -600,8 +600,8 @@ def overview() -> Json:
     b.row("Dead letters")
     b.timeseries(
         "Dead letters by reason",
-        "Input records sent to the dead-letter topic, per second, by reason (the streamer.reason header). Any of these "
-        "fires StreamerDeadLetters.",
+        "Input records sent to the dead-letter topic, per second, by reason (the streamer.reason header). "
+        "StreamerDeadLetters fires when one reason is over 0.1% of the input for 10 minutes.",
         "cps",
         targets((f"sum by (reason) ({rate('streamer_dead_letters_total')}) > 0", "{{reason}}")),
         bars=True,
