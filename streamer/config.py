@@ -217,6 +217,10 @@ class DetectorConfig(_Strict):
 class StateConfig(_Strict):
     dir: str = "state"
     snapshot_interval_s: float = Field(default=30.0, gt=0)
+    # A snapshot further behind its partition's committed offset than this is not restored: the
+    # replay to rebuild it would keep the member unready (a partition back on a host that owned
+    # it weeks ago). None replays whatever the distance.
+    max_replay_records: int | None = Field(default=1_000_000, ge=0)
     idle_evict_s: float = Field(default=86_400.0, gt=0)
     initial_capacity: int = Field(default=1024, gt=0)
 

@@ -162,7 +162,7 @@ class Runner:
                     reseeked.add(tp)
                 continue
             snap = self.store.load(tp, self.arch)
-            if snap is None:
+            if snap is None or self._too_far_behind(tp, "", snap.offset, committed):
                 continue
             current_id = self.log_ids[tp]
             if snap.topic_id and current_id and snap.topic_id != current_id:
@@ -219,10 +219,31 @@ class Runner:
             polled = polled.select(keep)
         return polled
 
+    def _too_far_behind(self, tp: TP, kind: str, offset: int | None, committed: int | None) -> bool:
+        """A snapshot so far behind the committed offset that replaying up to it would keep this
+        member unready for long (it owned the partition long ago, or another member has since):
+        its streams start cold instead, as on a host that never had the partition."""
+        limit = self.config.state.max_replay_records
+        if limit is None or committed is None or not isinstance(offset, int) or committed - offset <= limit:
+            return False
+        log.warning(
+            "discarding %ssnapshot of %s[%d]: it is at offset %d, %d records behind the committed offset %d, more than "
+            "state.max_replay_records (%d) to replay; streams restart cold",
+            kind,
+            tp[0],
+            tp[1],
+            offset,
+            committed - offset,
+            committed,
+            limit,
+            extra={"topic": tp[0], "partition": tp[1], "offset": offset, "committed": committed},
+        )
+        return True
+
     def _restore_logs(self, tp: TP, committed: int | None) -> bool:
         assert self.logs is not None
         payload = self.store.load_payload(tp)
-        if payload is None or payload.get("kind") != "logs":
+        if payload is None or payload.get("kind") != "logs" or self._too_far_behind(tp, "log ", payload.get("offset"), committed):
             return False
         if payload.get("topic_id") and self.log_ids[tp] and payload["topic_id"] != self.log_ids[tp]:
             log.warning(

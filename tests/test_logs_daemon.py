@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import orjson
 from conftest import DaemonThread, make_config, produce, read_all, scores_of
+from kafka import KafkaConsumer, TopicPartition
+from kafka.structs import OffsetAndMetadata
 
 
 def _syslog(i: int, host: str, msg: str) -> bytes:
@@ -167,3 +169,20 @@ def test_a_long_line_of_control_characters_makes_a_sendable_score_record(broker,
     last = orjson.loads(records[-2].value)
     assert last["line"].startswith("\x01" * 2048) and last["line"].endswith("(61440 characters)")
     assert orjson.loads(records[-1].value)["line"] == "after the long lines"
+
+
+def test_a_log_snapshot_too_far_behind_the_committed_offset_starts_cold(broker, topics, state_dir, caplog):
+    """As for sensor partitions (tests/test_restart.py): beyond state.max_replay_records, no replay."""
+    config = _log_config(broker, topics, state_dir, state={"max_replay_records": 100})
+    produce(broker, topics["input"], [(b"db", _syslog(i, "db", _routine(i))) for i in range(50)], partition_of=lambda _k: 0)
+    with DaemonThread(config) as daemon:
+        daemon.wait_scored(50)
+    produce(broker, topics["input"], [(b"db", _syslog(i, "db", _routine(i))) for i in range(50, 300)], partition_of=lambda _k: 0)
+    c = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=config.consumer.group_id, enable_auto_commit=False)
+    c.commit({TopicPartition(topics["input"], 0): OffsetAndMetadata(300, "", -1)})  # scored elsewhere
+    c.close()
+    produce(broker, topics["input"], [(b"db", _syslog(i, "db", _routine(i))) for i in range(300, 310)], partition_of=lambda _k: 0)
+    with DaemonThread(config) as daemon:
+        daemon.wait_scored(10)
+        assert daemon.metrics.replayed._value.get() == 0
+    assert "discarding log snapshot of" in caplog.text and "250 records behind the committed offset 300" in caplog.text

@@ -335,6 +335,13 @@ def test_a_snapshot_that_cannot_be_written_is_counted_not_fatal(broker, topics, 
     assert daemon.metrics.snapshot_failures._value.get() >= 1
 
 
+def _commit(broker, config, topic: str, offset: int) -> None:
+    """Commit partition 0 of `topic` at `offset` for the config's group, as another member would."""
+    c = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=config.consumer.group_id, enable_auto_commit=False)
+    c.commit({TopicPartition(topic, 0): OffsetAndMetadata(offset, "", -1)})
+    c.close()
+
+
 def test_not_ready_until_the_replay_up_to_the_committed_offset_is_done(broker, topics, state_dir):
     """After a crash the snapshot can be older than the committed offset: the events between are
     scored again, without outputs, to rebuild state. /readyz said ready before that replay had
@@ -347,9 +354,7 @@ def test_not_ready_until_the_replay_up_to_the_committed_offset_is_done(broker, t
     # More events, scored and committed by a member whose state never reached the disk (a crash
     # before its next snapshot): the snapshot stays at offset 40, the commit moves to 400.
     produce(broker, t, [(b"s-1", event("s-1", 1_000 * i, {"temp": 20.0 + i % 5})) for i in range(40, 400)], lambda k: 0)
-    c = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=config.consumer.group_id, enable_auto_commit=False)
-    c.commit({TopicPartition(t, 0): OffsetAndMetadata(400, "", -1)})
-    c.close()
+    _commit(broker, config, t, 400)
 
     runner = DaemonThread(config).runner
     runner.start()
@@ -368,6 +373,34 @@ def test_not_ready_until_the_replay_up_to_the_committed_offset_is_done(broker, t
         runner.shutdown()
     assert any(not ready for _, ready in seen), seen  # the replay took several polls, not ready during them
     assert all(ready == (offset >= 400) for offset, ready in seen), seen
+
+
+@pytest.mark.parametrize("limit", [300, 400])
+def test_a_snapshot_too_far_behind_the_committed_offset_is_not_replayed(broker, topics, state_dir, caplog, limit):
+    """A partition coming back to a member that owned it long ago found that member's old
+    snapshot and replayed everything since, unready all along (weeks of a busy partition, after
+    a scale-down and up). Beyond state.max_replay_records its streams start cold instead."""
+    t = topics["input"]
+    produce(broker, t, [(b"s-1", event("s-1", 1_000 * i, {"temp": 20.0 + i % 5})) for i in range(40)], lambda k: 0)
+    config = make_config(broker, topics, state_dir, state={"max_replay_records": limit})
+    with DaemonThread(config) as first:
+        first.wait_scored(40)
+    # Scored and committed elsewhere since: the snapshot here stays at offset 40, 360 behind.
+    produce(broker, t, [(b"s-1", event("s-1", 1_000 * i, {"temp": 20.0 + i % 5})) for i in range(40, 400)], lambda k: 0)
+    _commit(broker, config, t, 400)
+    produce(broker, t, [(b"s-1", event("s-1", 1_000 * i, {"temp": 20.0 + i % 5})) for i in range(400, 420)], lambda k: 0)
+    with DaemonThread(config) as daemon:
+        daemon.wait_scored(20)
+        replayed = daemon.metrics.replayed._value.get()
+        row = daemon.runner.slots.slot_of["s-1"]
+        seen = int(daemon.runner.detector.bank.tensors["steps"][row])  # events the stream has seen
+    discarded = [r.getMessage() for r in caplog.records if "max_replay_records" in r.getMessage()]
+    if limit < 360:
+        assert replayed == 0 and seen == 20, (replayed, seen)  # cold: only the 20 new events
+        assert discarded and "360 records behind the committed offset 400" in discarded[0], discarded
+    else:
+        assert replayed == 360 and seen == 420, (replayed, seen)
+        assert not discarded
 
 
 def test_ready_when_the_log_ends_before_the_committed_offset(broker, topics, state_dir):
