@@ -5,7 +5,9 @@ or as raw lines in some layout. A line layout is a regex with named groups, or t
 preset for a common layout; JSON records are recognised by their leading brace whatever the
 layout, so one topic may carry both. As in `streamer.decode`, nothing in a message can raise:
 what cannot be turned into an event comes back as (position, reason, detail), with the reason
-strings in REASONS used for the dead-letter header and metric label.
+strings in REASONS used for the dead-letter header and metric label. JSON records of common
+structured loggers (pino/bunyan, OpenTelemetry, Elastic Common Schema, journald, Serilog CLEF,
+python-json-logger) are read by their own field names where the generic ones are absent.
 
 Named groups a layout may define: `ts` (parsed by the preset's own format, else epoch
 seconds/milliseconds or ISO-8601), `level`, `message` (the rest of the line when absent),
@@ -72,19 +74,41 @@ _LEVEL_ALIASES = {
     "EMERGENCY": 6,
     "PANIC": 6,
     "F": 6,
+    "VERBOSE": 1,  # (Serilog's lowest level)
 }
 # Syslog numeric severities (0 emergency .. 7 debug) when a JSON record carries a number.
 _SYSLOG_SEVERITY = (6, 6, 6, 5, 4, 3, 3, 2)
+# A number in a generic level field: 0..7 is a syslog severity, and pino's and bunyan's
+# multiples of ten (10 trace .. 60 fatal) are theirs. The two ranges do not overlap.
+_NUMERIC_LEVEL = {**dict(enumerate(_SYSLOG_SEVERITY)), 10: 1, 20: 2, 30: 3, 40: 4, 50: 5, 60: 6}
 
 
 def parse_level(raw: Any) -> int:
-    """Level name or syslog severity number to the ordinal; anything unrecognised is UNKNOWN."""
+    """Level name, syslog severity (0..7) or pino/bunyan level (10, 20, .., 60) to the ordinal;
+    anything unrecognised is UNKNOWN."""
     if raw is None or isinstance(raw, bool):
         return UNKNOWN_LEVEL
-    if isinstance(raw, int):
-        return _SYSLOG_SEVERITY[raw] if 0 <= raw < len(_SYSLOG_SEVERITY) else UNKNOWN_LEVEL
+    if isinstance(raw, int):  # (not a float: 3.0 is no syslog severity, though it hashes as 3)
+        return _NUMERIC_LEVEL.get(raw, UNKNOWN_LEVEL)
     if isinstance(raw, str):
         return _LEVEL_ALIASES.get(raw.strip().upper(), UNKNOWN_LEVEL)
+    return UNKNOWN_LEVEL
+
+
+def _otel_level(raw: Any) -> int:
+    """OpenTelemetry's SeverityNumber: 1-4 TRACE, 5-8 DEBUG, .., 21-24 FATAL (the ordinals'
+    order); 0 is UNSPECIFIED and reads as UNKNOWN."""
+    if isinstance(raw, int) and not isinstance(raw, bool) and 1 <= raw <= 24:
+        return (raw + 3) // 4
+    return UNKNOWN_LEVEL
+
+
+def _syslog_level(raw: Any) -> int:
+    """journald's PRIORITY: a syslog severity written as a string of one digit ("3")."""
+    if isinstance(raw, str) and len(raw) == 1 and "0" <= raw <= "7":
+        return _SYSLOG_SEVERITY[ord(raw) - 48]
+    if isinstance(raw, int) and not isinstance(raw, bool) and 0 <= raw <= 7:
+        return _SYSLOG_SEVERITY[raw]
     return UNKNOWN_LEVEL
 
 
@@ -218,6 +242,41 @@ _FIELD_ALIASES = {
     "level": ("level", "lvl", "severity", "loglevel", "log_level"),
     "ts": ("ts", "timestamp", "time", "@timestamp"),
 }
+# JSON records: the generic names above first (the first of them present decides), then the
+# names particular loggers give the same things, read only when no generic name is present, so
+# they cost nothing on a record that has one.
+_JSON_MESSAGE = (*_FIELD_ALIASES["message"], "MESSAGE", "@m", "@mt", "body", "Body")
+_JSON_LEVEL = _FIELD_ALIASES["level"]
+_JSON_TS = _FIELD_ALIASES["ts"]
+# (field, reading), tried in order until one gives a known level.
+_LAYOUT_LEVEL: tuple[tuple[str, Callable[[Any], int]], ...] = (
+    ("log.level", parse_level),  # Elastic Common Schema, as a dotted key (ecs-logging)
+    ("levelname", parse_level),  # Python's logging record (python-json-logger)
+    ("@l", parse_level),  # Serilog compact JSON (CLEF)
+    ("severity_number", _otel_level),  # OpenTelemetry, as the pipelines flatten it ..
+    ("severityNumber", _otel_level),  # .. OTLP/JSON
+    ("SeverityNumber", _otel_level),  # .. the data model's own names
+    ("severity_text", parse_level),
+    ("severityText", parse_level),
+    ("SeverityText", parse_level),
+    ("PRIORITY", _syslog_level),  # journald (journalctl -o json)
+)
+# journald's _SOURCE_REALTIME_TIMESTAMP (when the message was logged) before its
+# __REALTIME_TIMESTAMP (when the journal received it), as journalctl shows them; OpenTelemetry's
+# time before its observed time. A 0 there means unknown and is passed over.
+_LAYOUT_TS = (
+    "@t",
+    "_SOURCE_REALTIME_TIMESTAMP",
+    "__REALTIME_TIMESTAMP",
+    "timeUnixNano",
+    "time_unix_nano",
+    "Timestamp",
+    "observedTimeUnixNano",
+    "observed_time_unix_nano",
+)
+# Every name the two look-ups below read: a record with none of them (most records without a
+# level) is passed over by one set test in C instead of a dozen dictionary probes.
+_LAYOUT_NAMES = frozenset((*(name for name, _ in _LAYOUT_LEVEL), "log", "@t", *_LAYOUT_TS, "asctime"))
 
 
 def line_format(spec: str) -> LineFormat:
@@ -272,6 +331,64 @@ def _first(obj: dict[str, Any], names: tuple[str, ...]) -> Any:
     return None
 
 
+def _layout_level(obj: dict[str, Any]) -> int:
+    """The level of a JSON record without a generic level field: the first of `_LAYOUT_LEVEL`
+    that reads as a known level, else ECS's nested {"log": {"level": ..}}, else INFO for a
+    Serilog event (CLEF leaves out `@l` at Information)."""
+    if obj.keys().isdisjoint(_LAYOUT_NAMES):
+        return UNKNOWN_LEVEL
+    for name, read in _LAYOUT_LEVEL:
+        if name in obj:
+            level = read(obj[name])
+            if level:
+                return level
+    log = obj.get("log")
+    if isinstance(log, dict) and "level" in log:
+        return parse_level(log["level"])
+    if "@t" in obj and ("@mt" in obj or "@m" in obj):
+        return _LEVEL_ALIASES["INFO"]
+    return UNKNOWN_LEVEL
+
+
+def _layout_ts(obj: dict[str, Any]) -> Any:
+    """The raw timestamp of a JSON record without a generic one: the first of `_LAYOUT_TS` that is
+    set (0 means unknown to OpenTelemetry), else None."""
+    if obj.keys().isdisjoint(_LAYOUT_NAMES):
+        return None
+    for name in _LAYOUT_TS:
+        raw = obj.get(name)
+        if raw is not None and raw != 0 and raw != "0" and raw != "":
+            return raw
+    return None
+
+
+def _asctime_ms(obj: dict[str, Any], fallback_ms: int) -> int | None:
+    """Python logging's `asctime` (python-json-logger) where it reads as ISO-8601, as its default
+    layout "2024-05-01 10:00:00,250" does; its format is the application's choice (`datefmt`),
+    so one that does not read leaves the record timestamp rather than rejecting the record."""
+    asctime = obj.get("asctime")
+    if not isinstance(asctime, str):
+        return None
+    try:
+        return parse_ts(asctime.replace(",", ".", 1), fallback_ms)  # (Python 3.10 reads no comma)
+    except Rejected:
+        return None
+
+
+def _unwrap_message(obj: dict[str, Any], message: Any) -> Any:
+    """A message that is not a string: OTLP/JSON's body {"stringValue": ...}, or journald's MESSAGE
+    as the array of byte values journalctl writes for text with control characters (colour
+    codes) or invalid UTF-8. Anything else is returned as it is (and rejected)."""
+    if isinstance(message, dict):
+        return message.get("stringValue")
+    if isinstance(message, list) and "MESSAGE" in obj and message is obj["MESSAGE"]:
+        try:
+            return bytes(message).decode("utf-8", errors="replace")
+        except (TypeError, ValueError):  # (not all integers 0..255)
+            return None
+    return message
+
+
 class LogParser:
     """Stateless apart from its settings: one parser serves every partition."""
 
@@ -318,35 +435,43 @@ class LogParser:
         ts = fmt.ts_parser(raw_ts, fallback_ms) if raw_ts else None
         return ts, message, fields, fields.get("level")
 
-    def _json(self, raw: bytes, fallback_ms: int) -> tuple[int | None, str, dict[str, str], Any]:
+    def _json(self, raw: bytes, fallback_ms: int) -> tuple[int | None, str, dict[str, str], int]:
+        """(ts_ms or None, message, fields, level ordinal) of a JSON record."""
         try:
             obj = orjson.loads(raw)
         except orjson.JSONDecodeError as err:
             raise Rejected("invalid_json", f"not JSON: {err}") from None
         if not isinstance(obj, dict):  # unreachable for a '{' payload, kept as a guard
             raise Rejected("invalid_json", "top-level JSON value is not an object")
-        message = _first(obj, _FIELD_ALIASES["message"])
+        message = _first(obj, _JSON_MESSAGE)
         if not isinstance(message, str):
-            raise Rejected("missing_message", "no string 'message' (or 'msg', 'log', 'text') field")
+            message = _unwrap_message(obj, message)
+            if not isinstance(message, str):
+                raise Rejected("missing_message", "no string 'message' (or 'msg', 'log', 'text', 'MESSAGE', '@m', '@mt', 'body') field")
         if not message.strip():
             raise Rejected("empty_message", "empty 'message' field")
         named = obj.get(self.stream_field) if self.stream_field != "key" else None
         if named is not None and (not isinstance(named, (str, int, float)) or isinstance(named, bool)):
             raise Rejected("invalid_stream", f"'{self.stream_field}' is a {type(named).__name__}, not a string")
-        raw_ts = _first(obj, _FIELD_ALIASES["ts"])
+        raw_ts = _first(obj, _JSON_TS)
+        if raw_ts is None:
+            raw_ts = _layout_ts(obj)
         if isinstance(raw_ts, str) and raw_ts.strip().lstrip("-").replace(".", "", 1).isdigit():
             ts: int | None = _generic_ts(raw_ts, fallback_ms)
         elif isinstance(raw_ts, (int, float)) and not isinstance(raw_ts, bool):
             # The same rule as for digits in a string: seconds or milliseconds by size.
             ts = checked_ms(raw_ts) if abs(raw_ts) >= 1e19 else _number_ts(raw_ts)
+        elif raw_ts is not None:
+            ts = parse_ts(raw_ts, fallback_ms)
         else:
-            ts = None if raw_ts is None else parse_ts(raw_ts, fallback_ms)
+            ts = _asctime_ms(obj, fallback_ms)
         fields = {
             k: str(v)
             for k, v in obj.items()
             if isinstance(v, (str, int, float)) and not isinstance(v, bool) and k not in ("message", "msg")
         }
-        return ts, message, fields, _first(obj, _FIELD_ALIASES["level"])
+        raw_level = _first(obj, _JSON_LEVEL)
+        return ts, message, fields, (_layout_level(obj) if raw_level is None else parse_level(raw_level))
 
     def _one(self, raw: bytes | None, key: bytes | None, record_ts: int) -> LogEvent:
         if raw is not None and raw.startswith(UTF8_BOM):  # (as some Windows tools write; the sensor decoder accepts it too)
@@ -360,7 +485,8 @@ class LogParser:
         else:
             # Logs carry stray bytes often enough that rejecting them would hide real lines.
             text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-            ts, message, fields, level = self._line(text, record_ts)
+            ts, message, fields, raw_level = self._line(text, record_ts)
+            level = parse_level(raw_level)
         stream: str | None
         if self.stream_field == "key":
             stream = None
@@ -372,7 +498,7 @@ class LogParser:
             raise Rejected("missing_stream", f"no '{self.stream_field}' field and no message key")
         if len(stream) > self.max_stream_len:
             raise Rejected("invalid_stream", f"stream id longer than {self.max_stream_len} characters")
-        return LogEvent(stream, record_ts if ts is None else ts, parse_level(level), message, fields)
+        return LogEvent(stream, record_ts if ts is None else ts, level, message, fields)
 
     def parse(self, values: Sequence[bytes | None], keys: Sequence[bytes | None], record_ts: np.ndarray) -> ParsedLogs:
         """Parse a polled batch; rejected positions go to `dead` with a reason from REASONS."""

@@ -230,3 +230,190 @@ def test_json_records_are_judged_as_the_sensor_decoder_judges_them():
     assert [(pos, reason) for pos, reason, _ in res.dead] == [(0, "empty_message"), (1, "empty_message"), (2, "invalid_stream")]
     blank = _parse(LogParser("plain", "service"), [b"\xef\xbb\xbf", b"\xef\xbb\xbf  \r\n"], [b"key", b"key"])
     assert len(blank) == 0 and [reason for _, reason, _ in blank.dead] == ["empty_message", "empty_message"]
+
+
+# -- JSON layouts of common structured loggers -------------------------------------------------
+# Each record is as the logger writes it; before these layouts were read, their levels were
+# UNKNOWN (or the records rejected for want of a `message`).
+
+
+def test_pino_and_bunyan_numeric_levels():
+    """pino and bunyan write `level` as 10 trace, 20 debug, 30 info, 40 warn, 50 error, 60 fatal."""
+    pino = [
+        b'{"level":30,"time":1714557600250,"pid":4242,"hostname":"web-1","reqId":"req-1","res":{"statusCode":200},'
+        b'"responseTime":12,"msg":"request completed"}',
+        b'{"level":50,"time":1714557601000,"pid":4242,"hostname":"web-1","err":{"type":"Error","message":"ECONNRESET"},'
+        b'"msg":"upstream failed"}',
+        b'{"level":60,"time":1714557602000,"pid":4242,"hostname":"web-1","msg":"out of memory"}',
+        b'{"level":10,"time":1714557603000,"pid":4242,"hostname":"web-1","msg":"cache lookup"}',
+    ]
+    res = _parse(LogParser("plain", "hostname"), pino)
+    assert not res.dead
+    assert [LEVEL_NAMES[v] for v in res.level.tolist()] == ["INFO", "ERROR", "FATAL", "TRACE"]
+    assert res.message[:2] == ["request completed", "upstream failed"] and res.stream[0] == "web-1"
+    assert res.ts_ms.tolist() == [_ms(2024, 5, 1, 10) + 250, *(_ms(2024, 5, 1, 10, 0, s) for s in (1, 2, 3))]
+    bunyan = (
+        b'{"name":"billing","hostname":"web-1","pid":123,"level":40,"msg":"slow query: 812 ms","time":"2024-05-01T10:00:00.250Z","v":0}'
+    )
+    ev = _parse(LogParser("plain", "name"), [bunyan]).event(0)
+    assert (ev.stream, LEVEL_NAMES[ev.level], ev.message, ev.ts_ms) == ("billing", "WARN", "slow query: 812 ms", _ms(2024, 5, 1, 10) + 250)
+
+
+def test_opentelemetry_log_records():
+    """A log record of the OpenTelemetry data model as OTLP/JSON writes it (lowerCamelCase, int64
+    nanoseconds as strings, the body an AnyValue), and as pipelines flatten it (snake_case, or the
+    data model's own PascalCase). SeverityNumber 1-4 is TRACE, .., 21-24 FATAL."""
+    otlp = (
+        b'{"timeUnixNano":"1714557600250000000","observedTimeUnixNano":"1714557600300000000","severityNumber":17,'
+        b'"severityText":"Error","traceId":"5B8EFFF798038103D269B633813FC60C","spanId":"EEE19B7EC3C1B174",'
+        b'"body":{"stringValue":"charge declined for order 42"},'
+        b'"attributes":[{"key":"order.id","value":{"intValue":"42"}}]}'
+    )
+    ev = _parse(LogParser("plain", "service"), [otlp], [b"checkout"]).event(0)
+    assert (ev.stream, LEVEL_NAMES[ev.level], ev.message) == ("checkout", "ERROR", "charge declined for order 42")
+    assert ev.ts_ms == _ms(2024, 5, 1, 10) + 250
+    # No time (0 is "unknown" to OpenTelemetry): the observed time; no number: the text.
+    unset = b'{"timeUnixNano":"0","observedTimeUnixNano":"1714557600300000000","severityText":"Warning","body":{"stringValue":"retrying"}}'
+    ev = _parse(LogParser("plain", "service"), [unset], [b"checkout"]).event(0)
+    assert (LEVEL_NAMES[ev.level], ev.message, ev.ts_ms) == ("WARN", "retrying", _ms(2024, 5, 1, 10) + 300)
+    snake = (
+        b'{"time_unix_nano":1714557600250000000,"severity_number":9,"severity_text":"INFO",'
+        b'"body":"GET /items 200","service":"catalog","trace_id":"5b8efff798038103d269b633813fc60c"}'
+    )
+    ev = _parse(LogParser("plain", "service"), [snake]).event(0)
+    assert (ev.stream, LEVEL_NAMES[ev.level], ev.message, ev.ts_ms) == ("catalog", "INFO", "GET /items 200", _ms(2024, 5, 1, 10) + 250)
+    pascal = (
+        b'{"Timestamp":"2024-05-01 10:00:00.250000000","SeverityText":"Critical","SeverityNumber":21,'
+        b'"ServiceName":"checkout","Body":"payment service unreachable"}'
+    )
+    ev = _parse(LogParser("plain", "ServiceName"), [pascal]).event(0)
+    assert (ev.stream, LEVEL_NAMES[ev.level], ev.message) == ("checkout", "FATAL", "payment service unreachable")
+    assert ev.ts_ms == _ms(2024, 5, 1, 10) + 250
+    # The number is OpenTelemetry's scale in its own field (5 is DEBUG, not syslog's notice) and
+    # decides over the text; each range of four is one level.
+    numbers = [b'{"body":"x","service":"s","severityNumber":%d,"severityText":"INFO"}' % n for n in (1, 4, 5, 8, 12, 13, 20, 24)]
+    assert [LEVEL_NAMES[v] for v in _parse(LogParser("plain", "service"), numbers).level.tolist()] == [
+        "TRACE", "TRACE", "DEBUG", "DEBUG", "INFO", "WARN", "ERROR", "FATAL",
+    ]  # fmt: skip
+
+
+def test_elastic_common_schema_log_level():
+    """ECS: `log.level` as a dotted key (ecs-logging writes it so, and may pad it so the message
+    starts at the same column), or nested as {"log": {"level": ...}} (Logstash, Filebeat)."""
+    dotted = (
+        b'{"@timestamp":"2024-05-01T10:00:00.250Z","log.level":"error","message":"payment failed for order 42",'
+        b'"ecs.version":"1.6.0","log":{"logger":"billing.pay","origin":{"file":{"line":42,"name":"pay.py"},"function":"charge"},'
+        b'"original":"payment failed for order 42"},"process":{"name":"MainProcess","pid":7,"thread":{"id":1,"name":"MainThread"}},'
+        b'"service.name":"billing"}'
+    )
+    padded = (
+        b'{"@timestamp":"2024-05-01T10:00:01.000Z","log.level":" WARN","message":"pool at 90%",'
+        b'"ecs.version":"1.2.0","service.name":"billing"}'
+    )
+    res = _parse(LogParser("plain", "service.name"), [dotted, padded])
+    assert not res.dead and res.stream == ["billing", "billing"]
+    assert [LEVEL_NAMES[v] for v in res.level.tolist()] == ["ERROR", "WARN"]
+    assert res.message == ["payment failed for order 42", "pool at 90%"]
+    assert res.ts_ms.tolist() == [_ms(2024, 5, 1, 10) + 250, _ms(2024, 5, 1, 10, 0, 1)]
+    nested = (
+        b'{"@timestamp":"2024-05-01T10:00:02.500Z","message":"disk usage above 95%","log":{"level":"critical","logger":"disk"},'
+        b'"host":{"name":"web-1"},"agent":{"type":"filebeat"}}'
+    )
+    ev = _parse(LogParser("plain", "service"), [nested], [b"web-1"]).event(0)
+    assert (LEVEL_NAMES[ev.level], ev.message, ev.ts_ms) == ("FATAL", "disk usage above 95%", _ms(2024, 5, 1, 10, 0, 2) + 500)
+
+
+def test_journald_json_records():
+    """`journalctl -o json`: PRIORITY is a syslog severity as a string of one digit, MESSAGE the
+    text (an array of byte values when it holds control characters), timestamps microseconds as
+    strings: _SOURCE_REALTIME_TIMESTAMP (when logged) where present, else __REALTIME_TIMESTAMP
+    (when received). The stream can be any field, here _HOSTNAME."""
+    syslog = (
+        b'{"__CURSOR":"s=6c1d1bb4e3b84e4c9f3e0c6a;i=1a2b;b=9f0e;m=75bcd15;t=6176a0c1e6a9b;x=3d2a","__REALTIME_TIMESTAMP":"1714557600250900",'
+        b'"__MONOTONIC_TIMESTAMP":"123456789","_BOOT_ID":"9f0e6c1d1bb4e3b84e4c9f3e0c6a1a2b","_MACHINE_ID":"0c6a1a2b9f0e6c1d1bb4e3b84e4c9f3e",'
+        b'"_HOSTNAME":"web-1","PRIORITY":"3","SYSLOG_FACILITY":"4","SYSLOG_IDENTIFIER":"sshd","SYSLOG_PID":"1234","_PID":"1234",'
+        b'"_UID":"0","_GID":"0","_COMM":"sshd","_EXE":"/usr/sbin/sshd","_CMDLINE":"sshd: root [priv]","_SYSTEMD_UNIT":"ssh.service",'
+        b'"_TRANSPORT":"syslog","MESSAGE":"error: kex_exchange_identification: Connection closed by remote host",'
+        b'"_SOURCE_REALTIME_TIMESTAMP":"1714557600250123"}'
+    )
+    stdout = (
+        b'{"__REALTIME_TIMESTAMP":"1714557601000500","_HOSTNAME":"web-1","PRIORITY":"6","SYSLOG_IDENTIFIER":"app",'
+        b'"_TRANSPORT":"stdout","_SYSTEMD_UNIT":"app.service","MESSAGE":"listening on :8080"}'
+    )
+    coloured = (  # "\x1b[33mdisk almost full\x1b[0m"
+        b'{"__REALTIME_TIMESTAMP":"1714557602000000","_HOSTNAME":"web-1","PRIORITY":"4","SYSLOG_IDENTIFIER":"app",'
+        b'"MESSAGE":[27,91,51,51,109,100,105,115,107,32,97,108,109,111,115,116,32,102,117,108,108,27,91,48,109]}'
+    )
+    res = _parse(LogParser("plain", "_HOSTNAME"), [syslog, stdout, coloured])
+    assert not res.dead and res.stream == ["web-1"] * 3
+    assert [LEVEL_NAMES[v] for v in res.level.tolist()] == ["ERROR", "INFO", "WARN"]
+    assert res.message == [
+        "error: kex_exchange_identification: Connection closed by remote host",
+        "listening on :8080",
+        "\x1b[33mdisk almost full\x1b[0m",
+    ]
+    assert res.ts_ms.tolist() == [_ms(2024, 5, 1, 10) + 250, _ms(2024, 5, 1, 10, 0, 1), _ms(2024, 5, 1, 10, 0, 2)]
+    assert res.fields[0]["SYSLOG_IDENTIFIER"] == "sshd"
+    emerg = _parse(LogParser("plain", "_HOSTNAME"), [stdout.replace(b'"PRIORITY":"6"', b'"PRIORITY":"0"')]).level.tolist()
+    assert [LEVEL_NAMES[v] for v in emerg] == ["FATAL"]
+
+
+def test_serilog_compact_json():
+    """Serilog's CLEF: `@t` ISO-8601 (seven fractional digits), `@mt` the template
+    (CompactJsonFormatter) or `@m` the rendered message (RenderedCompactJsonFormatter), `@l`
+    the level name, left out at Information."""
+    compact = b'{"@t":"2024-05-01T10:00:00.2501234Z","@mt":"Hello, {User}","User":"nblumhardt","SourceContext":"App.Greeter"}'
+    rendered = (
+        b'{"@t":"2024-05-01T12:00:01.5000000+02:00","@m":"Payment for order 42 failed","@i":"a1b2c3d4","@l":"Error",'
+        b'"@x":"System.InvalidOperationException: card declined","OrderId":42,"SourceContext":"App.Payments"}'
+    )
+    verbose = b'{"@t":"2024-05-01T10:00:02.0000000Z","@mt":"Cache {Key} hit","@l":"Verbose","Key":"k1","SourceContext":"App.Cache"}'
+    res = _parse(LogParser("plain", "SourceContext"), [compact, rendered, verbose])
+    assert not res.dead and res.stream == ["App.Greeter", "App.Payments", "App.Cache"]
+    assert [LEVEL_NAMES[v] for v in res.level.tolist()] == ["INFO", "ERROR", "TRACE"]
+    assert res.message == ["Hello, {User}", "Payment for order 42 failed", "Cache {Key} hit"]
+    assert res.ts_ms.tolist() == [_ms(2024, 5, 1, 10) + 250, _ms(2024, 5, 1, 10, 0, 1) + 500, _ms(2024, 5, 1, 10, 0, 2)]
+
+
+def test_python_json_logger_records():
+    """python-json-logger with "%(asctime)s %(levelname)s %(name)s %(message)s": `levelname`,
+    and `asctime` in logging's default layout (read as UTC, as any time without an offset). A
+    `datefmt` that does not read as ISO-8601 leaves the record timestamp, not a rejection."""
+    raw = b'{"asctime": "2024-05-01 10:00:00,250", "levelname": "WARNING", "name": "app.db", "message": "retrying connection (attempt 2)"}'
+    ev = _parse(LogParser("plain", "name"), [raw]).event(0)
+    assert (ev.stream, LEVEL_NAMES[ev.level], ev.message) == ("app.db", "WARN", "retrying connection (attempt 2)")
+    assert ev.ts_ms == _ms(2024, 5, 1, 10) + 250
+    custom = b'{"asctime": "01/05/2024 10:00:00 AM", "levelname": "CRITICAL", "name": "app.db", "message": "giving up"}'
+    ev = _parse(LogParser("plain", "name"), [custom], record_ts=7).event(0)
+    assert (LEVEL_NAMES[ev.level], ev.message, ev.ts_ms) == ("FATAL", "giving up", 7)
+
+
+def test_ordinary_records_keep_their_readings():
+    """What the layouts above add cannot misread a record with the generic fields: a number
+    0..7 in `level` (or `severity`, ...) is still a syslog severity, a number outside 0..7 and
+    pino's 10..60 still UNKNOWN (9 is INFO to OpenTelemetry, but not in a generic field), a
+    float or a digit string still UNKNOWN, and a generic field present decides over any
+    layout's field."""
+    parser = LogParser("plain", "service")
+    records = [
+        b'{"msg": "x", "service": "s", "level": 3}',
+        b'{"msg": "x", "service": "s", "severity": 7}',
+        b'{"msg": "x", "service": "s", "level": "wat"}',
+        b'{"msg": "x", "service": "s", "severity": 9}',
+        b'{"msg": "x", "service": "s", "level": 35}',
+        b'{"msg": "x", "service": "s", "level": 3.0}',
+        b'{"msg": "x", "service": "s", "level": "3"}',
+        b'{"msg": "x", "service": "s", "level": "info", "PRIORITY": "3", "severityNumber": 21, "log.level": "error"}',
+        b'{"msg": "x", "service": "s", "level": "wat", "levelname": "ERROR"}',
+        b'{"msg": "x", "service": "s"}',
+    ]
+    res = _parse(parser, records, record_ts=5)
+    assert not res.dead
+    assert [LEVEL_NAMES[v] for v in res.level.tolist()] == [
+        "ERROR", "DEBUG", "UNKNOWN", "UNKNOWN", "UNKNOWN", "UNKNOWN", "UNKNOWN", "INFO", "UNKNOWN", "UNKNOWN",
+    ]  # fmt: skip
+    assert res.ts_ms.tolist() == [5] * len(records)
+    # A generic `ts` decides over a layout's timestamp fields too.
+    both = b'{"msg": "x", "service": "s", "ts": 1714557600250, "@t": "2030-01-01T00:00:00Z", "__REALTIME_TIMESTAMP": "1"}'
+    ev = _parse(parser, [both]).event(0)
+    assert ev.ts_ms == _ms(2024, 5, 1, 10) + 250
