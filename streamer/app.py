@@ -31,7 +31,12 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"detector.device is {name!r} but CUDA is not available")
-    return torch.device(name)
+    device = torch.device(name)
+    # (A missing index failed later, in the checkpoint load, as a config error: exit 2, which
+    # no supervisor retries, for what is usually a driver or device plugin not ready yet.)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise RuntimeError(f"detector.device is {name!r} but only {torch.cuda.device_count()} CUDA devices are visible")
+    return device
 
 
 def load_model(config: Config, device: torch.device | None = None) -> tuple[StreamGRU, dict[str, Any], torch.device]:

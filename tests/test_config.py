@@ -135,3 +135,22 @@ def test_a_metrics_port_in_use_is_an_error_naming_the_key(broker, tmp_path):
         proc = _run_exits(tmp_path, config + f"metrics:\n  host: 127.0.0.1\n  port: {port}\n")
     assert proc.returncode == 1 and f"cannot start: metrics.port: cannot listen on 127.0.0.1:{port}" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_cuda_device_that_is_not_there_is_a_start_up_error_not_a_config_error(monkeypatch):
+    """`cuda` without CUDA, and `cuda:N` past the devices visible (a device plugin or driver not
+    ready yet), stop the start with exit 1, which supervisors retry. The second failed later, in
+    the checkpoint load, as a `detector.checkpoint` config error (exit 2, never retried). The
+    CUDA runtime is faked: this machine has none."""
+    import torch
+
+    from streamer.app import resolve_device
+
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    with pytest.raises(RuntimeError, match="'cuda:2' but only 2 CUDA devices are visible"):
+        resolve_device("cuda:2")
+    assert resolve_device("cpu") == torch.device("cpu")
