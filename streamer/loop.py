@@ -603,6 +603,11 @@ class Runner:
                 # quick one (a broker that forgot the producer after a restart) is resent at once
                 # with a new producer, up to 3 attempts.
                 quick = time.monotonic() - started < QUICK_SEND_FAILURE_S
+                # Refused, or no answer at all? Only the latter is an unreachable broker (/readyz
+                # 503, streamer_broker_reachable 0): a member with a batch in hand never got to
+                # the idle probe, and stayed ready through an outage. A quick failure is an answer.
+                if not quick and self.emit_from and not self.stop_event.is_set():
+                    self._reachable(self.transport.brokers_answer(list(self.emit_from), timeout_ms=2000))
                 if self.stop_event.is_set() and (attempt >= 3 or not quick):
                     log.error(
                         "stopping with %d output records unacknowledged; their offsets stay uncommitted",
@@ -633,8 +638,9 @@ class Runner:
 
     def _probe_brokers(self) -> None:
         """While idle, ask the brokers for the log ends of the held partitions every probe_idle_s:
-        do they answer? (A failed send is not counted as no answer: a missing topic or a refused
-        record is an answer, and StreamerOutputsNotAcknowledged covers sends.)"""
+        do they answer? (A failed send is not itself counted as no answer: a missing topic or a
+        refused record is an answer, and StreamerOutputsNotAcknowledged covers sends; a slow one
+        asks the same question.)"""
         now = time.monotonic()
         if not self.emit_from or now - self._last_contact < self.probe_idle_s:
             return

@@ -6,6 +6,7 @@ import logging
 import math
 import os
 import signal
+import threading
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -88,6 +89,45 @@ def test_an_idle_member_cut_off_from_its_broker_says_so(state_dir):
             runner.step()
             assert m.broker_reachable._value.get() == 1 and runner.health.readiness()[0], runner.health.readiness()
         finally:
+            runner.shutdown()
+    finally:
+        broker.stop()
+
+
+def test_a_member_with_a_batch_in_hand_says_the_broker_is_unreachable(state_dir):
+    """A member cut off while it had outputs to send stayed ready, with
+    streamer_broker_reachable 1, for the whole outage: it retried the send forever and never
+    reached the idle probe. A slow failed send now asks whether the brokers answer at all."""
+    broker = EmbeddedBroker().start()
+    try:
+        _create(broker)
+        # (All on partition 0: one fetch buffers more than a poll hands out, so the next poll has
+        # records in hand without the broker.)
+        produce(broker, "in", [(b"s", event("s", i, {"x": float(i % 7)})) for i in range(400)], lambda k: 0)
+        config = make_config(broker, TOPICS, state_dir, consumer={"max_poll_records": 20}, producer={"send_timeout_s": 6.0})
+        daemon = DaemonThread(config)
+        runner, m = daemon.runner, daemon.metrics
+        runner.start()
+        deadline = time.monotonic() + 60
+        while m.scored._value.get() < 20:
+            assert time.monotonic() < deadline, "nothing scored"
+            runner.step()
+        assert runner.health.readiness()[0] and m.broker_reachable._value.get() == 1
+        broker.stop()
+        stepping = threading.Thread(target=runner.step, daemon=True)  # (its send retries until the stop)
+        stepping.start()
+        try:
+            deadline = time.monotonic() + 40
+            while m.broker_reachable._value.get() == 1:
+                assert time.monotonic() < deadline, f"still reachable after {m.send_failures._value.get()} failed sends"
+                time.sleep(0.2)
+            assert m.send_failures._value.get() >= 1
+            ready, detail = runner.health.readiness()
+            assert not ready and detail.startswith("no broker has answered"), detail
+            assert runner.health.liveness()[0]
+        finally:
+            runner.stop()
+            stepping.join(timeout=60)
             runner.shutdown()
     finally:
         broker.stop()
