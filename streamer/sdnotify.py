@@ -32,9 +32,10 @@ class Notifier:
             # An abstract socket is written '@name' and addressed with a leading NUL byte.
             self.address = b"\0" + socket_path[1:].encode() if socket_path.startswith("@") else socket_path
         self.watchdog_s = watchdog_s if self.address is not None else None
-        # Four pings per watchdog period (sd_watchdog_enabled(3) asks for at least two), so one
-        # slow poll does not use up the margin.
-        self._ping_every = watchdog_s / 4 if watchdog_s else float("inf")
+        # A ping at most every second (sd_watchdog_enabled(3) asks for at least two a period):
+        # pings come only after completed polls, so the slowest tolerated poll is the period less
+        # this; at a quarter of the 90 s period a 68 s send retry would have tripped it.
+        self._ping_every = min(watchdog_s / 4, 1.0) if watchdog_s else float("inf")
         self._last_ping = float("-inf")
         self._status = ""
         self._last_status = float("-inf")
@@ -64,42 +65,50 @@ class Notifier:
     def enabled(self) -> bool:
         return self.address is not None
 
-    def _send(self, message: str) -> None:
+    def _send(self, message: str) -> bool:
+        """Never blocks the loop (a manager with a full queue refuses at once) and never raises."""
         if self.address is None:
-            return
+            return False
         try:
             if self._sock is None:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
                 self._sock.setblocking(False)
             self._sock.sendto(message.encode(), self.address)
-            self._failed = False
         except OSError as err:
             if not self._failed:  # once per run of failures: the manager may be restarting
                 log.warning("could not notify the service manager at %r: %s", self.address, err)
             self._failed = True
+            return False
+        self._failed = False
+        return True
 
     def alive(self, status: Callable[[], str] | None = None) -> None:
-        """The loop completed a poll: READY=1 the first time, then the watchdog at most four
-        times per watchdog period, and the status line (`systemctl status`) when it changed,
-        looked at at most every few seconds."""
+        """The loop completed a poll: READY=1 the first time, the watchdog at most once a second
+        (four times a period, if that is shorter), and the status line (`systemctl status`) when
+        it changed, looked at at most every few seconds."""
         if self.address is None:
             return
+        # What was said is recorded only once the datagram went: a READY=1 lost to a full queue
+        # left the unit starting until TimeoutStartSec killed it. The next poll says it again.
         lines = []
         if not self._ready:
             lines.append("READY=1")
-            self._ready = True
         now = time.monotonic()
-        if self.watchdog_s is not None and now - self._last_ping >= self._ping_every:
+        ping = self.watchdog_s is not None and now - self._last_ping >= self._ping_every
+        if ping:
             lines.append("WATCHDOG=1")
-            self._last_ping = now
+        text = None
         if status is not None and now - self._last_status >= min(self._ping_every, STATUS_EVERY_S):
-            self._last_status = now
             text = status()
             if text != self._status:
                 lines.append(f"STATUS={text}")
-                self._status = text
-        if lines:
-            self._send("\n".join(lines))
+        if lines and not self._send("\n".join(lines)):
+            return
+        self._ready = True  # (said now, or before: READY=1 is in every message until it goes)
+        if ping:
+            self._last_ping = now
+        if text is not None:
+            self._status, self._last_status = text, now
 
     def stopping(self, status: str = "draining: finishing the batch in hand, writing snapshots") -> None:
         self._send(f"STOPPING=1\nSTATUS={status}")

@@ -121,6 +121,37 @@ def test_a_gone_manager_does_not_stop_the_loop(tmp_path: Path, caplog: pytest.Lo
     assert sum("could not notify" in r.message for r in caplog.records) == 1  # said once, not per ping
 
 
+def test_what_a_full_queue_refused_is_said_again(manager: tuple[str, socket.socket]) -> None:
+    """The manager's queue holds 10 datagrams (net.unix.max_dgram_qlen): a READY=1 refused while
+    it was full was never sent again, and the unit stayed starting until TimeoutStartSec."""
+    path, sock = manager
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    filler.setblocking(False)
+    try:
+        while True:
+            filler.sendto(b"X=1", path)
+    except BlockingIOError:
+        pass
+    n = Notifier(path, watchdog_s=90.0)
+    n.alive(lambda: "starting")  # refused: the queue is full
+    received(sock)  # the manager catches up
+    n.alive(lambda: "starting")
+    assert received(sock) == ["READY=1\nWATCHDOG=1\nSTATUS=starting"]
+    filler.close()
+
+
+def test_the_watchdog_is_pinged_every_second_whatever_its_period(manager: tuple[str, socket.socket]) -> None:
+    """Pings follow completed polls, so the slowest poll the watchdog tolerates is its period less
+    the ping interval: at a quarter of 90 s, a 68 s send retry (send_timeout_s above 34 s) tripped
+    it while the loop waited out an outage, which is progress."""
+    path, sock = manager
+    n = Notifier(path, watchdog_s=90.0)
+    n.alive()
+    time.sleep(1.1)
+    n.alive()
+    assert [m for m in received(sock) if "WATCHDOG=1" in m] == ["READY=1\nWATCHDOG=1", "WATCHDOG=1"]
+
+
 def test_streamer_run_under_a_notify_unit(
     broker: EmbeddedBroker, topics: dict[str, str], tmp_path: Path, manager: tuple[str, socket.socket]
 ) -> None:
