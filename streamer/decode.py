@@ -12,6 +12,8 @@ import functools
 import json
 import logging
 import math
+import re
+import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -106,6 +108,16 @@ def epoch_ms(dt: datetime) -> int:
     return (dt - _EPOCH) // _MS
 
 
+# Python 3.10's fromisoformat reads only 3 or 6 digits of fractional seconds, so the 7 of .NET
+# (Serilog) and the 9 of Go, Docker and OpenTelemetry were rejected there; 3.11 reads any.
+_OLD_ISO_PARSER = sys.version_info < (3, 11)
+_FRACTION = re.compile(r"(?<=:\d\d)\.(\d+)")
+
+
+def _six_digits(m: re.Match[str]) -> str:
+    return "." + m.group(1)[:6].ljust(6, "0")
+
+
 def parse_ts(raw: Any, fallback_ms: int) -> int:
     """Epoch milliseconds from a number (ms; µs or ns by size, `fine_epoch_ms`) or an ISO-8601
     string; fallback when absent."""
@@ -118,8 +130,11 @@ def parse_ts(raw: Any, fallback_ms: int) -> int:
             raise Rejected("invalid_timestamp", "ts is not finite")
         return fine_epoch_ms(raw) if abs(raw) < 1e19 else checked_ms(raw)
     if isinstance(raw, str):
+        text = raw.replace("Z", "+00:00")
+        if _OLD_ISO_PARSER:
+            text = _FRACTION.sub(_six_digits, text)
         try:
-            dt = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+            dt = datetime.fromisoformat(text)
         except ValueError:
             raise Rejected("invalid_timestamp", f"ts {raw[:40]!r} is not ISO-8601") from None
         if dt.tzinfo is None:

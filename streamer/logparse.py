@@ -274,6 +274,8 @@ _LAYOUT_TS = (
     "observedTimeUnixNano",
     "observed_time_unix_nano",
 )
+# A time of day ending in a UTC offset: Z, +hh, +hhmm or +hh:mm.
+_HAS_OFFSET = re.compile(r"\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?\s*(?:Z|[+-]\d{2}(?::?\d{2})?)\s*$")
 # Every name the two look-ups below read: a record with none of them (most records without a
 # level) is passed over by one set test in C instead of a dozen dictionary probes.
 _LAYOUT_NAMES = frozenset((*(name for name, _ in _LAYOUT_LEVEL), "log", "@t", *_LAYOUT_TS, "asctime"))
@@ -362,17 +364,30 @@ def _layout_ts(obj: dict[str, Any]) -> Any:
     return None
 
 
+def _json_ts(raw: Any, fallback_ms: int) -> int:
+    """A JSON record's time: digits or a number are seconds or milliseconds by size (finer units
+    too, `fine_epoch_ms`), other strings ISO-8601."""
+    if isinstance(raw, str) and raw.strip().lstrip("-").replace(".", "", 1).isdigit():
+        return _generic_ts(raw, fallback_ms)
+    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        # The same rule as for digits in a string: seconds or milliseconds by size.
+        return checked_ms(raw) if abs(raw) >= 1e19 else _number_ts(raw)
+    return parse_ts(raw, fallback_ms)
+
+
 def _asctime_ms(obj: dict[str, Any], fallback_ms: int) -> int | None:
-    """Python logging's `asctime` (python-json-logger) where it reads as ISO-8601, as its default
-    layout "2024-05-01 10:00:00,250" does; its format is the application's choice (`datefmt`),
-    so one that does not read leaves the record timestamp rather than rejecting the record."""
+    """Python logging's `asctime` (python-json-logger), only when it carries its UTC offset (a
+    `datefmt` with %z): logging writes local time, and its default layout
+    ("2024-05-01 10:00:00,250") has no offset, so reading it as UTC put every record of a host
+    not on UTC hours off. Without one, or unreadable, the record timestamp stands."""
     asctime = obj.get("asctime")
     if not isinstance(asctime, str):
         return None
     try:
-        return parse_ts(asctime.replace(",", ".", 1), fallback_ms)  # (Python 3.10 reads no comma)
+        ts = parse_ts(asctime.replace(",", ".", 1), fallback_ms)  # (Python 3.10 reads no comma)
     except Rejected:
         return None
+    return ts if _HAS_OFFSET.search(asctime) else None
 
 
 def _unwrap_message(obj: dict[str, Any], message: Any) -> Any:
@@ -454,17 +469,17 @@ class LogParser:
         if named is not None and (not isinstance(named, (str, int, float)) or isinstance(named, bool)):
             raise Rejected("invalid_stream", f"'{self.stream_field}' is a {type(named).__name__}, not a string")
         raw_ts = _first(obj, _JSON_TS)
-        if raw_ts is None:
-            raw_ts = _layout_ts(obj)
-        if isinstance(raw_ts, str) and raw_ts.strip().lstrip("-").replace(".", "", 1).isdigit():
-            ts: int | None = _generic_ts(raw_ts, fallback_ms)
-        elif isinstance(raw_ts, (int, float)) and not isinstance(raw_ts, bool):
-            # The same rule as for digits in a string: seconds or milliseconds by size.
-            ts = checked_ms(raw_ts) if abs(raw_ts) >= 1e19 else _number_ts(raw_ts)
-        elif raw_ts is not None:
-            ts = parse_ts(raw_ts, fallback_ms)
+        ts: int | None
+        if raw_ts is not None:
+            ts = _json_ts(raw_ts, fallback_ms)
         else:
-            ts = _asctime_ms(obj, fallback_ms)
+            # A layout's own time field (or asctime) that does not read leaves the record's time,
+            # as a record without one has: those records were accepted before these were read.
+            try:
+                raw_ts = _layout_ts(obj)
+                ts = _asctime_ms(obj, fallback_ms) if raw_ts is None else _json_ts(raw_ts, fallback_ms)
+            except Rejected:
+                ts = None
         fields = {
             k: str(v)
             for k, v in obj.items()

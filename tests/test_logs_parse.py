@@ -376,16 +376,45 @@ def test_serilog_compact_json():
 
 
 def test_python_json_logger_records():
-    """python-json-logger with "%(asctime)s %(levelname)s %(name)s %(message)s": `levelname`,
-    and `asctime` in logging's default layout (read as UTC, as any time without an offset). A
-    `datefmt` that does not read as ISO-8601 leaves the record timestamp, not a rejection."""
+    """python-json-logger with "%(asctime)s %(levelname)s %(name)s %(message)s": `levelname`, and
+    `asctime` only with its UTC offset (a `datefmt` with %z). logging writes local time, so the
+    default layout, which has none, was read as UTC and put a host not on UTC hours off (Berlin
+    +1 h, New York -5 h): it leaves the record timestamp, as a `datefmt` that does not read does."""
     raw = b'{"asctime": "2024-05-01 10:00:00,250", "levelname": "WARNING", "name": "app.db", "message": "retrying connection (attempt 2)"}'
-    ev = _parse(LogParser("plain", "name"), [raw]).event(0)
+    ev = _parse(LogParser("plain", "name"), [raw], record_ts=7).event(0)
     assert (ev.stream, LEVEL_NAMES[ev.level], ev.message) == ("app.db", "WARN", "retrying connection (attempt 2)")
-    assert ev.ts_ms == _ms(2024, 5, 1, 10) + 250
+    assert ev.ts_ms == 7
+    zoned = b'{"asctime": "2024-05-01T12:00:00+0200", "levelname": "INFO", "name": "app.db", "message": "connected"}'
+    assert _parse(LogParser("plain", "name"), [zoned], record_ts=7).event(0).ts_ms == _ms(2024, 5, 1, 10)
     custom = b'{"asctime": "01/05/2024 10:00:00 AM", "levelname": "CRITICAL", "name": "app.db", "message": "giving up"}'
     ev = _parse(LogParser("plain", "name"), [custom], record_ts=7).event(0)
     assert (LEVEL_NAMES[ev.level], ev.message, ev.ts_ms) == ("FATAL", "giving up", 7)
+
+
+def test_a_layout_time_that_does_not_read_leaves_the_record_time():
+    """A record without a generic time field was accepted with the record's time before the
+    layouts' own fields were read; one whose `@t` or `Timestamp` does not read must still be."""
+    records = [
+        b'{"@t": "yesterday", "@mt": "Hello", "SourceContext": "App"}',
+        b'{"Timestamp": "01/05/2024 10:00", "Body": "hello", "SourceContext": "App"}',
+        b'{"__REALTIME_TIMESTAMP": "soon", "MESSAGE": "hello", "SourceContext": "App"}',
+    ]
+    res = _parse(LogParser("plain", "SourceContext"), records, record_ts=7)
+    assert not res.dead and res.ts_ms.tolist() == [7, 7, 7]
+
+
+def test_fractions_finer_than_microseconds_read_on_python_3_10(monkeypatch):
+    """.NET writes 7 digits of fractional seconds and Go, Docker and OpenTelemetry 9: Python 3.10's
+    fromisoformat reads only 3 or 6, so Serilog and Docker records were dead-lettered there. The
+    3.10 path is forced here (this runs on a later Python)."""
+    from streamer import decode
+
+    monkeypatch.setattr(decode, "_OLD_ISO_PARSER", True)
+    base = _ms(2024, 5, 1, 10)
+    assert decode.parse_ts("2024-05-01T10:00:00.2501234Z", 0) == base + 250
+    assert decode.parse_ts("2024-05-01T10:00:00.250000000+00:00", 0) == base + 250
+    assert decode.parse_ts("2024-05-01T10:00:00.25Z", 0) == base + 250
+    assert decode.parse_ts("2024-05-01T10:00:00Z", 0) == base
 
 
 def test_ordinary_records_keep_their_readings():
