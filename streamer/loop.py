@@ -162,7 +162,7 @@ class Runner:
                     reseeked.add(tp)
                 continue
             snap = self.store.load(tp, self.arch)
-            if snap is None or self._too_far_behind(tp, "", snap.offset, committed):
+            if snap is None or self._unusable_offset(tp, "", snap.offset, committed):
                 continue
             current_id = self.log_ids[tp]
             if snap.topic_id and current_id and snap.topic_id != current_id:
@@ -219,31 +219,42 @@ class Runner:
             polled = polled.select(keep)
         return polled
 
-    def _too_far_behind(self, tp: TP, kind: str, offset: int | None, committed: int | None) -> bool:
-        """A snapshot so far behind the committed offset that replaying up to it would keep this
-        member unready for long (it owned the partition long ago, or another member has since):
-        its streams start cold instead, as on a host that never had the partition."""
-        limit = self.config.state.max_replay_records
-        if limit is None or committed is None or not isinstance(offset, int) or committed - offset <= limit:
+    def _unusable_offset(self, tp: TP, kind: str, offset: int | None, committed: int | None) -> bool:
+        """A snapshot whose offset is far from the committed one is not restored; its streams
+        start cold, as on a host that never had the partition. Far behind: the replay up to the
+        committed offset would keep this member unready for long (it owned the partition long
+        ago, and another member has since). Ahead by more than a batch: the committed offset was
+        moved back (`kafka-consumer-groups --reset-offsets`, to score a range again), and seeking
+        to the snapshot skipped what the operator asked for. (A snapshot is written after its
+        batch's outputs are acknowledged and before that batch's commit, so a crash leaves it at
+        most one batch ahead; markers of transactions take offsets too, hence twice.)"""
+        if committed is None or not isinstance(offset, int):
             return False
-        log.warning(
-            "discarding %ssnapshot of %s[%d]: it is at offset %d, %d records behind the committed offset %d, more than "
-            "state.max_replay_records (%d) to replay; streams restart cold",
-            kind,
-            tp[0],
-            tp[1],
-            offset,
-            committed - offset,
-            committed,
-            limit,
-            extra={"topic": tp[0], "partition": tp[1], "offset": offset, "committed": committed},
-        )
-        return True
+        limit = self.config.state.max_replay_records
+        ahead = 2 * self.config.consumer.max_poll_records
+        where = {"topic": tp[0], "partition": tp[1], "offset": offset, "committed": committed}
+        if limit is not None and committed - offset > limit:
+            log.warning(
+                "discarding %ssnapshot of %s[%d]: it is at offset %d, %d records behind the committed offset %d, more than "
+                "state.max_replay_records (%d) to replay; streams restart cold",
+                *(kind, tp[0], tp[1], offset, committed - offset, committed, limit),
+                extra=where,
+            )
+            return True
+        if offset - committed > ahead:
+            log.warning(
+                "discarding %ssnapshot of %s[%d]: it is at offset %d, %d past the committed offset %d, which was moved back "
+                "(an offset reset); consuming from the committed offset, streams restart cold",
+                *(kind, tp[0], tp[1], offset, offset - committed, committed),
+                extra=where,
+            )
+            return True
+        return False
 
     def _restore_logs(self, tp: TP, committed: int | None) -> bool:
         assert self.logs is not None
         payload = self.store.load_payload(tp)
-        if payload is None or payload.get("kind") != "logs" or self._too_far_behind(tp, "log ", payload.get("offset"), committed):
+        if payload is None or payload.get("kind") != "logs" or self._unusable_offset(tp, "log ", payload.get("offset"), committed):
             return False
         if payload.get("topic_id") and self.log_ids[tp] and payload["topic_id"] != self.log_ids[tp]:
             log.warning(

@@ -403,6 +403,25 @@ def test_a_snapshot_too_far_behind_the_committed_offset_is_not_replayed(broker, 
         assert not discarded
 
 
+def test_an_offset_reset_is_honoured_not_skipped_by_the_snapshot(broker, topics, state_dir, caplog):
+    """`kafka-consumer-groups --reset-offsets --to-earliest`, to score a range again: the member
+    restored its snapshot and sought to the snapshot's offset, far past the reset one, so nothing
+    was scored again. A snapshot more than a batch ahead of the committed offset is now not
+    restored, and consumption starts where the operator put it."""
+    t = topics["input"]
+    records = [(b"s-1", event("s-1", 1_000 * i, {"temp": 20.0 + i % 5})) for i in range(300)]
+    produce(broker, t, records, lambda k: 0)
+    config = make_config(broker, topics, state_dir, consumer={"max_poll_records": 50})
+    with DaemonThread(config) as first:
+        first.wait_scored(300)
+    _commit(broker, config, t, 0)  # the reset (the group is empty, as the tool requires)
+    with DaemonThread(config) as daemon:
+        daemon.wait_scored(300)
+        assert daemon.metrics.replayed._value.get() == 0
+    assert len(scores_of(read_all(broker, topics["scores"], expect=600))) == 600
+    assert "300 past the committed offset 0, which was moved back" in caplog.text
+
+
 def test_ready_when_the_log_ends_before_the_committed_offset(broker, topics, state_dir):
     """A committed offset past the log's end (a truncated or compacted tail): no record ever
     reaches it, and /readyz stayed 503 until new events went past it."""
