@@ -31,6 +31,8 @@ _SPIN_CPU_SHARE = 0.5
 _SPIN_MIN_WALL_S = 0.005
 _SPIN_POLL_MS = 10
 _SETTLED_POLLS = 3
+# How long the committed offset of a newly assigned partition is waited for.
+COMMITTED_TIMEOUT_MS = 10_000
 
 # Header values may be null in Kafka (other clients write them; kafka-python reads them back).
 Headers = list[tuple[str, bytes | None]]
@@ -338,8 +340,12 @@ class KafkaPythonTransport:
             return False
 
     def committed(self, tp: TP) -> int | None:
+        """The group's committed offset, None when there is none or the coordinator does not
+        answer within COMMITTED_TIMEOUT_MS (then every event from the position on is emitted:
+        at least once). Without a limit a coordinator that hung right after an assignment held
+        the loop, and so the liveness probe and the watchdog, for as long as it hung."""
         try:
-            return self._consumer.committed(TopicPartition(*tp))
+            return self._consumer.committed(TopicPartition(*tp), timeout_ms=COMMITTED_TIMEOUT_MS)
         except KafkaError:
             return None
 

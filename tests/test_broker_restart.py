@@ -15,13 +15,25 @@ from conftest import DaemonThread, event, make_config, produce, read_all, scores
 from kafka import TopicPartition
 
 from streamer.broker import EmbeddedBroker
-from streamer.transport import KafkaPythonTransport
+from streamer.transport import COMMITTED_TIMEOUT_MS, KafkaPythonTransport
 
 TOPICS = {"input": "in", "scores": "scores", "alerts": "alerts", "dead": "dead"}
 
 
 def _create(broker: EmbeddedBroker) -> None:
     broker.create_topics({"in": 4, "scores": 2, "alerts": 1, "dead": 1})
+
+
+def _assigned_transport(broker: EmbeddedBroker, state_dir) -> KafkaPythonTransport:
+    """The daemon's transport, subscribed to the fresh topics and holding its partitions."""
+    _create(broker)
+    transport = KafkaPythonTransport(make_config(broker, TOPICS, state_dir))
+    transport.subscribe(["in"], lambda tps: None, lambda tps: None)
+    deadline = time.monotonic() + 30
+    while not transport.assignment():
+        assert time.monotonic() < deadline, "never assigned"
+        transport.poll(100, 100)
+    return transport
 
 
 def test_daemon_survives_broker_restart_and_discards_stale_snapshots(state_dir):
@@ -141,13 +153,7 @@ def test_a_hung_broker_does_not_make_the_client_spin(state_dir):
     broker = EmbeddedBroker().start()
     transport = None
     try:
-        _create(broker)
-        transport = KafkaPythonTransport(make_config(broker, TOPICS, state_dir))
-        transport.subscribe(["in"], lambda tps: None, lambda tps: None)
-        deadline = time.monotonic() + 30
-        while not transport.assignment():
-            assert time.monotonic() < deadline, "never assigned"
-            transport.poll(100, 100)
+        transport = _assigned_transport(broker, state_dir)
         assert broker.proc is not None
         os.kill(broker.proc.pid, signal.SIGSTOP)
         try:
@@ -167,6 +173,33 @@ def test_a_hung_broker_does_not_make_the_client_spin(state_dir):
         while not got:
             assert time.monotonic() < deadline, "nothing read after the broker answered again"
             got = len(transport.poll(100, 100))
+    finally:
+        if transport is not None:
+            transport.close()
+        broker.stop()
+
+
+def test_asking_a_hung_coordinator_for_a_committed_offset_gives_up(state_dir):
+    """The committed offset of each newly assigned partition was asked for without a limit: a
+    coordinator that hung right after an assignment held the loop (liveness, the watchdog) as
+    long as it hung. Now it gives up after COMMITTED_TIMEOUT_MS and the events are emitted from
+    the position on (at least once)."""
+    broker = EmbeddedBroker().start()
+    transport = None
+    try:
+        transport = _assigned_transport(broker, state_dir)
+        assert broker.proc is not None
+        answer: list[int | None] = []
+        os.kill(broker.proc.pid, signal.SIGSTOP)
+        try:
+            asking = threading.Thread(target=lambda: answer.append(transport.committed(("in", 0))), daemon=True)
+            started = time.monotonic()
+            asking.start()
+            asking.join(timeout=COMMITTED_TIMEOUT_MS / 1000 + 15)
+            waited = time.monotonic() - started
+        finally:
+            os.kill(broker.proc.pid, signal.SIGCONT)
+        assert answer == [None], f"still waiting after {waited:.0f} s"
     finally:
         if transport is not None:
             transport.close()
