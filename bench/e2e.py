@@ -73,14 +73,15 @@ class TimedTransport:
     unchanged.
     """
 
-    def __init__(self, inner: KafkaPythonTransport, intervals: Intervals, watch_topic: str, target: int) -> None:
+    def __init__(self, inner: KafkaPythonTransport, intervals: Intervals, watch_topic: str | None, target: int) -> None:
         self.inner = inner
         self.intervals = intervals
         # Completion is signalled from here rather than by polling the metrics from another
         # thread: a polling thread competes for the GIL, which the daemon's torch calls release
         # and re-take around every op, and that measurably slows the one-stream case.
-        self.watch_topic = watch_topic
+        self.watch_topic = watch_topic  # None (alerts only): count committed events instead
         self.target = target
+        self.committed_at: dict[TP, int] = {}
         self.acked = 0
         self.last_ack_at: float | None = None
         self.done_at: float | None = None
@@ -102,14 +103,23 @@ class TimedTransport:
     def send_batch(self, records: Sequence[OutRecord]) -> None:
         """Send and wait for acks (raises SendError as the real one does), then count the watched topic."""
         self._timed("send", self.inner.send_batch, records)
-        self.acked += sum(1 for r in records if r.topic == self.watch_topic)
+        if self.watch_topic is not None:
+            self._count(self.acked + sum(1 for r in records if r.topic == self.watch_topic))
+
+    def _count(self, acked: int) -> None:
+        self.acked = acked
         self.last_ack_at = time.perf_counter()
         if self.acked >= self.target and self.done_at is None:
             self.done_at = time.perf_counter()
             self.done.set()
 
     def commit(self, offsets: dict[TP, int]) -> bool:
-        return self._timed("commit", self.inner.commit, offsets)
+        ok = self._timed("commit", self.inner.commit, offsets)
+        if ok and self.watch_topic is None:
+            # (Committed only once the batch's outputs were acknowledged; the input starts at 0.)
+            self.committed_at.update(offsets)
+            self._count(sum(self.committed_at.values()))
+        return bool(ok)
 
     def committed(self, tp: TP) -> int | None:
         return self.inner.committed(tp)
@@ -260,11 +270,15 @@ class E2EResult:
     active_streams: int = 0
     peak_rss_bytes: int = 0
     note: str = ""
+    outputs: str = "scores"  # "alerts only": the daemon ran with topics.scores null
 
 
-def daemon_config(broker: EmbeddedBroker, topics: dict[str, str], state_dir: Path, device: str, max_poll_records: int) -> Config:
+def daemon_config(
+    broker: EmbeddedBroker, topics: dict[str, str], state_dir: Path, device: str, max_poll_records: int, alerts_only: bool = False
+) -> Config:
     """Like tests/conftest.py's make_config (short session timeouts, metrics off), but with the
-    daemon's default poll size unless told otherwise and its default calibration warm-up."""
+    daemon's default poll size unless told otherwise and its default calibration warm-up.
+    alerts_only: `topics.scores: null`."""
     data: dict[str, Any] = {
         "kafka": {"bootstrap_servers": broker.bootstrap, "client_id": "bench"},
         "consumer": {
@@ -274,7 +288,12 @@ def daemon_config(broker: EmbeddedBroker, topics: dict[str, str], state_dir: Pat
             "max_poll_records": max_poll_records,
             "poll_timeout_ms": 100,
         },
-        "topics": {"inputs": [topics["input"]], "scores": topics["scores"], "alerts": topics["alerts"], "dead_letter": topics["dead"]},
+        "topics": {
+            "inputs": [topics["input"]],
+            "scores": None if alerts_only else topics["scores"],
+            "alerts": topics["alerts"],
+            "dead_letter": topics["dead"],
+        },
         "state": {"dir": str(state_dir)},
         "metrics": {"enabled": False},
         "detector": {"device": device},
@@ -319,8 +338,9 @@ class DaemonRun:
     note: str
 
 
-def run_daemon(config: Config, n: int, scores_topic: str, budget_s: float, threads: int | None) -> DaemonRun:
-    """Run the real Runner in a thread until N score records are acknowledged, then stop it.
+def run_daemon(config: Config, n: int, scores_topic: str | None, budget_s: float, threads: int | None) -> DaemonRun:
+    """Run the real Runner in a thread until N score records are acknowledged (scores_topic None:
+    until N events are committed, which follows their outputs' acks), then stop it.
 
     If budget_s runs out first, the run ends there and the rate is taken over what was
     acknowledged up to the last acknowledged batch (the note says so): a rate needs no more.
@@ -393,11 +413,14 @@ def run_case(
     baseline_events: int | None = None,
     log: Callable[[str], None] = print,
     budget_s: float | None = None,
-) -> E2EResult:
+    alerts_only_too: bool = False,
+) -> list[E2EResult]:
     """Pre-produce N events, run the daemon over them, then the bare-client baselines.
 
     baseline_events caps the records the baselines move (they measure a rate, which a few
     tens of thousands of records already pin down; --quick uses this to stay short).
+    alerts_only_too: a second daemon (its own group) reads the same events with
+    `topics.scores: null`, against the same baselines.
     """
     tag = f"{streams}-{uuid.uuid4().hex[:6]}"
     topics = {"input": f"bench-in-{tag}", "scores": f"bench-scores-{tag}", "alerts": f"bench-alerts-{tag}", "dead": f"bench-dead-{tag}"}
@@ -411,16 +434,12 @@ def run_case(
     input_secs = produce(broker.bootstrap, topics["input"], events, acks="all", linger_ms=20, batch_size=262_144)
     del events
 
-    with TemporaryDirectory(prefix="streamer-bench-") as state_dir:
-        config = daemon_config(broker, topics, Path(state_dir), device, max_poll_records)
-        log(f"e2e {streams:,} streams: daemon")
-        run = run_daemon(config, n, topics["scores"], budget_s or timeout_s, threads)
-    totals = run.intervals.totals(*run.window)
-    totals["other"] = max(0.0, run.seconds - sum(totals.values()))  # decode, score records, metrics, housekeeping
-    metrics = run.metrics
-    batches = _sample(metrics, "streamer_batch_events_count")
-    batch_events = _sample(metrics, "streamer_batch_events_sum")
-    waves = _sample(metrics, "streamer_batch_wavefronts_sum")
+    runs: list[tuple[bool, DaemonRun]] = []
+    for alerts_only in (False, True) if alerts_only_too else (False,):
+        with TemporaryDirectory(prefix="streamer-bench-") as state_dir:
+            config = daemon_config(broker, topics, Path(state_dir), device, max_poll_records, alerts_only)
+            log(f"e2e {streams:,} streams: daemon{' (alerts only)' if alerts_only else ''}")
+            runs.append((alerts_only, run_daemon(config, n, None if alerts_only else topics["scores"], budget_s or timeout_s, threads)))
 
     m = n if baseline_events is None else min(n, baseline_events)
     log(f"e2e {streams:,} streams: bare consumer and producer baselines ({m:,} records each)")
@@ -432,40 +451,53 @@ def run_case(
     produce_batched_secs = produce(broker.bootstrap, base_out_batched, out_records, flush_every=max_poll_records, **opts)
     del out_records
 
-    secs = run.seconds
-    daemon_rate = run.acked / secs if secs > 0 else 0.0
     consume_rate, produce_rate, batched_rate = m / consume_secs, m / produce_secs, m / produce_batched_secs
     ceiling = 1.0 / (1.0 / consume_rate + 1.0 / batched_rate)
-    return E2EResult(
-        streams=streams,
-        events=n,
-        scored=run.acked,
-        baseline_events=m,
-        device=device,
-        torch_threads=threads if threads is not None else torch.get_num_threads(),
-        max_poll_records=max_poll_records,
-        daemon_seconds=secs,
-        daemon_events_per_s=daemon_rate,
-        join_seconds=run.join_seconds,
-        bare_consume_per_s=consume_rate,
-        bare_produce_per_s=produce_rate,
-        bare_produce_batched_per_s=batched_rate,
-        serial_ceiling_per_s=ceiling,
-        ratio_vs_produce=daemon_rate / produce_rate,
-        ratio_vs_ceiling=daemon_rate / ceiling,
-        input_produce_per_s=n / input_secs,
-        input_record_bytes=input_bytes,
-        score_record_bytes=_score_record_bytes(broker.bootstrap, topics["scores"]),
-        batches=int(batches),
-        events_per_batch=batch_events / batches if batches else 0.0,
-        wavefronts_per_batch=waves / batches if batches else 0.0,
-        breakdown_s=totals,
-        bank_bytes=run.bank_bytes,
-        bank_capacity=run.bank_capacity,
-        active_streams=run.active_streams,
-        peak_rss_bytes=peak_rss_bytes(),
-        note=run.note,
-    )
+    record_bytes = _score_record_bytes(broker.bootstrap, topics["scores"])
+    results = []
+    for alerts_only, run in runs:
+        totals = run.intervals.totals(*run.window)
+        totals["other"] = max(0.0, run.seconds - sum(totals.values()))  # decode, score records, metrics, housekeeping
+        metrics = run.metrics
+        batches = _sample(metrics, "streamer_batch_events_count")
+        batch_events = _sample(metrics, "streamer_batch_events_sum")
+        waves = _sample(metrics, "streamer_batch_wavefronts_sum")
+        secs = run.seconds
+        daemon_rate = run.acked / secs if secs > 0 else 0.0
+        results.append(
+            E2EResult(
+                streams=streams,
+                events=n,
+                scored=run.acked,
+                baseline_events=m,
+                device=device,
+                torch_threads=threads if threads is not None else torch.get_num_threads(),
+                max_poll_records=max_poll_records,
+                daemon_seconds=secs,
+                daemon_events_per_s=daemon_rate,
+                join_seconds=run.join_seconds,
+                bare_consume_per_s=consume_rate,
+                bare_produce_per_s=produce_rate,
+                bare_produce_batched_per_s=batched_rate,
+                serial_ceiling_per_s=ceiling,
+                ratio_vs_produce=daemon_rate / produce_rate,
+                ratio_vs_ceiling=daemon_rate / ceiling,
+                input_produce_per_s=n / input_secs,
+                input_record_bytes=input_bytes,
+                score_record_bytes=None if alerts_only else record_bytes,
+                batches=int(batches),
+                events_per_batch=batch_events / batches if batches else 0.0,
+                wavefronts_per_batch=waves / batches if batches else 0.0,
+                breakdown_s=totals,
+                bank_bytes=run.bank_bytes,
+                bank_capacity=run.bank_capacity,
+                active_streams=run.active_streams,
+                peak_rss_bytes=peak_rss_bytes(),
+                note=run.note,
+                outputs="alerts only" if alerts_only else "scores",
+            )
+        )
+    return results
 
 
 def run_e2e(
@@ -476,11 +508,15 @@ def run_e2e(
     threads: int | None = None,
     baseline_events: int | None = None,
     log: Callable[[str], None] = print,
+    alerts_only_too: bool = False,
 ) -> list[E2EResult]:
     """All (streams, events, daemon time budget or None) cases against one embedded broker
-    (fresh topics per case); without a budget a case may run for timeout_s."""
+    (fresh topics per case); without a budget a case may run for timeout_s. alerts_only_too:
+    each case also runs the daemon with `topics.scores: null` (a row of its own)."""
     results = []
     with EmbeddedBroker() as broker:
         for streams, n, budget in cases:
-            results.append(run_case(broker, streams, n, device, max_poll_records, timeout_s, threads, baseline_events, log, budget))
+            results += run_case(
+                broker, streams, n, device, max_poll_records, timeout_s, threads, baseline_events, log, budget, alerts_only_too
+            )
     return results

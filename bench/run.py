@@ -52,6 +52,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--max-poll-records", type=int, default=5_000, help="daemon consumer.max_poll_records (default: the daemon default, 5000)"
     )
+    p.add_argument(
+        "--alerts-only",
+        action="store_true",
+        help="end to end: also run each case with topics.scores null (only alerts produced), against the same baselines",
+    )
     p.add_argument("--e2e-timeout", type=float, default=300.0, help="seconds before an end-to-end case gives up (reported, not an error)")
     return p.parse_args(argv)
 
@@ -115,6 +120,7 @@ def e2e_table(rows: list[E2EResult]) -> Table:
     t = Table(title="End to end through the embedded broker (Tansu), same run: daemon vs bare kafka-python")
     cols = (
         "streams",
+        "outputs",
         "events scored",
         "daemon ev/s",
         "bare consume/s",
@@ -130,6 +136,7 @@ def e2e_table(rows: list[E2EResult]) -> Table:
     for r in rows:
         t.add_row(
             f"{r.streams:,}",
+            r.outputs,
             f"{r.scored:,}" if r.scored == r.events else f"{r.scored:,} of {r.events:,}",
             fmt_rate(r.daemon_events_per_s),
             fmt_rate(r.bare_consume_per_s),
@@ -146,12 +153,13 @@ def e2e_table(rows: list[E2EResult]) -> Table:
 def breakdown_table(rows: list[E2EResult]) -> Table:
     t = Table(title="Where the daemon's measured wall time went (share of the timed window)")
     kinds = ("poll", "step", "send", "commit", "other")
-    for col in ("streams", "wall s", "join s (excluded)", "batches", "events/batch", *kinds, "score rec. bytes", "note"):
+    for col in ("streams", "outputs", "wall s", "join s (excluded)", "batches", "events/batch", *kinds, "score rec. bytes", "note"):
         t.add_column(col, justify="left" if col == "note" else "right")
     for r in rows:
         shares = [f"{100 * r.breakdown_s.get(k, 0.0) / r.daemon_seconds:.0f}%" if r.daemon_seconds else "-" for k in kinds]
         t.add_row(
             f"{r.streams:,}",
+            r.outputs,
             f"{r.daemon_seconds:.2f}",
             f"{r.join_seconds:.2f}",
             str(r.batches),
@@ -194,7 +202,7 @@ def memory_table(core: list[CoreResult], e2e: list[E2EResult], start_rss: int) -
             if r.cuda_peak_bytes is not None:
                 t.add_row(f"peak CUDA memory, 100,000 streams, {r.threads} thread(s)", fmt_bytes(r.cuda_peak_bytes))
     for e in e2e:
-        if e.streams == 100_000:
+        if e.streams == 100_000 and e.outputs == "scores":  # (an alerts-only run holds the same state)
             t.add_row("daemon: streams in the bank / bank capacity", f"{e.active_streams:,} / {e.bank_capacity:,}")
             t.add_row("daemon: state bank bytes (capacity grows by doubling)", fmt_bytes(e.bank_bytes))
             t.add_row("peak RSS after end to end, 100,000 streams", fmt_bytes(e.peak_rss_bytes))
@@ -234,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         counts = E2E_EVENTS_QUICK if args.quick else E2E_EVENTS
         cases = [(s, n, ONE_STREAM_BUDGET_S[args.quick] if s == 1 else None) for s, n in counts.items()]
         baseline = 50_000 if args.quick else None
-        e2e = run_e2e(cases, str(device), args.max_poll_records, args.e2e_timeout, args.threads, baseline, log)
+        e2e = run_e2e(cases, str(device), args.max_poll_records, args.e2e_timeout, args.threads, baseline, log, args.alerts_only)
 
     logs: list[LogResult] = []
     if args.only in (None, "logs"):

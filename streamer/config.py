@@ -128,7 +128,9 @@ TopicName = Annotated[str, AfterValidator(_topic_name)]
 
 class TopicsConfig(_Strict):
     inputs: list[TopicName] = Field(default_factory=lambda: ["sensors"])
-    scores: TopicName = "streamer.scores"
+    # None: no score record per event, only the alerts (their records are the same); the scores
+    # still reach the metrics. Producing one record per event is most of the daemon's Kafka work.
+    scores: TopicName | None = "streamer.scores"
     alerts: TopicName = "streamer.alerts"
     dead_letter: TopicName = "streamer.dead-letter"
 

@@ -97,6 +97,7 @@ def run_demo(streams: int, steps_per_second: float, metrics_port: int, duration:
             env={},  # the demo's own broker: a STREAMER_BOOTSTRAP_SERVERS meant for `run` must not point it at a real cluster
         )
         t = cfg.topics
+        assert t.scores is not None  # (the demo's config: the default topics)
         broker.create_topics({t.inputs[0]: partitions, "logs": 2, t.scores: partitions, t.alerts: 1, t.dead_letter: 1})
         metrics = Metrics()
         runner = build_runner(cfg, metrics)

@@ -134,7 +134,8 @@ class LogStreams:
                 record["template"], record["expected_template"] = clip(record["template"]), clip(record["expected_template"])
                 value = orjson.dumps(record)
                 key_b = record["stream"].encode()
-                out.append(OutRecord(topics.scores, key_b, value))
+                if topics.scores is not None:
+                    out.append(OutRecord(topics.scores, key_b, value))
                 if record["is_anomaly"]:
                     anomalies += 1
                     out.append(OutRecord(topics.alerts, key_b, value))

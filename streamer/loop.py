@@ -547,8 +547,10 @@ class Runner:
         out: list[OutRecord] = []
         schemas = self.decoder.schemas
         version = self.model_version
+        # (Alerts only: the other events' records are not even built.)
+        wanted = emitted if topics.scores is not None else emitted & res.is_anomaly
         for j, pos in enumerate(dec.index.tolist()):
-            if not emitted[j]:
+            if not wanted[j]:
                 continue
             stream = dec.stream[j]
             names = schemas[stream]
@@ -571,7 +573,8 @@ class Runner:
             }
             value = orjson.dumps(record)
             key = stream.encode()
-            out.append(OutRecord(topics.scores, key, value))
+            if topics.scores is not None:
+                out.append(OutRecord(topics.scores, key, value))
             if anomaly[j]:
                 out.append(OutRecord(topics.alerts, key, value))
         flagged = np.bincount(res.view[res.is_anomaly & emitted], minlength=len(VIEWS))

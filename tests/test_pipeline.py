@@ -9,6 +9,7 @@ import numpy as np
 import orjson
 import torch
 from conftest import DaemonThread, event, make_config, produce, read_all, scores_of
+from kafka import KafkaConsumer, TopicPartition
 
 from models.detector import VIEWS, Detector
 
@@ -112,10 +113,36 @@ def test_every_event_scored_once_and_matches_offline_replay(broker, topics, stat
     assert f"streamer_active_streams {float(N_STREAMS)}" in body
 
 
-def test_score_record_fields(broker, topics, state_dir):
+def _pump_records() -> list[tuple[bytes, bytes]]:
     records = [(b"k-1", event("pump-7", 1_732_190_000_000 + i, {"temp": 70.0 + i % 3, "rpm": 1480.0 + i})) for i in range(30)]
     records.append((b"k-1", event("pump-7", 1_732_190_000_030, {"temp": 500.0, "rpm": 1510.0})))  # overheating
     records.append((b"sensor-9", b'{"ts": "2024-11-21T12:00:00Z", "value": 3.5}'))  # stream from the key, ISO ts
+    return records
+
+
+def test_alerts_only_when_the_scores_topic_is_null(broker, topics, state_dir):
+    """`topics.scores: null`: no record per event, the alerts as usual, every event still scored
+    and in the metrics, and the offsets committed."""
+    records = _pump_records()
+    produce(broker, topics["input"], records)
+    config = make_config(broker, topics, state_dir)
+    config = config.model_copy(update={"topics": config.topics.model_copy(update={"scores": None})})
+    with DaemonThread(config) as daemon:
+        daemon.wait_scored(len(records))
+        m = daemon.metrics
+        assert m.registry.get_sample_value("streamer_anomaly_score_count") == len(records)
+    assert read_all(broker, topics["scores"], timeout_s=3) == []
+    alerts = scores_of(read_all(broker, topics["alerts"], expect=1))
+    assert [(r["stream"], r["top_feature"], r["is_anomaly"]) for r in alerts] == [("pump-7", "temp", True)]
+    assert m.registry.get_sample_value("streamer_output_records_total", {"topic": topics["alerts"]}) == 1
+    c = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=config.consumer.group_id, enable_auto_commit=False)
+    parts = [TopicPartition(topics["input"], p) for p in sorted(c.partitions_for_topic(topics["input"]))]
+    assert sum(c.committed(tp) or 0 for tp in parts) == len(records)
+    c.close()
+
+
+def test_score_record_fields(broker, topics, state_dir):
+    records = _pump_records()
     produce(broker, topics["input"], records)
     with DaemonThread(make_config(broker, topics, state_dir)) as daemon:
         daemon.wait_scored(len(records))
