@@ -364,6 +364,16 @@ def _layout_ts(obj: dict[str, Any]) -> Any:
     return None
 
 
+def _dig(obj: dict[str, Any], dotted: str) -> Any:
+    """obj["a"]["b"] for "a.b"; None where a step is missing or not an object."""
+    value: Any = obj
+    for part in dotted.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
 def _json_ts(raw: Any, fallback_ms: int) -> int:
     """A JSON record's time: digits or a number are seconds or milliseconds by size (finer units
     too, `fine_epoch_ms`), other strings ISO-8601."""
@@ -466,8 +476,14 @@ class LogParser:
         if not message.strip():
             raise Rejected("empty_message", "empty 'message' field")
         named = obj.get(self.stream_field) if self.stream_field != "key" else None
+        nested = False
+        if named is None and "." in self.stream_field:
+            # A dotted name reaches into nested objects, as Filebeat, ECS and OpenTelemetry nest
+            # them ({"service": {"name": ..}} for service.name), when no key is spelt so.
+            named, nested = _dig(obj, self.stream_field), True
         if named is not None and (not isinstance(named, (str, int, float)) or isinstance(named, bool)):
-            raise Rejected("invalid_stream", f"'{self.stream_field}' is a {type(named).__name__}, not a string")
+            hint = f" (name a field inside it, e.g. {self.stream_field}.name)" if isinstance(named, dict) else ""
+            raise Rejected("invalid_stream", f"'{self.stream_field}' is a {type(named).__name__}, not a string{hint}")
         raw_ts = _first(obj, _JSON_TS)
         ts: int | None
         if raw_ts is not None:
@@ -485,6 +501,8 @@ class LogParser:
             for k, v in obj.items()
             if isinstance(v, (str, int, float)) and not isinstance(v, bool) and k not in ("message", "msg")
         }
+        if nested and named is not None:
+            fields[self.stream_field] = str(named)
         raw_level = _first(obj, _JSON_LEVEL)
         return ts, message, fields, (_layout_level(obj) if raw_level is None else parse_level(raw_level))
 

@@ -446,3 +446,17 @@ def test_ordinary_records_keep_their_readings():
     both = b'{"msg": "x", "service": "s", "ts": 1714557600250, "@t": "2030-01-01T00:00:00Z", "__REALTIME_TIMESTAMP": "1"}'
     ev = _parse(parser, [both]).event(0)
     assert ev.ts_ms == _ms(2024, 5, 1, 10) + 250
+
+
+def test_a_dotted_stream_field_reaches_into_nested_objects():
+    """Filebeat, ECS and OpenTelemetry collectors nest the service and host ({"service": {"name":
+    ...}}): `stream_field: service.name` read nothing there and every record was dead-lettered
+    (`missing_stream` without a key, `invalid_stream` naming `service`). A literal dotted key
+    still comes first."""
+    ecs = b'{"@timestamp": "2024-05-01T10:00:00Z", "log.level": "error", "message": "payment failed", "service": {"name": "checkout"}}'
+    flat = b'{"@timestamp": "2024-05-01T10:00:00Z", "message": "ok", "service.name": "cart", "service": {"name": "other"}}'
+    res = _parse(LogParser("plain", "service.name"), [ecs, flat])
+    assert not res.dead and res.stream == ["checkout", "cart"]
+    assert LEVEL_NAMES[int(res.level[0])] == "ERROR"
+    res = _parse(LogParser("plain", "service"), [ecs])
+    assert res.dead and res.dead[0][1] == "invalid_stream" and "service.name" in res.dead[0][2]
