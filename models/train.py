@@ -141,9 +141,15 @@ def train(
     data_description: str | None = None,
     public: SeriesSampler | None = None,
     public_description: str | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[StreamGRU, dict[str, Any]]:
     """Train a fresh model (on `data` when given, else on synthetic series, with `public` series
-    mixed in at `cfg.public_share` of every batch); returns it with a summary for the checkpoint."""
+    mixed in at `cfg.public_share` of every batch); returns it with a summary for the checkpoint.
+
+    `stop` is asked before every step; when it says so, KeyboardInterrupt is raised there. (A
+    Ctrl-C raised wherever the signal lands could interrupt the progress bar inside its lock,
+    and its stop() then hung for good, or the process died by the signal after saying it was
+    interrupted.)"""
     base: Sampler = data if data is not None else univariate_batch
     sample = base if public is None else MixedSampler([(base, 1.0 - cfg.public_share), (public, cfg.public_share)])
     torch.manual_seed(cfg.seed)
@@ -163,6 +169,8 @@ def train(
         task = bar.add_task("train", total=cfg.steps, loss=float("nan"))
     try:
         for _ in range(cfg.steps):
+            if stop is not None and stop():
+                raise KeyboardInterrupt
             series = torch.as_tensor(sample(rng, cfg.batch, cfg.length), dtype=torch.float64)
             loss = _sequence_loss(model, series, cfg)
             if not loss.requires_grad:  # no value in the batch had a prediction after burn-in

@@ -7,6 +7,7 @@ import csv
 import logging
 import signal
 import sys
+import threading
 from typing import Any
 
 from streamer.config import ConfigError, load_config
@@ -126,7 +127,12 @@ def _train(args: argparse.Namespace) -> int:
             from streamer.traindata import load_statsmodels
 
             public = SeriesSampler(load_statsmodels())
-        model, summary = train_model(cfg, data=data, data_description=description, public=public, public_description="statsmodels.datasets")
+        # From here Ctrl-C only asks the loop to stop after its step (models.train.train's `stop`).
+        asked = threading.Event()
+        signal.signal(signal.SIGINT, lambda _signum, _frame: asked.set())
+        model, summary = train_model(
+            cfg, data=data, data_description=description, public=public, public_description="statsmodels.datasets", stop=asked.is_set
+        )
     except (ValueError, OSError, csv.Error, KafkaError) as err:  # e.g. no usable series; no broker reachable
         print(f"streamer: {err}", file=sys.stderr)
         return 2
