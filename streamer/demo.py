@@ -117,7 +117,9 @@ def run_demo(streams: int, steps_per_second: float, metrics_port: int, duration:
             tail,
         ]
         stop = threading.Event()
-        previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        # Ctrl-C too is a request the loop below takes at its next wait: a KeyboardInterrupt
+        # landing inside the live view's lock could hang its exit (as it did `streamer train`'s).
+        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
         for th in threads:
             th.start()
         started = time.monotonic()
@@ -135,7 +137,8 @@ def run_demo(streams: int, steps_per_second: float, metrics_port: int, duration:
         except KeyboardInterrupt:
             pass
         finally:
-            signal.signal(signal.SIGTERM, previous)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             feed.stop()
             log_feed.stop()
             runner.stop()

@@ -19,3 +19,35 @@ def test_the_demo_scores_its_own_feed_whatever_the_environment_says():
     assert proc.returncode == 0, proc.stderr[-2000:]
     scored = re.search(r"stopped: ([\d,]+) events scored", proc.stdout)
     assert scored and int(scored.group(1).replace(",", "")) > 0, proc.stdout[-2000:]
+
+
+def test_ctrl_c_stops_the_demo_cleanly():
+    """The README's first command runs until Ctrl-C: it must stop there, say what it scored and
+    exit 0."""
+    import signal
+    import time
+    import urllib.request
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "streamer.cli", "demo", "--streams", "10", "--metrics-port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        scored = 0.0
+        while scored == 0.0:
+            assert proc.poll() is None and time.monotonic() < deadline, "the demo did not start scoring"
+            time.sleep(0.5)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+                    text = resp.read().decode()
+                scored = float(re.search(r"^streamer_events_scored_total (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
+            except OSError:
+                pass
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-2000:]
+    assert re.search(r"stopped: [\d,]+ events scored", out), out[-2000:]
