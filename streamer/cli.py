@@ -127,9 +127,11 @@ def _train(args: argparse.Namespace) -> int:
             from streamer.traindata import load_statsmodels
 
             public = SeriesSampler(load_statsmodels())
-        # From here Ctrl-C only asks the loop to stop after its step (models.train.train's `stop`).
+        # From here Ctrl-C only asks the loop to stop after its step (models.train.train's `stop`),
+        # unless SIGINT was ignored when we started (a script's background job), as it stays.
         asked = threading.Event()
-        signal.signal(signal.SIGINT, lambda _signum, _frame: asked.set())
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            signal.signal(signal.SIGINT, lambda _signum, _frame: asked.set())
         model, summary = train_model(
             cfg, data=data, data_description=description, public=public, public_description="statsmodels.datasets", stop=asked.is_set
         )

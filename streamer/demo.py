@@ -119,7 +119,9 @@ def run_demo(streams: int, steps_per_second: float, metrics_port: int, duration:
         stop = threading.Event()
         # Ctrl-C too is a request the loop below takes at its next wait: a KeyboardInterrupt
         # landing inside the live view's lock could hang its exit (as it did `streamer train`'s).
-        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+        # (Not a SIGINT that was ignored when the demo started, as in a script's background job.)
+        asked = [signal.SIGTERM] + [signal.SIGINT] * (signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in asked}
         for th in threads:
             th.start()
         started = time.monotonic()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -156,4 +157,11 @@ def state_dir(tmp_path: Path) -> Path:
     return d
 
 
-__all__ = ["DaemonThread", "event", "make_config", "produce", "read_all", "scores_of"]
+def default_sigint() -> None:
+    """preexec_fn for a command a test interrupts with SIGINT, as a terminal's Ctrl-C would: a
+    test run started as a script's background job inherits SIGINT ignored, and Python keeps it
+    ignored, so without this such a command never heard it (CI runs hung on it)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+__all__ = ["DaemonThread", "default_sigint", "event", "make_config", "produce", "read_all", "scores_of"]

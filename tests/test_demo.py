@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+from conftest import default_sigint
+
 from streamer.broker import free_port
 
 
@@ -30,7 +32,7 @@ def test_ctrl_c_stops_the_demo_cleanly():
 
     port = free_port()
     cmd = [sys.executable, "-m", "streamer.cli", "demo", "--streams", "10", "--metrics-port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     try:
         deadline = time.monotonic() + 120
         scored = 0.0

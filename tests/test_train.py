@@ -12,7 +12,7 @@ import numpy as np
 import orjson
 import pytest
 import torch
-from conftest import event, produce, read_all
+from conftest import default_sigint, event, produce, read_all
 from kafka import KafkaConsumer
 
 from models.gru import load_checkpoint
@@ -341,7 +341,7 @@ def test_sigint_during_train_says_one_line_and_leaves_no_file(tmp_path, delay_s)
         "--length",
         "32",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     with fifo.open("w") as fh:  # (opens once the command reads its data: past start-up)
         fh.write("temp\n" + "".join(f"{np.sin(i / 5):.3f}\n" for i in range(200)))
     time.sleep(delay_s)  # (0: while it reads or starts; 0.6: while it trains)
