@@ -121,8 +121,8 @@ class TimedTransport:
             self._count(sum(self.committed_at.values()))
         return bool(ok)
 
-    def committed(self, tp: TP) -> int | None:
-        return self.inner.committed(tp)
+    def committed(self, tps: list[TP]) -> dict[TP, int | None] | None:
+        return self.inner.committed(tps)
 
     def seek(self, tp: TP, offset: int) -> None:
         self.inner.seek(tp, offset)

@@ -151,12 +151,24 @@ class Runner:
         tps, self._pending_assign = self._pending_assign, []
         self._assign_pending = False
         reseeked: set[TP] = set()
+        known = self.transport.committed(tps) if tps else {}
+        if known is None:
+            # Where the group stands is unknown, so no snapshot can be placed against it: one
+            # behind the committed offset would emit again what was emitted (alerts included).
+            # The consumer starts at the committed offset once the coordinator answers.
+            log.warning(
+                "the group coordinator did not answer for the committed offsets of %d partitions; their snapshots are not "
+                "restored and their streams start cold",
+                len(tps),
+            )
         for tp in tps:
-            committed = self.transport.committed(tp)
+            committed = known.get(tp) if known is not None else None
             self.emit_from[tp] = committed or 0
             # The log our offsets refer to, fixed at assignment: a snapshot taken after the topic
             # was recreated under us must still name the log its offsets came from.
             self.log_ids[tp] = self.transport.topic_id(tp[0])
+            if known is None:
+                continue
             if self.logs is not None and tp[0] in self.logs.topics:
                 if self._restore_logs(tp, committed):
                     reseeked.add(tp)

@@ -31,7 +31,7 @@ _SPIN_CPU_SHARE = 0.5
 _SPIN_MIN_WALL_S = 0.005
 _SPIN_POLL_MS = 10
 _SETTLED_POLLS = 3
-# How long the committed offset of a newly assigned partition is waited for.
+# How long the committed offsets of newly assigned partitions are waited for, all together.
 COMMITTED_TIMEOUT_MS = 10_000
 
 # Header values may be null in Kafka (other clients write them; kafka-python reads them back).
@@ -120,7 +120,7 @@ class Transport(Protocol):
     def poll(self, timeout_ms: int, max_records: int) -> Polled: ...
     def send_batch(self, records: Sequence[OutRecord]) -> None: ...
     def commit(self, offsets: dict[TP, int]) -> bool: ...
-    def committed(self, tp: TP) -> int | None: ...
+    def committed(self, tps: list[TP]) -> dict[TP, int | None] | None: ...
     def seek(self, tp: TP, offset: int) -> None: ...
     def highwater(self, tp: TP) -> int | None: ...
     def topic_id(self, topic: str) -> str | None: ...
@@ -339,15 +339,23 @@ class KafkaPythonTransport:
             log.warning("offset commit failed: %s", err)
             return False
 
-    def committed(self, tp: TP) -> int | None:
-        """The group's committed offset, None when there is none or the coordinator does not
-        answer within COMMITTED_TIMEOUT_MS (then every event from the position on is emitted:
-        at least once). Without a limit a coordinator that hung right after an assignment held
-        the loop, and so the liveness probe and the watchdog, for as long as it hung."""
-        try:
-            return self._consumer.committed(TopicPartition(*tp), timeout_ms=COMMITTED_TIMEOUT_MS)
-        except KafkaError:
-            return None
+    def committed(self, tps: list[TP]) -> dict[TP, int | None] | None:
+        """The group's committed offsets (None for a partition without one), or None when the
+        coordinator does not answer for all of them within COMMITTED_TIMEOUT_MS together.
+        Without a limit a coordinator that hung right after an assignment held the loop, and so
+        the liveness probe and the watchdog, for as long as it hung; a limit per partition
+        still held it for ten seconds times the partitions."""
+        deadline = time.monotonic() + COMMITTED_TIMEOUT_MS / 1000
+        out: dict[TP, int | None] = {}
+        for tp in tps:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                return None
+            try:
+                out[tp] = self._consumer.committed(TopicPartition(*tp), timeout_ms=left_ms)
+            except KafkaError:
+                return None
+        return out
 
     def seek(self, tp: TP, offset: int) -> None:
         self._consumer.seek(TopicPartition(*tp), offset)

@@ -15,7 +15,7 @@ from conftest import DaemonThread, event, make_config, produce, read_all, scores
 from kafka import TopicPartition
 
 from streamer.broker import EmbeddedBroker
-from streamer.transport import COMMITTED_TIMEOUT_MS, KafkaPythonTransport
+from streamer.transport import COMMITTED_TIMEOUT_MS, KafkaPythonTransport, _columns
 
 TOPICS = {"input": "in", "scores": "scores", "alerts": "alerts", "dead": "dead"}
 
@@ -179,30 +179,56 @@ def test_a_hung_broker_does_not_make_the_client_spin(state_dir):
         broker.stop()
 
 
-def test_asking_a_hung_coordinator_for_a_committed_offset_gives_up(state_dir):
-    """The committed offset of each newly assigned partition was asked for without a limit: a
-    coordinator that hung right after an assignment held the loop (liveness, the watchdog) as
-    long as it hung. Now it gives up after COMMITTED_TIMEOUT_MS and the events are emitted from
-    the position on (at least once)."""
+def test_a_coordinator_hung_at_an_assignment_holds_the_loop_once_and_duplicates_nothing(tmp_path, caplog):
+    """The committed offsets of a new assignment were asked for without a limit, then with 10 s
+    per partition: a coordinator hung right after an assignment held the loop (liveness, the
+    watchdog) for partitions x 10 s. A timed-out answer was also taken for "nothing committed",
+    so a snapshot behind the real committed offset was restored and its events emitted again.
+    Now one deadline covers the assignment, and without an answer no snapshot is restored."""
     broker = EmbeddedBroker().start()
-    transport = None
     try:
-        transport = _assigned_transport(broker, state_dir)
-        assert broker.proc is not None
-        answer: list[int | None] = []
+        _create(broker)  # ("in" has 4 partitions, all assigned to the one member)
+        here, elsewhere = tmp_path / "a", tmp_path / "b"
+        here.mkdir()
+        elsewhere.mkdir()
+
+        def events(lo: int, hi: int) -> list[tuple[bytes | None, bytes]]:
+            return [(b"s", event("s", 1_700_000_000_000 + 1000 * i, {"x": float(i % 7)})) for i in range(lo, hi)]
+
+        produce(broker, "in", events(0, 300), lambda k: 0)
+        with DaemonThread(make_config(broker, TOPICS, here)) as daemon:  # its snapshot: offset 300
+            daemon.wait_scored(300)
+        produce(broker, "in", events(300, 600), lambda k: 0)
+        with DaemonThread(make_config(broker, TOPICS, elsewhere)) as daemon:  # another host: committed 600
+            daemon.wait_scored(300)
+        daemon = DaemonThread(make_config(broker, TOPICS, here))  # the partitions come back here
+        runner = daemon.runner
+        runner.start()
+        deadline = time.monotonic() + 60
+        while not runner._assign_pending:
+            assert time.monotonic() < deadline, "never assigned"
+            runner.transport.poll(100, 100)
+        assert broker.proc is not None and len(runner._pending_assign) == 4
         os.kill(broker.proc.pid, signal.SIGSTOP)
+        started = time.monotonic()
         try:
-            asking = threading.Thread(target=lambda: answer.append(transport.committed(("in", 0))), daemon=True)
-            started = time.monotonic()
-            asking.start()
-            asking.join(timeout=COMMITTED_TIMEOUT_MS / 1000 + 15)
-            waited = time.monotonic() - started
+            runner._complete_assign(_columns({}))
+            held = time.monotonic() - started
         finally:
             os.kill(broker.proc.pid, signal.SIGCONT)
-        assert answer == [None], f"still waiting after {waited:.0f} s"
+        try:
+            assert held < COMMITTED_TIMEOUT_MS / 1000 + 3, held  # (was 4 x 10 s)
+            assert ("in", 0) not in runner.next_offset  # the snapshot at 300 was not restored
+            assert "did not answer for the committed offsets of 4 partitions" in caplog.text
+            produce(broker, "in", events(600, 610), lambda k: 0)
+            deadline = time.monotonic() + 60
+            while daemon.metrics.scored._value.get() < 10:
+                assert time.monotonic() < deadline, daemon.metrics.scored._value.get()
+                runner.step()
+        finally:
+            runner.shutdown()
+        assert len(read_all(broker, "scores", expect=610)) == 610  # (was 910: 300..600 again)
     finally:
-        if transport is not None:
-            transport.close()
         broker.stop()
 
 

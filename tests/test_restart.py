@@ -368,7 +368,7 @@ def test_not_ready_until_the_replay_up_to_the_committed_offset_is_done(broker, t
                 seen.append((runner.next_offset.get((t, 0), 0), runner.health.readiness()[0]))
                 # The replay's own batches must not move the committed offset back: a crash
                 # mid-replay would then emit their events a second time.
-                assert runner.transport.committed((t, 0)) == 400
+                assert runner.transport.committed([(t, 0)]) == {(t, 0): 400}
     finally:
         runner.shutdown()
     assert any(not ready for _, ready in seen), seen  # the replay took several polls, not ready during them
