@@ -127,14 +127,28 @@ def _train(args: argparse.Namespace) -> int:
             from streamer.traindata import load_statsmodels
 
             public = SeriesSampler(load_statsmodels())
-        # From here Ctrl-C only asks the loop to stop after its step (models.train.train's `stop`),
-        # unless SIGINT was ignored when we started (a script's background job), as it stays.
+        # While training, Ctrl-C asks the loop to stop after its step (models.train.train's
+        # `stop`); a second one stops at once. Not where SIGINT was ignored when we started (a
+        # script's background job), nor from another thread, which cannot set handlers.
         asked = threading.Event()
-        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            signal.signal(signal.SIGINT, lambda _signum, _frame: asked.set())
-        model, summary = train_model(
-            cfg, data=data, data_description=description, public=public, public_description="statsmodels.datasets", stop=asked.is_set
-        )
+
+        def on_sigint(_signum: int, _frame: Any) -> None:
+            if asked.is_set():
+                raise KeyboardInterrupt
+            asked.set()
+
+        previous = None
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            model, summary = train_model(
+                cfg, data=data, data_description=description, public=public, public_description="statsmodels.datasets", stop=asked.is_set
+            )
+            if asked.is_set():  # (during the last step: the checkpoint must not be written either)
+                raise KeyboardInterrupt
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
     except (ValueError, OSError, csv.Error, KafkaError) as err:  # e.g. no usable series; no broker reachable
         print(f"streamer: {err}", file=sys.stderr)
         return 2

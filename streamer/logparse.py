@@ -365,13 +365,19 @@ def _layout_ts(obj: dict[str, Any]) -> Any:
 
 
 def _dig(obj: dict[str, Any], dotted: str) -> Any:
-    """obj["a"]["b"] for "a.b"; None where a step is missing or not an object."""
-    value: Any = obj
-    for part in dotted.split("."):
-        if not isinstance(value, dict):
-            return None
-        value = value.get(part)
-    return value
+    """obj["a"]["b"] for "a.b", where any level's key may itself hold dots
+    ({"resource": {"service.name": ..}} for resource.service.name, as Elastic's and Vector's
+    OpenTelemetry mappings write it); None where nothing matches."""
+    if dotted in obj:
+        return obj[dotted]
+    parts = dotted.split(".")
+    for i in range(1, len(parts)):
+        inner = obj.get(".".join(parts[:i]))
+        if isinstance(inner, dict):
+            found = _dig(inner, ".".join(parts[i:]))
+            if found is not None:
+                return found
+    return None
 
 
 def _json_ts(raw: Any, fallback_ms: int) -> int:

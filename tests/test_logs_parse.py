@@ -460,3 +460,6 @@ def test_a_dotted_stream_field_reaches_into_nested_objects():
     assert LEVEL_NAMES[int(res.level[0])] == "ERROR"
     res = _parse(LogParser("plain", "service"), [ecs])
     assert res.dead and res.dead[0][1] == "invalid_stream" and "service.name" in res.dead[0][2]
+    # A key with dots inside a nested object, as Elastic's and Vector's OpenTelemetry mappings write it.
+    otel = b'{"message": "x", "resource": {"service.name": "checkout", "host.name": "web-1"}}'
+    assert _parse(LogParser("plain", "resource.service.name"), [otel]).stream == ["checkout"]

@@ -357,6 +357,52 @@ def test_sigint_during_train_says_one_line_and_leaves_no_file(tmp_path, delay_s)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data.csv"]  # no checkpoint, no temp file
 
 
+def test_sigint_during_the_last_step_writes_no_checkpoint(tmp_path):
+    """Ctrl-C taken between steps must not be lost when there is no next step: the command went
+    on to write the checkpoint and exit 0 (an --out a daemon reloads replaced the served model)."""
+    import os
+    import signal
+
+    fifo = tmp_path / "data.csv"
+    os.mkfifo(fifo)
+    out = tmp_path / "m.pt"
+    cmd = [sys.executable, "-m", "streamer.cli", "train", str(fifo), "--out", str(out)]
+    cmd += ["--steps", "1", "--batch", "512", "--length", "1500"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+    with fifo.open("w") as fh:
+        fh.write("temp\n" + "".join(f"{np.sin(i / 5):.3f}\n" for i in range(3000)))
+    time.sleep(1.5)  # (inside the one step: it takes several seconds)
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and "interrupted" in err, err
+    assert not out.exists()
+
+
+def test_train_runs_from_another_thread_and_leaves_the_callers_sigint_alone(tmp_path):
+    """`cli.main(["train", ...])` from a thread failed with "signal only works in main thread"
+    (exit 2, as if the data were bad); from the main thread it left its handler installed."""
+    import signal
+    import threading
+
+    from streamer.cli import main
+
+    data = tmp_path / "d.csv"
+    data.write_text("temp\n" + "".join(f"{np.sin(i / 5):.3f}\n" for i in range(200)))
+    rc: list[int] = []
+    worker = threading.Thread(target=lambda: rc.append(main(["train", str(data), "--out", str(tmp_path / "a.pt"), "--steps", "2"])))
+    worker.start()
+    worker.join(timeout=120)
+    assert rc == [0]
+    before = signal.getsignal(signal.SIGINT)
+    assert main(["train", str(data), "--out", str(tmp_path / "b.pt"), "--steps", "2"]) == 0
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_a_topic_replay_stops_at_the_end_it_found_at_start(broker, topics, monkeypatch):
     """Without --to-offset the replay stopped at a moving end: on a topic being written it read
     records produced after the command started."""
