@@ -249,7 +249,13 @@ class Runner:
             log.warning(
                 "discarding %ssnapshot of %s[%d]: it is at offset %d, %d records behind the committed offset %d, more than "
                 "state.max_replay_records (%d) to replay; streams restart cold",
-                *(kind, tp[0], tp[1], offset, committed - offset, committed, limit),
+                kind,
+                tp[0],
+                tp[1],
+                offset,
+                committed - offset,
+                committed,
+                limit,
                 extra=where,
             )
             return True
@@ -257,7 +263,12 @@ class Runner:
             log.warning(
                 "discarding %ssnapshot of %s[%d]: it is at offset %d, %d past the committed offset %d, which was moved back "
                 "(an offset reset); consuming from the committed offset, streams restart cold",
-                *(kind, tp[0], tp[1], offset, offset - committed, committed),
+                kind,
+                tp[0],
+                tp[1],
+                offset,
+                offset - committed,
+                committed,
                 extra=where,
             )
             return True
@@ -632,8 +643,8 @@ class Runner:
                 # Refused, or no answer at all? Only the latter is an unreachable broker (/readyz
                 # 503, streamer_broker_reachable 0): a member with a batch in hand never got to
                 # the idle probe, and stayed ready through an outage. A quick failure is an answer.
-                if not quick and self.emit_from and not self.stop_event.is_set():
-                    self._reachable(self.transport.brokers_answer(list(self.emit_from), timeout_ms=2000))
+                if not quick and not self.stop_event.is_set():
+                    self._probe_brokers(idle=False)
                 if self.stop_event.is_set() and (attempt >= 3 or not quick):
                     log.error(
                         "stopping with %d output records unacknowledged; their offsets stay uncommitted",
@@ -662,13 +673,13 @@ class Runner:
             log.warning("no broker answered; scoring resumes when one does")
         self.metrics.broker_reachable.set(1 if answered else 0)
 
-    def _probe_brokers(self) -> None:
-        """While idle, ask the brokers for the log ends of the held partitions every probe_idle_s:
-        do they answer? (A failed send is not itself counted as no answer: a missing topic or a
-        refused record is an answer, and StreamerOutputsNotAcknowledged covers sends; a slow one
-        asks the same question.)"""
+    def _probe_brokers(self, idle: bool = True) -> None:
+        """Ask the brokers for the log ends of the held partitions: do they answer? While idle
+        every probe_idle_s; after a send that timed out (idle=False) at once. (A failed send is
+        not itself counted as no answer: a missing topic or a refused record is an answer, and
+        StreamerOutputsNotAcknowledged covers sends.)"""
         now = time.monotonic()
-        if not self.emit_from or now - self._last_contact < self.probe_idle_s:
+        if not self.emit_from or (idle and now - self._last_contact < self.probe_idle_s):
             return
         answered = self.transport.brokers_answer(list(self.emit_from), timeout_ms=2000)
         self._last_contact = now  # (the next probe waits probe_idle_s either way)
