@@ -246,8 +246,6 @@ _FIELD_ALIASES = {
 # names particular loggers give the same things, read only when no generic name is present, so
 # they cost nothing on a record that has one.
 _JSON_MESSAGE = (*_FIELD_ALIASES["message"], "MESSAGE", "@m", "@mt", "body", "Body")
-_JSON_LEVEL = _FIELD_ALIASES["level"]
-_JSON_TS = _FIELD_ALIASES["ts"]
 # (field, reading), tried in order until one gives a known level.
 _LAYOUT_LEVEL: tuple[tuple[str, Callable[[Any], int]], ...] = (
     ("log.level", parse_level),  # Elastic Common Schema, as a dotted key (ecs-logging)
@@ -276,8 +274,9 @@ _LAYOUT_TS = (
 )
 # A time of day ending in a UTC offset: Z, +hh, +hhmm or +hh:mm.
 _HAS_OFFSET = re.compile(r"\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?\s*(?:Z|[+-]\d{2}(?::?\d{2})?)\s*$")
-# Every name the two look-ups below read: a record with none of them (most records without a
-# level) is passed over by one set test in C instead of a dozen dictionary probes.
+# Every name the two look-ups below read: a record lacking a generic level or time field is
+# tested once against this set (in C), and one with none of them (most such records) is passed
+# over without a dozen dictionary probes.
 _LAYOUT_NAMES = frozenset((*(name for name, _ in _LAYOUT_LEVEL), "log", "@t", *_LAYOUT_TS, "asctime"))
 
 
@@ -337,8 +336,6 @@ def _layout_level(obj: dict[str, Any]) -> int:
     """The level of a JSON record without a generic level field: the first of `_LAYOUT_LEVEL`
     that reads as a known level, else ECS's nested {"log": {"level": ..}}, else INFO for a
     Serilog event (CLEF leaves out `@l` at Information)."""
-    if obj.keys().isdisjoint(_LAYOUT_NAMES):
-        return UNKNOWN_LEVEL
     for name, read in _LAYOUT_LEVEL:
         if name in obj:
             level = read(obj[name])
@@ -355,8 +352,6 @@ def _layout_level(obj: dict[str, Any]) -> int:
 def _layout_ts(obj: dict[str, Any]) -> Any:
     """The raw timestamp of a JSON record without a generic one: the first of `_LAYOUT_TS` that is
     set (0 means unknown to OpenTelemetry), else None."""
-    if obj.keys().isdisjoint(_LAYOUT_NAMES):
-        return None
     for name in _LAYOUT_TS:
         raw = obj.get(name)
         if raw is not None and raw != 0 and raw != "0" and raw != "":
@@ -490,11 +485,13 @@ class LogParser:
         if named is not None and (not isinstance(named, (str, int, float)) or isinstance(named, bool)):
             hint = f" (name a field inside it, e.g. {self.stream_field}.name)" if isinstance(named, dict) else ""
             raise Rejected("invalid_stream", f"'{self.stream_field}' is a {type(named).__name__}, not a string{hint}")
-        raw_ts = _first(obj, _JSON_TS)
-        ts: int | None
+        raw_ts = _first(obj, _FIELD_ALIASES["ts"])
+        raw_level = _first(obj, _FIELD_ALIASES["level"])
+        layout = (raw_ts is None or raw_level is None) and not obj.keys().isdisjoint(_LAYOUT_NAMES)
+        ts: int | None = None
         if raw_ts is not None:
             ts = _json_ts(raw_ts, fallback_ms)
-        else:
+        elif layout:
             # A layout's own time field (or asctime) that does not read leaves the record's time,
             # as a record without one has: those records were accepted before these were read.
             try:
@@ -509,8 +506,9 @@ class LogParser:
         }
         if nested and named is not None:
             fields[self.stream_field] = str(named)
-        raw_level = _first(obj, _JSON_LEVEL)
-        return ts, message, fields, (_layout_level(obj) if raw_level is None else parse_level(raw_level))
+        if raw_level is not None:
+            return ts, message, fields, parse_level(raw_level)
+        return ts, message, fields, _layout_level(obj) if layout else UNKNOWN_LEVEL
 
     def _one(self, raw: bytes | None, key: bytes | None, record_ts: int) -> LogEvent:
         if raw is not None and raw.startswith(UTF8_BOM):  # (as some Windows tools write; the sensor decoder accepts it too)
