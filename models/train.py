@@ -147,9 +147,8 @@ def train(
     mixed in at `cfg.public_share` of every batch); returns it with a summary for the checkpoint.
 
     `stop` is asked before every step; when it says so, KeyboardInterrupt is raised there. (A
-    Ctrl-C raised wherever the signal lands could interrupt the progress bar inside its lock,
-    and its stop() then hung for good, or the process died by the signal after saying it was
-    interrupted.)"""
+    Ctrl-C raised wherever the signal lands could interrupt the progress bar's machinery, and
+    the process then died by the signal after saying it was interrupted: 4 of 40 tries.)"""
     base: Sampler = data if data is not None else univariate_batch
     sample = base if public is None else MixedSampler([(base, 1.0 - cfg.public_share), (public, cfg.public_share)])
     torch.manual_seed(cfg.seed)

@@ -186,6 +186,13 @@ def run_daemon(config: Config) -> int:
     return 0
 
 
+def takes_sigint() -> bool:
+    """Whether an interactive command (`train`, `demo`) may take Ctrl-C for itself: only from
+    the main thread (others cannot set handlers), and not where SIGINT was ignored when the
+    process started (a script's background job), which Python keeps and so do we."""
+    return threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def install_signal_handlers(stop: Any) -> None:
     """SIGTERM, SIGINT and SIGHUP (a closed terminal, or a supervisor's stop) drain and exit 0.
     A second one at least a second later exits at once (128 + the signal, as a shell reports it):

@@ -128,8 +128,9 @@ def _train(args: argparse.Namespace) -> int:
 
             public = SeriesSampler(load_statsmodels())
         # While training, Ctrl-C asks the loop to stop after its step (models.train.train's
-        # `stop`); a second one stops at once. Not where SIGINT was ignored when we started (a
-        # script's background job), nor from another thread, which cannot set handlers.
+        # `stop`); a second one stops at once.
+        from streamer.app import takes_sigint
+
         asked = threading.Event()
 
         def on_sigint(_signum: int, _frame: Any) -> None:
@@ -138,7 +139,7 @@ def _train(args: argparse.Namespace) -> int:
             asked.set()
 
         previous = None
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        if takes_sigint():
             previous = signal.signal(signal.SIGINT, on_sigint)
         try:
             model, summary = train_model(

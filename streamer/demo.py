@@ -24,7 +24,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from models.synthetic import SensorFleet
-from streamer.app import build_runner
+from streamer.app import build_runner, takes_sigint
 from streamer.broker import EmbeddedBroker, free_port
 from streamer.config import build_config
 from streamer.feed import LogFeed, SensorFeed
@@ -117,10 +117,10 @@ def run_demo(streams: int, steps_per_second: float, metrics_port: int, duration:
             tail,
         ]
         stop = threading.Event()
-        # Ctrl-C too is a request the loop below takes at its next wait: a KeyboardInterrupt
-        # landing inside the live view's lock could hang its exit (as it did `streamer train`'s).
-        # (Not a SIGINT that was ignored when the demo started, as in a script's background job.)
-        asked = [signal.SIGTERM] + [signal.SIGINT] * (signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        # Ctrl-C too is a request the loop below takes at its next wait, not a KeyboardInterrupt
+        # that may land inside the live view's machinery (in `streamer train` one landing inside
+        # the progress bar's killed the process by the signal after its message).
+        asked = [signal.SIGTERM, signal.SIGINT] if takes_sigint() else [signal.SIGTERM]
         previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in asked}
         for th in threads:
             th.start()
