@@ -38,7 +38,8 @@ def topics(broker: EmbeddedBroker) -> dict[str, str]:
     return names
 
 
-def make_config(broker: EmbeddedBroker, topics: dict[str, str], state_dir: Path, **overrides: Any) -> Config:
+def config_data(broker: EmbeddedBroker, topics: dict[str, str], state_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """The settings of a test daemon, as a config file holds them (for `streamer run --config`)."""
     data: dict[str, Any] = {
         "kafka": {"bootstrap_servers": broker.bootstrap},
         "consumer": {
@@ -55,7 +56,11 @@ def make_config(broker: EmbeddedBroker, topics: dict[str, str], state_dir: Path,
     }
     for section, values in overrides.items():
         data[section] = {**data.get(section, {}), **values}
-    return build_config(data, env={})
+    return data
+
+
+def make_config(broker: EmbeddedBroker, topics: dict[str, str], state_dir: Path, **overrides: Any) -> Config:
+    return build_config(config_data(broker, topics, state_dir, **overrides), env={})
 
 
 def produce(broker: EmbeddedBroker, topic: str, records: list[tuple[bytes | None, bytes]], partition_of: Any = None) -> None:
@@ -164,4 +169,4 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-__all__ = ["DaemonThread", "default_sigint", "event", "make_config", "produce", "read_all", "scores_of"]
+__all__ = ["DaemonThread", "config_data", "default_sigint", "event", "make_config", "produce", "read_all", "scores_of"]

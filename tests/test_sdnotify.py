@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import DaemonThread, event, make_config, produce
+from conftest import DaemonThread, config_data, event, make_config, produce
 
 from streamer.broker import EmbeddedBroker
 from streamer.sdnotify import Notifier
@@ -34,7 +34,7 @@ def manager(tmp_path: Path) -> Iterator[tuple[str, socket.socket]]:
 
 
 def received(sock: socket.socket) -> list[str]:
-    """Every message waiting, as lists of lines joined back: one string per datagram."""
+    """Every datagram waiting, one string each (its lines joined by newlines, as sent)."""
     out = []
     while True:
         try:
@@ -159,15 +159,8 @@ def test_streamer_run_under_a_notify_unit(
     a status that reaches "ready", then STOPPING=1 on SIGTERM and a clean exit."""
     path, sock = manager
     produce(broker, topics["input"], [(f"s{i % 3}".encode(), event(f"s{i % 3}", i, {"x": float(i % 5)})) for i in range(30)])
-    settings = {
-        "kafka": {"bootstrap_servers": broker.bootstrap},
-        "consumer": {"group_id": f"g-{topics['input']}", "session_timeout_ms": 3000, "heartbeat_interval_ms": 500, "poll_timeout_ms": 100},
-        "topics": {"inputs": [topics["input"]], "scores": topics["scores"], "alerts": topics["alerts"], "dead_letter": topics["dead"]},
-        "state": {"dir": str(tmp_path / "state")},
-        "metrics": {"enabled": False},
-    }
     config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump(settings))
+    config.write_text(yaml.safe_dump(config_data(broker, topics, tmp_path / "state")))
     env = {**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000", "PYTHONDONTWRITEBYTECODE": "1"}
     log = (tmp_path / "daemon.log").open("wb")
     cmd = [sys.executable, "-m", "streamer.cli", "run", "--config", str(config)]
