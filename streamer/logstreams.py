@@ -102,8 +102,8 @@ class LogStreams:
         topics = self.config.topics
         parsed = self.parser.parse(polled.value, polled.key, polled.timestamp_ms)
         out: list[OutRecord] = []
-        scores: list[float] = []
-        lags: list[float] = []
+        scores: list[np.ndarray] = []
+        lags: list[np.ndarray] = []
         streams: list[str] = []
         anomalies = replayed = wavefronts = 0
         tps = np.array([f"{t}\0{p}" for t, p in zip(polled.topic, polled.partition.tolist())], dtype=object)
@@ -116,10 +116,18 @@ class LogStreams:
             res = self.part(tp).process(sub.stream, sub.ts_ms, sub.level, sub.message)
             self.last_seen.setdefault(tp, {}).update(dict.fromkeys(sub.stream, now))
             wavefronts += res.wavefronts
-            for j, pos in enumerate(sub.index.tolist()):
-                if not emit[pos]:
-                    replayed += 1
-                    continue
+            emitted = emit[sub.index]
+            replayed += int(len(emitted) - emitted.sum())
+            shown = np.flatnonzero(emitted)
+            scores.append(res.score[shown])
+            lags.append(res.ts_ms[shown].astype(np.float64))
+            streams.extend(res.stream[j] for j in shown.tolist())
+            anomalies += int(res.is_anomaly[shown].sum())
+            # Alerts only (no scores topic): a record is built for the alerts alone, since building
+            # and serialising one per line is most of this loop's cost.
+            built = shown if topics.scores is not None else shown[res.is_anomaly[shown]]
+            for j in built.tolist():
+                pos = int(sub.index[j])
                 record = res.record(j)
                 level = int(sub.level[j])
                 record.update(
@@ -137,18 +145,14 @@ class LogStreams:
                 if topics.scores is not None:
                     out.append(OutRecord(topics.scores, key_b, value))
                 if record["is_anomaly"]:
-                    anomalies += 1
                     out.append(OutRecord(topics.alerts, key_b, value))
-                scores.append(record["score"])
-                lags.append(record["ts"])
-                streams.append(record["stream"])
         stats = {
-            "scored": len(scores),
+            "scored": len(streams),
             "replayed": replayed,
             "anomalies": anomalies,
             "wavefronts": wavefronts,
-            "scores": np.asarray(scores),
-            "ts_ms": np.asarray(lags, dtype=np.float64),
+            "scores": np.concatenate(scores) if scores else np.zeros(0),
+            "ts_ms": np.concatenate(lags) if lags else np.zeros(0),
             "streams": streams,
         }
         return out, list(parsed.dead), stats

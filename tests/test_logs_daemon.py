@@ -186,3 +186,26 @@ def test_a_log_snapshot_too_far_behind_the_committed_offset_starts_cold(broker, 
         daemon.wait_scored(10)
         assert daemon.metrics.replayed._value.get() == 0
     assert "discarding log snapshot of" in caplog.text and "250 records behind the committed offset 300" in caplog.text
+
+
+def test_log_topics_alerts_only(broker, topics, state_dir):
+    """`topics.scores: null` on the log path: no record per line, the panic as an alert with its
+    line and template, every line counted as scored and its offset committed."""
+    config = _log_config(broker, topics, state_dir)
+    config = config.model_copy(update={"topics": config.topics.model_copy(update={"scores": None})})
+    raw = [(b"web-1", _syslog(i, "web-1", _routine(i))) for i in range(200)]
+    raw.append((b"web-1", _syslog(200, "web-1", "kernel panic: cannot mount root fs on unknown-block(0,0)")))
+    produce(broker, topics["input"], raw, partition_of=lambda _k: 0)
+    with DaemonThread(config) as daemon:
+        daemon.wait_scored(len(raw))
+        m = daemon.metrics
+        assert m.registry.get_sample_value("streamer_anomaly_score_count") == len(raw)
+        assert m.registry.get_sample_value("streamer_event_time_lag_seconds_count") == len(raw)
+    assert read_all(broker, topics["scores"], timeout_s=3) == []
+    alerts = scores_of(read_all(broker, topics["alerts"], expect=1))
+    assert alerts and alerts[-1]["line"].startswith("kernel panic") and alerts[-1]["offset"] == 200
+    assert all(r["is_anomaly"] and r["kind"] == "log" for r in alerts)
+    assert m.anomalies.labels("log")._value.get() == len(alerts)
+    c = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=config.consumer.group_id, enable_auto_commit=False)
+    assert c.committed(TopicPartition(topics["input"], 0)) == len(raw)
+    c.close()
