@@ -134,6 +134,15 @@ class TopicsConfig(_Strict):
     alerts: TopicName = "streamer.alerts"
     dead_letter: TopicName = "streamer.dead-letter"
 
+    @field_validator("scores")
+    @classmethod
+    def _not_python_none(cls, v: str | None) -> str | None:
+        # YAML reads `None` as a string: the daemon would write every score to a topic of that
+        # name (created on first send where brokers auto-create) instead of running alerts only.
+        if v is not None and v.lower() == "none":
+            raise ValueError(f"{v!r} would be a topic of that name; for alerts only (no score record per event) write null or ~")
+        return v
+
 
 class InputConfig(_Strict):
     max_message_bytes: int = Field(default=65_536, gt=0)

@@ -30,6 +30,8 @@ from streamer.config import ConfigError, build_config, load_config
         ("consumer:\n  session_timeout_ms: 1000\n  heartbeat_interval_ms: 5000\n", "consumer.heartbeat_interval_ms"),
         ("topics:\n  inputs: ['bad topic!']\n", "topics.inputs"),
         ("topics:\n  scores: ''\n", "topics.scores"),
+        # YAML's null is null or ~; None was a topic named "None", not alerts only.
+        ("topics:\n  scores: None\n", "topics.scores"),
         ("logs:\n  topics: ['..']\n", "logs.topics"),
         ("detector:\n  checkpoint: /nonexistent/model.pt\n", "detector.checkpoint"),
         # (credentials that kafka-python would silently not send)
