@@ -181,9 +181,26 @@ def run_daemon(config: Config) -> int:
     if runner.notifier.watchdog_s is not None:
         faulthandler.enable()
         log.info("pinging the service manager's watchdog (%gs) from the processing loop", runner.notifier.watchdog_s)
+        if (warning := watchdog_warning(config, runner.notifier.watchdog_s)) is not None:
+            log.warning(warning)
     log.info("consuming %s as group %s", ",".join(config.topics.inputs), config.consumer.group_id)
     runner.run()
     return 0
+
+
+def watchdog_warning(config: Config, watchdog_s: float) -> str | None:
+    """Why the watchdog could kill a daemon that is only waiting out a broker outage, or None.
+    The loop pings between send attempts; one attempt can wait twice producer.send_timeout_s
+    (the block for a new topic's metadata, then the flush), and the broker probe (2 s) and
+    back-off (at most 5 s) follow it before the next ping."""
+    longest = 2 * config.producer.send_timeout_s + 7.0
+    if longest < watchdog_s:
+        return None
+    return (
+        f"producer.send_timeout_s={config.producer.send_timeout_s:g}: a send waiting out a broker outage can go "
+        f"{longest:g}s between watchdog pings, past the service manager's {watchdog_s:g}s, which would kill and "
+        "restart the daemon during the outage; lower producer.send_timeout_s or raise WatchdogSec"
+    )
 
 
 def takes_sigint() -> bool:

@@ -16,7 +16,9 @@ import pytest
 import yaml
 from conftest import DaemonThread, config_data, event, make_config, produce
 
+from streamer.app import watchdog_warning
 from streamer.broker import EmbeddedBroker
+from streamer.config import Config
 from streamer.sdnotify import Notifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,4 +188,15 @@ def test_streamer_run_under_a_notify_unit(
     messages += received(sock)
     assert messages[0].startswith("READY=1"), messages
     assert any(m.startswith("STOPPING=1") for m in messages)
-    assert "pinging the service manager's watchdog (2s)" in (tmp_path / "daemon.log").read_text()
+    text = (tmp_path / "daemon.log").read_text()
+    assert "pinging the service manager's watchdog (2s)" in text
+    assert "producer.send_timeout_s=30: a send waiting out a broker outage can go 67s between watchdog pings" in text
+
+
+def test_a_send_timeout_the_watchdog_would_not_wait_out_is_warned_of() -> None:
+    """The unit's 90 s watchdog takes the default send timeout's worst case (67 s between pings);
+    a 45 s send timeout would get the daemon killed while it waits out a broker outage."""
+    config = Config.model_validate({})
+    assert watchdog_warning(config, 90.0) is None
+    slow = Config.model_validate({"producer": {"send_timeout_s": 45}})
+    assert (w := watchdog_warning(slow, 90.0)) is not None and "producer.send_timeout_s=45" in w and "97s" in w
