@@ -50,16 +50,17 @@ class StepOutput:
     valid: torch.Tensor  # bool [B]: there was a prediction to be surprised against
     nll: torch.Tensor  # float32 [B, F]: the GRU's NLL per feature (the training loss)
     view: torch.Tensor  # int64 [B]: index into VIEWS of the view with the smallest p
-    held: torch.Tensor  # int8 [B]: index into HELD of why a flagged event is not an anomaly (0: it is not held)
+    held: torch.Tensor  # int8 [B]: index into HELD of why an event at the threshold is not an anomaly (0: it is not held)
 
 
 # The views of an event, as score records name them, and the state's surprise histograms they
 # are ranked against, in the same order. The last applies only to multi-feature events.
 VIEWS = ("prediction", "time_of_day", "recent_level", "recent_mean", "correlation")
 # Why an event at or above the threshold is reported below it: not held, an aftershock of a recent
-# alert (the hold-off) or a recurrence of something flagged at this hour on the last days.
-HELD = ("", "aftershock", "recurrence")
-_AFTERSHOCK, _RECURRENCE = HELD.index("aftershock"), HELD.index("recurrence")
+# alert (the hold-off), a recurrence of something flagged at this hour on the last days, or the
+# stream's warm-up (its histories rest on too few events for the score to mean what it says).
+HELD = ("", "aftershock", "recurrence", "warmup")
+_AFTERSHOCK, _RECURRENCE, _WARMUP = HELD.index("aftershock"), HELD.index("recurrence"), HELD.index("warmup")
 # Largest magnitude of a reading the core accepts. State keeps squared deviations in float32 (a
 # feature's variance at each hour), which overflows past ~1.8e19: a larger finite reading would
 # turn a stream's state into infinities for good. No real sensor reads 1e18 in a sensible unit,
@@ -159,6 +160,11 @@ def advance(
     level = combine_scores(cal, lp, valid, applies)  # uncapped: recurrences compare above 1
     raw = level.clamp(max=1.0)
     flagged = valid & (steps >= cal.warmup) & (raw >= cal.threshold)
+    # In warm-up the score is not yet calibrated (on anomaly-free streams it reached the threshold
+    # tens of times as often as after 1,000 events). It is reported like an aftershock, so that a
+    # consumer thresholding the score (the NAB harness's CSVs) sees what `is_anomaly` says, and
+    # the record says why. (Its learning is unchanged: see the README on warm-up.)
+    early = valid & (steps < cal.warmup) & (raw >= cal.threshold)
     # Hold-off: for a few events after an alert, an event that scores no higher than the alert
     # did is its aftershock (a burst's tail, its escalation, the return to normal), not news: it
     # scores a fraction of its score, so an episode raises one alert. One that scores higher is
@@ -175,9 +181,10 @@ def advance(
     else:
         recurs = torch.zeros_like(flagged)
     echo = aftershock | recurs
-    score = torch.where(echo, raw * cal.holdoff_factor, raw)
+    score = torch.where(echo | early, raw * cal.holdoff_factor, raw)
     is_anomaly = flagged & (score >= cal.threshold)
-    held = torch.where(flagged & ~is_anomaly, torch.where(recurs, _RECURRENCE, torch.where(aftershock, _AFTERSHOCK, 0)), 0).to(torch.int8)
+    held = torch.where(flagged & ~is_anomaly, torch.where(recurs, _RECURRENCE, torch.where(aftershock, _AFTERSHOCK, 0)), 0)
+    held = torch.where(early, _WARMUP, held).to(torch.int8)
     alert = flagged & ~echo
     # Online adaptation skips the events the stream has just flagged, aftershocks included:
     # what the stream learns does not depend on how alerts are reported.
@@ -278,7 +285,7 @@ class BatchResult:
     contributions: np.ndarray  # float64 [N, F]
     valid: np.ndarray  # bool [N]
     view: np.ndarray  # int64 [N]: index into VIEWS of the view that decided the score
-    held: np.ndarray  # int8 [N]: index into HELD of why a flagged event is not an anomaly
+    held: np.ndarray  # int8 [N]: index into HELD of why an event at the threshold is not an anomaly
     wavefronts: int
 
     def top_feature(self, mask: np.ndarray) -> np.ndarray:

@@ -131,8 +131,8 @@ class Metrics:
         )
         self.held = _labelled_counter(
             "streamer_held_events",
-            "Sensor events at or above the threshold reported below it: an aftershock of a recent alert, or a recurrence "
-            "of something flagged at this hour on each of the last days (a nightly job).",
+            "Sensor events at or above the threshold reported below it: an aftershock of a recent alert, a recurrence "
+            "of something flagged at this hour on each of the last days (a nightly job), or the stream's warm-up.",
             "reason",
             HELD[1:],
             r,

@@ -262,3 +262,26 @@ def test_scores_mean_the_same_on_multivariate_streams(one_torch_thread):
         rate = (score >= level).mean(axis=1)
         print(f"score >= {level}: bound {10 ** (-6 * level):.4f}, " + ", ".join(f"{k} {r:.4f}" for k, r in zip(names, rate)))
         assert (rate <= 10 ** (-6 * level)).all(), dict(zip(names, rate))
+
+
+def test_a_warm_up_event_at_the_threshold_is_held_and_says_so(one_torch_thread):
+    """In warm-up a score is not calibrated yet (its histories hold a few dozen events): an event
+    reaching the threshold then is reported below it, held as `warmup`, so that the score and
+    `is_anomaly` agree everywhere; a spike after warm-up is an anomaly at its own score."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(0, 1.0, 800)
+    x[70] += 12.0  # in the second half of warm-up: scored, not flaggable
+    x[700] += 40.0
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    cal = CalibrationConfig(warmup=100, threshold=TAIL_THRESHOLD)
+    det = Detector(model, cal)
+    xs = np.zeros((len(x), det.max_features))
+    xs[:, 0] = x
+    mask = np.zeros_like(xs, dtype=bool)
+    mask[:, 0] = True
+    res = det.process(np.zeros(len(x), dtype=np.int64), xs, mask)
+    assert HELD[res.held[70]] == "warmup"
+    assert not res.is_anomaly[70] and cal.threshold * cal.holdoff_factor <= res.score[70] < cal.threshold
+    assert res.is_anomaly[700] and HELD[res.held[700]] == "" and res.score[700] >= cal.threshold
+    assert np.array_equal(res.is_anomaly, res.score >= cal.threshold)  # warm-up included
+    assert {HELD[h] for h in res.held[:100]} == {"", "warmup"}

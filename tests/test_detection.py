@@ -315,3 +315,32 @@ def test_a_setpoint_step_raises_the_bar_for_the_other_features(one_torch_thread)
     print(f"\nspikes flagged: setpoint constant {sum(flat)} of {len(spikes)}, setpoint stepped {sum(stepped)} of {len(spikes)}")
     assert sum(flat) >= len(spikes) - 2
     assert sum(stepped) <= sum(flat) - 4  # the limit: if this fails, update the README's account of it
+
+
+def test_a_level_shift_is_flagged_when_it_is_abrupt_enough(one_torch_thread):
+    """Permanent shifts of white noise (5-minute readings, 8 seeds per size, all streams in one
+    batch): from 8 deviations every shift is flagged at its first reading; smaller ones often
+    are not, since the recent-mean view's history learns the statistic as it grows (README,
+    Model; `-s` prints the counts the README quotes). Nothing is flagged before the shifts."""
+    n, at, seeds, sizes = 5_400, 5_000, 8, (3.0, 5.0, 8.0, 12.0)
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    det = Detector(model, CalibrationConfig(warmup=100, threshold=TAIL_THRESHOLD))
+    k = len(sizes) * seeds
+    shift = (np.arange(n) >= at).astype(float)
+    values = np.stack([np.random.default_rng(100 + s).normal(0.0, 1.0, n) + d * shift for d in sizes for s in range(seeds)], axis=1)
+    x = np.zeros((n * k, det.max_features))
+    x[:, 0] = values.reshape(-1)
+    mask = np.zeros_like(x, dtype=bool)
+    mask[:, 0] = True
+    ts = np.repeat(np.arange(n, dtype=np.int64) * 300_000, k)
+    res = det.process(np.tile(np.arange(k), n), x, mask, ts)
+    flags = res.is_anomaly.reshape(n, k)
+    assert not flags[:at].any(), np.argwhere(flags[:at])
+    for i, d in enumerate(sizes):
+        cols = flags[at:, i * seeds : (i + 1) * seeds]
+        lags = [int(np.flatnonzero(c)[0]) if c.any() else None for c in cols.T]
+        later = int(cols[1:300].sum())
+        found = sum(g is not None for g in lags)
+        print(f"shift of {d:g} deviations: flagged {found} of {seeds}, first flags at lags {lags}, {later} flags in the next 299 events")
+        if d >= 8:
+            assert lags == [0] * seeds, (d, lags)

@@ -11,7 +11,7 @@ import torch
 from conftest import DaemonThread, event, make_config, produce, read_all, scores_of
 from kafka import KafkaConsumer, TopicPartition
 
-from models.detector import VIEWS, Detector
+from models.detector import HELD, VIEWS, Detector
 
 N_STREAMS = 300
 EVENTS_PER_STREAM = 20
@@ -185,7 +185,8 @@ def test_held_events_say_why_and_are_counted(broker, topics, state_dir):
     assert [r["held"] for r in job[:3]] == [None, None, "recurrence"]
     assert all(r["score"] < 0.5 for r in job[2:])
     held = Counter(r["held"] for r in out)
-    assert set(held) <= {None, "aftershock", "recurrence"}
-    assert all(not r["is_anomaly"] for r in out if r["held"])
-    for reason in ("aftershock", "recurrence"):
+    assert set(held) <= {None, *HELD[1:]}
+    assert all(not r["is_anomaly"] and r["score"] < 0.5 for r in out if r["held"])
+    assert all(r["held"] in (None, "warmup") and not r["is_anomaly"] for r in out[:20])
+    for reason in HELD[1:]:
         assert daemon.metrics.held.labels(reason)._value.get() == held.get(reason, 0)

@@ -563,7 +563,8 @@ def overview() -> Json:
         "Held events per second",
         "Sensor events whose score reached the threshold but that were reported below it, not as anomalies: aftershock "
         "(within detector.holdoff events of an alert they did not exceed: one alert per episode) or recurrence "
-        "(flagged at an hour of the day that had flags on each of the last detector.recur_days days: a nightly job). "
+        "(flagged at an hour of the day that had flags on each of the last detector.recur_days days: a nightly job) or "
+        "warmup (inside the stream's detector.warmup, where scores are not yet calibrated). "
         "A stream whose anomaly stopped alerting but keeps showing here is one the detector now takes as routine.",
         "cps",
         targets((f"sum by (reason) ({rate('streamer_held_events_total')})", "{{reason}}")),
