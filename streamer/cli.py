@@ -60,6 +60,7 @@ def _train(args: argparse.Namespace) -> int:
     from models.gru import save_checkpoint
     from models.train import MIN_SERIES_VALUES, SeriesSampler, TrainConfig
     from models.train import train as train_model
+    from streamer.traindata import DataUnavailable
 
     if not 0.0 < args.public_share < 1.0:
         print("streamer: --public-share must be in (0, 1)", file=sys.stderr)
@@ -117,9 +118,12 @@ def _train(args: argparse.Namespace) -> int:
             description = "files " + ", ".join(args.files[:10]) + (" ..." if len(args.files) > 10 else "")
             skipped: list[str] = []
             columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
-            data = SeriesSampler(load_files(args.files, columns, skipped))
+            notes: list[str] = []
+            data = SeriesSampler(load_files(args.files, columns, skipped, notes))
             if skipped:
                 print(f"not series (index or time; --columns to train them): {', '.join(skipped)}", file=sys.stderr)
+            for note in notes:
+                print(note, file=sys.stderr)
         if data is not None and data.too_short:
             names = ", ".join(data.too_short[:10]) + (f" and {len(data.too_short) - 10} more" if len(data.too_short) > 10 else "")
             print(f"too short to train on (fewer than {MIN_SERIES_VALUES} values): {names}", file=sys.stderr)
@@ -150,7 +154,10 @@ def _train(args: argparse.Namespace) -> int:
         finally:
             if previous is not None:
                 signal.signal(signal.SIGINT, previous)
-    except (ValueError, OSError, csv.Error, KafkaError) as err:  # e.g. no usable series; no broker reachable
+    except (KafkaError, DataUnavailable) as err:  # no broker reachable, no such topic, no pyarrow: not the arguments
+        print(f"streamer: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError, csv.Error) as err:  # e.g. no usable series
         print(f"streamer: {err}", file=sys.stderr)
         return 2
     try:

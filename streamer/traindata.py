@@ -29,12 +29,20 @@ _GAPS = {"", "na", "n/a", "#n/a", "<na>", "nan", "null", "none", "-"}
 _NOT_SERIES = re.compile(r"(|index|unnamed: \d+|__index_level_\d+__|ts|time|timestamp|epoch|date|datetime)", re.IGNORECASE)
 
 
-def load_files(paths: list[str], columns: list[str] | None = None, skipped: list[str] | None = None) -> dict[str, np.ndarray]:
+class DataUnavailable(RuntimeError):
+    """What the data needs and this host lacks (a library, a topic on the brokers): the command
+    exits 1, as for a broker it cannot reach, not 2 as for bad arguments."""
+
+
+def load_files(
+    paths: list[str], columns: list[str] | None = None, skipped: list[str] | None = None, notes: list[str] | None = None
+) -> dict[str, np.ndarray]:
     """Numeric columns of CSV files (header row) and Parquet files (needs pyarrow), one series
     each, named by the file's path as given and the column (two folders' metrics.csv stay two).
 
     `columns`: only these (by header name; one that no file has is an error, so a typo does not
-    train on nothing). Without it, index and time columns are left out and named in `skipped`."""
+    train on nothing). Without it, index and time columns are left out and named in `skipped`.
+    `notes` gets the text columns left out and the stray cells read as gaps."""
     out: dict[str, np.ndarray] = {}
     picked: set[str] = set()
     for p in map(Path, paths):
@@ -44,7 +52,7 @@ def load_files(paths: list[str], columns: list[str] | None = None, skipped: list
             try:
                 import pyarrow.parquet as pq
             except ImportError:
-                raise SystemExit(f"{p}: reading Parquet needs pyarrow (pip install pyarrow)") from None
+                raise DataUnavailable(f"{p}: reading Parquet needs pyarrow (pip install pyarrow)") from None
             table = pq.read_table(p)
             found = {}
             for name in table.column_names:
@@ -54,8 +62,10 @@ def load_files(paths: list[str], columns: list[str] | None = None, skipped: list
                     values = values[np.isfinite(values)]  # NaN (a null), inf: gaps, skipped as in a CSV
                     if values.size:  # (a column of gaps only is no series, as in a CSV)
                         found[name] = values
+                elif notes is not None and not _NOT_SERIES.fullmatch(name.strip()):
+                    notes.append(f"{p}:{name}: not numeric ({table.schema.field(name).type}), left out")
         else:
-            found = _csv_columns(p)
+            found = _csv_columns(p, notes)
         for name, values in found.items():
             if columns is None and _NOT_SERIES.fullmatch(name.strip()):
                 if skipped is not None:
@@ -69,31 +79,48 @@ def load_files(paths: list[str], columns: list[str] | None = None, skipped: list
     return out
 
 
-def _csv_columns(p: Path) -> dict[str, np.ndarray]:
+# A column with at most this share of its cells neither a number nor a gap is numeric with stray
+# cells (read as gaps, and said); above it, it is text (a label, a date) and left out (also said).
+# One "abc" among 49 readings dropped the whole column without a word.
+TEXT_CELL_SHARE = 0.05
+
+
+def _csv_columns(p: Path, notes: list[str] | None = None) -> dict[str, np.ndarray]:
     """Streamed row by row into one float array per column (8 bytes a value: a file of millions
-    of rows is not held as Python objects). A column with a cell that is neither a number nor a
-    gap is text (a timestamp, a label) and dropped; a short row's missing cells are gaps, a long
-    row's extra cells belong to no column and are ignored."""
+    of rows is not held as Python objects). Cells that are neither numbers nor gaps make a column
+    text past TEXT_CELL_SHARE of its cells; what was left out or read as a gap goes to `notes`.
+    A short row's missing cells are gaps, a long row's extra cells belong to no column."""
     with p.open(newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader, None) or []
-        columns: list[array[float] | None] = [array("d") for _ in header]
+        columns = [array("d") for _ in header]
+        bad = [0] * len(header)
+        example: list[str | None] = [None] * len(header)
         for row in reader:
             for k, cell in enumerate(row[: len(header)]):
-                col = columns[k]
-                if col is None:
-                    continue
                 cell = cell.strip()
                 if cell.lower() in _GAPS:
                     continue
                 try:
                     v = float(cell)
                 except ValueError:
-                    columns[k] = None
+                    bad[k] += 1
+                    example[k] = example[k] or cell[:40]
                     continue
                 if math.isfinite(v):
-                    col.append(v)
-    return {name: np.frombuffer(col, dtype=np.float64).copy() for name, col in zip(header, columns) if col}
+                    columns[k].append(v)
+    out = {}
+    for name, col, n_bad, ex in zip(header, columns, bad, example):
+        if n_bad > TEXT_CELL_SHARE * (n_bad + len(col)):
+            if notes is not None and not _NOT_SERIES.fullmatch(name.strip()):
+                notes.append(f"{p}:{name}: text ({n_bad:,} cells such as {ex!r}), left out")
+            continue
+        if n_bad and notes is not None:
+            plural = "s" * (n_bad != 1)
+            notes.append(f"{p}:{name}: {n_bad:,} non-numeric cell{plural} (such as {ex!r}) read as gap{plural}")
+        if col:
+            out[name] = np.frombuffer(col, dtype=np.float64).copy()
+    return out
 
 
 def load_topic(
@@ -127,7 +154,7 @@ def load_topic(
     try:
         parts = sorted(consumer.partitions_for_topic(topic) or ())
         if not parts:
-            raise SystemExit(f"topic {topic!r} not found at {client_options.get('bootstrap_servers')}")
+            raise DataUnavailable(f"topic {topic!r} not found at {client_options.get('bootstrap_servers')}")
         tps = [TopicPartition(topic, p) for p in parts]
         # (a --from-offset that retention has deleted starts at the log's start)
         log_start = consumer.beginning_offsets(tps)

@@ -43,6 +43,11 @@ def test_train_from_csv_writes_a_described_checkpoint(tmp_path):
     assert torch.load(out, weights_only=True)["schema"] == meta["schema"]  # in the file, not derived at load
     assert "plant.csv" in meta["training"]["data"] and "2 series, 999 values" in meta["training"]["data"]
     assert meta["config"]["hidden"] == 32
+    # The summary compares the first and last steps, not two overlapping windows of a short run
+    # (which printed the same loss twice), and names the text column it left out.
+    losses = (meta["training"]["first_loss"], meta["training"]["final_loss"])
+    assert losses[0] != losses[1] and f"loss {losses[0]:.3f} -> {losses[1]:.3f}" in proc.stdout
+    assert f"{path}:note: text (500 cells such as 'ok'), left out" in proc.stderr
 
 
 def test_train_refuses_files_with_no_series_and_files_with_a_topic(tmp_path):
@@ -53,6 +58,15 @@ def test_train_refuses_files_with_no_series_and_files_with_a_topic(tmp_path):
     assert proc.returncode == 2 and "no series" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     proc = subprocess.run([*base, str(path), "--topic", "sensors"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "not both" in proc.stderr, proc.stderr
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_a_topic_the_brokers_do_not_have_exits_1_not_2(broker, tmp_path):
+    """Not the arguments' fault (the topic may be created yet): exit 1 as for an unreachable
+    broker, with the command's prefix (it was exit 1 with a bare message via SystemExit)."""
+    cmd = [sys.executable, "-m", "streamer.cli", "train", "--topic", "no-such-topic", "--bootstrap-servers", broker.bootstrap]
+    proc = subprocess.run([*cmd, "--out", str(tmp_path / "m.pt")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.startswith("streamer: topic 'no-such-topic' not found"), proc.stderr
     assert not (tmp_path / "m.pt").exists()
 
 
@@ -133,6 +147,24 @@ def test_csv_files_are_read_as_people_export_them(tmp_path):
     assert out[f"{tmp_path / 'na.csv'}:temp"].tolist() == [1.5, 2.5, 3.5, 4.5]
     assert out[f"{tmp_path / 'na.csv'}:rpm"].tolist() == [10.0, 11.0, 12.0, 13.0]
     assert f"{tmp_path / 'na.csv'}:when" not in out
+
+
+def test_stray_text_cells_are_gaps_and_text_columns_are_named(tmp_path):
+    """One "abc" among 49 readings dropped the whole column without a word; a text column went
+    unmentioned too. Now a few stray cells are gaps, a text column is left out, both said."""
+    from streamer.traindata import load_files
+
+    rows = [f"{i},{'abc' if i == 7 else 1000 + i},{'ok' if i % 2 else 'warn'},2024-01-01T00:{i:02d}:00" for i in range(50)]
+    path = tmp_path / "d.csv"
+    path.write_text("temp,rpm,status,timestamp\n" + "\n".join(rows) + "\n")
+    notes: list[str] = []
+    out = load_files([str(path)], notes=notes)
+    assert sorted(out) == [f"{path}:rpm", f"{path}:temp"]
+    assert len(out[f"{path}:rpm"]) == 49 and 1007.0 not in out[f"{path}:rpm"]
+    assert notes == [
+        f"{path}:rpm: 1 non-numeric cell (such as 'abc') read as gap",
+        f"{path}:status: text (50 cells such as 'warn'), left out",
+    ]
 
 
 def test_train_refuses_bad_arguments_and_missing_files_without_a_traceback(tmp_path):
