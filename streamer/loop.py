@@ -723,6 +723,14 @@ class Runner:
         if not kept:
             # The streams start over, schemas included: a stream wider than the new model's
             # max_features is then refused (too_many_features) instead of overflowing its row.
+            wider = sum(len(names) > self.detector.max_features for names in self.decoder.schemas.values())
+            if wider:
+                log.warning(
+                    "the new checkpoint's max_features is %d and %d streams have more features: their events go to the "
+                    "dead-letter topic (too_many_features) until a wider model is served",
+                    self.detector.max_features,
+                    wider,
+                )
             self.decoder.schemas.clear()
         publish_model(self.metrics, self.detector, meta)
         if kept:

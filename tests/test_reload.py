@@ -32,7 +32,7 @@ def _wait_version(daemon, prefix, timeout_s=30.0):
         time.sleep(0.1)
 
 
-def test_a_narrower_model_refuses_streams_wider_than_it_instead_of_stopping(broker, topics, state_dir, tmp_path):
+def test_a_narrower_model_refuses_streams_wider_than_it_instead_of_stopping(broker, topics, state_dir, tmp_path, caplog):
     """A checkpoint with a smaller max_features: the decoder kept each stream's feature list,
     and the next event of a 2-feature stream overflowed its 1-wide row and stopped the loop.
     The streams start over: the wide one is refused (too_many_features), a narrow one scored."""
@@ -49,6 +49,8 @@ def test_a_narrower_model_refuses_streams_wider_than_it_instead_of_stopping(brok
         produce(broker, topics["input"], [(b"fan-1", event("fan-1", i, {"rpm": float(i)})) for i in range(10)])
         daemon.wait_scored(30)
         assert daemon.metrics.dead_letters.labels("too_many_features")._value.get() == 1
+    # (said at the swap: the reset's warning alone did not say that valid events would be refused)
+    assert "the new checkpoint's max_features is 1 and 1 streams have more features" in caplog.text
 
 
 def test_checkpoint_swap_keeps_or_resets_state(broker, topics, state_dir, tmp_path, caplog):
