@@ -76,6 +76,7 @@ _LEVEL_ALIASES = {
     "F": 6,
     "VERBOSE": 1,  # (Serilog's lowest level)
 }
+_SLOG_OFFSET = re.compile(r"([A-Z]+)[+-]\d{1,3}")
 # Syslog numeric severities (0 emergency .. 7 debug) when a JSON record carries a number.
 _SYSLOG_SEVERITY = (6, 6, 6, 5, 4, 3, 3, 2)
 # A number in a generic level field: 0..7 is a syslog severity, and pino's and bunyan's
@@ -91,7 +92,14 @@ def parse_level(raw: Any) -> int:
     if isinstance(raw, int):  # (not a float: 3.0 is no syslog severity, though it hashes as 3)
         return _NUMERIC_LEVEL.get(raw, UNKNOWN_LEVEL)
     if isinstance(raw, str):
-        return _LEVEL_ALIASES.get(raw.strip().upper(), UNKNOWN_LEVEL)
+        name = raw.strip().upper()
+        level = _LEVEL_ALIASES.get(name)
+        if level is None:
+            # Go's log/slog writes a level between its named ones as the one below plus an offset
+            # ("WARN+2", "DEBUG-4"... "INFO+2"): the named one is what it is closest to in kind.
+            m = _SLOG_OFFSET.fullmatch(name)
+            level = _LEVEL_ALIASES.get(m.group(1), UNKNOWN_LEVEL) if m else UNKNOWN_LEVEL
+        return level
     return UNKNOWN_LEVEL
 
 
@@ -245,12 +253,14 @@ _FIELD_ALIASES = {
 # JSON records: the generic names above first (the first of them present decides), then the
 # names particular loggers give the same things, read only when no generic name is present, so
 # they cost nothing on a record that has one.
-_JSON_MESSAGE = (*_FIELD_ALIASES["message"], "MESSAGE", "@m", "@mt", "body", "Body")
+# ("Message": .NET's JSON console logger; "event": structlog's name for the message.)
+_JSON_MESSAGE = (*_FIELD_ALIASES["message"], "MESSAGE", "@m", "@mt", "body", "Body", "Message", "event")
 # (field, reading), tried in order until one gives a known level.
 _LAYOUT_LEVEL: tuple[tuple[str, Callable[[Any], int]], ...] = (
     ("log.level", parse_level),  # Elastic Common Schema, as a dotted key (ecs-logging)
     ("levelname", parse_level),  # Python's logging record (python-json-logger)
     ("@l", parse_level),  # Serilog compact JSON (CLEF)
+    ("LogLevel", parse_level),  # .NET's JSON console logger (Microsoft.Extensions.Logging)
     ("severity_number", _otel_level),  # OpenTelemetry, as the pipelines flatten it ..
     ("severityNumber", _otel_level),  # .. OTLP/JSON
     ("SeverityNumber", _otel_level),  # .. the data model's own names
@@ -473,7 +483,7 @@ class LogParser:
         if not isinstance(message, str):
             message = _unwrap_message(obj, message)
             if not isinstance(message, str):
-                raise Rejected("missing_message", "no string 'message' (or 'msg', 'log', 'text', 'MESSAGE', '@m', '@mt', 'body') field")
+                raise Rejected("missing_message", "no string 'message' field (nor 'msg', 'log', 'text' or a known logger's own)")
         if not message.strip():
             raise Rejected("empty_message", "empty 'message' field")
         named = obj.get(self.stream_field) if self.stream_field != "key" else None

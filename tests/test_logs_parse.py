@@ -463,3 +463,26 @@ def test_a_dotted_stream_field_reaches_into_nested_objects():
     # A key with dots inside a nested object, as Elastic's and Vector's OpenTelemetry mappings write it.
     otel = b'{"message": "x", "resource": {"service.name": "checkout", "host.name": "web-1"}}'
     assert _parse(LogParser("plain", "resource.service.name"), [otel]).stream == ["checkout"]
+
+
+def test_structlog_slog_and_dotnet_json_records():
+    """structlog names the message `event`; Go's log/slog writes levels between its named ones
+    as "WARN+2"; .NET's JSON console logger writes `LogLevel` and `Message`. The first two were
+    dead-lettered or UNKNOWN, the third dead-lettered (missing_message)."""
+    structlog = b'{"event": "user logged in", "level": "info", "timestamp": "2024-05-01T10:00:00Z", "logger": "auth"}'
+    slog = [
+        b'{"time": "2024-05-01T10:00:00Z", "level": "WARN+2", "msg": "disk filling", "service": "db"}',
+        b'{"time": "2024-05-01T10:00:01Z", "level": "DEBUG-4", "msg": "tick", "service": "db"}',
+        b'{"time": "2024-05-01T10:00:02Z", "level": "ERROR+4", "msg": "fsync failed", "service": "db"}',
+    ]
+    dotnet = (
+        b'{"Timestamp": "2024-05-01T10:00:03Z", "EventId": 12, "LogLevel": "Warning", "Category": "Api.Orders",'
+        b' "Message": "Order 17 retried", "State": {"Message": "Order 17 retried", "{OriginalFormat}": "Order {Id} retried"}}'
+    )
+    ev = _parse(LogParser("plain", "logger"), [structlog]).event(0)
+    assert (ev.stream, ev.message, LEVEL_NAMES[ev.level], ev.ts_ms) == ("auth", "user logged in", "INFO", _ms(2024, 5, 1, 10))
+    res = _parse(LogParser("plain", "service"), slog)
+    assert [LEVEL_NAMES[res.event(i).level] for i in range(3)] == ["WARN", "DEBUG", "ERROR"]
+    ev = _parse(LogParser("plain", "Category"), [dotnet]).event(0)
+    assert (ev.stream, ev.message, LEVEL_NAMES[ev.level], ev.ts_ms) == ("Api.Orders", "Order 17 retried", "WARN", _ms(2024, 5, 1, 10, 0, 3))
+    assert parse_level("NOTICE+1") == parse_level("NOTICE") and parse_level("WARN+") == 0 and parse_level("+2") == 0
