@@ -51,6 +51,9 @@ SHIFT_ALPHA = 0.1  # the recent mean follows the last ~10 events
 SHIFT_CLIP = 3.0  # a reading moves it as if it were at most this many long-run deviations away
 # The profile view is scored once a stream has come back to this many hours of the day.
 PROFILE_REVISITS = 2
+# From this many readings of a feature on, its profile's start is settled: a reading stamped more
+# than a day before it is a clock error and does not move it (see `profile_update`).
+PROFILE_START_SETTLED = 3
 PROFILE_VAR_SHARE = 0.001  # the profile's variance is never below 0.1% of the stream's variance
 # The normaliser learns a reading as if it were at most this many deviations from its mean, once
 # it rests on NORM_CLIP_AFTER readings (see `clip_around`).
@@ -125,9 +128,14 @@ def profile_update(
     # epoch hour of the first reading, valid where any hour is seen (a snapshot older than the
     # field has it at 0: long ago).
     now = torch.div(ts_ms, 3_600_000, rounding_mode="floor").clamp(-(2**31), 2**31 - 1)[:, None]
-    # (The earliest reading, not the first: one stamped a year ahead would otherwise put every
-    # later reading "before the start" and no hour would ever count as revisited.)
-    start = torch.where(seen != 0, torch.minimum(state["prof_start"].long(), now), now)
+    # (The earliest reading, not the first: a first reading stamped a year ahead would otherwise
+    # put every later reading "before the start" and no hour would ever count as revisited. Once
+    # the start rests on a few readings, though, one stamped more than a day before it (a clock
+    # reset to 1970, a stamp of 0) is the clock's error and does not move it: it made every hour
+    # count as revisited at once: the second-day storm of tests/test_adapt.py came back.)
+    old = state["prof_start"].long()
+    settled = (state["norm_n"] >= PROFILE_START_SETTLED) & (now < old - PROFILE_BINS)
+    start = torch.where(seen != 0, torch.where(settled, old, torch.minimum(old, now)), now)
     was_seen = ((seen >> hour[:, None]) & 1).bool()
     back = learn & was_seen & (now - start >= PROFILE_BINS)
     bit = torch.where(learn, one << hour[:, None], 0) | torch.where(back, one << (hour[:, None] + PROFILE_BINS), 0)

@@ -31,6 +31,9 @@ RECUR_FIELDS = ("recur_day", "recur_run", "recur_peak")
 # accepts any int64 millisecond timestamp, so days beyond are clamped (one side of a day, not
 # wrapped into a random one).
 _DAY_LIMIT = 2**31 - 2
+# A slot's last flagged day further ahead of a flagged event than this was stamped by a clock
+# that was wrong; later data may arrive a few days late, but not a week.
+_SKEW_DAYS = 7
 
 
 def _day(ts_ms: torch.Tensor) -> torch.Tensor:
@@ -79,8 +82,10 @@ def recurrence_update(
     new_run = torch.where(same_day, run, torch.where(next_day, run + 1, 1))
     new_peak = torch.where(same_day, torch.maximum(peak, level), level)
     # Late events from an earlier day than the slot's last leave it alone (an empty slot, run 0,
-    # has no last day: its 0 is not 1970-01-01, or events before 1970 would never be recorded).
-    f = flagged & ((day >= last) | (run == 0))
+    # has no last day: its 0 is not 1970-01-01, or events before 1970 would never be recorded),
+    # unless that last day is more than a week ahead: a clock-skewed stamp set it, and one flag
+    # stamped a year ahead froze the slot until then (a nightly job alerted again every night).
+    f = flagged & ((day >= last) | (run == 0) | (last > day + _SKEW_DAYS))
     return {
         "recur_day": state["recur_day"].scatter(1, hour, torch.where(f, day, last).to(state["recur_day"].dtype)[:, None]),
         "recur_run": state["recur_run"].scatter(1, hour, torch.where(f, new_run, run).to(state["recur_run"].dtype)[:, None]),

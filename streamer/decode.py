@@ -118,9 +118,16 @@ def _six_digits(m: re.Match[str]) -> str:
     return "." + m.group(1)[:6].ljust(6, "0")
 
 
+# A number below this is epoch seconds (1e11 ms is March 1973, 1e11 s the year 5138), as the
+# log path reads it: Python's time.time() and Unix tools write seconds, and read as milliseconds
+# a day of 5-minute readings fell within 86 s of 1970-01-21, where the time-of-day profile and
+# the recurrence memory never saw a second hour.
+SECONDS_BELOW = 1e11
+
+
 def parse_ts(raw: Any, fallback_ms: int) -> int:
-    """Epoch milliseconds from a number (ms; µs or ns by size, `fine_epoch_ms`) or an ISO-8601
-    string; fallback when absent."""
+    """Epoch milliseconds from a number (seconds below SECONDS_BELOW, then ms; µs or ns by size,
+    `fine_epoch_ms`) or an ISO-8601 string; fallback when absent."""
     if raw is None:
         return fallback_ms
     if isinstance(raw, bool):
@@ -128,6 +135,8 @@ def parse_ts(raw: Any, fallback_ms: int) -> int:
     if isinstance(raw, (int, float)):
         if isinstance(raw, float) and not math.isfinite(raw):  # (an int of 400 digits overflows isfinite)
             raise Rejected("invalid_timestamp", "ts is not finite")
+        if abs(raw) < SECONDS_BELOW:
+            return checked_ms(raw * 1000)
         return fine_epoch_ms(raw) if abs(raw) < 1e19 else checked_ms(raw)
     if isinstance(raw, str):
         text = raw.replace("Z", "+00:00")

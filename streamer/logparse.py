@@ -17,7 +17,6 @@ so the stream id can be any of them (`stream_field`), or the Kafka key (`stream_
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -152,10 +151,9 @@ def _generic_ts(raw: str, fallback_ms: int) -> int:
 
 def _number_ts(f: int | float) -> int:
     """A number of epoch seconds (below 1e11, as zap's 1700000000.123) or milliseconds (µs or
-    ns by size: `fine_epoch_ms`; an int keeps the digits of nanoseconds, which a float loses)."""
-    if isinstance(f, float) and not math.isfinite(f):
-        raise Rejected("invalid_timestamp", "ts is not finite")
-    return checked_ms(f * 1000) if abs(f) < 1e11 else fine_epoch_ms(f)
+    ns by size: `fine_epoch_ms`; an int keeps the digits of nanoseconds, which a float loses):
+    the sensor decoder's rule."""
+    return parse_ts(f, 0)
 
 
 def _strptime(fmt: str) -> Callable[[str, int], int]:

@@ -62,17 +62,23 @@ def test_a_night_reading_at_noon_stands_out_only_when_the_stream_knows_its_day(o
     assert score_no_time[start + 2 : start + 36].max() < score[start + 2 : start + 36].max()
 
 
-def test_streams_with_no_daily_rhythm_are_not_flagged_when_their_second_day_begins(one_torch_thread):
+@pytest.mark.parametrize("clock_error", [None, 0, -30 * 86_400_000], ids=["clock", "stamp_0", "stamp_30_days_back"])
+def test_streams_with_no_daily_rhythm_are_not_flagged_when_their_second_day_begins(one_torch_thread, clock_error):
     """On its first day a stream's profile holds each hour's own readings, whose spread says
     nothing about how the same hour differs from one day to the next. Scored from the start, the
     profile view flagged streams with no daily rhythm (random walks) when they first came back
     to an hour: 23 flags on these 24 streams, 11 with scores of 0.9 or more, every stream at
     about the same time a day after it started. It is scored once a stream has come back to two
-    hours; its history learns from the start. (The daemon's defaults: warm-up 100, threshold 0.5.)"""
+    hours; its history learns from the start. (The daemon's defaults: warm-up 100, threshold 0.5.)
+    With one reading stamped 0 or 30 days back (a clock not yet synchronised), the start of each
+    profile moved back with it and the storm came back (23 flags, 11 of them 0.9 or more)."""
     streams, n = 24, 700  # 5-minute readings: the second day begins at event 288
     x = np.cumsum(np.random.default_rng(1).normal(0, 1, (n, streams)), axis=0).T.reshape(-1)
     slots = np.repeat(np.arange(streams), n)
-    ts = np.tile(np.arange(n, dtype=np.int64) * FIVE_MIN_MS, streams) + 1_767_225_600_000
+    one_ts = np.arange(n, dtype=np.int64) * FIVE_MIN_MS + 1_767_225_600_000
+    if clock_error is not None:
+        one_ts[5] = clock_error if clock_error == 0 else one_ts[5] + clock_error
+    ts = np.tile(one_ts, streams)
     model, _ = load_checkpoint(DEFAULT_WEIGHTS)
     det = Detector(model, CalibrationConfig())
     xs = np.zeros((len(x), det.max_features))
@@ -437,3 +443,17 @@ def test_the_recurrence_memory_wants_consecutive_days_at_the_same_hour():
     flag(d1960)
     flag(d1960 + day)
     assert recurs(d1960 + 2 * day + 2_400_000)
+    # A flag stamped a year ahead (a device clock) set the slot's last day a year out, and no
+    # flag before it could update the slot: the job alerted every night until then. A slot more
+    # than a week ahead of a flag is taken as the skewed stamp's; a late flag a day back is not.
+    state = empty()
+    flag(d10)
+    flag(d10 + day)
+    flag(d10 + 2 * day + 365 * day)  # the third night's first reading, stamped a year ahead
+    flag(d10 + 2 * day + 60_000)  # the rest of the third night
+    flag(d10 + 3 * day)
+    assert recurs(d10 + 4 * day)  # the run goes on from the third night
+    state = empty()
+    flag(d10 + day)
+    flag(d10)  # a day late: an earlier day than the slot's last, left alone
+    assert int(state["recur_day"][0, 3]) == 11

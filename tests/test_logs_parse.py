@@ -103,6 +103,19 @@ def test_micro_and_nanosecond_epochs_are_recognised_by_size():
         assert dec.ts_ms.tolist() == [ms], ts
 
 
+def test_sensor_epoch_seconds_are_read_as_seconds():
+    """time.time() and Unix tools write epoch seconds; the sensor decoder read them as
+    milliseconds (1767225600 was 1970-01-21, and a day of 5-minute readings fell within 86 s of
+    one hour, where the time-of-day profile and the recurrence memory never worked). Below 1e11
+    a number is seconds, as on the log path."""
+    decoder = Decoder(8, 65536, 256)
+    for ts in (1_767_225_600, 1_767_225_600.25, 1_767_225_600_250 // 1000):
+        dec = decoder.decode([orjson.dumps({"stream": "s", "ts": ts, "values": {"x": 1.0}})], [None], np.zeros(1, dtype=np.int64))
+        assert dec.ts_ms.tolist() == [int(ts * 1000)], ts
+    ms = orjson.dumps({"stream": "s", "ts": 1_767_225_600_250, "values": {"x": 1.0}})
+    assert decoder.decode([ms], [None], np.zeros(1, dtype=np.int64)).ts_ms.tolist() == [1_767_225_600_250]
+
+
 def test_json_records():
     raw = (
         b'{"ts": "2024-05-01T10:00:00.250Z", "level": "critical", "service": "api", "host": "h1", "message": "out of memory", "code": 137}'
