@@ -51,6 +51,12 @@ SHIFT_ALPHA = 0.1  # the recent mean follows the last ~10 events
 SHIFT_CLIP = 3.0  # a reading moves it as if it were at most this many long-run deviations away
 # The profile view is scored once a stream has come back to this many hours of the day.
 PROFILE_REVISITS = 2
+# An event more than GAP_FACTOR times the stream's usual interval after (or before) the latest
+# one comes after a gap; the usual interval is a running mean of log intervals (GAP_ALPHA: the
+# last ~20), trusted from GAP_AFTER events.
+GAP_FACTOR = 12.0
+GAP_ALPHA = 0.05
+GAP_AFTER = 10
 # From this many readings of a feature on, its profile's start is settled: a reading stamped more
 # than a day before it is a clock error and does not move it (see `profile_update`).
 PROFILE_START_SETTLED = 3
@@ -216,9 +222,14 @@ def level_q(state: dict[str, torch.Tensor], x: torch.Tensor, mask: torch.Tensor,
     return torch.where(ready, d * d / (state["lvl_var"] + floor_var), torch.zeros_like(d))
 
 
-def level_update(state: dict[str, torch.Tensor], x: torch.Tensor, n: torch.Tensor, learn: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The recent level after x where `learn`: exact averages for the first 1/LEVEL_ALPHA events."""
+def level_update(
+    state: dict[str, torch.Tensor], x: torch.Tensor, n: torch.Tensor, learn: torch.Tensor, restart: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """The recent level after x where `learn`: exact averages for the first 1/LEVEL_ALPHA events;
+    where `restart` (after a gap) the mean is x itself and the spread is kept."""
     m, v = running_mean_var(state["lvl_mean"], state["lvl_var"], x, averaging_rate(n, LEVEL_ALPHA), learn)
+    if restart is not None:
+        m = torch.where(restart, x, m)
     return {"lvl_mean": m, "lvl_var": v}
 
 
@@ -245,3 +256,31 @@ def shift_update(
     alpha = averaging_rate(n, SHIFT_ALPHA)
     x = clip_around(x, mean, std, SHIFT_CLIP, n >= 2)
     return {"shift_mean": torch.where(learn, state["shift_mean"] + alpha * (x - state["shift_mean"]), state["shift_mean"])}
+
+
+def gap(state: dict[str, torch.Tensor], ts_ms: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """bool [B]: this event comes after a gap (or arrives that late): more than GAP_FACTOR times
+    the stream's usual interval from the latest event it has seen, once that interval rests on
+    GAP_AFTER events. The views of the recent past (the one-step prediction, the recent level and
+    mean) say nothing then: a sensor back after five hours at a normal reading for its hour was
+    flagged for being far from where it stood five hours before."""
+    last = state["gap_last_ts"]
+    dt = (ts_ms - last).abs().double()
+    usual = torch.exp(state["gap_log"])
+    return (last != 0) & (steps >= GAP_AFTER) & (state["gap_log"] > 0) & (dt > GAP_FACTOR * usual)
+
+
+def gap_update(state: dict[str, torch.Tensor], ts_ms: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The latest event time and the running mean of log intervals after this event. A late
+    event (stamped before the latest) does not move the latest back; equal stamps (no timestamps,
+    duplicates) teach nothing."""
+    last = state["gap_last_ts"]
+    dt = (ts_ms - last).double()
+    known = (last != 0) & (dt > 0)
+    lg = torch.log(dt.clamp(min=1.0))
+    old = state["gap_log"]
+    new = torch.where(old > 0, old + GAP_ALPHA * (lg - old), lg)
+    return {
+        "gap_last_ts": torch.where(last == 0, ts_ms, torch.maximum(last, ts_ms)),
+        "gap_log": torch.where(known, new, old),
+    }

@@ -20,6 +20,8 @@ from models.adapt import (
     NORM_CLIP_AFTER,
     averaging_rate,
     clip_around,
+    gap,
+    gap_update,
     hour_of_day,
     level_q,
     level_update,
@@ -60,6 +62,8 @@ VIEWS = ("prediction", "time_of_day", "recent_level", "recent_mean", "correlatio
 # alert (the hold-off), a recurrence of something flagged at this hour on the last days, or the
 # stream's warm-up (its histories rest on too few events for the score to mean what it says).
 HELD = ("", "aftershock", "recurrence", "warmup")
+# The views of the recent past, which say nothing about an event after a gap.
+_SHORT_VIEWS = [VIEWS.index("prediction"), VIEWS.index("recent_level"), VIEWS.index("recent_mean")]
 _AFTERSHOCK, _RECURRENCE, _WARMUP = HELD.index("aftershock"), HELD.index("recurrence"), HELD.index("warmup")
 # Largest magnitude of a reading the core accepts. State keeps squared deviations in float32 (a
 # feature's variance at each hour), which overflows past ~1.8e19: a larger finite reading would
@@ -144,8 +148,16 @@ def advance(
     # stream that gains its second feature long after its start, it applies for the first time
     # past warm-up, and an empty history ranked its first events as extreme.
     learns = torch.cat((torch.ones_like(views[:, :-1], dtype=torch.bool), corr_applies[:, None]), dim=1)
+    # After a gap (a sensor back after hours offline, a reading that much late) the views of the
+    # recent past compare the event with where the stream stood hours before, and flagged readings
+    # that were normal for their hour. The time-of-day view judges such an event alone, where it
+    # is scored; a stream on its first day keeps them all (else nothing would judge it). Their
+    # histories do not learn it either.
+    prof_applies = (prof_ok & mask).any(dim=1)
+    after_gap = gap(state, ts_ms, steps) & prof_applies if timed else torch.zeros_like(valid)
+    learns[:, _SHORT_VIEWS] &= ~after_gap[:, None]
     applies = learns.clone()
-    applies[:, 1] = (prof_ok & mask).any(dim=1)
+    applies[:, 1] = prof_applies
     applies[:, 4] &= state["cal_hist_corr"].sum(dim=1) >= min(cal.warmup, cal.window) // 2  # (its mass stays under window)
     # Each view is ranked against two histories of itself: the last ~window events and the last
     # ~long_window. An event counts as unusual as it is against the less surprised of the two: a
@@ -236,9 +248,12 @@ def advance(
         **profile_update(state, ts_ms, hour, x, torch.where(n > 0, p_mean, x), p_var_raw, learn),
         **mix_update(state, errors, r, floor_var, ready, has_pred, learn, n),
         **dict(zip(CAL_HISTS + CAL_HISTS_LONG, learn_tail(cal, hists, bins, cal_weight, flagged_b, tops, windows.reshape(-1)).unbind(1))),
-        **level_update(state, x, n, mask),
+        # (after a gap the recent level starts again from this reading: against the level of hours
+        # before, the readings after it were flagged instead)
+        **level_update(state, x, n, mask, restart=mask & after_gap[:, None]),
         **shift_update(state, x, n, learn, mean, std),
         **correlation_update(state, z_mix, ready, learn, corr_k),
+        **(gap_update(state, ts_ms) if timed else {k: state[k] for k in ("gap_last_ts", "gap_log")}),
         "steps": steps + 1,
         "hold_left": torch.where(alert, cal.holdoff, (hold_left - 1).clamp(min=0)).to(hold_left.dtype),
         "hold_score": torch.where(alert, raw, hold_score),

@@ -78,6 +78,10 @@ FIELDS: tuple[Field, ...] = (
     Field("recur_day", False, False, torch.int32, PROFILE_BINS),
     Field("recur_run", False, False, torch.int32, PROFILE_BINS),
     Field("recur_peak", False, False, torch.float32, PROFILE_BINS),
+    # Gaps (models/adapt.py `gap_update`): the latest event time seen (0: none yet) and a running
+    # mean of the log of the interval between events, in ms.
+    Field("gap_last_ts", False, False, torch.int64),
+    Field("gap_log", False, False, torch.float64),
 )
 
 

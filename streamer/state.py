@@ -27,10 +27,11 @@ TP = tuple[str, int]
 # Layout versions: 2 online adaptation (profile, mixture, second histogram); 3 the recent level and
 # a third histogram; 4 the recent mean and a fourth histogram; 5 the correlation view (error
 # correlations and a fifth histogram); 6 a long-memory histogram per view; 7 the alert hold-off;
-# 8 the memory of recurring events; 9 and 10 each feature's first hour, for the profile's revisits.
-# Layouts 4 to 9 are upgraded on load (see `_upgrade`).
-SNAPSHOT_VERSION = 10
-UPGRADABLE = (4, 5, 6, 7, 8, 9)
+# 8 the memory of recurring events; 9 and 10 each feature's first hour, for the profile's revisits;
+# 11 the latest event time and usual interval, for gaps. Layouts 4 to 10 are upgraded on load
+# (see `_upgrade`).
+SNAPSHOT_VERSION = 11
+UPGRADABLE = (4, 5, 6, 7, 8, 9, 10)
 log = logging.getLogger(__name__)
 
 
@@ -208,7 +209,8 @@ def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Te
     profile view back within two hours. Layout 9 as first written (one commit's life) marked
     revisits by the last event's hour (`prof_last`), which out-of-order timestamps fooled: its
     marks are cleared. Written by the next two commits, layout 9 already held `prof_start` and
-    is kept as it is."""
+    is kept as it is. Layout 11's gap fields start empty, as on a new stream: no event is taken
+    for one after a gap until the stream's usual interval is known again."""
     if version <= 4:
         state = with_empty_fields(state, ("corr_cov", "corr_n", "cal_hist_corr"))
     if version <= 5:
@@ -220,4 +222,6 @@ def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Te
     if version == 9 and "prof_last" in state:
         state = {k: v for k, v in state.items() if k != "prof_last"}
         state["prof_seen"] = state["prof_seen"] & ((1 << PROFILE_BINS) - 1)
+    if version <= 10:
+        state = with_empty_fields(state, ("gap_last_ts", "gap_log"))
     return state if "prof_start" in state else with_empty_fields(state, ("prof_start",))

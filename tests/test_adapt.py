@@ -457,3 +457,57 @@ def test_the_recurrence_memory_wants_consecutive_days_at_the_same_hour():
     flag(d10 + day)
     flag(d10)  # a day late: an earlier day than the slot's last, left alone
     assert int(state["recur_day"][0, 3]) == 11
+
+
+def _gap_streams(gap_h: int, starts: list[int], shift: float = 0.0, day: int = 6) -> tuple[list[int], BatchResult, int]:
+    """Daily sines (5-minute readings, a smooth wander and noise) offline for `gap_h` hours from
+    each of `starts` (hours of day `day`), back at their cycle plus `shift`; all in one batch.
+    Returns each stream's index of its first reading after the gap, the result, and the length."""
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    det = Detector(model, CalibrationConfig())  # the daemon's defaults
+    n_all = 8 * PER_DAY
+    t = np.arange(n_all, dtype=np.int64) * FIVE_MIN_MS + 1_767_225_600_000
+    xs, tss, back = [], [], []
+    for k, start in enumerate(starts):
+        rng = np.random.default_rng(k)
+        wander = np.convolve(rng.normal(0, 0.5, n_all), np.ones(12) / 12, mode="same")
+        x = 20.0 + 5.0 * np.sin(2 * np.pi * (t % 86_400_000) / 86_400_000) + wander + rng.normal(0, 0.3, n_all)
+        g0 = t[0] + day * 86_400_000 + start * 3_600_000
+        off = (t >= g0) & (t < g0 + gap_h * 3_600_000)
+        x = x + np.where(t >= g0, shift, 0.0)
+        xs.append(x[~off])
+        tss.append(t[~off])
+        back.append(int(np.argmax(t[~off] >= g0)))
+    n = len(xs[0])
+    x = np.zeros((n * len(starts), det.max_features))
+    x[:, 0] = np.stack(xs, axis=1).reshape(-1)
+    mask = np.zeros_like(x, dtype=bool)
+    mask[:, 0] = True
+    res = det.process(np.tile(np.arange(len(starts)), n), x, mask, np.stack(tss, axis=1).reshape(-1))
+    return back, res, n
+
+
+def test_a_sensor_back_after_hours_offline_is_judged_by_its_hour_not_by_where_it_stood(one_torch_thread):
+    """A sensor offline for 5 hours and back at the reading normal for its hour was flagged by
+    the views of the recent past (the one-step prediction and the recent level compared it with
+    where it stood 5 hours before): 7 of 10 such returns in a review. After a gap of more than
+    12 usual intervals those views sit the event out, their histories do not learn it and the
+    recent level starts again from it; the time-of-day view judges it. Back at a level 10 above
+    its cycle (a sensor that came back broken), it is flagged all the same."""
+    starts = [2, 8, 14, 20, 22, 5]
+    back, res, n = _gap_streams(5, starts)
+    flags = res.is_anomaly.reshape(n, len(starts))
+    after = [int(flags[b : b + 36, k].sum()) for k, b in enumerate(back)]
+    print(f"\nflags in the 36 readings after each return: {after}")
+    assert sum(after) == 0, after
+    back, res, n = _gap_streams(5, starts, shift=10.0)
+    flags = res.is_anomaly.reshape(n, len(starts))
+    assert all(flags[b, k] for k, b in enumerate(back)), [res.score.reshape(n, len(starts))[b, k] for k, b in enumerate(back)]
+
+
+def test_on_its_first_day_a_stream_back_from_a_gap_keeps_every_view():
+    """With no time-of-day view yet (it is scored from the second day), nothing else would judge
+    the event after a gap: an absurd reading then is still flagged by the recent views."""
+    back, res, n = _gap_streams(3, [10, 14], shift=1_000.0, day=0)
+    flags = res.is_anomaly.reshape(n, 2)
+    assert all(flags[b, k] for k, b in enumerate(back))
