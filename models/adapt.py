@@ -51,11 +51,11 @@ SHIFT_ALPHA = 0.1  # the recent mean follows the last ~10 events
 SHIFT_CLIP = 3.0  # a reading moves it as if it were at most this many long-run deviations away
 # The profile view is scored once a stream has come back to this many hours of the day.
 PROFILE_REVISITS = 2
-# An event more than GAP_FACTOR times the stream's usual interval after (or before) the latest
-# one comes after a gap; the usual interval is a running mean of log intervals (GAP_ALPHA: the
-# last ~20), trusted from GAP_AFTER events.
+# An event more than GAP_FACTOR times the stream's usual interval from the previous one comes
+# after a gap; the usual interval (an upper level of the stream's intervals, see `gap_update`,
+# moving down GAP_DOWN in log units per shorter interval) is trusted from GAP_AFTER intervals.
 GAP_FACTOR = 12.0
-GAP_ALPHA = 0.05
+GAP_DOWN = 0.05
 GAP_AFTER = 10
 # From this many readings of a feature on, its profile's start is settled: a reading stamped more
 # than a day before it is a clock error and does not move it (see `profile_update`).
@@ -258,29 +258,41 @@ def shift_update(
     return {"shift_mean": torch.where(learn, state["shift_mean"] + alpha * (x - state["shift_mean"]), state["shift_mean"])}
 
 
-def gap(state: dict[str, torch.Tensor], ts_ms: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """bool [B]: this event comes after a gap (or arrives that late): more than GAP_FACTOR times
-    the stream's usual interval from the latest event it has seen, once that interval rests on
-    GAP_AFTER events. The views of the recent past (the one-step prediction, the recent level and
-    mean) say nothing then: a sensor back after five hours at a normal reading for its hour was
-    flagged for being far from where it stood five hours before."""
+def gap(state: dict[str, torch.Tensor], ts_ms: torch.Tensor) -> torch.Tensor:
+    """bool [B]: this event comes after a gap: its stamp is more than GAP_FACTOR times the
+    stream's usual interval from the previous event's (either way: a sensor back after hours
+    offline, a reading that much late, the on-time reading after one, a stamp a year ahead and
+    the reading after it), once GAP_AFTER intervals have set the usual one. The views of the
+    recent past say nothing then: a sensor back after five hours at a normal reading for its
+    hour was flagged for being far from where it stood five hours before."""
     last = state["gap_last_ts"]
     dt = (ts_ms - last).abs().double()
     usual = torch.exp(state["gap_log"])
-    return (last != 0) & (steps >= GAP_AFTER) & (state["gap_log"] > 0) & (dt > GAP_FACTOR * usual)
+    return (state["gap_n"] >= GAP_AFTER) & (dt > GAP_FACTOR * usual)
 
 
-def gap_update(state: dict[str, torch.Tensor], ts_ms: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The latest event time and the running mean of log intervals after this event. A late
-    event (stamped before the latest) does not move the latest back; equal stamps (no timestamps,
-    duplicates) teach nothing."""
+def gap_update(state: dict[str, torch.Tensor], ts_ms: torch.Tensor, after_gap: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The previous event's stamp and the usual interval after this event.
+
+    The usual interval is an upper level of the stream's intervals, not their mean: a log value
+    that moves halfway up to a longer interval and GAP_DOWN down per shorter one. Devices that
+    send each feature as its own event a few ms apart, or gateways that flush buffers, have
+    intervals of milliseconds between their real ones; a mean of them made every real interval
+    a gap. A gap moves it up by GAP_DOWN only, so one outage does not hide the next while a
+    stream that really slowed down stops counting as gapped after a few dozen events. Equal or
+    earlier stamps (no timestamps, duplicates, a late reading) teach nothing."""
     last = state["gap_last_ts"]
     dt = (ts_ms - last).double()
-    known = (last != 0) & (dt > 0)
+    n = state["gap_n"]
+    known = (n > 0) | (last != 0)  # (the first event has no interval: last is its own stamp then)
+    step = known & (dt > 0)
     lg = torch.log(dt.clamp(min=1.0))
     old = state["gap_log"]
-    new = torch.where(old > 0, old + GAP_ALPHA * (lg - old), lg)
+    moved = torch.where(lg > old, old + 0.5 * (lg - old), old - GAP_DOWN)
+    moved = torch.where(after_gap, old + GAP_DOWN, moved)
+    new = torch.where(n == 0, lg, moved)
     return {
-        "gap_last_ts": torch.where(last == 0, ts_ms, torch.maximum(last, ts_ms)),
-        "gap_log": torch.where(known, new, old),
+        "gap_last_ts": ts_ms,
+        "gap_log": torch.where(step, new, old),
+        "gap_n": torch.where(step, (n + 1).clamp(max=GAP_AFTER), n),
     }

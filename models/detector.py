@@ -63,7 +63,9 @@ VIEWS = ("prediction", "time_of_day", "recent_level", "recent_mean", "correlatio
 # stream's warm-up (its histories rest on too few events for the score to mean what it says).
 HELD = ("", "aftershock", "recurrence", "warmup")
 # The views of the recent past, which say nothing about an event after a gap.
-_SHORT_VIEWS = [VIEWS.index("prediction"), VIEWS.index("recent_level"), VIEWS.index("recent_mean")]
+# (The correlation view is one of them: it compares the features' errors against the stale
+# predictions.)
+_SHORT_VIEWS = [VIEWS.index(v) for v in ("prediction", "recent_level", "recent_mean", "correlation")]
 _AFTERSHOCK, _RECURRENCE, _WARMUP = HELD.index("aftershock"), HELD.index("recurrence"), HELD.index("warmup")
 # Largest magnitude of a reading the core accepts. State keeps squared deviations in float32 (a
 # feature's variance at each hour), which overflows past ~1.8e19: a larger finite reading would
@@ -154,7 +156,8 @@ def advance(
     # is scored; a stream on its first day keeps them all (else nothing would judge it). Their
     # histories do not learn it either.
     prof_applies = (prof_ok & mask).any(dim=1)
-    after_gap = gap(state, ts_ms, steps) & prof_applies if timed else torch.zeros_like(valid)
+    gapped = gap(state, ts_ms) if timed else torch.zeros_like(valid)
+    after_gap = gapped & prof_applies
     learns[:, _SHORT_VIEWS] &= ~after_gap[:, None]
     applies = learns.clone()
     applies[:, 1] = prof_applies
@@ -250,10 +253,12 @@ def advance(
         **dict(zip(CAL_HISTS + CAL_HISTS_LONG, learn_tail(cal, hists, bins, cal_weight, flagged_b, tops, windows.reshape(-1)).unbind(1))),
         # (after a gap the recent level starts again from this reading: against the level of hours
         # before, the readings after it were flagged instead)
-        **level_update(state, x, n, mask, restart=mask & after_gap[:, None]),
+        # (forward in time only: restarted at a late reading, the level made the next on-time
+        # reading look far from it)
+        **level_update(state, x, n, mask, restart=mask & (after_gap & (ts_ms > state["gap_last_ts"]))[:, None]),
         **shift_update(state, x, n, learn, mean, std),
         **correlation_update(state, z_mix, ready, learn, corr_k),
-        **(gap_update(state, ts_ms) if timed else {k: state[k] for k in ("gap_last_ts", "gap_log")}),
+        **(gap_update(state, ts_ms, gapped) if timed else {k: state[k] for k in ("gap_last_ts", "gap_log", "gap_n")}),
         "steps": steps + 1,
         "hold_left": torch.where(alert, cal.holdoff, (hold_left - 1).clamp(min=0)).to(hold_left.dtype),
         "hold_score": torch.where(alert, raw, hold_score),

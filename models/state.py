@@ -78,10 +78,11 @@ FIELDS: tuple[Field, ...] = (
     Field("recur_day", False, False, torch.int32, PROFILE_BINS),
     Field("recur_run", False, False, torch.int32, PROFILE_BINS),
     Field("recur_peak", False, False, torch.float32, PROFILE_BINS),
-    # Gaps (models/adapt.py `gap_update`): the latest event time seen (0: none yet) and a running
-    # mean of the log of the interval between events, in ms.
+    # Gaps (models/adapt.py `gap_update`): the previous event's time, the log of the stream's
+    # usual interval between events (ms) and how many intervals set it (up to GAP_AFTER).
     Field("gap_last_ts", False, False, torch.int64),
     Field("gap_log", False, False, torch.float64),
+    Field("gap_n", False, False, torch.int32),
 )
 
 

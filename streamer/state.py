@@ -28,7 +28,7 @@ TP = tuple[str, int]
 # a third histogram; 4 the recent mean and a fourth histogram; 5 the correlation view (error
 # correlations and a fifth histogram); 6 a long-memory histogram per view; 7 the alert hold-off;
 # 8 the memory of recurring events; 9 and 10 each feature's first hour, for the profile's revisits;
-# 11 the latest event time and usual interval, for gaps. Layouts 4 to 10 are upgraded on load
+# 11 the previous event's time and the usual interval, for gaps. Layouts 4 to 10 are upgraded on load
 # (see `_upgrade`).
 SNAPSHOT_VERSION = 11
 UPGRADABLE = (4, 5, 6, 7, 8, 9, 10)
@@ -223,5 +223,5 @@ def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Te
         state = {k: v for k, v in state.items() if k != "prof_last"}
         state["prof_seen"] = state["prof_seen"] & ((1 << PROFILE_BINS) - 1)
     if version <= 10:
-        state = with_empty_fields(state, ("gap_last_ts", "gap_log"))
+        state = with_empty_fields(state, ("gap_last_ts", "gap_log", "gap_n"))
     return state if "prof_start" in state else with_empty_fields(state, ("prof_start",))

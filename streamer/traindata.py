@@ -240,7 +240,7 @@ def load_statsmodels() -> dict[str, np.ndarray]:
 
         import statsmodels  # noqa: F401
     except ImportError:
-        raise SystemExit("--public needs statsmodels (pip install 'streamer[train]' or pip install statsmodels)") from None
+        raise DataUnavailable("--public needs statsmodels (pip install 'streamer[train]' or pip install statsmodels)") from None
     out: dict[str, np.ndarray] = {}
     for name, cols in STATSMODELS_SERIES.items():
         frame = importlib.import_module(f"statsmodels.datasets.{name}").load_pandas().data

@@ -172,7 +172,7 @@ def test_a_snapshot_of_an_older_layout_is_upgraded_keeping_every_stream(tmp_path
     x[:, :2], mask[:, :2] = rng.normal(size=(n, 2)), True
     det.process(np.zeros(n, dtype=np.int64), x, mask)
     state = det.bank.export_rows(torch.tensor([0]))
-    added = {"gap_last_ts", "gap_log"} | ({"prof_start"} if layout <= 9 else set()) | (set(RECUR_FIELDS) if layout <= 7 else set())
+    added = {"gap_last_ts", "gap_log", "gap_n"} | ({"prof_start"} if layout <= 9 else set()) | (set(RECUR_FIELDS) if layout <= 7 else set())
     added |= {"hold_left", "hold_score"} if layout <= 6 else set()
     added |= set(CAL_HISTS_LONG) if layout <= 5 else set()
     added |= {"corr_cov", "corr_n", "cal_hist_corr"} if layout == 4 else set()

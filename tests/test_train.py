@@ -457,3 +457,12 @@ def test_a_topic_replay_stops_at_the_end_it_found_at_start(broker, topics, monke
     series = load_topic({"bootstrap_servers": broker.bootstrap}, InputConfig(), topics["input"], 0, None, 8, timeout_s=5)
     assert not late  # (they were produced while it replayed)
     assert sorted(series) == [f"s{i}:a" for i in range(4)] and sum(len(v) for v in series.values()) == 120
+
+
+def test_public_data_without_statsmodels_is_unavailable_not_a_bare_exit(monkeypatch):
+    """Like a missing pyarrow: the command exits 1 with its prefix (it went out through SystemExit)."""
+    from streamer.traindata import DataUnavailable, load_statsmodels
+
+    monkeypatch.setitem(sys.modules, "statsmodels", None)
+    with pytest.raises(DataUnavailable, match="statsmodels"):
+        load_statsmodels()

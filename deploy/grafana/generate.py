@@ -565,7 +565,8 @@ def overview() -> Json:
         "(within detector.holdoff events of an alert they did not exceed: one alert per episode) or recurrence "
         "(flagged at an hour of the day that had flags on each of the last detector.recur_days days: a nightly job) or "
         "warmup (inside the stream's detector.warmup, where scores are not yet calibrated). "
-        "A stream whose anomaly stopped alerting but keeps showing here is one the detector now takes as routine.",
+        "A stream whose anomaly stopped alerting but keeps showing as aftershock or recurrence is one the detector now "
+        "takes as routine; warmup rises with every batch of new streams.",
         "cps",
         targets((f"sum by (reason) ({rate('streamer_held_events_total')})", "{{reason}}")),
         w=8,
