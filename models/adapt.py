@@ -56,6 +56,7 @@ PROFILE_REVISITS = 2
 # moving down GAP_DOWN in log units per shorter interval) is trusted from GAP_AFTER intervals.
 GAP_FACTOR = 12.0
 GAP_DOWN = 0.05
+GAP_UP_SHARE = 0.25
 GAP_AFTER = 10
 # From this many readings of a feature on, its profile's start is settled: a reading stamped more
 # than a day before it is a clock error and does not move it (see `profile_update`).
@@ -168,11 +169,16 @@ def profile_scored(state: dict[str, torch.Tensor]) -> torch.Tensor:
     couple of hours of revisits. A feature that joins a stream later is scored in the view from
     its own second day (and one that stopped reporting on its first day never is, without
     holding the stream's other features back)."""
+    known, revisited = profile_hours(state)
+    return (state["prof_seen"] != 0) & (revisited >= torch.clamp(known, max=PROFILE_REVISITS))
+
+
+def profile_hours(state: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, F] each, the hours of the day each feature's profile has learned and has revisited."""
     seen = state["prof_seen"]
     shifts = torch.arange(2 * PROFILE_BINS, device=seen.device)
     bits = (seen[..., None] >> shifts) & 1  # [B, F, 48]
-    known, revisited = bits[..., :PROFILE_BINS].sum(dim=-1), bits[..., PROFILE_BINS:].sum(dim=-1)
-    return (seen != 0) & (revisited >= torch.clamp(known, max=PROFILE_REVISITS))
+    return bits[..., :PROFILE_BINS].sum(dim=-1), bits[..., PROFILE_BINS:].sum(dim=-1)
 
 
 def mix(state: dict[str, torch.Tensor], errors: torch.Tensor, has_pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -278,9 +284,11 @@ def gap_update(state: dict[str, torch.Tensor], ts_ms: torch.Tensor, after_gap: t
     that moves halfway up to a longer interval and GAP_DOWN down per shorter one. Devices that
     send each feature as its own event a few ms apart, or gateways that flush buffers, have
     intervals of milliseconds between their real ones; a mean of them made every real interval
-    a gap. A gap moves it up by GAP_DOWN only, so one outage does not hide the next while a
-    stream that really slowed down stops counting as gapped after a few dozen events. Equal or
-    earlier stamps (no timestamps, duplicates, a late reading) teach nothing."""
+    a gap. A gap moves it up a quarter of the way only, so one outage does not hide the next for
+    long, while a stream that really slowed down, or whose first intervals were a burst (a
+    buffer flushed on connect, features a few ms apart), climbs out within a few readings: moved
+    up by a fixed step, a stream of 4 features sent 2 ms apart stayed "after a gap" for good.
+    Equal or earlier stamps (no timestamps, duplicates, a late reading) teach nothing."""
     last = state["gap_last_ts"]
     dt = (ts_ms - last).double()
     n = state["gap_n"]
@@ -289,7 +297,7 @@ def gap_update(state: dict[str, torch.Tensor], ts_ms: torch.Tensor, after_gap: t
     lg = torch.log(dt.clamp(min=1.0))
     old = state["gap_log"]
     moved = torch.where(lg > old, old + 0.5 * (lg - old), old - GAP_DOWN)
-    moved = torch.where(after_gap, old + GAP_DOWN, moved)
+    moved = torch.where(after_gap, old + GAP_UP_SHARE * (lg - old), moved)
     new = torch.where(n == 0, lg, moved)
     return {
         "gap_last_ts": ts_ms,

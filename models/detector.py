@@ -27,6 +27,7 @@ from models.adapt import (
     level_update,
     mix,
     mix_update,
+    profile_hours,
     profile_lookup,
     profile_scored,
     profile_update,
@@ -153,11 +154,15 @@ def advance(
     # After a gap (a sensor back after hours offline, a reading that much late) the views of the
     # recent past compare the event with where the stream stood hours before, and flagged readings
     # that were normal for their hour. The time-of-day view judges such an event alone, where it
-    # is scored; a stream on its first day keeps them all (else nothing would judge it). Their
-    # histories do not learn it either.
+    # knows the day of every feature the event carries: every hour it learned revisited. On the
+    # second day its history is still full of first revisits, and a sensor back broken scored
+    # 0.45 and was missed for hours; a feature that joined lately went unjudged. There, every view
+    # still applies. Their histories do not learn such an event either.
     prof_applies = (prof_ok & mask).any(dim=1)
     gapped = gap(state, ts_ms) if timed else torch.zeros_like(valid)
-    after_gap = gapped & prof_applies
+    known, revisited = profile_hours(state)
+    knows_day = prof_ok & (revisited >= known)
+    after_gap = gapped & prof_applies & (knows_day | ~mask).all(dim=1)
     learns[:, _SHORT_VIEWS] &= ~after_gap[:, None]
     applies = learns.clone()
     applies[:, 1] = prof_applies

@@ -507,16 +507,18 @@ def test_a_sensor_back_after_hours_offline_is_judged_by_its_hour_not_by_where_it
     where it stood 5 hours before): 7 of 10 such returns in a review. After a gap of more than
     12 usual intervals those views sit the event out, their histories do not learn it and the
     recent level starts again from it; the time-of-day view judges it. Back at a level 10 above
-    its cycle (a sensor that came back broken), it is flagged all the same."""
+    its cycle (a sensor that came back broken), it is flagged all the same, from the second day
+    on (there every view still applies until the view has revisited each hour it knows)."""
     starts = [2, 8, 14, 20, 22, 5]
     back, res, n = _gap_streams(5, starts)
     flags = res.is_anomaly.reshape(n, len(starts))
     after = [int(flags[b : b + 36, k].sum()) for k, b in enumerate(back)]
     print(f"\nflags in the 36 readings after each return: {after}")
     assert sum(after) == 0, after
-    back, res, n = _gap_streams(5, starts, shift=10.0)
-    flags = res.is_anomaly.reshape(n, len(starts))
-    assert all(flags[b, k] for k, b in enumerate(back)), [res.score.reshape(n, len(starts))[b, k] for k, b in enumerate(back)]
+    for day in (1, 2, 6):  # (on the second day the view alone scored 0.45 at some such returns)
+        back, res, n = _gap_streams(5, starts, shift=10.0, day=day)
+        flags = res.is_anomaly.reshape(n, len(starts))
+        assert all(flags[b, k] for k, b in enumerate(back)), (day, [res.score.reshape(n, len(starts))[b, k] for k, b in enumerate(back)])
 
 
 def test_after_a_gap_a_correlated_machine_or_a_late_reading_is_judged_by_its_hour(one_torch_thread):
@@ -547,9 +549,11 @@ def test_the_usual_interval_is_an_upper_level_that_one_outage_or_stamp_does_not_
         return bool(g[0])
 
     t0, five = 1_767_225_600_000, 300_000
-    split = [feed(t0 + k // 2 * five + (k % 2) * 2) for k in range(60)]
-    assert not any(split[20:])
-    assert feed(t0 + 30 * five + 5 * 3_600_000)  # back after 5 hours
+    for features in (2, 8):  # (moved up by a fixed step per gap, 4 or more were "after a gap" for good)
+        state = {k: v for k, v in empty_state(ModelConfig(), 1).items() if k.startswith("gap_")}
+        split = [feed(t0 + k // features * five + (k % features) * 2) for k in range(40 * features)]
+        assert not any(split[20 * features :]), features
+        assert feed(t0 + 40 * five + 5 * 3_600_000), features  # back after 5 hours
     state = {k: v for k, v in empty_state(ModelConfig(), 1).items() if k.startswith("gap_")}
     times = t0 + np.cumsum(np.random.default_rng(0).exponential(60_000, 5000)).astype(np.int64)
     assert sum(feed(int(ts)) for ts in times) <= 5
