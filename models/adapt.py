@@ -58,6 +58,8 @@ GAP_FACTOR = 12.0
 GAP_DOWN = 0.05
 GAP_UP_SHARE = 0.25
 GAP_AFTER = 10
+# The gap memory's state fields (models/state.py).
+GAP_FIELDS = ("gap_last_ts", "gap_log", "gap_n")
 # From this many readings of a feature on, its profile's start is settled: a reading stamped more
 # than a day before it is a clock error and does not move it (see `profile_update`).
 PROFILE_START_SETTLED = 3
@@ -154,7 +156,7 @@ def profile_update(
     }
 
 
-def profile_scored(state: dict[str, torch.Tensor]) -> torch.Tensor:
+def profile_scored(state: dict[str, torch.Tensor], hours: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """[B, F] whether each feature's profile error is scored: once the feature has come back to
     PROFILE_REVISITS hours of the day it had learned before (or to every hour it knows, for a
     stream read once a day), a day or more after its first reading.
@@ -168,8 +170,9 @@ def profile_scored(state: dict[str, torch.Tensor]) -> torch.Tensor:
     history still learns from the first event on, so by the time it is scored it has seen a
     couple of hours of revisits. A feature that joins a stream later is scored in the view from
     its own second day (and one that stopped reporting on its first day never is, without
-    holding the stream's other features back)."""
-    known, revisited = profile_hours(state)
+    holding the stream's other features back). `hours`: `profile_hours(state)`, where the caller
+    has it already."""
+    known, revisited = profile_hours(state) if hours is None else hours
     return (state["prof_seen"] != 0) & (revisited >= torch.clamp(known, max=PROFILE_REVISITS))
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from models.adapt import (
+    GAP_FIELDS,
     NORM_CLIP,
     NORM_CLIP_AFTER,
     averaging_rate,
@@ -144,7 +145,8 @@ def advance(
     # such comparisons by then. (Learned while not scored, it makes the scored sum the smaller:
     # fewer flags, never more.)
     learned = per_feature.sum(dim=2)  # [B, 5]
-    prof_ok = profile_scored(state) if timed else torch.ones_like(mask)
+    hours = profile_hours(state) if timed else None
+    prof_ok = profile_scored(state, hours) if hours is not None else torch.ones_like(mask)
     per_feature[:, 1] = torch.where(prof_ok, per_feature[:, 1], 0.0)  # (a fresh tensor since `late`: learned is summed)
     views = per_feature.sum(dim=2)
     # The correlation view likewise waits for its history to hold half a warm-up of events: in a
@@ -160,9 +162,10 @@ def advance(
     # still applies. Their histories do not learn such an event either.
     prof_applies = (prof_ok & mask).any(dim=1)
     gapped = gap(state, ts_ms) if timed else torch.zeros_like(valid)
-    known, revisited = profile_hours(state)
-    knows_day = prof_ok & (revisited >= known)
-    after_gap = gapped & prof_applies & (knows_day | ~mask).all(dim=1)
+    after_gap = gapped
+    if hours is not None:
+        knows_day = prof_ok & (hours[1] >= hours[0])  # (every hour learned is revisited)
+        after_gap = gapped & prof_applies & (knows_day | ~mask).all(dim=1)
     learns[:, _SHORT_VIEWS] &= ~after_gap[:, None]
     applies = learns.clone()
     applies[:, 1] = prof_applies
@@ -256,14 +259,13 @@ def advance(
         **profile_update(state, ts_ms, hour, x, torch.where(n > 0, p_mean, x), p_var_raw, learn),
         **mix_update(state, errors, r, floor_var, ready, has_pred, learn, n),
         **dict(zip(CAL_HISTS + CAL_HISTS_LONG, learn_tail(cal, hists, bins, cal_weight, flagged_b, tops, windows.reshape(-1)).unbind(1))),
-        # (after a gap the recent level starts again from this reading: against the level of hours
-        # before, the readings after it were flagged instead)
-        # (forward in time only: restarted at a late reading, the level made the next on-time
-        # reading look far from it)
+        # (After a gap the recent level starts again from this reading: against the level of hours
+        # before, the readings after it were flagged instead. Forward in time only: restarted at a
+        # late reading, the level made the next on-time reading look far from it.)
         **level_update(state, x, n, mask, restart=mask & (after_gap & (ts_ms > state["gap_last_ts"]))[:, None]),
         **shift_update(state, x, n, learn, mean, std),
         **correlation_update(state, z_mix, ready, learn, corr_k),
-        **(gap_update(state, ts_ms, gapped) if timed else {k: state[k] for k in ("gap_last_ts", "gap_log", "gap_n")}),
+        **(gap_update(state, ts_ms, gapped) if timed else {k: state[k] for k in GAP_FIELDS}),
         "steps": steps + 1,
         "hold_left": torch.where(alert, cal.holdoff, (hold_left - 1).clamp(min=0)).to(hold_left.dtype),
         "hold_score": torch.where(alert, raw, hold_score),

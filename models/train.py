@@ -193,6 +193,7 @@ def train(
         # The weights are still the random initialisation: not a model to serve.
         raise ValueError(f"no training step had a value to predict in {cfg.steps} batches: nothing was learned")
     model.eval()
+    window = _loss_window(len(losses))
     summary = {
         "name": "synthetic" if data is None else "custom",
         "data": (
@@ -212,8 +213,8 @@ def train(
         "train_config": asdict(cfg),
         # Means of the first and last 20 steps, or quarters of a shorter run: overlapping windows
         # (20 steps or fewer) printed "loss 1.449 -> 1.449" whatever training did.
-        "final_loss": float(np.mean(losses[-_loss_window(len(losses)) :])),
-        "first_loss": float(np.mean(losses[: _loss_window(len(losses))])),
+        "final_loss": float(np.mean(losses[-window:])),
+        "first_loss": float(np.mean(losses[:window])),
         "seconds": round(time.time() - started, 1),
         "torch": str(torch.__version__),
     }

@@ -146,14 +146,7 @@ def _generic_ts(raw: str, fallback_ms: int) -> int:
         f = float(s)
     except ValueError:
         return parse_ts(s, fallback_ms)
-    return _number_ts(f)
-
-
-def _number_ts(f: int | float) -> int:
-    """A number of epoch seconds (below 1e11, as zap's 1700000000.123) or milliseconds (µs or
-    ns by size: `fine_epoch_ms`; an int keeps the digits of nanoseconds, which a float loses):
-    the sensor decoder's rule."""
-    return parse_ts(f, 0)
+    return parse_ts(f, fallback_ms)  # (seconds or milliseconds by size, as for a JSON number)
 
 
 def _strptime(fmt: str) -> Callable[[str, int], int]:
@@ -388,9 +381,7 @@ def _json_ts(raw: Any, fallback_ms: int) -> int:
     too, `fine_epoch_ms`), other strings ISO-8601."""
     if isinstance(raw, str) and raw.strip().lstrip("-").replace(".", "", 1).isdigit():
         return _generic_ts(raw, fallback_ms)
-    if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-        # The same rule as for digits in a string: seconds or milliseconds by size.
-        return checked_ms(raw) if abs(raw) >= 1e19 else _number_ts(raw)
+    # (A number: the sensor decoder's rule, seconds below 1e11, then ms, µs and ns by size.)
     return parse_ts(raw, fallback_ms)
 
 

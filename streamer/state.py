@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.adapt import PROFILE_BINS
+from models.adapt import GAP_FIELDS, PROFILE_BINS
 from models.detector import CAL_HISTS, CAL_HISTS_LONG
 from models.gru import save_atomically
 from models.recurrence import RECUR_FIELDS
@@ -223,5 +223,5 @@ def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Te
         state = {k: v for k, v in state.items() if k != "prof_last"}
         state["prof_seen"] = state["prof_seen"] & ((1 << PROFILE_BINS) - 1)
     if version <= 10:
-        state = with_empty_fields(state, ("gap_last_ts", "gap_log", "gap_n"))
+        state = with_empty_fields(state, GAP_FIELDS)
     return state if "prof_start" in state else with_empty_fields(state, ("prof_start",))
