@@ -162,7 +162,8 @@ def check_environment(config: Config) -> None:
 
 
 def run_daemon(config: Config) -> int:
-    """`streamer run`: serve metrics, consume until SIGTERM/SIGINT, drain, exit 0."""
+    """`streamer run`: serve metrics, consume until SIGTERM/SIGINT, drain, exit 0 (1 when the
+    stop could not write a partition's state)."""
     check_environment(config)
     metrics = Metrics()
     runner = build_runner(config, metrics)
@@ -185,6 +186,14 @@ def run_daemon(config: Config) -> int:
             log.warning(warning)
     log.info("consuming %s as group %s", ",".join(config.topics.inputs), config.consumer.group_id)
     runner.run()
+    if runner.unsaved_at_stop:
+        log.error(
+            "stopped without writing the state of %d partitions (see the errors above; state.dir %s): the next start "
+            "replays their events from the previous snapshots",
+            runner.unsaved_at_stop,
+            config.state.dir,
+        )
+        return 1
     return 0
 
 

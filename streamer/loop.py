@@ -126,6 +126,10 @@ class Runner:
         self._last_snapshot = time.monotonic()
         self._last_evict = time.monotonic()
         self._snapshotted_for_stop = False
+        # Partitions whose state the stop could not write (a full disk): `streamer run` then
+        # exits 1, so a supervisor or an operator sees it; nothing is lost (the restart replays
+        # from their previous snapshots), but the disk needs attention before the next stop.
+        self.unsaved_at_stop = 0
         # An idle loop hears nothing from the brokers: its polls come back empty whether or not
         # one is there. After this long without an answer it asks for the log ends (a round trip).
         self.probe_idle_s = 15.0
@@ -340,8 +344,10 @@ class Runner:
         self.decoder.forget(streams)
         self.metrics.active_streams.set(self._stream_count())
 
-    def _snapshot(self, tps: set[TP]) -> None:
-        """Write the state of the given partitions at the offsets processed so far."""
+    def _snapshot(self, tps: set[TP]) -> int:
+        """Write the state of the given partitions at the offsets processed so far; returns how
+        many could not be written."""
+        failed = 0
         for tp in sorted(tps):
             if tp not in self.next_offset:
                 continue
@@ -360,8 +366,10 @@ class Runner:
                 # snapshot stands (older state, more replay after a restart), and this is retried
                 # at the next interval.
                 self.metrics.snapshot_failures.inc()
+                failed += 1
                 log.error("could not write the snapshot of %s[%d]: %s", tp[0], tp[1], err, extra={"topic": tp[0], "partition": tp[1]})
         self._last_snapshot = time.monotonic()
+        return failed
 
     def _write_snapshot(self, tp: TP) -> None:
         if self.logs is not None and tp[0] in self.logs.topics:
@@ -406,7 +414,7 @@ class Runner:
         self.health.stopping = True
         self.notifier.stopping()
         try:
-            self._snapshot(set(self.next_offset))
+            self.unsaved_at_stop = self._snapshot(set(self.next_offset))
             # Closing the consumer revokes every partition; nothing has changed since the
             # snapshots just written, so the revoke does not write them a second time.
             self._snapshotted_for_stop = True

@@ -15,7 +15,7 @@ import orjson
 import pytest
 import torch
 import yaml
-from conftest import DaemonThread, event, make_config, produce, read_all, scores_of
+from conftest import DaemonThread, config_data, event, make_config, produce, read_all, scores_of
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
@@ -641,3 +641,28 @@ def test_a_layout_9_snapshot_that_already_holds_first_hours_keeps_them(tmp_path)
     assert loaded is not None
     assert torch.equal(loaded.state["prof_start"], state["prof_start"])
     assert torch.equal(loaded.state["prof_seen"], state["prof_seen"])
+
+
+def test_a_stop_that_cannot_write_the_state_exits_1(broker, topics, tmp_path):
+    """A full disk at the stop: the state of the partition is not written, which the restart
+    survives (it replays from the previous snapshot) but an operator must hear of. The stop
+    exited 0, as if all was well, and only a log line said otherwise."""
+    state_dir = tmp_path / "state"
+    config = config_data(broker, topics, state_dir)
+    blocked = state_dir / config["consumer"]["group_id"] / f"{topics['input']}-0.pt"
+    (blocked / "occupied").mkdir(parents=True)
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    produce(broker, topics["input"], [(b"s-1", event("s-1", i, {"temp": float(i % 5)})) for i in range(20)], partition_of=lambda _key: 0)
+    log = tmp_path / "daemon.log"
+    proc = _start(config_path, log)
+    try:
+        _wait_for_scores(broker, topics["scores"], 20, proc)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert rc == 1, text[-3000:]
+    assert "stopped without writing the state of 1 partitions" in text, text[-3000:]
