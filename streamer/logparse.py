@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from streamer import otlp
 from streamer.decode import Rejected, checked_ms, epoch_ms, fine_epoch_ms, parse_ts, unforeseen
 
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -304,6 +305,9 @@ class ParsedLogs:
     level: np.ndarray  # int8 [N], ordinals of LEVEL_NAMES
     message: list[str]
     fields: list[dict[str, str]]
+    # int32 [N]: the event's place among its record's log records (an OTLP batch holds many,
+    # which share the record's offset); 0 for a record of one event.
+    entry: np.ndarray
     dead: list[tuple[int, str, str]] = field(default_factory=list)  # (position, reason, detail)
 
     def __len__(self) -> int:
@@ -320,6 +324,7 @@ class ParsedLogs:
             self.level[idx],
             [self.message[j] for j in sel],
             [self.fields[j] for j in sel],
+            self.entry[idx],
         )
 
     def event(self, j: int) -> LogEvent:
@@ -460,14 +465,10 @@ class LogParser:
         ts = fmt.ts_parser(raw_ts, fallback_ms) if raw_ts else None
         return ts, message, fields, fields.get("level")
 
-    def _json(self, raw: bytes, fallback_ms: int) -> tuple[int | None, str, dict[str, str], int]:
+    def _json(self, obj: Any, fallback_ms: int) -> tuple[int | None, str, dict[str, str], int]:
         """(ts_ms or None, message, fields, level ordinal) of a JSON record."""
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError as err:
-            raise Rejected("invalid_json", f"not JSON: {err}") from None
-        if not isinstance(obj, dict):  # unreachable for a '{' payload, kept as a guard
-            raise Rejected("invalid_json", "top-level JSON value is not an object")
+        if not isinstance(obj, dict):  # (a '{' payload is an object; an OTLP batch's entry may not be)
+            raise Rejected("invalid_json", "the JSON value is not an object")
         message = _first(obj, _JSON_MESSAGE)
         if not isinstance(message, str):
             message = _unwrap_message(obj, message)
@@ -509,20 +510,42 @@ class LogParser:
             return ts, message, fields, parse_level(raw_level)
         return ts, message, fields, _layout_level(obj) if layout else UNKNOWN_LEVEL
 
-    def _one(self, raw: bytes | None, key: bytes | None, record_ts: int) -> LogEvent:
+    def _events(self, raw: bytes | None, key: bytes | None, record_ts: int) -> tuple[list[tuple[int, LogEvent]], list[tuple[str, str]]]:
+        """The events of one record, each with its place in the record: one, or each log record of
+        an OTLP/JSON batch (streamer.otlp), plus (reason, detail) of the batch's entries that
+        were rejected (the record is then dead-lettered too, while its other entries are scored)."""
         if raw is not None and raw.startswith(UTF8_BOM):  # (as some Windows tools write; the sensor decoder accepts it too)
             raw = raw[len(UTF8_BOM) :]
         if raw is None or not raw.strip():
             raise Rejected("empty_message", "empty or tombstone message")
         if len(raw) > self.max_bytes:
             raise Rejected("oversized", f"{len(raw)} bytes > {self.max_bytes}")
-        if raw.lstrip()[:1] == b"{":
-            ts, message, fields, level = self._json(raw, record_ts)
-        else:
+        if raw.lstrip()[:1] != b"{":
             # Logs carry stray bytes often enough that rejecting them would hide real lines.
             text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
             ts, message, fields, raw_level = self._line(text, record_ts)
-            level = parse_level(raw_level)
+            return [(0, self._event(ts, message, fields, parse_level(raw_level), key, record_ts))], []
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError as err:
+            raise Rejected("invalid_json", f"not JSON: {err}") from None
+        if not otlp.is_batch(obj):
+            return [(0, self._event(*self._json(obj, record_ts), key, record_ts))], []
+        entries = otlp.flatten(obj)
+        if not entries:
+            raise Rejected("empty_message", "an OTLP batch without log records")
+        events: list[tuple[int, LogEvent]] = []
+        rejected: list[tuple[str, str]] = []
+        for k, entry in enumerate(entries):
+            try:
+                events.append((k, self._event(*self._json(entry, record_ts), key, record_ts)))
+            except Rejected as rej:
+                rejected.append((rej.reason, f"log record {k}: {rej.reason}: {rej.detail}"))
+        if not events:
+            raise Rejected(rejected[0][0], f"all {len(entries)} log records of an OTLP batch; {rejected[0][1]}")
+        return events, rejected
+
+    def _event(self, ts: int | None, message: str, fields: dict[str, str], level: int, key: bytes | None, record_ts: int) -> LogEvent:
         stream: str | None
         if self.stream_field == "key":
             stream = None
@@ -544,23 +567,38 @@ class LogParser:
         levels: list[int] = []
         messages: list[str] = []
         fields: list[dict[str, str]] = []
+        entries: list[int] = []
         dead: list[tuple[int, str, str]] = []
         ts_list = np.asarray(record_ts).tolist()
         for i, raw in enumerate(values):
             try:
-                ev = self._one(raw, keys[i], int(ts_list[i]))
+                events, rejected = self._events(raw, keys[i], int(ts_list[i]))
             except Rejected as rej:
                 dead.append((i, rej.reason, rej.detail))
                 continue
             except Exception as err:  # noqa: BLE001 - no record may stop the daemon, not even one that finds a bug here
                 dead.append(unforeseen(i, err))
                 continue
-            index.append(i)
-            streams.append(ev.stream)
-            ts.append(ev.ts_ms)
-            levels.append(ev.level)
-            messages.append(ev.message)
-            fields.append(ev.fields)
+            if rejected:
+                # Part of an OTLP batch: the record goes to the dead-letter topic as well (it is the
+                # only unit Kafka has), saying which of its log records were not scored.
+                reason = rejected[0][0]
+                dead.append(
+                    (
+                        i,
+                        reason,
+                        f"{len(rejected)} of {len(events) + len(rejected)} log records not scored, the rest were; "
+                        + "; ".join(r[1] for r in rejected[:5]),
+                    )
+                )
+            for k, ev in events:
+                index.append(i)
+                streams.append(ev.stream)
+                ts.append(ev.ts_ms)
+                levels.append(ev.level)
+                messages.append(ev.message)
+                fields.append(ev.fields)
+                entries.append(k)
         return ParsedLogs(
             np.asarray(index, dtype=np.int64),
             streams,
@@ -568,5 +606,6 @@ class LogParser:
             np.asarray(levels, dtype=np.int8),
             messages,
             fields,
+            np.asarray(entries, dtype=np.int32),
             dead,
         )

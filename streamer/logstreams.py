@@ -135,6 +135,7 @@ class LogStreams:
                     topic=topic,
                     partition=int(part_s),
                     offset=int(polled.offset[pos]),
+                    entry=int(sub.entry[j]),
                     level=LEVEL_NAMES[level] if 0 < level < len(LEVEL_NAMES) else None,
                     line=clip(sub.message[j]),
                     model_version=MODEL_VERSION,

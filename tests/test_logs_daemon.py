@@ -209,3 +209,44 @@ def test_log_topics_alerts_only(broker, topics, state_dir):
     c = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=config.consumer.group_id, enable_auto_commit=False)
     assert c.committed(TopicPartition(topics["input"], 0)) == len(raw)
     c.close()
+
+
+def test_otlp_json_batches_from_the_collector_are_scored_line_by_line(broker, topics, state_dir):
+    """The OpenTelemetry Collector's Kafka exporter (`encoding: otlp_json`) writes one batch of log
+    records per message, the service named in the resource. Each log record is a line of its
+    service's stream, with the message's offset and its place in the batch (`entry`); a batch
+    with an unreadable log record is dead-lettered as well, saying which, and the rest scored."""
+    from test_logs_parse import _otlp_batch, _otlp_record
+
+    config = _log_config(broker, topics, state_dir)
+    config = config.model_copy(update={"logs": config.logs.model_copy(update={"stream_field": "service.name"})})
+    t0 = 1_714_557_600_000_000_000
+    batches = []
+    for b in range(6):
+        lines = [(f"GET /items/{b * 40 + i} 200 in {i % 9} ms", 9) for i in range(40)]
+        if b == 5:
+            lines[23] = ("OutOfMemoryError: Java heap space in worker pool-3", 21)
+        records = [_otlp_record(t0 + (b * 40 + i) * 250_000_000, sev, text) for i, (text, sev) in enumerate(lines)]
+        batches.append(_otlp_batch([("checkout", records[:30]), ("cart", records[30:])]))
+    broken = _otlp_record(t0, 9, "x", body={"kvlistValue": {"values": []}})
+    batches.append(_otlp_batch([("checkout", [_otlp_record(t0 + 10**12, 9, "GET /items/1 200 in 1 ms"), broken])]))
+    produce(broker, topics["input"] + "-json", [(None, b) for b in batches], partition_of=lambda _k: 0)
+    expected = 6 * 40 + 1
+    with DaemonThread(config) as daemon:
+        daemon.wait_scored(expected)
+        m = daemon.metrics
+        assert m.dead_letters.labels("missing_message")._value.get() == 1
+    scores = scores_of(read_all(broker, topics["scores"], expect=expected))
+    assert len(scores) == expected
+    assert len({(r["offset"], r["entry"]) for r in scores}) == expected
+    assert [r["entry"] for r in scores if r["offset"] == 0] == list(range(40))
+    assert sum(r["stream"] == "checkout" for r in scores) == 6 * 30 + 1 and sum(r["stream"] == "cart" for r in scores) == 60
+    oom = next(r for r in scores if r["line"].startswith("OutOfMemoryError"))
+    assert oom["offset"] == 5 and oom["entry"] == 23 and oom["stream"] == "checkout" and oom["level"] == "FATAL"
+    assert oom["is_anomaly"], oom
+    assert [(r["offset"], r["entry"], r["line"]) for r in scores if r["offset"] == 6] == [(6, 0, "GET /items/1 200 in 1 ms")]
+    dead = read_all(broker, topics["dead"], expect=1)
+    assert len(dead) == 1 and dead[0].value == batches[-1]
+    headers = dict(dead[0].headers)
+    assert headers["streamer.reason"] == b"missing_message" and headers["streamer.source.offset"] == b"6"
+    assert b"1 of 2 log records not scored" in headers["streamer.error"]

@@ -499,3 +499,84 @@ def test_structlog_slog_and_dotnet_json_records():
     ev = _parse(LogParser("plain", "Category"), [dotnet]).event(0)
     assert (ev.stream, ev.message, LEVEL_NAMES[ev.level], ev.ts_ms) == ("Api.Orders", "Order 17 retried", "WARN", _ms(2024, 5, 1, 10, 0, 3))
     assert parse_level("NOTICE+1") == parse_level("NOTICE") and parse_level("WARN+") == 0 and parse_level("+2") == 0
+
+
+def _otlp_batch(resources: list[tuple[str, list[dict]]]) -> bytes:
+    """An ExportLogsServiceRequest as the OpenTelemetry Collector's Kafka exporter writes it with
+    `encoding: otlp_json` (OTLP/JSON: lowerCamelCase, int64 as strings, enums as integers)."""
+
+    def attrs(pairs: dict) -> list[dict]:
+        kinds = {str: "stringValue", bool: "boolValue", int: "intValue", float: "doubleValue"}
+        return [{"key": k, "value": {kinds[type(v)]: str(v) if type(v) is int else v}} for k, v in pairs.items()]
+
+    return orjson.dumps(
+        {
+            "resourceLogs": [
+                {
+                    "resource": {"attributes": attrs({"service.name": service, "host.name": "node-1"})},
+                    "scopeLogs": [{"scope": {"name": "app.requests", "version": "1.0"}, "logRecords": records}],
+                    "schemaUrl": "https://opentelemetry.io/schemas/1.24.0",
+                }
+                for service, records in resources
+            ]
+        }
+    )
+
+
+def _otlp_record(ns: int, severity: int, text: str, **extra: object) -> dict:
+    record = {
+        "timeUnixNano": str(ns),
+        "observedTimeUnixNano": str(ns + 1_000_000),
+        "severityNumber": severity,
+        "severityText": "x",
+        "body": {"stringValue": text},
+        "attributes": [{"key": "http.status", "value": {"intValue": "500"}}, {"key": "level", "value": {"stringValue": "DEBUG"}}],
+        "traceId": "5b8efff798038103d269b633813fc60c",
+        "spanId": "eee19b7ec3c1b174",
+    }
+    record.update(extra)
+    return record
+
+
+def test_an_otlp_json_batch_is_read_as_its_log_records():
+    """The Collector's Kafka exporter sends one batch per message, the service in the resource:
+    read as one record it had no message and was dead-lettered whole."""
+    t = 1_714_557_600_000_000_000
+    batch = _otlp_batch(
+        [
+            ("checkout", [_otlp_record(t, 9, "order 17 placed"), _otlp_record(t + 5_000_000, 17, "payment declined")]),
+            ("cart", [_otlp_record(t + 9_000_000, 13, "cart expired")]),
+        ]
+    )
+    res = _parse(LogParser("plain", "service.name"), [b"plain line", batch], [b"k", b"k"])
+    assert res.index.tolist() == [0, 1, 1, 1] and res.entry.tolist() == [0, 0, 1, 2] and not res.dead
+    assert res.stream[1:] == ["checkout", "checkout", "cart"]
+    assert res.message[1:] == ["order 17 placed", "payment declined", "cart expired"]
+    assert res.ts_ms.tolist()[1:] == [1_714_557_600_000, 1_714_557_600_005, 1_714_557_600_009]
+    # severityNumber decides, not an attribute that happens to be called `level`
+    assert [LEVEL_NAMES[v] for v in res.level.tolist()[1:]] == ["INFO", "ERROR", "WARN"]
+    assert res.fields[2]["http.status"] == "500" and res.fields[2]["host.name"] == "node-1"
+    assert res.fields[2]["otel.scope.name"] == "app.requests"
+
+
+def test_an_otlp_batch_with_bad_log_records_scores_the_rest_and_dead_letters_the_record():
+    t = 1_714_557_600_000_000_000
+    bad_body = _otlp_record(t, 9, "x", body={"arrayValue": {"values": []}})
+    blank = _otlp_record(t, 9, "   ")
+    batch = _otlp_batch([("checkout", [_otlp_record(t, 9, "a"), bad_body, _otlp_record(t, 9, "b"), blank])])
+    res = _parse(LogParser("plain", "service.name"), [batch])
+    assert res.message == ["a", "b"] and res.entry.tolist() == [0, 2] and res.index.tolist() == [0, 0]
+    assert len(res.dead) == 1
+    pos, reason, detail = res.dead[0]
+    assert pos == 0 and reason == "missing_message"
+    assert "2 of 4 log records not scored" in detail and "log record 1: missing_message" in detail
+    assert "log record 3: empty_message" in detail
+    # None of them readable: the record is dead-lettered only; an empty batch too.
+    none = _otlp_batch([("checkout", [bad_body, bad_body])])
+    empty = _otlp_batch([("checkout", [])])
+    res = _parse(LogParser("plain", "service.name"), [none, empty, b'{"resourceLogs": [1, {"scopeLogs": "x"}]}'])
+    assert len(res) == 0 and [d[1] for d in res.dead] == ["missing_message", "empty_message", "empty_message"]
+    assert "all 2 log records" in res.dead[0][2]
+    # No service.name and no key: missing_stream, for each record
+    res = _parse(LogParser("plain", "service"), [_otlp_batch([("checkout", [_otlp_record(t, 9, "a")])])])
+    assert len(res) == 0 and res.dead[0][1] == "missing_stream"
