@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from kafka.errors import KafkaError
 
 from models.detector import Detector
 from models.gru import DEFAULT_WEIGHTS, StreamGRU, load_checkpoint
@@ -130,7 +131,17 @@ def build_runner(config: Config, metrics: Metrics, transport: Transport | None =
     watcher = CheckpointWatcher(config)
     detector, meta = build_detector(config)
     publish_model(metrics, detector, meta)
-    runner = Runner(config, transport or KafkaPythonTransport(config), detector, metrics, meta)
+    if transport is None:
+        try:
+            transport = KafkaPythonTransport(config)
+        except KafkaError as err:
+            # (No broker answered within the client's timeout, or one refused us: the brokers may
+            # be starting, as the unit's retries expect, so exit 1 with the key, not a traceback.)
+            servers = config.kafka.bootstrap_servers
+            servers = ",".join(servers) if isinstance(servers, list) else servers
+            why = str(err) if str(err).startswith(type(err).__name__) else f"{type(err).__name__}: {err}"
+            raise StartupError(f"kafka.bootstrap_servers: cannot connect to {servers}: {why}") from None
+    runner = Runner(config, transport, detector, metrics, meta)
     runner.watcher = watcher
     return runner
 
@@ -184,7 +195,11 @@ def run_daemon(config: Config) -> int:
         log.info("pinging the service manager's watchdog (%gs) from the processing loop", runner.notifier.watchdog_s)
         if (warning := watchdog_warning(config, runner.notifier.watchdog_s)) is not None:
             log.warning(warning)
-    log.info("consuming %s as group %s", ",".join(config.topics.inputs), config.consumer.group_id)
+    log.info(
+        "consuming %s as group %s",
+        ", ".join([*(f"{t} (sensors)" for t in config.topics.inputs), *(f"{t} (logs)" for t in config.logs.topics)]),
+        config.consumer.group_id,
+    )
     runner.run()
     if runner.unsaved_at_stop:
         log.error(

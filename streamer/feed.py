@@ -67,7 +67,9 @@ class SensorFeed:
             self.producer.send(self.topic, key=key, value=value)
             self.sent += 1
             if self.garbage_every and self.sent % self.garbage_every == 0:
-                self.producer.send(self.topic, key=key, value=next(self._garbage))
+                # (Without a key: the record without a stream field would otherwise be read as a
+                # reading of the keyed stream, scored at ts 1, and shown as an alert from 1970.)
+                self.producer.send(self.topic, key=None, value=next(self._garbage))
         self.step += n
 
     def run(self) -> None:

@@ -156,3 +156,17 @@ def test_a_cuda_device_that_is_not_there_is_a_start_up_error_not_a_config_error(
     with pytest.raises(RuntimeError, match="'cuda:2' but only 2 CUDA devices are visible"):
         resolve_device("cuda:2")
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_brokers_that_do_not_answer_at_start_are_an_error_naming_the_key(tmp_path):
+    """No broker reachable at start (the cluster still starting): the daemon gave up after the
+    client's ~30 s bootstrap with a traceback; now exit 1 (retried by supervisors) naming the key."""
+    import socket
+
+    with socket.socket() as closed:  # (a port nothing listens on)
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    config = f"kafka:\n  bootstrap_servers: 127.0.0.1:{port}\nstate:\n  dir: {tmp_path / 'state'}\nmetrics:\n  enabled: false\n"
+    proc = _run_exits(tmp_path, config, timeout=120)
+    assert proc.returncode == 1 and f"cannot start: kafka.bootstrap_servers: cannot connect to 127.0.0.1:{port}" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr

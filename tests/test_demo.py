@@ -53,3 +53,26 @@ def test_ctrl_c_stops_the_demo_cleanly():
             proc.wait()
     assert proc.returncode == 0, err[-2000:]
     assert re.search(r"stopped: [\d,]+ events scored", out), out[-2000:]
+
+
+def test_the_feeds_broken_records_are_each_dead_lettered_for_their_own_reason(broker, topics, state_dir):
+    """The demo's feed mixes one of each kind of bad input into its stream. The record without a
+    stream field was sent with a real stream's key, which names the stream when the field is
+    missing: it was scored as that stream's reading at ts 1 and shown as an alert from 1970."""
+    import orjson
+    from conftest import DaemonThread, make_config, read_all
+
+    from models.synthetic import SensorFleet
+    from streamer.feed import GARBAGE, SensorFeed
+
+    feed = SensorFeed(broker.bootstrap, topics["input"], SensorFleet(n_streams=4, seed=7), backfill_steps=25, garbage_every=20)
+    feed.stop()  # (the backfill only)
+    feed.run()
+    assert feed.sent == 100
+    with DaemonThread(make_config(broker, topics, state_dir)) as daemon:
+        daemon.wait_scored(100)
+    dead = read_all(broker, topics["dead"], expect=len(GARBAGE))
+    reasons = sorted(dict(r.headers)["streamer.reason"].decode() for r in dead)
+    assert reasons == ["invalid_json", "missing_stream", "non_finite", "non_numeric", "not_an_object"], reasons
+    scores = [orjson.loads(r.value) for r in read_all(broker, topics["scores"], expect=100)]
+    assert len(scores) == 100 and min(r["ts"] for r in scores) > 1_000_000
