@@ -20,7 +20,7 @@ import numpy as np
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.subscription_state import ConsumerRebalanceListener
 from kafka.errors import CommitFailedError, CorruptRecordError, KafkaError
-from kafka.structs import OffsetAndMetadata
+from kafka.structs import MemberState, OffsetAndMetadata
 
 from streamer.config import Config
 
@@ -235,7 +235,7 @@ class KafkaPythonTransport:
         process (the demo's feed and live view) for a spin, and slowed the demo by a third."""
         coordinator = getattr(self._consumer, "_coordinator", None)
         try:
-            return bool(coordinator is not None and coordinator.time_to_next_heartbeat() <= 0)
+            return bool(coordinator is not None and coordinator.state is MemberState.STABLE and coordinator.time_to_next_heartbeat() <= 0)
         except Exception:  # noqa: BLE001 - another client version: no pacing rather than a crash
             return False
 

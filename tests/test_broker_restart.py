@@ -13,6 +13,7 @@ from typing import Any
 
 from conftest import DaemonThread, event, make_config, produce, read_all, scores_of
 from kafka import TopicPartition
+from kafka.structs import MemberState
 
 from streamer.broker import EmbeddedBroker
 from streamer.transport import COMMITTED_TIMEOUT_MS, KafkaPythonTransport, _columns
@@ -241,7 +242,7 @@ def test_pacing_ends_on_calm_polls_not_on_records_and_says_so_once(caplog):
 
     class Spinning:
         polls = 0
-        _coordinator = SimpleNamespace(time_to_next_heartbeat=lambda: 0)  # (the outage: overdue)
+        _coordinator = SimpleNamespace(state=MemberState.STABLE, time_to_next_heartbeat=lambda: 0)  # (the outage: overdue)
 
         def poll(self, timeout_ms: int, max_records: int) -> dict[Any, list[Any]]:
             self.polls += 1
