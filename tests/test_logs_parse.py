@@ -580,3 +580,25 @@ def test_an_otlp_batch_with_bad_log_records_scores_the_rest_and_dead_letters_the
     # No service.name and no key: missing_stream, for each record
     res = _parse(LogParser("plain", "service"), [_otlp_batch([("checkout", [_otlp_record(t, 9, "a")])])])
     assert len(res) == 0 and res.dead[0][1] == "missing_stream"
+
+
+@pytest.mark.parametrize("shape", ["x", "a-", "ab.", "1_"])
+def test_a_long_logfmt_token_without_a_key_does_not_hang_the_parser(shape):
+    """The logfmt key pattern was tried at every position of a long token without '=' and
+    backtracked through the rest of it each time: one 60 KB line held the GIL for 20-35 s, and
+    /healthz, /metrics and the group's heartbeats with it. A hang guard, not a speed claim: the
+    line takes milliseconds now; the alarm is 1,000 times that."""
+    import signal
+
+    def hung(*_: object) -> None:
+        raise TimeoutError("the logfmt parser is still on one 60 KB line after 10 s")
+
+    line = ("level=error msg=boom " + shape * (60_000 // len(shape)) + " code=7").encode()
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(10)
+    try:
+        ev = _parse(LogParser("logfmt", "service", 65_536), [line], [b"k"]).event(0)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert ev.message == "boom" and ev.fields["code"] == "7" and LEVEL_NAMES[ev.level] == "ERROR"
