@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kafka.errors import KafkaError
+from kafka.errors import KafkaConfigurationError, KafkaError
 
 from models.detector import Detector
 from models.gru import DEFAULT_WEIGHTS, StreamGRU, load_checkpoint
@@ -124,7 +124,12 @@ def build_detector(config: Config) -> tuple[Detector, dict[str, Any]]:
         # The per-wavefront tensors are small: extra intra-op threads only fight the Kafka
         # client's network thread for cores.
         torch.set_num_threads(config.detector.cpu_threads or max(1, min(8, (os.cpu_count() or 2) // 2)))
-    return Detector(model, config.detector.calibration(), device, capacity=config.state.initial_capacity), meta
+    try:
+        return Detector(model, config.detector.calibration(), device, capacity=config.state.initial_capacity), meta
+    except (RuntimeError, MemoryError) as err:  # (torch's out of memory, on the CPU or a GPU)
+        raise StartupError(
+            f"state.initial_capacity: cannot hold {config.state.initial_capacity:,} streams' state on {device}: {str(err)[:200]}"
+        ) from None
 
 
 def build_runner(config: Config, metrics: Metrics, transport: Transport | None = None) -> Runner:
@@ -134,6 +139,8 @@ def build_runner(config: Config, metrics: Metrics, transport: Transport | None =
     if transport is None:
         try:
             transport = KafkaPythonTransport(config)
+        except KafkaConfigurationError as err:  # (what the config's own checks did not foresee)
+            raise ConfigError(f"kafka: a setting the Kafka client refuses: {err}") from None
         except KafkaError as err:
             # (No broker answered within the client's timeout, or one refused us: the brokers may
             # be starting, as the unit's retries expect, so exit 1 with the key, not a traceback.)
@@ -163,6 +170,12 @@ def check_environment(config: Config) -> None:
     """The state dir must be writable before the daemon joins its group (it was a traceback,
     after the Kafka clients had connected). Raises StartupError naming the key: a volume may
     not be mounted yet."""
+    for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_crlfile"):
+        # (kafka-python failed each connection attempt for ~30 s and the start was blamed on the
+        # brokers; a Secret not mounted yet is exit 1, retried.)
+        path = getattr(config.kafka, key)
+        if path is not None and not os.access(path, os.R_OK):
+            raise StartupError(f"kafka.{key}: cannot read {path}")
     state = Path(config.state.dir) / config.consumer.group_id
     try:
         state.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# Kafka's rule for topic names.
+_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def _topic_name(v: str) -> str:
+    if not _TOPIC.fullmatch(v) or v in (".", ".."):
+        raise ValueError(f"{v!r} is not a legal Kafka topic name (1-249 of letters, digits, '.', '_', '-')")
+    return v
+
+
+TopicName = Annotated[str, AfterValidator(_topic_name)]
+
+
 class KafkaConfig(_Strict):
     """Connection options passed straight through to kafka-python (same names, same meaning)."""
 
@@ -53,6 +66,30 @@ class KafkaConfig(_Strict):
     ssl_crlfile: str | None = None
     ssl_check_hostname: bool | None = None
     request_timeout_ms: int | None = Field(default=None, gt=0)
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _servers(cls, v: str | list[str]) -> str | list[str]:
+        # (kafka-python failed on these at start with a ValueError or IndexError traceback.)
+        servers = v.split(",") if isinstance(v, str) else v
+        if not servers:
+            raise ValueError("no servers given")
+        for server in servers:
+            host, colon, port = server.strip().rpartition(":")
+            if not colon:
+                host, port = server.strip(), "9092"
+            if not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{server!r} is not host:port")
+        return v
+
+    @field_validator("request_timeout_ms")
+    @classmethod
+    def _request_timeout(cls, v: int | None) -> int | None:
+        # kafka-python's consumer wants it between its fetch wait (500 ms) and the idle time after
+        # which it closes connections (540 s), and refused it at start naming neither.
+        if v is not None and not 500 < v < 540_000:
+            raise ValueError(f"{v} must be above 500 (the consumer's fetch wait) and below 540000 (its connections' idle limit)")
+        return v
 
     @model_validator(mode="after")
     def _sasl(self) -> KafkaConfig:
@@ -73,8 +110,8 @@ class KafkaConfig(_Strict):
 
 
 class ConsumerConfig(_Strict):
-    group_id: str = "streamer"
-    group_instance_id: str | None = None
+    group_id: str = Field(default="streamer", min_length=1)
+    group_instance_id: TopicName | None = None  # (Kafka's rule for it is the topic names' one)
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     session_timeout_ms: int = Field(default=10_000, gt=0)
     heartbeat_interval_ms: int = Field(default=3_000, gt=0)
@@ -96,11 +133,13 @@ class ConsumerConfig(_Strict):
 
 
 class ProducerConfig(_Strict):
-    acks: Literal["all", 0, 1] = "all"
+    acks: Literal["all", -1, 0, 1] = "all"  # (-1 is Kafka's own spelling of all)
     linger_ms: int = Field(default=5, ge=0)
     batch_size: int = Field(default=262_144, gt=0)
     compression_type: Literal["gzip", "snappy", "lz4", "zstd"] | None = None
-    max_request_size: int = Field(default=4_194_304, gt=0)
+    # (A floor above the largest score record, about 40 KB for a log line of control characters:
+    # a record the producer refuses is retried for ever and holds its partition.)
+    max_request_size: int = Field(default=4_194_304, ge=65_536)
     send_timeout_s: float = Field(default=30.0, gt=0)
 
     @field_validator("compression_type")
@@ -111,19 +150,6 @@ class ProducerConfig(_Strict):
         if v is not None and not getattr(codec, f"has_{v}")():
             raise ValueError(f"{v} compression needs its library (python-{v} for kafka-python), which is not installed")
         return v
-
-
-# Kafka's rule for topic names.
-_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
-
-
-def _topic_name(v: str) -> str:
-    if not _TOPIC.fullmatch(v) or v in (".", ".."):
-        raise ValueError(f"{v!r} is not a legal Kafka topic name (1-249 of letters, digits, '.', '_', '-')")
-    return v
-
-
-TopicName = Annotated[str, AfterValidator(_topic_name)]
 
 
 class TopicsConfig(_Strict):
@@ -263,6 +289,12 @@ class Config(_Strict):
         overlap = set(self.topics.inputs) & set(self.logs.topics)
         if overlap:
             raise ValueError(f"logs.topics: {sorted(overlap)} also in topics.inputs; a topic is either sensors or logs")
+        read = {*self.topics.inputs, *self.logs.topics}
+        for key in ("scores", "alerts", "dead_letter"):
+            # (A dead-letter topic that is also an input read each bad record back as a bad record:
+            # one became 1,590 dead letters in 24 s. Scores read back would be scored.)
+            if getattr(self.topics, key) in read:
+                raise ValueError(f"topics.{key}: {getattr(self.topics, key)} is also an input topic; the daemon would read its own output")
         return self
 
 
@@ -278,7 +310,8 @@ def _format(err: ValidationError) -> str:
 def build_config(data: dict[str, Any] | None, env: Mapping[str, str] | None = None, checkpoint_must_exist: bool = True) -> Config:
     """Validate a parsed mapping, apply environment overrides, raise ConfigError naming the key.
     `checkpoint_must_exist=False`: a `detector.checkpoint` that is not there yet is no error."""
-    data = dict(data or {})
+    # (An empty section, `producer:` with nothing under it, is YAML's null: take its defaults.)
+    data = {k: v for k, v in (data or {}).items() if not (v is None and k in Config.model_fields and k not in ("log_level", "log_format"))}
     environ: Mapping[str, str] = os.environ if env is None else env
     for var, (section, key) in ENV_OVERRIDES.items():
         if environ.get(var):
@@ -316,9 +349,13 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None, c
     if path is None:
         return build_config({}, env, checkpoint_must_exist)
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"cannot read config file {path}: not UTF-8 (byte {err.start}: {err.object[err.start : err.start + 1]!r})"
+        ) from None
     try:
         data = yaml.load(text, Loader=_NoDuplicatesLoader)  # (a SafeLoader subclass)
     except _DuplicateKey as err:

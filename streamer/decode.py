@@ -44,6 +44,7 @@ REASONS = (
     "non_finite",
     "out_of_range",
     "too_many_features",
+    "invalid_feature",
     "parse_error",
     "unreadable",  # the Kafka client could not parse the record (streamer/transport.py)
 )
@@ -245,6 +246,10 @@ class Decoder:
         channel = _channels(schema)
         new = [name for name in names if name not in channel]
         if new:
+            # (A feature's name is in every score record, twice: one of 60,000 characters made a
+            # record the producer refused on every retry, which held the partition.)
+            if any(len(name) > self.max_stream_len for name in new):
+                raise Rejected("invalid_feature", f"feature name longer than {self.max_stream_len} characters (input.max_stream_id_length)")
             if len(schema) + len(new) > self.max_features:
                 had = f" (the stream has {list(schema)})" if schema else ""
                 raise Rejected("too_many_features", f"{len(schema) + len(new)} features > model maximum {self.max_features}{had}")

@@ -37,6 +37,20 @@ from streamer.config import ConfigError, build_config, load_config
         # (credentials that kafka-python would silently not send)
         ("kafka:\n  sasl_plain_username: u\n  sasl_plain_password: p\n", "kafka.security_protocol"),
         ("kafka:\n  security_protocol: SASL_SSL\n", "kafka.sasl_mechanism"),
+        # From a review: exit 1 with tracebacks (ValueError, IndexError) or blaming the brokers.
+        ("kafka:\n  bootstrap_servers: '127.0.0.1:notaport'\n", "kafka.bootstrap_servers"),
+        ("kafka:\n  bootstrap_servers: ':::'\n", "kafka.bootstrap_servers"),
+        ("kafka:\n  bootstrap_servers: []\n", "kafka.bootstrap_servers"),
+        ("kafka:\n  bootstrap_servers: 'a:9092,'\n", "kafka.bootstrap_servers"),
+        ("kafka:\n  request_timeout_ms: 400\n", "kafka.request_timeout_ms"),
+        ("kafka:\n  request_timeout_ms: 600000\n", "kafka.request_timeout_ms"),
+        ("consumer:\n  group_id: ''\n", "consumer.group_id"),
+        ("consumer:\n  group_instance_id: 'pod name/1'\n", "consumer.group_instance_id"),
+        ("producer:\n  max_request_size: 1000\n", "producer.max_request_size"),
+        # (the daemon read its own dead letters back: one bad record became thousands)
+        ("topics:\n  inputs: [a]\n  dead_letter: a\n", "topics.dead_letter"),
+        ("topics:\n  inputs: [a]\n  scores: a\n", "topics.scores"),
+        ("topics:\n  inputs: [a]\n  alerts: b\nlogs:\n  topics: [b]\n", "topics.alerts"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, yaml_text, key):
@@ -170,3 +184,27 @@ def test_brokers_that_do_not_answer_at_start_are_an_error_naming_the_key(tmp_pat
     proc = _run_exits(tmp_path, config, timeout=120)
     assert proc.returncode == 1 and f"cannot start: kafka.bootstrap_servers: cannot connect to 127.0.0.1:{port}" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_settings_a_review_found_taken_wrongly_or_with_a_traceback(tmp_path):
+    """An empty section is YAML's null: its defaults (it was "Input should be a valid
+    dictionary"); Kafka's -1 for acks=all; a config file that is not UTF-8 (a traceback)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("producer:\nconsumer:\n  group_id: g\n")
+    config = load_config(path, env={})
+    assert config.producer.acks == "all" and config.consumer.group_id == "g"
+    assert build_config({"producer": {"acks": -1}}, env={}).producer.acks == -1
+    assert build_config({"kafka": {"bootstrap_servers": "[::1]:9092,b:9093,c"}}, env={})
+    path.write_bytes("detector:\n  device: cpu  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(path, env={})
+
+
+def test_a_client_setting_a_start_cannot_use_names_the_key(tmp_path):
+    """An SSL file not there (a Secret not mounted yet) was ~30 s of failed connections blamed on
+    the brokers; a state bank too large to allocate was a torch traceback."""
+    config = f"state:\n  dir: {tmp_path / 'state'}\nmetrics:\n  enabled: false\n"
+    proc = _run_exits(tmp_path, config + f"kafka:\n  ssl_cafile: {tmp_path / 'no-ca.pem'}\n  security_protocol: SSL\n")
+    assert proc.returncode == 1 and f"cannot start: kafka.ssl_cafile: cannot read {tmp_path / 'no-ca.pem'}" in proc.stderr, proc.stderr
+    proc = _run_exits(tmp_path, config.replace("state:\n", "state:\n  initial_capacity: 100000000000\n"))
+    assert proc.returncode == 1 and "cannot start: state.initial_capacity" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

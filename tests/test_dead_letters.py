@@ -21,6 +21,7 @@ BAD: dict[str, tuple[bytes | None, bytes | None]] = {
     "non_finite": (b"x", b'{"stream": "s-1", "values": {"temp": NaN}}'),
     "out_of_range": (b"x", b'{"stream": "s-1", "values": {"temp": 1e300}}'),
     "too_many_features": (b"x", event("wide", 1, {f"f{i}": 1.0 for i in range(9)})),
+    "invalid_feature": (b"x", event("s-1", 1, {"t" * 257: 1.0})),
     "oversized": (b"x", event("s-1", 1, {"temp": 1.0}) + b" " * 5000),
     "tombstone": (b"s-1", None),  # dead-lettered with its null value (it was b"" and invalid_json)
 }
