@@ -126,6 +126,9 @@ class Runner:
         self._last_snapshot = time.monotonic()
         self._last_evict = time.monotonic()
         self._snapshotted_for_stop = False
+        # The offset this member last committed (or found committed at assignment) per partition:
+        # snapshots record it, which tells a snapshot ahead of its commit from an offset reset.
+        self._committed: dict[TP, int | None] = {}
         # Partitions whose state the stop could not write (a full disk): `streamer run` then
         # exits 1, so a supervisor or an operator sees it; nothing is lost (the restart replays
         # from their previous snapshots), but the disk needs attention before the next stop.
@@ -168,6 +171,7 @@ class Runner:
         for tp in tps:
             committed = known.get(tp) if known is not None else None
             self.emit_from[tp] = committed or 0
+            self._committed[tp] = committed
             # The log our offsets refer to, fixed at assignment: a snapshot taken after the topic
             # was recreated under us must still name the log its offsets came from.
             self.log_ids[tp] = self.transport.topic_id(tp[0])
@@ -178,7 +182,7 @@ class Runner:
                     reseeked.add(tp)
                 continue
             snap = self.store.load(tp, self.arch)
-            if snap is None or self._unusable_offset(tp, "", snap.offset, committed):
+            if snap is None or self._unusable_offset(tp, "", snap.offset, committed, snap.committed):
                 continue
             current_id = self.log_ids[tp]
             if snap.topic_id and current_id and snap.topic_id != current_id:
@@ -235,15 +239,18 @@ class Runner:
             polled = polled.select(keep)
         return polled
 
-    def _unusable_offset(self, tp: TP, kind: str, offset: int | None, committed: int | None) -> bool:
+    def _unusable_offset(self, tp: TP, kind: str, offset: int | None, committed: int | None, wrote: int | None) -> bool:
         """A snapshot whose offset is far from the committed one is not restored; its streams
         start cold, as on a host that never had the partition. Far behind: the replay up to the
         committed offset would keep this member unready for long (it owned the partition long
-        ago, and another member has since). Ahead by more than a batch: the committed offset was
-        moved back (`kafka-consumer-groups --reset-offsets`, to score a range again), and seeking
-        to the snapshot skipped what the operator asked for. (A snapshot is written after its
-        batch's outputs are acknowledged and before that batch's commit, so a crash leaves it at
-        most one batch ahead; markers of transactions take offsets too, hence twice.)"""
+        ago, and another member has since). Ahead, where the committed offset is not the one
+        the snapshot was written against (`wrote`): it was moved back (`kafka-consumer-groups
+        --reset-offsets`, to score a range again), and seeking to the snapshot would skip what
+        the operator asked for. Ahead with the committed offset unchanged since, the commits
+        after the snapshot failed (a coordinator out of reach) or a crash came first: the
+        snapshot's events were all emitted and acknowledged, so it is restored however far
+        ahead. (A snapshot of an older build, without `wrote`: ahead by more than two batches is
+        taken for a reset, as before.)"""
         if committed is None or not isinstance(offset, int):
             return False
         limit = self.config.state.max_replay_records
@@ -263,16 +270,17 @@ class Runner:
                 extra=where,
             )
             return True
-        if offset - committed > ahead:
+        if offset > committed and (offset - committed > ahead if wrote is None else wrote != committed):
             log.warning(
                 "discarding %ssnapshot of %s[%d]: it is at offset %d, %d past the committed offset %d, which was moved back "
-                "(an offset reset); consuming from the committed offset, streams restart cold",
+                "(an offset reset%s); consuming from the committed offset, streams restart cold",
                 kind,
                 tp[0],
                 tp[1],
                 offset,
                 offset - committed,
                 committed,
+                "" if wrote is None else f": it was {wrote} when the snapshot was written",
                 extra=where,
             )
             return True
@@ -281,7 +289,12 @@ class Runner:
     def _restore_logs(self, tp: TP, committed: int | None) -> bool:
         assert self.logs is not None
         payload = self.store.load_payload(tp)
-        if payload is None or payload.get("kind") != "logs" or self._unusable_offset(tp, "log ", payload.get("offset"), committed):
+        wrote = payload.get("committed") if payload is not None else None
+        if (
+            payload is None
+            or payload.get("kind") != "logs"
+            or self._unusable_offset(tp, "log ", payload.get("offset"), committed, wrote if isinstance(wrote, int) else None)
+        ):
             return False
         if payload.get("topic_id") and self.log_ids[tp] and payload["topic_id"] != self.log_ids[tp]:
             log.warning(
@@ -331,6 +344,7 @@ class Runner:
         for tp in tps:
             self.next_offset.pop(tp, None)
             self.emit_from.pop(tp, None)
+            self._committed.pop(tp, None)
             self.log_ids.pop(tp, None)
             with contextlib.suppress(KeyError):
                 self.metrics.consumer_lag.remove(tp[0], str(tp[1]))
@@ -381,6 +395,7 @@ class Runner:
                     "topic_id": self.log_ids.get(tp),
                     "partition": part,
                     "idle_s": self.logs.idle_ages(tp, self.clock()),
+                    "committed": self._committed.get(tp),
                 }
                 self.store.save_payload(tp, payload)
                 self.metrics.snapshots.inc()
@@ -390,7 +405,7 @@ class Runner:
         schemas = [list(self.decoder.schemas.get(s, ())) for s in streams]
         state = self.detector.bank.export_rows(rows)
         idle = (self.clock() - self.slots.last_seen[rows.numpy()]).tolist()
-        snap = Snapshot(self.next_offset[tp], streams, schemas, state, self.arch, self.log_ids.get(tp), idle)
+        snap = Snapshot(self.next_offset[tp], streams, schemas, state, self.arch, self.log_ids.get(tp), idle, self._committed.get(tp))
         self.store.save(tp, snap)
         self.metrics.snapshots.inc()
 
@@ -451,7 +466,9 @@ class Runner:
         # Never behind the offset committed before this member took the partition: a replay's
         # batches would move it back, and a crash mid-replay would then emit their events twice.
         offsets = {tp: max(offset, self.emit_from.get(tp, 0)) for tp, offset in offsets.items()}
-        if not self.transport.commit(offsets):
+        if self.transport.commit(offsets):
+            self._committed.update(offsets)
+        else:
             m.commit_failures.inc()
         m.batch_seconds.observe(time.perf_counter() - started)
         m.batch_events.observe(len(polled))

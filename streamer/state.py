@@ -104,6 +104,11 @@ class Snapshot:
     # Restored as that much idle time, so eviction counts silence across restarts and
     # rebalances (not the time the daemon was down: a stream is not idle while nobody reads it).
     idle_s: list[float] | None = None
+    # The group's committed offset as this member last knew it when writing (None: an older
+    # file). A snapshot ahead of the committed offset at the next start is this member's own
+    # work (the commits after it failed, or a crash came first) only if the committed offset is
+    # still this one; otherwise it was moved (an offset reset) and the snapshot must not hide it.
+    committed: int | None = None
 
 
 class SnapshotStore:
@@ -146,6 +151,7 @@ class SnapshotStore:
             "arch": snap.arch,
             "topic_id": snap.topic_id,
             "idle_s": snap.idle_s,
+            "committed": snap.committed,
         }
         return self.save_payload(tp, payload)
 
@@ -177,7 +183,17 @@ class SnapshotStore:
         ):
             log.warning("ignoring snapshot %s: no offset, streams or schemas in this code's format; streams restart cold", self.path(tp))
             return None
-        return Snapshot(offset, streams, schemas, state, payload["arch"], payload.get("topic_id"), idle_ages(payload, len(streams)))
+        committed = payload.get("committed")
+        return Snapshot(
+            offset,
+            streams,
+            schemas,
+            state,
+            payload["arch"],
+            payload.get("topic_id"),
+            idle_ages(payload, len(streams)),
+            committed if isinstance(committed, int) and not isinstance(committed, bool) else None,
+        )
 
 
 def idle_age(x: Any) -> float | None:
