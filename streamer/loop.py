@@ -129,6 +129,7 @@ class Runner:
         # The offset this member last committed (or found committed at assignment) per partition:
         # snapshots record it, which tells a snapshot ahead of its commit from an offset reset.
         self._committed: dict[TP, int | None] = {}
+        self._log_starts: dict[TP, int] = {}  # (of the assignment being completed)
         # Partitions whose state the stop could not write (a full disk): `streamer run` then
         # exits 1, so a supervisor or an operator sees it; nothing is lost (the restart replays
         # from their previous snapshots), but the disk needs attention before the next stop.
@@ -168,6 +169,9 @@ class Runner:
                 "restored and their streams start cold",
                 len(tps),
             )
+        # Where each log now begins: a snapshot older than that cannot be replayed from (see
+        # _unusable_offset). Unknown (brokers slow to say): the snapshot is used as before.
+        self._log_starts = (self.transport.log_starts(tps, 5_000) if tps and known is not None else None) or {}
         for tp in tps:
             committed = known.get(tp) if known is not None else None
             self.emit_from[tp] = committed or 0
@@ -251,11 +255,30 @@ class Runner:
         snapshot's events were all emitted and acknowledged, so it is restored however far
         ahead. (A snapshot of an older build, without `wrote`: ahead by more than two batches is
         taken for a reset, as before.)"""
-        if committed is None or not isinstance(offset, int):
+        if not isinstance(offset, int):
             return False
         limit = self.config.state.max_replay_records
         ahead = 2 * self.config.consumer.max_poll_records
         where = {"topic": tp[0], "partition": tp[1], "offset": offset, "committed": committed}
+        start = self._log_starts.get(tp)
+        if start is not None and offset < start:
+            # Retention deleted records the replay would need: the seek would land out of range
+            # and the consumer jump to auto_offset_reset, past the committed offset with `latest`
+            # (events never scored); and the state could not be rebuilt faithfully anyway.
+            log.warning(
+                "discarding %ssnapshot of %s[%d]: it is at offset %d, before the log's first offset %d (deleted by retention); "
+                "consuming from the committed offset %s, streams restart cold",
+                kind,
+                tp[0],
+                tp[1],
+                offset,
+                start,
+                committed,
+                extra=where,
+            )
+            return True
+        if committed is None:
+            return False
         if limit is not None and committed - offset > limit:
             log.warning(
                 "discarding %ssnapshot of %s[%d]: it is at offset %d, %d records behind the committed offset %d, more than "

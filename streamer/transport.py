@@ -126,6 +126,7 @@ class Transport(Protocol):
     def topic_id(self, topic: str) -> str | None: ...
     def position(self, tp: TP) -> int | None: ...
     def brokers_answer(self, tps: list[TP], timeout_ms: int) -> bool: ...
+    def log_starts(self, tps: list[TP], timeout_ms: int) -> dict[TP, int] | None: ...
     def assignment(self) -> list[TP]: ...
     def close(self) -> None: ...
 
@@ -387,6 +388,15 @@ class KafkaPythonTransport:
         except KafkaError:
             return False
         return True
+
+    def log_starts(self, tps: list[TP], timeout_ms: int) -> dict[TP, int] | None:
+        """The first offset each partition still holds (retention deletes from the front), or
+        None when the brokers do not say within timeout_ms."""
+        try:
+            starts = self._consumer.beginning_offsets([TopicPartition(*tp) for tp in tps], timeout_ms=timeout_ms)
+        except KafkaError:
+            return None
+        return {(tp.topic, tp.partition): int(o) for tp, o in starts.items() if o is not None}
 
     def assignment(self) -> list[TP]:
         return sorted((tp.topic, tp.partition) for tp in self._consumer.assignment())

@@ -700,3 +700,28 @@ def test_a_stop_that_cannot_write_the_state_exits_1(broker, topics, tmp_path):
     text = log.read_text()
     assert rc == 1, text[-3000:]
     assert "stopped without writing the state of 1 partitions" in text, text[-3000:]
+
+
+def test_a_snapshot_older_than_the_logs_first_offset_is_not_restored(broker, topics, state_dir, caplog):
+    """Retention deleted the records between a snapshot and the committed offset (a partition
+    back on a member that owned it long ago): the seek to the snapshot landed out of range and
+    the consumer jumped to auto_offset_reset, with `latest` past the committed offset, so events
+    were never scored. Such a snapshot is discarded and consumption starts at the committed
+    offset. (Tansu has no DeleteRecords: the log's first offset is given by the transport.)"""
+    t = topics["input"]
+    produce(broker, t, [(b"s-1", event("s-1", 1_000 * i, {"temp": 20.0 + i % 5})) for i in range(40)], lambda k: 0)
+    config = make_config(broker, topics, state_dir, consumer={"auto_offset_reset": "latest"})
+    _commit(broker, config, t, 0)  # (with `latest`, the first member starts at the group's offset)
+    with DaemonThread(config) as first:
+        first.wait_scored(40)
+    produce(broker, t, [(b"s-1", event("s-1", 1_000 * i, {"temp": 20.0 + i % 5})) for i in range(40, 120)], lambda k: 0)
+    _commit(broker, config, t, 100)  # scored elsewhere up to 100; retention has since deleted up to 60
+    daemon = DaemonThread(config)
+    daemon.runner.transport.log_starts = lambda tps, timeout_ms: {tp: 60 for tp in tps}  # type: ignore[method-assign]
+    with daemon:
+        daemon.wait_scored(20)
+        row = daemon.runner.slots.slot_of["s-1"]
+        assert int(daemon.runner.detector.bank.tensors["steps"][row]) == 20  # cold: only the events after 100
+        assert daemon.metrics.replayed._value.get() == 0
+    assert "at offset 40, before the log's first offset 60" in caplog.text
+    assert sorted(r["offset"] for r in scores_of(read_all(broker, topics["scores"], expect=60)))[40:] == list(range(100, 120))
