@@ -16,6 +16,9 @@ from streamer.config import ConfigError, build_config, load_config
     ("yaml_text", "key"),
     [
         ("consumer:\n  max_poll_records: lots\n", "consumer.max_poll_records"),
+        # (strict types, as config.yaml promises: these were taken as 500 and 1.0)
+        ("consumer:\n  max_poll_records: '500'\n", "consumer.max_poll_records"),
+        ("metrics:\n  max_stall_s: true\n", "metrics.max_stall_s"),
         ("kafka:\n  bootstrap_server: x:9092\n", "kafka.bootstrap_server"),
         ("detector:\n  threshold: 2.0\n", "detector.threshold"),
         ("topics:\n  inputs: []\n", "topics.inputs"),
