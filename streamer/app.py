@@ -126,10 +126,13 @@ def build_detector(config: Config) -> tuple[Detector, dict[str, Any]]:
         torch.set_num_threads(config.detector.cpu_threads or max(1, min(8, (os.cpu_count() or 2) // 2)))
     try:
         return Detector(model, config.detector.calibration(), device, capacity=config.state.initial_capacity), meta
-    except (RuntimeError, MemoryError) as err:  # (torch's out of memory, on the CPU or a GPU)
-        raise StartupError(
-            f"state.initial_capacity: cannot hold {config.state.initial_capacity:,} streams' state on {device}: {str(err)[:200]}"
-        ) from None
+    except (RuntimeError, MemoryError) as err:  # (torch's out of memory, on the CPU or a GPU; a device error)
+        text = str(err)
+        if isinstance(err, MemoryError) or "alloc" in text or "out of memory" in text:
+            raise StartupError(
+                f"state.initial_capacity: cannot hold {config.state.initial_capacity:,} streams' state on {device}: {text[:200]}"
+            ) from None
+        raise StartupError(f"detector.device: {device}: {text[:300]}") from None
 
 
 def build_runner(config: Config, metrics: Metrics, transport: Transport | None = None) -> Runner:
@@ -170,7 +173,7 @@ def check_environment(config: Config) -> None:
     """The state dir must be writable before the daemon joins its group (it was a traceback,
     after the Kafka clients had connected). Raises StartupError naming the key: a volume may
     not be mounted yet."""
-    for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_crlfile"):
+    for key in ("ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_crlfile") if config.kafka.security_protocol.endswith("SSL") else ():
         # (kafka-python failed each connection attempt for ~30 s and the start was blamed on the
         # brokers; a Secret not mounted yet is exit 1, retried.)
         path = getattr(config.kafka, key)

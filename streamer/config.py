@@ -71,15 +71,18 @@ class KafkaConfig(_Strict):
     @classmethod
     def _servers(cls, v: str | list[str]) -> str | list[str]:
         # (kafka-python failed on these at start with a ValueError or IndexError traceback.)
+        from kafka.cluster import collect_hosts  # (kafka-python's own reading: IPv6, PLAINTEXT://)
+
         servers = v.split(",") if isinstance(v, str) else v
         if not servers:
             raise ValueError("no servers given")
         for server in servers:
-            host, colon, port = server.strip().rpartition(":")
-            if not colon:
-                host, port = server.strip(), "9092"
-            if not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"{server!r} is not host:port")
+            try:
+                ((host, port, _family),) = collect_hosts([server], randomize=False)
+            except ValueError:
+                raise ValueError(f"{server!r} is not host:port") from None
+            if not host or any(c.isspace() for c in host) or not 0 < port < 65536:
+                raise ValueError(f"{server!r} is not host:port (several servers are separated by commas)")
         return v
 
     @field_validator("request_timeout_ms")

@@ -282,6 +282,9 @@ _HAS_OFFSET = re.compile(r"\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?\s*(?:Z|[+-]\d{2}(?
 # tested once against this set (in C), and one with none of them (most such records) is passed
 # over without a dozen dictionary probes.
 _LAYOUT_NAMES = frozenset((*(name for name, _ in _LAYOUT_LEVEL), "log", "@t", *_LAYOUT_TS, "asctime"))
+# Every name read for a record's message, level or time: an OTLP attribute so named is not
+# taken for one (the log record's own body, severity and time decide).
+_READ_NAMES = frozenset((*_JSON_MESSAGE, *_FIELD_ALIASES["level"], *_FIELD_ALIASES["ts"], *_LAYOUT_NAMES))
 
 
 def line_format(spec: str) -> LineFormat:
@@ -533,7 +536,7 @@ class LogParser:
             raise Rejected("invalid_json", f"not JSON: {err}") from None
         if not otlp.is_batch(obj):
             return [(0, self._event(*self._json(obj, record_ts), key, record_ts))], []
-        entries = otlp.flatten(obj)
+        entries = otlp.flatten(obj, _READ_NAMES)
         if not entries:
             raise Rejected("empty_message", "an OTLP batch without log records")
         events: list[tuple[int, LogEvent]] = []

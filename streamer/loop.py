@@ -220,6 +220,7 @@ class Runner:
                     self.decoder.schemas[stream] = tuple(names)
             self.transport.seek(tp, snap.offset)
             self.next_offset[tp] = snap.offset
+            self._commit_restored(tp, snap.offset, committed)
             reseeked.add(tp)
             log.info(
                 "restored %d streams of %s[%d] at offset %d (committed %s)",
@@ -243,18 +244,29 @@ class Runner:
             polled = polled.select(keep)
         return polled
 
+    def _commit_restored(self, tp: TP, offset: int, committed: int | None) -> None:
+        """Commit a restored snapshot's offset where it is ahead of the committed one (commits
+        that failed before it): its events were emitted and acknowledged, and left behind, the
+        group's offset would show lag that is not there on a quiet partition, and a member
+        without this snapshot (another host) would emit them all again."""
+        if committed is not None and offset > committed and self.transport.commit({tp: offset}):
+            self._committed[tp] = offset
+            self.emit_from[tp] = offset
+
     def _unusable_offset(self, tp: TP, kind: str, offset: int | None, committed: int | None, wrote: int | None) -> bool:
         """A snapshot whose offset is far from the committed one is not restored; its streams
         start cold, as on a host that never had the partition. Far behind: the replay up to the
         committed offset would keep this member unready for long (it owned the partition long
-        ago, and another member has since). Ahead, where the committed offset is not the one
+        ago, and another member has since). Ahead, where the committed offset is below the one
         the snapshot was written against (`wrote`): it was moved back (`kafka-consumer-groups
-        --reset-offsets`, to score a range again), and seeking to the snapshot would skip what
-        the operator asked for. Ahead with the committed offset unchanged since, the commits
-        after the snapshot failed (a coordinator out of reach) or a crash came first: the
-        snapshot's events were all emitted and acknowledged, so it is restored however far
-        ahead. (A snapshot of an older build, without `wrote`: ahead by more than two batches is
-        taken for a reset, as before.)"""
+        --reset-offsets`, to score a range again; members only move it forward), and seeking
+        to the snapshot would skip what the operator asked for. Ahead otherwise, the commits
+        after the snapshot failed (a coordinator out of reach) or a crash came first, and
+        another member may have moved the offset on since: the snapshot's events were all
+        emitted and acknowledged, so it is restored however far ahead (and its offset
+        committed). Ahead of no committed offset at all (expired, or deleted with
+        `kafka-consumer-groups --delete-offsets`), it is restored too. (A snapshot of an older
+        build, without `wrote`: ahead by more than two batches is taken for a reset, as before.)"""
         if not isinstance(offset, int):
             return False
         limit = self.config.state.max_replay_records
@@ -293,7 +305,7 @@ class Runner:
                 extra=where,
             )
             return True
-        if offset > committed and (offset - committed > ahead if wrote is None else wrote != committed):
+        if offset > committed and (offset - committed > ahead if wrote is None else committed < wrote):
             log.warning(
                 "discarding %ssnapshot of %s[%d]: it is at offset %d, %d past the committed offset %d, which was moved back "
                 "(an offset reset%s); consuming from the committed offset, streams restart cold",
@@ -331,6 +343,7 @@ class Runner:
             return False
         self.transport.seek(tp, payload["offset"])
         self.next_offset[tp] = payload["offset"]
+        self._commit_restored(tp, payload["offset"], committed)
         log.info(
             "restored %d log streams of %s[%d] at offset %d (committed %s)",
             n,
@@ -548,7 +561,6 @@ class Runner:
             res = self.detector.process(slots, dec.x, dec.mask, dec.ts_ms)
             self._model_work(time.perf_counter() - t0, res.wavefronts)
             emitted = emit[dec.index]
-            m.scored.inc(int(emitted.sum()))
             m.replayed.inc(int((~emitted).sum()))
             outputs.extend(self._score_records(polled, dec, res, emitted))
             m.active_streams.set(self._stream_count())
@@ -556,6 +568,8 @@ class Runner:
             streams = [s for s, e in zip(dec.stream, emitted.tolist()) if e]
             m.event_lag.observe_many((now_ms - dec.ts_ms[emitted]) / 1000.0, streams)
             m.scores.observe_many(res.score[emitted], streams)
+            # (Last: a scrape, or a test, that sees the events counted sees their observations too.)
+            m.scored.inc(int(emitted.sum()))
         return outputs, offsets, emitted_ts
 
     def _model_work(self, seconds: float, wavefronts: int) -> None:
@@ -596,12 +610,12 @@ class Runner:
         t0 = time.perf_counter()
         outputs, dead, stats = self.logs.process(polled, emit, self.clock())
         self._model_work(time.perf_counter() - t0, stats["wavefronts"])
-        m.scored.inc(stats["scored"])
         m.replayed.inc(stats["replayed"])
         m.anomalies.labels("log").inc(stats["anomalies"])
         m.event_lag.observe_many((self.clock() * 1000.0 - stats["ts_ms"]) / 1000.0, stats["streams"])
         m.scores.observe_many(stats["scores"], stats["streams"])
         m.active_streams.set(self._stream_count())
+        m.scored.inc(stats["scored"])  # (last, as on the sensor path)
         return self._dead_letters(polled, dead, emit) + outputs
 
     def _score_records(self, polled: Polled, dec: Any, res: Any, emitted: np.ndarray) -> list[OutRecord]:

@@ -24,11 +24,6 @@ _RECORD_FIELDS = (
     "traceId",
     "spanId",
 )
-# Attribute names that the parser would take for the message, level or time before the record's
-# own fields: a record's `body` and `severityNumber` must decide, not an attribute named `level`.
-_SHADOWING = frozenset(
-    ("message", "msg", "log", "text", "level", "lvl", "severity", "loglevel", "log_level", "ts", "timestamp", "time", "@timestamp")
-)
 
 
 def is_batch(obj: dict[str, Any]) -> bool:
@@ -45,14 +40,14 @@ def _any_value(value: Any) -> Any:
     return None
 
 
-def _attributes(items: Any) -> dict[str, Any]:
+def _attributes(items: Any, reserved: frozenset[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if not isinstance(items, list):
         return out
     for item in items:
         if isinstance(item, dict) and isinstance(item.get("key"), str):
             scalar = _any_value(item.get("value"))
-            if scalar is not None and item["key"] not in _SHADOWING:
+            if scalar is not None and item["key"] not in reserved:
                 out[item["key"]] = scalar
     return out
 
@@ -62,13 +57,15 @@ def _list(obj: Any, name: str) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-def flatten(batch: dict[str, Any]) -> list[Any]:
+def flatten(batch: dict[str, Any], reserved: frozenset[str]) -> list[Any]:
     """Every log record of the batch, in order, as a flat object; an entry that is not an object
-    is returned as it is, for the parser to reject with the others kept."""
+    is returned as it is, for the parser to reject with the others kept. Attributes named in
+    `reserved` (every name the parser reads for a message, level or time: `level`, `@t`,
+    `MESSAGE`, ...) are left out, so the record's own body, severity and time decide."""
     out: list[Any] = []
     for resource_logs in _list(batch, "resourceLogs"):
         resource = resource_logs.get("resource") if isinstance(resource_logs, dict) else None
-        resource_attrs = _attributes(resource.get("attributes") if isinstance(resource, dict) else None)
+        resource_attrs = _attributes(resource.get("attributes") if isinstance(resource, dict) else None, reserved)
         for scope_logs in _list(resource_logs, "scopeLogs"):
             scope = scope_logs.get("scope") if isinstance(scope_logs, dict) else None
             scope_name = scope.get("name") if isinstance(scope, dict) else None
@@ -79,7 +76,7 @@ def flatten(batch: dict[str, Any]) -> list[Any]:
                 flat: dict[str, Any] = dict(resource_attrs)
                 if isinstance(scope_name, str) and scope_name:
                     flat["otel.scope.name"] = scope_name
-                flat.update(_attributes(record.get("attributes")))
+                flat.update(_attributes(record.get("attributes"), reserved))
                 for name in _RECORD_FIELDS:
                     if name in record:
                         flat[name] = record[name]

@@ -45,6 +45,7 @@ from streamer.config import ConfigError, build_config, load_config
         ("kafka:\n  bootstrap_servers: ':::'\n", "kafka.bootstrap_servers"),
         ("kafka:\n  bootstrap_servers: []\n", "kafka.bootstrap_servers"),
         ("kafka:\n  bootstrap_servers: 'a:9092,'\n", "kafka.bootstrap_servers"),
+        ("kafka:\n  bootstrap_servers: 'kafka:9092 kafka2:9092'\n", "kafka.bootstrap_servers"),
         ("kafka:\n  request_timeout_ms: 400\n", "kafka.request_timeout_ms"),
         ("kafka:\n  request_timeout_ms: 600000\n", "kafka.request_timeout_ms"),
         ("consumer:\n  group_id: ''\n", "consumer.group_id"),
@@ -197,7 +198,8 @@ def test_settings_a_review_found_taken_wrongly_or_with_a_traceback(tmp_path):
     config = load_config(path, env={})
     assert config.producer.acks == "all" and config.consumer.group_id == "g"
     assert build_config({"producer": {"acks": -1}}, env={}).producer.acks == -1
-    assert build_config({"kafka": {"bootstrap_servers": "[::1]:9092,b:9093,c"}}, env={})
+    for servers in ("[::1]:9092,b:9093,c", "fe80::abcd", "2001:db8::a", "PLAINTEXT://kafka", ["a:1", "b"]):
+        assert build_config({"kafka": {"bootstrap_servers": servers}}, env={})  # (as kafka-python reads them)
     path.write_bytes("detector:\n  device: cpu  # caf\xe9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match="not UTF-8"):
         load_config(path, env={})

@@ -530,7 +530,14 @@ def _otlp_record(ns: int, severity: int, text: str, **extra: object) -> dict:
         "severityNumber": severity,
         "severityText": "x",
         "body": {"stringValue": text},
-        "attributes": [{"key": "http.status", "value": {"intValue": "500"}}, {"key": "level", "value": {"stringValue": "DEBUG"}}],
+        # Attributes named as other layouts' message, level and time fields must not be read as
+        # them (a review: levelname and log.level beat severityNumber, MESSAGE the body, @t the time).
+        "attributes": [
+            {"key": "http.status", "value": {"intValue": "500"}},
+            *({"key": k, "value": {"stringValue": "DEBUG"}} for k in ("level", "levelname", "log.level", "LogLevel", "@l")),
+            *({"key": k, "value": {"stringValue": "not the body"}} for k in ("MESSAGE", "@m", "message")),
+            *({"key": k, "value": {"stringValue": "2001-01-01T00:00:00Z"}} for k in ("@t", "Timestamp", "time")),
+        ],
         "traceId": "5b8efff798038103d269b633813fc60c",
         "spanId": "eee19b7ec3c1b174",
     }
