@@ -113,8 +113,8 @@ class TimedTransport:
             self.done_at = time.perf_counter()
             self.done.set()
 
-    def commit(self, offsets: dict[TP, int]) -> bool:
-        ok = self._timed("commit", self.inner.commit, offsets)
+    def commit(self, offsets: dict[TP, int], timeout_ms: int | None = None) -> bool:
+        ok = self._timed("commit", self.inner.commit, offsets, timeout_ms)
         if ok and self.watch_topic is None:
             # (Committed only once the batch's outputs were acknowledged; the input starts at 0.)
             self.committed_at.update(offsets)

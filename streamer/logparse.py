@@ -282,9 +282,13 @@ _HAS_OFFSET = re.compile(r"\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?\s*(?:Z|[+-]\d{2}(?
 # tested once against this set (in C), and one with none of them (most such records) is passed
 # over without a dozen dictionary probes.
 _LAYOUT_NAMES = frozenset((*(name for name, _ in _LAYOUT_LEVEL), "log", "@t", *_LAYOUT_TS, "asctime"))
-# Every name read for a record's message, level or time: an OTLP attribute so named is not
-# taken for one (the log record's own body, severity and time decide).
-_READ_NAMES = frozenset((*_JSON_MESSAGE, *_FIELD_ALIASES["level"], *_FIELD_ALIASES["ts"], *_LAYOUT_NAMES))
+# Every name read for a record's message, level or time: where an OTLP log record has its own
+# body, severity or time, an attribute so named is not taken for it (otlp.flatten).
+_READ_NAMES = otlp.ReadNames(
+    message=frozenset(_JSON_MESSAGE),
+    level=frozenset((*_FIELD_ALIASES["level"], *(name for name, _ in _LAYOUT_LEVEL))),
+    time=frozenset((*_FIELD_ALIASES["ts"], *_LAYOUT_TS, "asctime")),
+)
 
 
 def line_format(spec: str) -> LineFormat:

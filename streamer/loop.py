@@ -33,6 +33,8 @@ from streamer.state import TP, SlotTable, Snapshot, SnapshotStore
 from streamer.transport import Headers, OutRecord, Polled, SendError, Transport
 
 log = logging.getLogger(__name__)
+# How long the commit of restored snapshots' offsets may wait at an assignment.
+COMMIT_RESTORED_TIMEOUT_MS = 5_000
 # Score records name the deciding view; the extra None is for events with nothing to compare.
 _VIEW_NAMES = np.array([*VIEWS, None], dtype=object)
 _HELD_NAMES = np.array([None, *HELD[1:]], dtype=object)
@@ -130,6 +132,12 @@ class Runner:
         # snapshots record it, which tells a snapshot ahead of its commit from an offset reset.
         self._committed: dict[TP, int | None] = {}
         self._log_starts: dict[TP, int] = {}  # (of the assignment being completed)
+        # Partitions whose committed offset the coordinator did not give at assignment: the first
+        # offset polled from each is where the group stood (the consumer starts there), and
+        # becomes what their snapshots record, so that commits failing since do not leave
+        # snapshots that read as an older build's.
+        self._start_unknown: set[TP] = set()
+        self._restored_ahead: dict[TP, int] = {}  # (of the assignment being completed)
         # Partitions whose state the stop could not write (a full disk): `streamer run` then
         # exits 1, so a supervisor or an operator sees it; nothing is lost (the restart replays
         # from their previous snapshots), but the disk needs attention before the next stop.
@@ -176,6 +184,10 @@ class Runner:
             committed = known.get(tp) if known is not None else None
             self.emit_from[tp] = committed or 0
             self._committed[tp] = committed
+            if known is None:
+                self._start_unknown.add(tp)
+            else:
+                self._start_unknown.discard(tp)
             # The log our offsets refer to, fixed at assignment: a snapshot taken after the topic
             # was recreated under us must still name the log its offsets came from.
             self.log_ids[tp] = self.transport.topic_id(tp[0])
@@ -220,7 +232,8 @@ class Runner:
                     self.decoder.schemas[stream] = tuple(names)
             self.transport.seek(tp, snap.offset)
             self.next_offset[tp] = snap.offset
-            self._commit_restored(tp, snap.offset, committed)
+            if committed is not None and snap.offset > committed:
+                self._restored_ahead[tp] = snap.offset
             reseeked.add(tp)
             log.info(
                 "restored %d streams of %s[%d] at offset %d (committed %s)",
@@ -231,6 +244,7 @@ class Runner:
                 committed,
                 extra={"topic": tp[0], "partition": tp[1], "offset": snap.offset, "committed": committed},
             )
+        self._commit_restored()
         self.metrics.assigned_partitions.set(len(self.transport.assignment()))
         self.metrics.active_streams.set(self._stream_count())
         self._replaying.update(tp for tp in reseeked if self.next_offset.get(tp, 0) < self.emit_from[tp])
@@ -244,14 +258,17 @@ class Runner:
             polled = polled.select(keep)
         return polled
 
-    def _commit_restored(self, tp: TP, offset: int, committed: int | None) -> None:
-        """Commit a restored snapshot's offset where it is ahead of the committed one (commits
-        that failed before it): its events were emitted and acknowledged, and left behind, the
-        group's offset would show lag that is not there on a quiet partition, and a member
-        without this snapshot (another host) would emit them all again."""
-        if committed is not None and offset > committed and self.transport.commit({tp: offset}):
-            self._committed[tp] = offset
-            self.emit_from[tp] = offset
+    def _commit_restored(self) -> None:
+        """Commit restored snapshots' offsets where they are ahead of the committed ones (commits
+        that failed before them): their events were emitted and acknowledged, and left behind,
+        the group's offset would show lag that is not there on a quiet partition, and a member
+        without the snapshot (another host) would emit them all again. One commit, bounded:
+        these follow a coordinator's trouble, and a commit per partition, each waiting out the
+        request timeout, held the loop for minutes."""
+        ahead, self._restored_ahead = self._restored_ahead, {}
+        if ahead and self.transport.commit(ahead, timeout_ms=COMMIT_RESTORED_TIMEOUT_MS):
+            self._committed.update(ahead)
+            self.emit_from.update(ahead)
 
     def _unusable_offset(self, tp: TP, kind: str, offset: int | None, committed: int | None, wrote: int | None) -> bool:
         """A snapshot whose offset is far from the committed one is not restored; its streams
@@ -343,7 +360,8 @@ class Runner:
             return False
         self.transport.seek(tp, payload["offset"])
         self.next_offset[tp] = payload["offset"]
-        self._commit_restored(tp, payload["offset"], committed)
+        if committed is not None and payload["offset"] > committed:
+            self._restored_ahead[tp] = payload["offset"]
         log.info(
             "restored %d log streams of %s[%d] at offset %d (committed %s)",
             n,
@@ -381,6 +399,7 @@ class Runner:
             self.next_offset.pop(tp, None)
             self.emit_from.pop(tp, None)
             self._committed.pop(tp, None)
+            self._start_unknown.discard(tp)
             self.log_ids.pop(tp, None)
             with contextlib.suppress(KeyError):
                 self.metrics.consumer_lag.remove(tp[0], str(tp[1]))
@@ -530,6 +549,9 @@ class Runner:
             polled = dataclasses.replace(polled, timestamp_ms=np.where(missing, polled_ms, polled.timestamp_ms))
         offsets: dict[TP, int] = {}
         for tp, off in zip(tps, polled.offset.tolist()):
+            if tp in self._start_unknown and tp not in offsets:
+                self._committed[tp] = off  # (where the consumer started: the group's offset)
+                self._start_unknown.discard(tp)
             offsets[tp] = off + 1  # records of a partition arrive in offset order
         self._unacked.update(offsets)  # (cleared by step() once the outputs are acknowledged)
         self.next_offset.update(offsets)

@@ -12,7 +12,7 @@ like any other JSON record and `logs.stream_field: service.name` names the strea
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 # A log record's own fields that the parser reads (its layout names for OpenTelemetry).
 _RECORD_FIELDS = (
@@ -24,6 +24,15 @@ _RECORD_FIELDS = (
     "traceId",
     "spanId",
 )
+
+
+class ReadNames(NamedTuple):
+    """The names the parser reads for a record's message, level and time (its aliases and every
+    known layout's), in the order it tries them: an attribute so named would come first."""
+
+    message: frozenset[str]
+    level: frozenset[str]
+    time: frozenset[str]
 
 
 def is_batch(obj: dict[str, Any]) -> bool:
@@ -40,14 +49,14 @@ def _any_value(value: Any) -> Any:
     return None
 
 
-def _attributes(items: Any, reserved: frozenset[str]) -> dict[str, Any]:
+def _attributes(items: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if not isinstance(items, list):
         return out
     for item in items:
         if isinstance(item, dict) and isinstance(item.get("key"), str):
             scalar = _any_value(item.get("value"))
-            if scalar is not None and item["key"] not in reserved:
+            if scalar is not None:
                 out[item["key"]] = scalar
     return out
 
@@ -57,15 +66,30 @@ def _list(obj: Any, name: str) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
-def flatten(batch: dict[str, Any], reserved: frozenset[str]) -> list[Any]:
+def _own(record: dict[str, Any], names: ReadNames) -> frozenset[str]:
+    """The attribute names to leave out of a log record: those the parser would read for what
+    the record itself has (a body, a severity, a time). Where it lacks one, as a Collector's
+    filelog receiver leaves records whose JSON it parsed into attributes, those attributes are
+    all there is, and they are read."""
+    left_out: frozenset[str] = frozenset()
+    if record.get("body") is not None:
+        left_out |= names.message
+    if record.get("severityNumber") or record.get("severityText"):
+        left_out |= names.level
+    if record.get("timeUnixNano") not in (None, 0, "0", ""):
+        left_out |= names.time
+    return left_out
+
+
+def flatten(batch: dict[str, Any], names: ReadNames) -> list[Any]:
     """Every log record of the batch, in order, as a flat object; an entry that is not an object
-    is returned as it is, for the parser to reject with the others kept. Attributes named in
-    `reserved` (every name the parser reads for a message, level or time: `level`, `@t`,
-    `MESSAGE`, ...) are left out, so the record's own body, severity and time decide."""
+    is returned as it is, for the parser to reject with the others kept. An attribute named as
+    the parser reads a message, level or time (`level`, `@t`, `MESSAGE`, ...) is left out where
+    the record has its own body, severity or time, which then decide."""
     out: list[Any] = []
     for resource_logs in _list(batch, "resourceLogs"):
         resource = resource_logs.get("resource") if isinstance(resource_logs, dict) else None
-        resource_attrs = _attributes(resource.get("attributes") if isinstance(resource, dict) else None, reserved)
+        resource_attrs = _attributes(resource.get("attributes") if isinstance(resource, dict) else None)
         for scope_logs in _list(resource_logs, "scopeLogs"):
             scope = scope_logs.get("scope") if isinstance(scope_logs, dict) else None
             scope_name = scope.get("name") if isinstance(scope, dict) else None
@@ -73,10 +97,11 @@ def flatten(batch: dict[str, Any], reserved: frozenset[str]) -> list[Any]:
                 if not isinstance(record, dict):
                     out.append(record)
                     continue
-                flat: dict[str, Any] = dict(resource_attrs)
+                attrs = {**resource_attrs, **_attributes(record.get("attributes"))}
+                left_out = _own(record, names)
+                flat: dict[str, Any] = {k: v for k, v in attrs.items() if k not in left_out}
                 if isinstance(scope_name, str) and scope_name:
                     flat["otel.scope.name"] = scope_name
-                flat.update(_attributes(record.get("attributes"), reserved))
                 for name in _RECORD_FIELDS:
                     if name in record:
                         flat[name] = record[name]

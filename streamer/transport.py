@@ -119,7 +119,7 @@ class Transport(Protocol):
     def subscribe(self, topics: Sequence[str], on_assign: Callable[[list[TP]], None], on_revoke: Callable[[list[TP]], None]) -> None: ...
     def poll(self, timeout_ms: int, max_records: int) -> Polled: ...
     def send_batch(self, records: Sequence[OutRecord]) -> None: ...
-    def commit(self, offsets: dict[TP, int]) -> bool: ...
+    def commit(self, offsets: dict[TP, int], timeout_ms: int | None = None) -> bool: ...
     def committed(self, tps: list[TP]) -> dict[TP, int | None] | None: ...
     def seek(self, tp: TP, offset: int) -> None: ...
     def highwater(self, tp: TP) -> int | None: ...
@@ -325,13 +325,14 @@ class KafkaPythonTransport:
                 log.debug("closing the failed producer raised", exc_info=True)
         self._producer = None
 
-    def commit(self, offsets: dict[TP, int]) -> bool:
-        """Synchronous commit; False (not an exception) when the group rebalanced under us."""
+    def commit(self, offsets: dict[TP, int], timeout_ms: int | None = None) -> bool:
+        """Synchronous commit; False (not an exception) when the group rebalanced under us, or
+        when it did not complete within timeout_ms (None: the client's request timeout)."""
         if not offsets:
             return True
         meta = {TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()}
         try:
-            self._consumer.commit(meta)
+            self._consumer.commit(meta, timeout_ms=timeout_ms)
             return True
         except CommitFailedError as err:
             log.warning("offset commit failed, records will be redelivered: %s", err)

@@ -609,3 +609,23 @@ def test_a_long_logfmt_token_without_a_key_does_not_hang_the_parser(shape):
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
     assert ev.message == "boom" and ev.fields["code"] == "7" and LEVEL_NAMES[ev.level] == "ERROR"
+
+
+def test_otlp_attributes_stand_in_for_what_a_log_record_lacks():
+    """A Collector's filelog receiver with a JSON parser and no severity or time parser leaves
+    the level, time and sometimes the message in attributes only: leaving out every attribute
+    named like one (to keep them from overriding the record's own) made ERROR lines UNKNOWN
+    and took the collector's observed time (a review of the first fix)."""
+    t = 1_714_557_600_000_000_000
+    bare = {
+        "timeUnixNano": "0",
+        "observedTimeUnixNano": str(t),
+        "attributes": [
+            {"key": "levelname", "value": {"stringValue": "ERROR"}},
+            {"key": "@t", "value": {"stringValue": "2024-05-01T09:00:00.500Z"}},
+            {"key": "message", "value": {"stringValue": "disk full on /var"}},
+        ],
+    }
+    ev = _parse(LogParser("plain", "service.name"), [_otlp_batch([("db", [bare])])]).event(0)
+    assert (ev.stream, ev.message, LEVEL_NAMES[ev.level]) == ("db", "disk full on /var", "ERROR")
+    assert ev.ts_ms == _ms(2024, 5, 1, 9, 0, 0, 500_000)
