@@ -37,7 +37,7 @@ from streamer.app import build_runner
 from streamer.broker import EmbeddedBroker
 from streamer.config import Config, ProducerConfig, build_config
 from streamer.metrics import Metrics
-from streamer.transport import TP, KafkaPythonTransport, OutRecord, Polled
+from streamer.transport import COMMITTED_TIMEOUT_MS, TP, KafkaPythonTransport, OutRecord, Polled
 
 INPUT_PARTITIONS = 4
 SCORE_RECORD_BYTES = 250  # what the baseline producer sends: about one score record
@@ -121,8 +121,8 @@ class TimedTransport:
             self._count(sum(self.committed_at.values()))
         return bool(ok)
 
-    def committed(self, tps: list[TP]) -> dict[TP, int | None] | None:
-        return self.inner.committed(tps)
+    def committed(self, tps: list[TP], timeout_ms: int = COMMITTED_TIMEOUT_MS) -> dict[TP, int | None] | None:
+        return self.inner.committed(tps, timeout_ms)
 
     def seek(self, tp: TP, offset: int) -> None:
         self.inner.seek(tp, offset)

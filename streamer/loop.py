@@ -35,6 +35,9 @@ from streamer.transport import Headers, OutRecord, Polled, SendError, Transport
 log = logging.getLogger(__name__)
 # How long the commit of restored snapshots' offsets may wait at an assignment.
 COMMIT_RESTORED_TIMEOUT_MS = 5_000
+# How long a partition's committed offset is asked for again, when its first records arrive
+# after the coordinator did not give it at the assignment (unknown still: the two-batch rule).
+LEARN_COMMITTED_TIMEOUT_MS = 2_000
 # Score records name the deciding view; the extra None is for events with nothing to compare.
 _VIEW_NAMES = np.array([*VIEWS, None], dtype=object)
 _HELD_NAMES = np.array([None, *HELD[1:]], dtype=object)
@@ -132,10 +135,11 @@ class Runner:
         # snapshots record it, which tells a snapshot ahead of its commit from an offset reset.
         self._committed: dict[TP, int | None] = {}
         self._log_starts: dict[TP, int] = {}  # (of the assignment being completed)
-        # Partitions whose committed offset the coordinator did not give at assignment: the first
-        # offset polled from each is where the group stood (the consumer starts there), and
-        # becomes what their snapshots record, so that commits failing since do not leave
-        # snapshots that read as an older build's.
+        # Partitions whose committed offset the coordinator did not give at assignment: asked
+        # again when their first records arrive (the client has then had it from the
+        # coordinator), so that their snapshots record it and commits failing since do not leave
+        # snapshots that read as an older build's. (The first offset polled is no stand-in: a
+        # transaction marker or a compacted record at the committed offset puts it past it.)
         self._start_unknown: set[TP] = set()
         self._restored_ahead: dict[TP, int] = {}  # (of the assignment being completed)
         # Partitions whose state the stop could not write (a full disk): `streamer run` then
@@ -257,6 +261,15 @@ class Runner:
             keep = np.array([tp not in reseeked for tp in zip(polled.topic, polled.partition.tolist())], dtype=bool)
             polled = polled.select(keep)
         return polled
+
+    def _learn_committed(self, tps: list[TP]) -> None:
+        if not tps:
+            return
+        self._start_unknown.difference_update(tps)
+        got = self.transport.committed(tps, timeout_ms=LEARN_COMMITTED_TIMEOUT_MS)
+        for tp in tps:
+            if got is not None and got.get(tp) is not None:
+                self._committed[tp] = got[tp]
 
     def _commit_restored(self) -> None:
         """Commit restored snapshots' offsets where they are ahead of the committed ones (commits
@@ -547,11 +560,10 @@ class Runner:
         if missing.any():
             polled_ms = np.int64(self.clock() * 1000.0)
             polled = dataclasses.replace(polled, timestamp_ms=np.where(missing, polled_ms, polled.timestamp_ms))
+        if self._start_unknown:
+            self._learn_committed([tp for tp in dict.fromkeys(tps) if tp in self._start_unknown])
         offsets: dict[TP, int] = {}
         for tp, off in zip(tps, polled.offset.tolist()):
-            if tp in self._start_unknown and tp not in offsets:
-                self._committed[tp] = off  # (where the consumer started: the group's offset)
-                self._start_unknown.discard(tp)
             offsets[tp] = off + 1  # records of a partition arrive in offset order
         self._unacked.update(offsets)  # (cleared by step() once the outputs are acknowledged)
         self.next_offset.update(offsets)

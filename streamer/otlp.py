@@ -66,17 +66,27 @@ def _list(obj: Any, name: str) -> list[Any]:
     return value if isinstance(value, list) else []
 
 
+def _usable(name: str, value: Any) -> bool:
+    """Whether a log record's own field says something the parser can read: OTLP/JSON writes 0
+    and "" for unset, and a body may be a map or list, which is no message."""
+    if name == "body":
+        return isinstance(value, str) or (isinstance(value, dict) and isinstance(value.get("stringValue"), str))
+    if name == "severityNumber":
+        return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 24
+    return value not in (None, 0, "0", "")
+
+
 def _own(record: dict[str, Any], names: ReadNames) -> frozenset[str]:
     """The attribute names to leave out of a log record: those the parser would read for what
     the record itself has (a body, a severity, a time). Where it lacks one, as a Collector's
     filelog receiver leaves records whose JSON it parsed into attributes, those attributes are
     all there is, and they are read."""
     left_out: frozenset[str] = frozenset()
-    if record.get("body") is not None:
+    if _usable("body", record.get("body")):
         left_out |= names.message
-    if record.get("severityNumber") or record.get("severityText"):
+    if _usable("severityNumber", record.get("severityNumber")) or _usable("severityText", record.get("severityText")):
         left_out |= names.level
-    if record.get("timeUnixNano") not in (None, 0, "0", ""):
+    if _usable("timeUnixNano", record.get("timeUnixNano")):
         left_out |= names.time
     return left_out
 
@@ -85,7 +95,7 @@ def flatten(batch: dict[str, Any], names: ReadNames) -> list[Any]:
     """Every log record of the batch, in order, as a flat object; an entry that is not an object
     is returned as it is, for the parser to reject with the others kept. An attribute named as
     the parser reads a message, level or time (`level`, `@t`, `MESSAGE`, ...) is left out where
-    the record has its own body, severity or time, which then decide."""
+    the record has its own (usable) body, severity or time, which then decide."""
     out: list[Any] = []
     for resource_logs in _list(batch, "resourceLogs"):
         resource = resource_logs.get("resource") if isinstance(resource_logs, dict) else None
@@ -103,7 +113,9 @@ def flatten(batch: dict[str, Any], names: ReadNames) -> list[Any]:
                 if isinstance(scope_name, str) and scope_name:
                     flat["otel.scope.name"] = scope_name
                 for name in _RECORD_FIELDS:
-                    if name in record:
+                    # (Only what says something: an empty severityText or a null body would
+                    # otherwise hide an attribute standing in for it.)
+                    if _usable(name, record.get(name)):
                         flat[name] = record[name]
                 out.append(flat)
     return out

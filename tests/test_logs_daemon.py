@@ -228,7 +228,7 @@ def test_otlp_json_batches_from_the_collector_are_scored_line_by_line(broker, to
             lines[23] = ("OutOfMemoryError: Java heap space in worker pool-3", 21)
         records = [_otlp_record(t0 + (b * 40 + i) * 250_000_000, sev, text) for i, (text, sev) in enumerate(lines)]
         batches.append(_otlp_batch([("checkout", records[:30]), ("cart", records[30:])]))
-    broken = _otlp_record(t0, 9, "x", body={"kvlistValue": {"values": []}})
+    broken = _otlp_record(t0, 9, "x", body={"kvlistValue": {"values": []}}, attributes=[])
     batches.append(_otlp_batch([("checkout", [_otlp_record(t0 + 10**12, 9, "GET /items/1 200 in 1 ms"), broken])]))
     produce(broker, topics["input"] + "-json", [(None, b) for b in batches], partition_of=lambda _k: 0)
     expected = 6 * 40 + 1

@@ -568,7 +568,7 @@ def test_an_otlp_json_batch_is_read_as_its_log_records():
 
 def test_an_otlp_batch_with_bad_log_records_scores_the_rest_and_dead_letters_the_record():
     t = 1_714_557_600_000_000_000
-    bad_body = _otlp_record(t, 9, "x", body={"arrayValue": {"values": []}})
+    bad_body = _otlp_record(t, 9, "x", body={"arrayValue": {"values": []}}, attributes=[])  # (nothing to stand in)
     blank = _otlp_record(t, 9, "   ")
     batch = _otlp_batch([("checkout", [_otlp_record(t, 9, "a"), bad_body, _otlp_record(t, 9, "b"), blank])])
     res = _parse(LogParser("plain", "service.name"), [batch])
@@ -629,3 +629,14 @@ def test_otlp_attributes_stand_in_for_what_a_log_record_lacks():
     ev = _parse(LogParser("plain", "service.name"), [_otlp_batch([("db", [bare])])]).event(0)
     assert (ev.stream, ev.message, LEVEL_NAMES[ev.level]) == ("db", "disk full on /var", "ERROR")
     assert ev.ts_ms == _ms(2024, 5, 1, 9, 0, 0, 500_000)
+    # What the record has but says nothing with (a null or map body, severity 0 or an enum name,
+    # an empty severityText) is not its own either (the next review of this change).
+    for unset in (
+        {"body": None},
+        {"body": {}},
+        {"body": {"kvlistValue": {"values": []}}},
+        {"severityNumber": "SEVERITY_NUMBER_ERROR"},
+        {"severityNumber": 0, "severityText": ""},
+    ):
+        ev = _parse(LogParser("plain", "service.name"), [_otlp_batch([("db", [{**bare, **unset}])])]).event(0)
+        assert (ev.message, LEVEL_NAMES[ev.level]) == ("disk full on /var", "ERROR"), unset

@@ -437,8 +437,8 @@ def test_a_snapshot_ahead_of_commits_that_failed_is_restored_not_taken_for_a_res
     offset committed at once (a quiet partition showed lag that was not there, and a member
     without the snapshot would emit it all again), and nothing emitted twice here. `silent`: the
     coordinator did not give the committed offset at the assignment either, and the snapshots
-    recorded none, which read as an older build's (review: 200 emitted twice); the first offset
-    polled stands in for it."""
+    recorded none, which read as an older build's (review: 200 emitted twice); it is asked again
+    when the first records arrive."""
     t = topics["input"]
     produce(broker, t, [(b"s-1", event("s-1", 1_000 * i, {"temp": 20.0 + i % 5})) for i in range(100)], lambda k: 0)
     config = make_config(broker, topics, state_dir, consumer={"max_poll_records": 50})
@@ -447,8 +447,14 @@ def test_a_snapshot_ahead_of_commits_that_failed_is_restored_not_taken_for_a_res
     produce(broker, t, [(b"s-1", event("s-1", 1_000 * i, {"temp": 20.0 + i % 5})) for i in range(100, 300)], lambda k: 0)
     cut_off = DaemonThread(config)
     cut_off.runner.transport.commit = lambda offsets, timeout_ms=None: False  # type: ignore[method-assign]
-    if silent:
-        cut_off.runner.transport.committed = lambda tps: None  # type: ignore[method-assign]
+    if silent:  # (no answer at the assignment; answers again by the time records arrive)
+        real, calls = cut_off.runner.transport.committed, []
+
+        def slow_at_first(tps: list, timeout_ms: int = 10_000) -> dict | None:
+            calls.append(tps)
+            return None if len(calls) == 1 else real(tps, timeout_ms)
+
+        cut_off.runner.transport.committed = slow_at_first  # type: ignore[method-assign]
     with cut_off:
         cut_off.wait_scored(200)
     c = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=config.consumer.group_id, enable_auto_commit=False)
