@@ -263,11 +263,16 @@ class Runner:
         return polled
 
     def _learn_committed(self, tps: list[TP]) -> None:
-        if not tps:
-            return
+        """Ask once more, within LEARN_COMMITTED_TIMEOUT_MS for all of them, partition by
+        partition so that a slow coordinator's answers so far are kept (asked together, one
+        late answer lost them all); those not answered stay unknown for this assignment."""
         self._start_unknown.difference_update(tps)
-        got = self.transport.committed(tps, timeout_ms=LEARN_COMMITTED_TIMEOUT_MS)
+        deadline = time.monotonic() + LEARN_COMMITTED_TIMEOUT_MS / 1000
         for tp in tps:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0:
+                return
+            got = self.transport.committed([tp], timeout_ms=left_ms)
             if got is not None and got.get(tp) is not None:
                 self._committed[tp] = got[tp]
 
