@@ -29,7 +29,7 @@ from streamer.health import LoopHealth
 from streamer.logstreams import LogStreams
 from streamer.metrics import Metrics
 from streamer.sdnotify import Notifier
-from streamer.state import TP, SlotTable, Snapshot, SnapshotStore
+from streamer.state import TP, SlotTable, Snapshot, SnapshotStore, recorded_committed
 from streamer.transport import Headers, OutRecord, Polled, SendError, Transport
 
 log = logging.getLogger(__name__)
@@ -134,14 +134,12 @@ class Runner:
         # The offset this member last committed (or found committed at assignment) per partition:
         # snapshots record it, which tells a snapshot ahead of its commit from an offset reset.
         self._committed: dict[TP, int | None] = {}
-        self._log_starts: dict[TP, int] = {}  # (of the assignment being completed)
         # Partitions whose committed offset the coordinator did not give at assignment: asked
         # again when their first records arrive (the client has then had it from the
         # coordinator), so that their snapshots record it and commits failing since do not leave
         # snapshots that read as an older build's. (The first offset polled is no stand-in: a
         # transaction marker or a compacted record at the committed offset puts it past it.)
         self._start_unknown: set[TP] = set()
-        self._restored_ahead: dict[TP, int] = {}  # (of the assignment being completed)
         # Partitions whose state the stop could not write (a full disk): `streamer run` then
         # exits 1, so a supervisor or an operator sees it; nothing is lost (the restart replays
         # from their previous snapshots), but the disk needs attention before the next stop.
@@ -183,7 +181,7 @@ class Runner:
             )
         # Where each log now begins: a snapshot older than that cannot be replayed from (see
         # _unusable_offset). Unknown (brokers slow to say): the snapshot is used as before.
-        self._log_starts = (self.transport.log_starts(tps, 5_000) if tps and known is not None else None) or {}
+        starts = (self.transport.log_starts(tps, 5_000) if tps and known is not None else None) or {}
         for tp in tps:
             committed = known.get(tp) if known is not None else None
             self.emit_from[tp] = committed or 0
@@ -198,11 +196,11 @@ class Runner:
             if known is None:
                 continue
             if self.logs is not None and tp[0] in self.logs.topics:
-                if self._restore_logs(tp, committed):
+                if self._restore_logs(tp, committed, starts.get(tp)):
                     reseeked.add(tp)
                 continue
             snap = self.store.load(tp, self.arch)
-            if snap is None or self._unusable_offset(tp, "", snap.offset, committed, snap.committed):
+            if snap is None or self._unusable_offset(tp, "", snap.offset, committed, snap.committed, starts.get(tp)):
                 continue
             current_id = self.log_ids[tp]
             if snap.topic_id and current_id and snap.topic_id != current_id:
@@ -236,8 +234,6 @@ class Runner:
                     self.decoder.schemas[stream] = tuple(names)
             self.transport.seek(tp, snap.offset)
             self.next_offset[tp] = snap.offset
-            if committed is not None and snap.offset > committed:
-                self._restored_ahead[tp] = snap.offset
             reseeked.add(tp)
             log.info(
                 "restored %d streams of %s[%d] at offset %d (committed %s)",
@@ -248,7 +244,10 @@ class Runner:
                 committed,
                 extra={"topic": tp[0], "partition": tp[1], "offset": snap.offset, "committed": committed},
             )
-        self._commit_restored()
+        if known is not None:
+            self._commit_restored(
+                {tp: self.next_offset[tp] for tp in reseeked if (c := known.get(tp)) is not None and self.next_offset[tp] > c}
+            )
         self.metrics.assigned_partitions.set(len(self.transport.assignment()))
         self.metrics.active_streams.set(self._stream_count())
         self._replaying.update(tp for tp in reseeked if self.next_offset.get(tp, 0) < self.emit_from[tp])
@@ -276,19 +275,18 @@ class Runner:
             if got is not None and got.get(tp) is not None:
                 self._committed[tp] = got[tp]
 
-    def _commit_restored(self) -> None:
+    def _commit_restored(self, ahead: dict[TP, int]) -> None:
         """Commit restored snapshots' offsets where they are ahead of the committed ones (commits
         that failed before them): their events were emitted and acknowledged, and left behind,
         the group's offset would show lag that is not there on a quiet partition, and a member
         without the snapshot (another host) would emit them all again. One commit, bounded:
         these follow a coordinator's trouble, and a commit per partition, each waiting out the
         request timeout, held the loop for minutes."""
-        ahead, self._restored_ahead = self._restored_ahead, {}
         if ahead and self.transport.commit(ahead, timeout_ms=COMMIT_RESTORED_TIMEOUT_MS):
             self._committed.update(ahead)
             self.emit_from.update(ahead)
 
-    def _unusable_offset(self, tp: TP, kind: str, offset: int | None, committed: int | None, wrote: int | None) -> bool:
+    def _unusable_offset(self, tp: TP, kind: str, offset: int | None, committed: int | None, wrote: int | None, start: int | None) -> bool:
         """A snapshot whose offset is far from the committed one is not restored; its streams
         start cold, as on a host that never had the partition. Far behind: the replay up to the
         committed offset would keep this member unready for long (it owned the partition long
@@ -307,7 +305,6 @@ class Runner:
         limit = self.config.state.max_replay_records
         ahead = 2 * self.config.consumer.max_poll_records
         where = {"topic": tp[0], "partition": tp[1], "offset": offset, "committed": committed}
-        start = self._log_starts.get(tp)
         if start is not None and offset < start:
             # Retention deleted records the replay would need: the seek would land out of range
             # and the consumer jump to auto_offset_reset, past the committed offset with `latest`
@@ -356,14 +353,13 @@ class Runner:
             return True
         return False
 
-    def _restore_logs(self, tp: TP, committed: int | None) -> bool:
+    def _restore_logs(self, tp: TP, committed: int | None, start: int | None) -> bool:
         assert self.logs is not None
         payload = self.store.load_payload(tp)
-        wrote = payload.get("committed") if payload is not None else None
         if (
             payload is None
             or payload.get("kind") != "logs"
-            or self._unusable_offset(tp, "log ", payload.get("offset"), committed, wrote if isinstance(wrote, int) else None)
+            or self._unusable_offset(tp, "log ", payload.get("offset"), committed, recorded_committed(payload), start)
         ):
             return False
         if payload.get("topic_id") and self.log_ids[tp] and payload["topic_id"] != self.log_ids[tp]:
@@ -378,8 +374,6 @@ class Runner:
             return False
         self.transport.seek(tp, payload["offset"])
         self.next_offset[tp] = payload["offset"]
-        if committed is not None and payload["offset"] > committed:
-            self._restored_ahead[tp] = payload["offset"]
         log.info(
             "restored %d log streams of %s[%d] at offset %d (committed %s)",
             n,

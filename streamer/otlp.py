@@ -76,17 +76,24 @@ def _usable(name: str, value: Any) -> bool:
     return value not in (None, 0, "0", "")
 
 
-def _own(record: dict[str, Any], names: ReadNames) -> frozenset[str]:
+def _own(record: dict[str, Any]) -> dict[str, Any]:
+    """The log record's own fields that say something (`_usable`): only those are copied over
+    the attributes, since an empty severityText or a null body would otherwise hide an
+    attribute standing in for it."""
+    return {name: record[name] for name in _RECORD_FIELDS if _usable(name, record.get(name))}
+
+
+def _left_out(own: dict[str, Any], names: ReadNames) -> frozenset[str]:
     """The attribute names to leave out of a log record: those the parser would read for what
     the record itself has (a body, a severity, a time). Where it lacks one, as a Collector's
     filelog receiver leaves records whose JSON it parsed into attributes, those attributes are
     all there is, and they are read."""
     left_out: frozenset[str] = frozenset()
-    if _usable("body", record.get("body")):
+    if "body" in own:
         left_out |= names.message
-    if _usable("severityNumber", record.get("severityNumber")) or _usable("severityText", record.get("severityText")):
+    if "severityNumber" in own or "severityText" in own:
         left_out |= names.level
-    if _usable("timeUnixNano", record.get("timeUnixNano")):
+    if "timeUnixNano" in own:
         left_out |= names.time
     return left_out
 
@@ -108,14 +115,11 @@ def flatten(batch: dict[str, Any], names: ReadNames) -> list[Any]:
                     out.append(record)
                     continue
                 attrs = {**resource_attrs, **_attributes(record.get("attributes"))}
-                left_out = _own(record, names)
+                own = _own(record)
+                left_out = _left_out(own, names)
                 flat: dict[str, Any] = {k: v for k, v in attrs.items() if k not in left_out}
                 if isinstance(scope_name, str) and scope_name:
                     flat["otel.scope.name"] = scope_name
-                for name in _RECORD_FIELDS:
-                    # (Only what says something: an empty severityText or a null body would
-                    # otherwise hide an attribute standing in for it.)
-                    if _usable(name, record.get(name)):
-                        flat[name] = record[name]
+                flat.update(own)
                 out.append(flat)
     return out

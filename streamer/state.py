@@ -183,7 +183,6 @@ class SnapshotStore:
         ):
             log.warning("ignoring snapshot %s: no offset, streams or schemas in this code's format; streams restart cold", self.path(tp))
             return None
-        committed = payload.get("committed")
         return Snapshot(
             offset,
             streams,
@@ -192,8 +191,15 @@ class SnapshotStore:
             payload["arch"],
             payload.get("topic_id"),
             idle_ages(payload, len(streams)),
-            committed if isinstance(committed, int) and not isinstance(committed, bool) else None,
+            recorded_committed(payload),
         )
+
+
+def recorded_committed(payload: dict[str, Any]) -> int | None:
+    """The committed offset a snapshot (sensor or log) was written against, or None where it has
+    none that reads as one (an older file)."""
+    committed = payload.get("committed")
+    return committed if isinstance(committed, int) and not isinstance(committed, bool) else None
 
 
 def idle_age(x: Any) -> float | None:
