@@ -342,18 +342,23 @@ def _commit(broker, config, topic: str, offset: int) -> None:
     c.close()
 
 
+def _produce_s1(broker, topic: str, start: int, stop: int) -> None:
+    """Events start..stop-1 of one stream, s-1, a second apart, to partition 0."""
+    produce(broker, topic, [(b"s-1", event("s-1", 1_000 * i, {"temp": 20.0 + i % 5})) for i in range(start, stop)], lambda k: 0)
+
+
 def test_not_ready_until_the_replay_up_to_the_committed_offset_is_done(broker, topics, state_dir):
     """After a crash the snapshot can be older than the committed offset: the events between are
     scored again, without outputs, to rebuild state. /readyz said ready before that replay had
     finished, so a rolling update could move on while the new member still lagged."""
     t = topics["input"]
-    produce(broker, t, [(b"s-1", event("s-1", 1_000 * i, {"temp": 20.0 + i % 5})) for i in range(40)], lambda k: 0)
+    _produce_s1(broker, t, 0, 40)
     config = make_config(broker, topics, state_dir, consumer={"max_poll_records": 20})
     with DaemonThread(config) as first:
         first.wait_scored(40)
     # More events, scored and committed by a member whose state never reached the disk (a crash
     # before its next snapshot): the snapshot stays at offset 40, the commit moves to 400.
-    produce(broker, t, [(b"s-1", event("s-1", 1_000 * i, {"temp": 20.0 + i % 5})) for i in range(40, 400)], lambda k: 0)
+    _produce_s1(broker, t, 40, 400)
     _commit(broker, config, t, 400)
 
     runner = DaemonThread(config).runner
@@ -381,14 +386,14 @@ def test_a_snapshot_too_far_behind_the_committed_offset_is_not_replayed(broker, 
     snapshot and replayed everything since, unready all along (weeks of a busy partition, after
     a scale-down and up). Beyond state.max_replay_records its streams start cold instead."""
     t = topics["input"]
-    produce(broker, t, [(b"s-1", event("s-1", 1_000 * i, {"temp": 20.0 + i % 5})) for i in range(40)], lambda k: 0)
+    _produce_s1(broker, t, 0, 40)
     config = make_config(broker, topics, state_dir, state={"max_replay_records": limit})
     with DaemonThread(config) as first:
         first.wait_scored(40)
     # Scored and committed elsewhere since: the snapshot here stays at offset 40, 360 behind.
-    produce(broker, t, [(b"s-1", event("s-1", 1_000 * i, {"temp": 20.0 + i % 5})) for i in range(40, 400)], lambda k: 0)
+    _produce_s1(broker, t, 40, 400)
     _commit(broker, config, t, 400)
-    produce(broker, t, [(b"s-1", event("s-1", 1_000 * i, {"temp": 20.0 + i % 5})) for i in range(400, 420)], lambda k: 0)
+    _produce_s1(broker, t, 400, 420)
     with DaemonThread(config) as daemon:
         daemon.wait_scored(20)
         replayed = daemon.metrics.replayed._value.get()
@@ -412,8 +417,7 @@ def test_an_offset_reset_is_honoured_not_skipped_by_the_snapshot(broker, topics,
     committed offset it was written against; ahead of a committed offset that is not that one,
     it is not restored, and consumption starts where the operator put it."""
     t = topics["input"]
-    records = [(b"s-1", event("s-1", 1_000 * i, {"temp": 20.0 + i % 5})) for i in range(300)]
-    produce(broker, t, records, lambda k: 0)
+    _produce_s1(broker, t, 0, 300)
     config = make_config(broker, topics, state_dir, consumer={"max_poll_records": 50})
     with DaemonThread(config) as first:
         first.wait_scored(300)
@@ -440,11 +444,11 @@ def test_a_snapshot_ahead_of_commits_that_failed_is_restored_not_taken_for_a_res
     recorded none, which read as an older build's (review: 200 emitted twice); it is asked again
     when the first records arrive."""
     t = topics["input"]
-    produce(broker, t, [(b"s-1", event("s-1", 1_000 * i, {"temp": 20.0 + i % 5})) for i in range(100)], lambda k: 0)
+    _produce_s1(broker, t, 0, 100)
     config = make_config(broker, topics, state_dir, consumer={"max_poll_records": 50})
     with DaemonThread(config) as first:
         first.wait_scored(100)
-    produce(broker, t, [(b"s-1", event("s-1", 1_000 * i, {"temp": 20.0 + i % 5})) for i in range(100, 300)], lambda k: 0)
+    _produce_s1(broker, t, 100, 300)
     cut_off = DaemonThread(config)
     cut_off.runner.transport.commit = lambda offsets, timeout_ms=None: False  # type: ignore[method-assign]
     if silent:  # (no answer at the assignment; answers again by the time records arrive)
@@ -472,7 +476,7 @@ def test_a_snapshot_ahead_of_commits_that_failed_is_restored_not_taken_for_a_res
         carried = 200 if silent else 300
         assert int(quiet.runner.detector.bank.tensors["steps"][row]) == carried
     c.close()
-    produce(broker, t, [(b"s-1", event("s-1", 1_000 * i, {"temp": 20.0 + i % 5})) for i in range(300, 310)], lambda k: 0)
+    _produce_s1(broker, t, 300, 310)
     with DaemonThread(config) as daemon:
         daemon.wait_scored(10)
         row = daemon.runner.slots.slot_of["s-1"]
@@ -486,7 +490,7 @@ def test_ready_when_the_log_ends_before_the_committed_offset(broker, topics, sta
     """A committed offset past the log's end (a truncated or compacted tail): no record ever
     reaches it, and /readyz stayed 503 until new events went past it."""
     t = topics["input"]
-    produce(broker, t, [(b"s-1", event("s-1", 1_000 * i, {"temp": 20.0 + i % 5})) for i in range(40)], lambda k: 0)
+    _produce_s1(broker, t, 0, 40)
     config = make_config(broker, topics, state_dir)
     with DaemonThread(config) as first:
         first.wait_scored(40)
@@ -735,12 +739,12 @@ def test_a_snapshot_older_than_the_logs_first_offset_is_not_restored(broker, top
     were never scored. Such a snapshot is discarded and consumption starts at the committed
     offset. (Tansu has no DeleteRecords: the log's first offset is given by the transport.)"""
     t = topics["input"]
-    produce(broker, t, [(b"s-1", event("s-1", 1_000 * i, {"temp": 20.0 + i % 5})) for i in range(40)], lambda k: 0)
+    _produce_s1(broker, t, 0, 40)
     config = make_config(broker, topics, state_dir, consumer={"auto_offset_reset": "latest"})
     _commit(broker, config, t, 0)  # (with `latest`, the first member starts at the group's offset)
     with DaemonThread(config) as first:
         first.wait_scored(40)
-    produce(broker, t, [(b"s-1", event("s-1", 1_000 * i, {"temp": 20.0 + i % 5})) for i in range(40, 120)], lambda k: 0)
+    _produce_s1(broker, t, 40, 120)
     _commit(broker, config, t, 100)  # scored elsewhere up to 100; retention has since deleted up to 60
     daemon = DaemonThread(config)
     daemon.runner.transport.log_starts = lambda tps, timeout_ms: {tp: 60 for tp in tps}  # type: ignore[method-assign]
