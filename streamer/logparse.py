@@ -39,6 +39,7 @@ REASONS = (
     "missing_stream",
     "invalid_stream",
     "invalid_timestamp",
+    "invalid_otlp",
     "parse_error",
 )
 
@@ -129,6 +130,10 @@ class LogEvent:
     level: int
     message: str
     fields: dict[str, str]
+
+
+# The events of one record, each with its place in it, and (reason, detail) of its rejected entries.
+_Entries = tuple[list[tuple[int, LogEvent]], list[tuple[str, str]]]
 
 
 # -- timestamps ------------------------------------------------------------------------------
@@ -519,9 +524,9 @@ class LogParser:
             return ts, message, fields, parse_level(raw_level)
         return ts, message, fields, _layout_level(obj) if layout else UNKNOWN_LEVEL
 
-    def _events(self, raw: bytes | None, key: bytes | None, record_ts: int) -> tuple[list[tuple[int, LogEvent]], list[tuple[str, str]]]:
+    def _events(self, raw: bytes | None, key: bytes | None, record_ts: int) -> _Entries:
         """The events of one record, each with its place in the record: one, or each log record of
-        an OTLP/JSON batch (streamer.otlp), plus (reason, detail) of the batch's entries that
+        an OTLP batch (streamer.otlp, protobuf or JSON), plus (reason, detail) of the batch's entries that
         were rejected (the record is then dead-lettered too, while its other entries are scored)."""
         if raw is not None and raw.startswith(UTF8_BOM):  # (as some Windows tools write; the sensor decoder accepts it too)
             raw = raw[len(UTF8_BOM) :]
@@ -529,6 +534,9 @@ class LogParser:
             raise Rejected("empty_message", "empty or tombstone message")
         if len(raw) > self.max_bytes:
             raise Rejected("oversized", f"{len(raw)} bytes > {self.max_bytes}")
+        batch = otlp.from_proto(raw)
+        if batch is not None:
+            return self._batch_events(batch, key, record_ts)
         if raw.lstrip()[:1] != b"{":
             # Logs carry stray bytes often enough that rejecting them would hide real lines.
             text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
@@ -540,7 +548,11 @@ class LogParser:
             raise Rejected("invalid_json", f"not JSON: {err}") from None
         if not otlp.is_batch(obj):
             return [(0, self._event(*self._json(obj, record_ts), key, record_ts))], []
-        entries = otlp.flatten(obj, _READ_NAMES)
+        return self._batch_events(obj, key, record_ts)
+
+    def _batch_events(self, batch: dict[str, Any], key: bytes | None, record_ts: int) -> _Entries:
+        """The events of an OTLP batch (`_events`), each with its place in the batch."""
+        entries = otlp.flatten(batch, _READ_NAMES)
         if not entries:
             raise Rejected("empty_message", "an OTLP batch without log records")
         events: list[tuple[int, LogEvent]] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import orjson
+import pytest
 from conftest import DaemonThread, make_config, produce, read_all, scores_of
 from kafka import KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
@@ -211,12 +212,16 @@ def test_log_topics_alerts_only(broker, topics, state_dir):
     c.close()
 
 
-def test_otlp_json_batches_from_the_collector_are_scored_line_by_line(broker, topics, state_dir):
-    """The OpenTelemetry Collector's Kafka exporter (`encoding: otlp_json`) writes one batch of log
-    records per message, the service named in the resource. Each log record is a line of its
-    service's stream, with the message's offset and its place in the batch (`entry`); a batch
-    with an unreadable log record is dead-lettered as well, saying which, and the rest scored."""
-    from test_logs_parse import _otlp_batch, _otlp_record
+@pytest.mark.parametrize("encoding", ["otlp_json", "otlp_proto"])
+def test_otlp_batches_from_the_collector_are_scored_line_by_line(broker, topics, state_dir, encoding):
+    """The OpenTelemetry Collector's Kafka exporter (`encoding: otlp_proto`, its default, or
+    `otlp_json`) writes one batch of log records per message, the service named in the resource.
+    Each log record is a line of its service's stream, with the message's offset and its place
+    in the batch (`entry`); a batch with an unreadable log record is dead-lettered as well,
+    saying which, and the rest scored."""
+    from test_logs_parse import _otlp_batch, _otlp_proto_batch, _otlp_record
+
+    batch_of = _otlp_proto_batch if encoding == "otlp_proto" else _otlp_batch
 
     config = _log_config(broker, topics, state_dir)
     config = config.model_copy(update={"logs": config.logs.model_copy(update={"stream_field": "service.name"})})
@@ -227,9 +232,9 @@ def test_otlp_json_batches_from_the_collector_are_scored_line_by_line(broker, to
         if b == 5:
             lines[23] = ("OutOfMemoryError: Java heap space in worker pool-3", 21)
         records = [_otlp_record(t0 + (b * 40 + i) * 250_000_000, sev, text) for i, (text, sev) in enumerate(lines)]
-        batches.append(_otlp_batch([("checkout", records[:30]), ("cart", records[30:])]))
+        batches.append(batch_of([("checkout", records[:30]), ("cart", records[30:])]))
     broken = _otlp_record(t0, 9, "x", body={"kvlistValue": {"values": []}}, attributes=[])
-    batches.append(_otlp_batch([("checkout", [_otlp_record(t0 + 10**12, 9, "GET /items/1 200 in 1 ms"), broken])]))
+    batches.append(batch_of([("checkout", [_otlp_record(t0 + 10**12, 9, "GET /items/1 200 in 1 ms"), broken])]))
     produce(broker, topics["input"] + "-json", [(None, b) for b in batches], partition_of=lambda _k: 0)
     expected = 6 * 40 + 1
     with DaemonThread(config) as daemon:

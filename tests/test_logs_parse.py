@@ -589,6 +589,65 @@ def test_an_otlp_batch_with_bad_log_records_scores_the_rest_and_dead_letters_the
     assert len(res) == 0 and res.dead[0][1] == "missing_stream"
 
 
+def _otlp_proto_batch(resources: list[tuple[str, list[dict]]]) -> bytes:
+    """The same batch as `_otlp_batch`, as the exporter writes it by default (`encoding:
+    otlp_proto`): built with OpenTelemetry's own protobuf classes, the ids as the bytes their
+    hex spells (protobuf's JSON reader would take them for base64)."""
+    from google.protobuf.json_format import ParseDict
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+
+    batch = orjson.loads(_otlp_batch(resources))
+    ids = []
+    for resource_logs in batch["resourceLogs"]:
+        for record in resource_logs["scopeLogs"][0]["logRecords"]:
+            ids.append({k: bytes.fromhex(record.pop(k)) for k in ("traceId", "spanId") if k in record})
+    request = ParseDict(batch, ExportLogsServiceRequest())
+    records = [r for rl in request.resource_logs for r in rl.scope_logs[0].log_records]
+    for record, own in zip(records, ids, strict=True):
+        for name, value in own.items():
+            setattr(record, {"traceId": "trace_id", "spanId": "span_id"}[name], value)
+    return request.SerializeToString()
+
+
+def test_an_otlp_protobuf_batch_reads_as_its_json_twin():
+    """`otlp_proto` is the Collector's Kafka exporter's default encoding: each of its messages was
+    read as one line of binary noise and scored."""
+    t = 1_714_557_600_000_000_000
+    resources = [
+        ("checkout", [_otlp_record(t, 9, "order 17 placed"), _otlp_record(t + 5_000_000, 17, "payment declined")]),
+        ("cart", [_otlp_record(t + 9_000_000, 13, "cart expired", attributes=[{"key": "n", "value": {"doubleValue": 2.5}}])]),
+    ]
+    proto = _otlp_proto_batch(resources)
+    assert proto[:1] == b"\n" and b"{" not in proto[:2]
+    parser = LogParser("plain", "service.name")
+    res, twin = _parse(parser, [proto], [b"k"]), _parse(parser, [_otlp_batch(resources)], [b"k"])
+    assert not res.dead and len(res) == 3 and res.entry.tolist() == [0, 1, 2]
+    assert res.message == ["order 17 placed", "payment declined", "cart expired"]
+    for name in ("stream", "message", "fields"):
+        assert getattr(res, name) == getattr(twin, name), name
+    for name in ("ts_ms", "level", "entry", "index"):
+        assert getattr(res, name).tolist() == getattr(twin, name).tolist(), name
+    assert res.fields[0]["traceId"] == "5b8efff798038103d269b633813fc60c" and res.fields[2]["n"] == "2.5"
+    assert [LEVEL_NAMES[v] for v in res.level.tolist()] == ["INFO", "ERROR", "WARN"]
+
+
+def test_bytes_that_start_like_an_otlp_protobuf_batch_but_are_none():
+    """A batch cut short (or any non-text record starting with 0x0A) is dead-lettered as
+    invalid_otlp, not scored as a line of noise; text that starts with a newline is a line."""
+    t = 1_714_557_600_000_000_000
+    proto = _otlp_proto_batch([("checkout", [_otlp_record(t, 9, "order 17 placed"), _otlp_record(t, 9, "order 18 placed")])])
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+    request = ExportLogsServiceRequest()
+    request.resource_logs.add().resource.attributes.add(key="host.id", value=AnyValue(bytes_value=b"\xff\xfe"))
+    no_records = request.SerializeToString()
+    res = _parse(LogParser("plain", "service"), [proto[:-7], no_records, b"\nERROR disk full", b"\n\x02ab"], [b"k"] * 4)
+    assert [d[:2] for d in res.dead] == [(0, "invalid_otlp"), (1, "invalid_otlp")]
+    assert "does not parse" in res.dead[0][2] and "holds no log record" in res.dead[1][2]
+    assert res.index.tolist() == [2, 3] and res.message[0].strip() == "ERROR disk full" and LEVEL_NAMES[res.level[0]] == "ERROR"
+
+
 @pytest.mark.parametrize("shape", ["x", "a-", "ab.", "1_"])
 def test_a_long_logfmt_token_without_a_key_does_not_hang_the_parser(shape):
     """The logfmt key pattern was tried at every position of a long token without '=' and
