@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from streamer import otlp
+from streamer import otlp, otlp_proto
 from streamer.decode import Rejected, checked_ms, epoch_ms, fine_epoch_ms, parse_ts, unforeseen
 
 UTF8_BOM = b"\xef\xbb\xbf"
@@ -534,7 +534,7 @@ class LogParser:
             raise Rejected("empty_message", "empty or tombstone message")
         if len(raw) > self.max_bytes:
             raise Rejected("oversized", f"{len(raw)} bytes > {self.max_bytes}")
-        batch = otlp.from_proto(raw)
+        batch = otlp_proto.from_proto(raw)
         if batch is not None:
             return self._batch_events(batch, key, record_ts)
         if raw.lstrip()[:1] != b"{":

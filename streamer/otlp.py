@@ -9,12 +9,11 @@ object in the shape of a single OpenTelemetry JSON record (`body`, `timeUnixNano
 `severityNumber`, ...), with the resource's and the record's attributes as top-level keys
 spelt as OpenTelemetry spells them (`service.name`), so the parser reads it like any other JSON
 record and `logs.stream_field: service.name` names the stream. A protobuf batch is first put in
-the OTLP/JSON shape (`from_proto`), so both encodings take one path from there.
+the OTLP/JSON shape (streamer/otlp_proto.py), so both encodings take one path from there.
 """
 
 from __future__ import annotations
 
-import base64
 from typing import Any, NamedTuple
 
 from streamer.decode import Rejected
@@ -42,47 +41,6 @@ class ReadNames(NamedTuple):
 
 def is_batch(obj: dict[str, Any]) -> bool:
     return isinstance(obj.get("resourceLogs"), list)
-
-
-def from_proto(raw: bytes) -> dict[str, Any] | None:
-    """A protobuf ExportLogsServiceRequest in the OTLP/JSON shape `flatten` reads, or None where
-    `raw` is a text line (which the caller reads as one).
-
-    The message has no magic number: it starts with its first ResourceLogs (field 1, length-
-    delimited: byte 0x0A). It is a batch where it parses whole and holds a log record: a text
-    line that starts with a newline would need every nested length to match down to a log
-    record to pass for one. What starts with 0x0A, is not such a batch and is not UTF-8 text
-    either (a batch cut short or corrupt) is rejected as `invalid_otlp`: read as text it would
-    be one line of binary noise, scored, and its lines lost without a trace. What OTLP/JSON
-    spells differently from protobuf's JSON mapping is mended: enums as numbers, trace and span
-    ids in hex (protobuf's mapping writes bytes in base64); int64 stays a string, as in OTLP/JSON.
-    """
-    if raw[:1] != b"\n":
-        return None
-    # (Imported here: the sensor path and most log topics never need protobuf.)
-    from google.protobuf.json_format import MessageToDict
-    from google.protobuf.message import DecodeError
-    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
-
-    try:
-        request = ExportLogsServiceRequest.FromString(raw)
-        problem = "holds no log record"
-    except (DecodeError, ValueError) as err:  # (ValueError: a string field that is not UTF-8)
-        request, problem = None, f"does not parse ({err})"
-    if request is None or not any(scope.log_records for resource in request.resource_logs for scope in resource.scope_logs):
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise Rejected("invalid_otlp", f"starts as an OTLP protobuf batch (0x0A) but {problem}: cut short or corrupt?") from None
-        return None
-    batch = MessageToDict(request, use_integers_for_enums=True)
-    for resource_logs in _list(batch, "resourceLogs"):
-        for scope_logs in _list(resource_logs, "scopeLogs"):
-            for record in _list(scope_logs, "logRecords"):
-                for name in ("traceId", "spanId"):
-                    if isinstance(record.get(name), str):
-                        record[name] = base64.b64decode(record[name]).hex()
-    return batch
 
 
 def _any_value(value: Any) -> Any:
@@ -144,11 +102,31 @@ def _left_out(own: dict[str, Any], names: ReadNames) -> frozenset[str]:
     return left_out
 
 
+# Attribute copies a batch may take: every log record gets its resource's attributes, so a small
+# message of many empty records under a resource of thousands of attributes grew to gigabytes
+# (a review: 64 KiB of protobuf, 1.8 GB). Real batches take well under a tenth of this.
+MAX_ATTRIBUTE_COPIES = 1_000_000
+
+
+def _check_size(batch: dict[str, Any]) -> None:
+    copies = 0
+    for resource_logs in _list(batch, "resourceLogs"):
+        resource = resource_logs.get("resource") if isinstance(resource_logs, dict) else None
+        shared = len(_list(resource, "attributes"))
+        for scope_logs in _list(resource_logs, "scopeLogs"):
+            for record in _list(scope_logs, "logRecords"):
+                copies += shared + len(_list(record, "attributes"))
+    if copies > MAX_ATTRIBUTE_COPIES:
+        detail = f"an OTLP batch whose log records carry {copies:,} attributes in all (resource's included)"
+        raise Rejected("oversized", f"{detail}, over {MAX_ATTRIBUTE_COPIES:,}")
+
+
 def flatten(batch: dict[str, Any], names: ReadNames) -> list[Any]:
     """Every log record of the batch, in order, as a flat object; an entry that is not an object
     is returned as it is, for the parser to reject with the others kept. An attribute named as
     the parser reads a message, level or time (`level`, `@t`, `MESSAGE`, ...) is left out where
     the record has its own (usable) body, severity or time, which then decide."""
+    _check_size(batch)
     out: list[Any] = []
     for resource_logs in _list(batch, "resourceLogs"):
         resource = resource_logs.get("resource") if isinstance(resource_logs, dict) else None

@@ -609,13 +609,18 @@ def _otlp_proto_batch(resources: list[tuple[str, list[dict]]]) -> bytes:
     return request.SerializeToString()
 
 
+def _double(key: str, value: float) -> dict:
+    """A double attribute as the Collector's otlp_json writes it (Go: 3, not 3.0)."""
+    return {"key": key, "value": {"doubleValue": value}}
+
+
 def test_an_otlp_protobuf_batch_reads_as_its_json_twin():
     """`otlp_proto` is the Collector's Kafka exporter's default encoding: each of its messages was
     read as one line of binary noise and scored."""
     t = 1_714_557_600_000_000_000
     resources = [
         ("checkout", [_otlp_record(t, 9, "order 17 placed"), _otlp_record(t + 5_000_000, 17, "payment declined")]),
-        ("cart", [_otlp_record(t + 9_000_000, 13, "cart expired", attributes=[{"key": "n", "value": {"doubleValue": 2.5}}])]),
+        ("cart", [_otlp_record(t + 9_000_000, 13, "cart expired", attributes=[_double("n", 2.5), _double("s", 3), _double("b", 10**16)])]),
     ]
     proto = _otlp_proto_batch(resources)
     assert proto[:1] == b"\n" and b"{" not in proto[:2]
@@ -627,25 +632,64 @@ def test_an_otlp_protobuf_batch_reads_as_its_json_twin():
         assert getattr(res, name) == getattr(twin, name), name
     for name in ("ts_ms", "level", "entry", "index"):
         assert getattr(res, name).tolist() == getattr(twin, name).tolist(), name
-    assert res.fields[0]["traceId"] == "5b8efff798038103d269b633813fc60c" and res.fields[2]["n"] == "2.5"
+    assert res.fields[0]["traceId"] == "5b8efff798038103d269b633813fc60c"
+    # doubles as the Collector's JSON writes them (Go: 3, not 3.0; 10000000000000000, not 1e+16)
+    assert (res.fields[2]["n"], res.fields[2]["s"], res.fields[2]["b"]) == ("2.5", "3", "10000000000000000")
     assert [LEVEL_NAMES[v] for v in res.level.tolist()] == ["INFO", "ERROR", "WARN"]
 
 
 def test_bytes_that_start_like_an_otlp_protobuf_batch_but_are_none():
-    """A batch cut short (or any non-text record starting with 0x0A) is dead-lettered as
-    invalid_otlp, not scored as a line of noise; text that starts with a newline is a line."""
-    t = 1_714_557_600_000_000_000
-    proto = _otlp_proto_batch([("checkout", [_otlp_record(t, 9, "order 17 placed"), _otlp_record(t, 9, "order 18 placed")])])
+    """A batch cut short is dead-lettered as invalid_otlp, not scored as a line of noise; text that
+    starts with a newline is a line, stray bytes and all (a review: a Latin-1 line that started
+    with a newline was dead-lettered by the first version)."""
     from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
     from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
+    t = 1_714_557_600_000_000_000
+    proto = _otlp_proto_batch([("checkout", [_otlp_record(t, 9, "order 17 placed"), _otlp_record(t, 9, "order 18 placed")])])
     request = ExportLogsServiceRequest()
     request.resource_logs.add().resource.attributes.add(key="host.id", value=AnyValue(bytes_value=b"\xff\xfe"))
     no_records = request.SerializeToString()
-    res = _parse(LogParser("plain", "service"), [proto[:-7], no_records, b"\nERROR disk full", b"\n\x02ab"], [b"k"] * 4)
-    assert [d[:2] for d in res.dead] == [(0, "invalid_otlp"), (1, "invalid_otlp")]
-    assert "does not parse" in res.dead[0][2] and "holds no log record" in res.dead[1][2]
-    assert res.index.tolist() == [2, 3] and res.message[0].strip() == "ERROR disk full" and LEVEL_NAMES[res.level[0]] == "ERROR"
+    text = [b"\nERROR disk full", b"\n\x02ab", b"\nERROR caf\xe9 au lait failed", b"\n\n\xff\xfegarbage"]
+    res = _parse(LogParser("plain", "service"), [proto[:-7], no_records, *text], [b"k"] * 6)
+    assert [d[:2] for d in res.dead] == [(0, "invalid_otlp"), (1, "empty_message")]
+    assert "does not parse" in res.dead[0][2]
+    assert res.index.tolist() == [2, 3, 4, 5] and res.message[0].strip() == "ERROR disk full" and LEVEL_NAMES[res.level[0]] == "ERROR"
+
+
+def test_an_otlp_protobuf_batch_with_strings_that_are_not_utf8_is_read():
+    """The Collector (Go) relays strings that are not UTF-8, which Python's protobuf refuses: one
+    such attribute dead-lettered the whole batch (a review). They are read with U+FFFD."""
+    t = 1_714_557_600_000_000_000
+    good = _otlp_proto_batch([("checkout", [_otlp_record(t, 9, "user Jxrg logged in"), _otlp_record(t, 9, "order 18 placed")])])
+    bad = good.replace(b"user Jxrg", b"user J\xf6rg")
+    assert len(bad) == len(good)
+    res = _parse(LogParser("plain", "service.name"), [bad], [b"k"])
+    assert not res.dead and res.message == ["user J\ufffdrg logged in", "order 18 placed"]
+
+
+def test_an_otlp_batch_that_would_copy_too_many_attributes_is_oversized():
+    """Each log record gets its resource's attributes: 12 KB of protobuf (1,001 empty records
+    under 1,000 attributes) would become a million fields (a review: 64 KiB took 1.8 GB)."""
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+    from streamer.otlp import MAX_ATTRIBUTE_COPIES
+
+    def batch(records: int) -> bytes:
+        request = ExportLogsServiceRequest()
+        resource_logs = request.resource_logs.add()
+        for k in range(1000):
+            resource_logs.resource.attributes.add(key=f"a{k}", value=AnyValue(string_value=""))
+        scope = resource_logs.scope_logs.add()
+        for _ in range(records):
+            scope.log_records.add(body=AnyValue(string_value="x"))
+        return request.SerializeToString()
+
+    assert MAX_ATTRIBUTE_COPIES == 1_000_000
+    res = _parse(LogParser("plain", "service.name"), [batch(1001), batch(999)], [b"k", b"k"])
+    assert [d[:2] for d in res.dead] == [(0, "oversized")] and len(res) == 999
+    assert "1,001,000 attributes" in res.dead[0][2]
 
 
 @pytest.mark.parametrize("shape", ["x", "a-", "ab.", "1_"])
