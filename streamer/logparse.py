@@ -443,6 +443,7 @@ class LogParser:
         self.stream_field = stream_field
         self.max_bytes = max_bytes
         self.max_stream_len = max_stream_len
+        otlp_proto.lenient_request()
 
     def _line(self, text: str, fallback_ms: int) -> tuple[int | None, str, dict[str, str], str | None]:
         """(ts_ms or None, message, fields, raw level) of a raw line."""
@@ -545,7 +546,12 @@ class LogParser:
         try:
             obj = orjson.loads(raw)
         except orjson.JSONDecodeError as err:
-            raise Rejected("invalid_json", f"not JSON: {err}") from None
+            # A string that is not UTF-8 (a Latin-1 name; the Collector's otlp_json passes such
+            # bytes through) is read with U+FFFD, as a text line is, rather than losing the record.
+            try:
+                obj = orjson.loads(raw.decode("utf-8", errors="replace"))
+            except orjson.JSONDecodeError:
+                raise Rejected("invalid_json", f"not JSON: {err}") from None
         if not otlp.is_batch(obj):
             return [(0, self._event(*self._json(obj, record_ts), key, record_ts))], []
         return self._batch_events(obj, key, record_ts)

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import functools
 import math
+from decimal import Decimal
 from typing import Any
+
+import orjson
 
 from streamer.decode import Rejected
 
@@ -24,8 +27,9 @@ _RESOURCE_LOGS_TAGS = (0x0A, 0x12, 0x1A)
 
 
 @functools.cache
-def _lenient_request() -> Any:
-    """The ExportLogsServiceRequest class of a private copy of the schema, strings as bytes."""
+def lenient_request() -> Any:
+    """The ExportLogsServiceRequest class of a private copy of the schema, strings as bytes.
+    (Built when a log parser is made, so that a protobuf too old to build it fails at start.)"""
     from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
     from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
     from opentelemetry.proto.common.v1 import common_pb2
@@ -63,8 +67,15 @@ def _text(value: bytes) -> str:
 
 
 def _number(value: float) -> Any:
-    """A double as the Collector's JSON writes it, read back by orjson: integral values as ints."""
-    return int(value) if math.isfinite(value) and value.is_integer() and abs(value) < 1e21 else value
+    """A double as the Collector's JSON writes it (Go's shortest digits, no exponent between 1e-6
+    and 1e21; NaN and the infinities as strings), read back as orjson reads that text."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    if value == 0 or 1e-6 <= abs(value) < 1e21:
+        return orjson.loads(format(Decimal(repr(value)).normalize(), "f"))
+    return value
 
 
 def _any_value(value: Any) -> dict[str, Any]:
@@ -99,24 +110,79 @@ def _record(record: Any) -> dict[str, Any]:
     }
 
 
+def _misread(messages: Any) -> bool:
+    """Whether any of these messages holds a field its schema declares but with another wire type:
+    what an OTLP traces or metrics batch on a logs topic decodes to (a metric's name where a log
+    record's time is), since the three requests share their first fields."""
+    from google.protobuf.unknown_fields import UnknownFieldSet
+
+    for message in messages:
+        declared = message.DESCRIPTOR.fields_by_number
+        if any(field.field_number in declared for field in UnknownFieldSet(message)):
+            return True
+    return False
+
+
+def _nested(message: Any) -> list[Any]:
+    """The message and every message inside it."""
+    out = [message]
+    for field, value in message.ListFields():
+        if field.message_type is None or field.message_type.GetOptions().map_entry:
+            continue
+        # (protobuf 7 dropped `label` for `is_repeated`, which 4.x lacks; 3 is LABEL_REPEATED)
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == 3
+        for item in value if repeated else [value]:
+            out.extend(_nested(item))
+    return out
+
+
+def _other_signal(raw: bytes) -> str:
+    """What an OTLP message that is no logs batch is, for the dead letter's detail."""
+    from google.protobuf.message import DecodeError
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    for name, request in (("traces", ExportTraceServiceRequest), ("metrics", ExportMetricsServiceRequest)):
+        try:
+            parsed = request.FromString(raw)
+        except (DecodeError, ValueError):  # (the pure-Python backend raises UnicodeDecodeError)
+            continue
+        if not _misread(_nested(parsed)):
+            return f"an OTLP {name} batch, not logs: is another signal's exporter writing to this topic?"
+    return ""
+
+
 def from_proto(raw: bytes) -> dict[str, Any] | None:
     """A protobuf ExportLogsServiceRequest in the OTLP/JSON shape `streamer.otlp.flatten` reads,
     or None where `raw` does not start as one (the caller reads it as a text line).
 
     The message has no magic number; it starts with tag 0x0A, a length and a ResourceLogs field
-    (`_looks_like_batch`), which text does not (its third byte would be a control character).
-    What starts so and does not parse (a batch cut short, or nested deeper than protobuf's limit
-    of 100 messages) is rejected as `invalid_otlp`: read as text it would be one line of binary
-    noise, scored, its log records lost without a trace.
+    (`_looks_like_batch`), as text rarely does (a newline, one character and a newline). What
+    starts so and does not parse is rejected as `invalid_otlp` where it is not UTF-8 text either
+    (a batch cut short, or nested deeper than protobuf's limit of 100 messages: read as text it
+    would be one line of binary noise, scored, its log records lost without a trace); UTF-8 text
+    is a line. A traces or metrics batch, which parses as a logs batch with fields misread, is
+    rejected as `invalid_otlp` too.
     """
     if not _looks_like_batch(raw):
         return None
     from google.protobuf.message import DecodeError
 
     try:
-        request = _lenient_request().FromString(raw)
+        request = lenient_request().FromString(raw)
     except DecodeError as err:
-        raise Rejected("invalid_otlp", f"starts as an OTLP protobuf batch but does not parse: {err}") from None
+        other = _other_signal(raw)
+        if other:
+            raise Rejected("invalid_otlp", other) from None
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Rejected("invalid_otlp", f"starts as an OTLP protobuf batch but does not parse: {err}") from None
+        return None
+    resources = list(request.resource_logs)
+    scopes = [scope for resource in resources for scope in resource.scope_logs]
+    if _misread(resources) or _misread(scopes) or _misread(record for scope in scopes for record in scope.log_records):
+        raise Rejected("invalid_otlp", _other_signal(raw) or "an OTLP protobuf message that is not a logs batch (its fields do not fit)")
     return {
         "resourceLogs": [
             {

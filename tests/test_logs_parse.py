@@ -609,8 +609,9 @@ def _otlp_proto_batch(resources: list[tuple[str, list[dict]]]) -> bytes:
     return request.SerializeToString()
 
 
-def _double(key: str, value: float) -> dict:
-    """A double attribute as the Collector's otlp_json writes it (Go: 3, not 3.0)."""
+def _double(key: str, value: float | str) -> dict:
+    """A double attribute as the Collector's otlp_json writes it (Go: 3, not 3.0; 2^60 as
+    1152921504606847000, its shortest digits; NaN as a string)."""
     return {"key": key, "value": {"doubleValue": value}}
 
 
@@ -618,9 +619,10 @@ def test_an_otlp_protobuf_batch_reads_as_its_json_twin():
     """`otlp_proto` is the Collector's Kafka exporter's default encoding: each of its messages was
     read as one line of binary noise and scored."""
     t = 1_714_557_600_000_000_000
+    doubles = [_double("n", 2.5), _double("s", 3), _double("b", 10**16), _double("x", "NaN"), _double("p", 1152921504606847000)]
     resources = [
         ("checkout", [_otlp_record(t, 9, "order 17 placed"), _otlp_record(t + 5_000_000, 17, "payment declined")]),
-        ("cart", [_otlp_record(t + 9_000_000, 13, "cart expired", attributes=[_double("n", 2.5), _double("s", 3), _double("b", 10**16)])]),
+        ("cart", [_otlp_record(t + 9_000_000, 13, "cart expired", attributes=doubles)]),
     ]
     proto = _otlp_proto_batch(resources)
     assert proto[:1] == b"\n" and b"{" not in proto[:2]
@@ -634,7 +636,7 @@ def test_an_otlp_protobuf_batch_reads_as_its_json_twin():
         assert getattr(res, name).tolist() == getattr(twin, name).tolist(), name
     assert res.fields[0]["traceId"] == "5b8efff798038103d269b633813fc60c"
     # doubles as the Collector's JSON writes them (Go: 3, not 3.0; 10000000000000000, not 1e+16)
-    assert (res.fields[2]["n"], res.fields[2]["s"], res.fields[2]["b"]) == ("2.5", "3", "10000000000000000")
+    assert [res.fields[2][k] for k in "nsbxp"] == ["2.5", "3", "10000000000000000", "NaN", "1152921504606847000"]
     assert [LEVEL_NAMES[v] for v in res.level.tolist()] == ["INFO", "ERROR", "WARN"]
 
 
@@ -650,11 +652,52 @@ def test_bytes_that_start_like_an_otlp_protobuf_batch_but_are_none():
     request = ExportLogsServiceRequest()
     request.resource_logs.add().resource.attributes.add(key="host.id", value=AnyValue(bytes_value=b"\xff\xfe"))
     no_records = request.SerializeToString()
-    text = [b"\nERROR disk full", b"\n\x02ab", b"\nERROR caf\xe9 au lait failed", b"\n\n\xff\xfegarbage"]
-    res = _parse(LogParser("plain", "service"), [proto[:-7], no_records, *text], [b"k"] * 6)
+    text = [
+        b"\nERROR disk full",
+        b"\n\x02ab",
+        b"\nERROR caf\xe9 au lait failed",
+        b"\n\n\xff\xfegarbage",
+        # (newline, a character, newline: these start as a batch does; a second review)
+        b"\n\n\nERROR disk full on /var",
+        b"\n-\nWARN retrying",
+        b'\n{\n  "message": "disk full", "service": "api"\n}',
+    ]
+    res = _parse(LogParser("plain", "service"), [proto[:-7], no_records, *text], [b"k"] * 9)
     assert [d[:2] for d in res.dead] == [(0, "invalid_otlp"), (1, "empty_message")]
     assert "does not parse" in res.dead[0][2]
-    assert res.index.tolist() == [2, 3, 4, 5] and res.message[0].strip() == "ERROR disk full" and LEVEL_NAMES[res.level[0]] == "ERROR"
+    assert res.index.tolist() == list(range(2, 9)) and res.message[0].strip() == "ERROR disk full" and LEVEL_NAMES[res.level[0]] == "ERROR"
+    assert res.message[-1] == "disk full" and res.stream[-1] == "api"
+
+
+def test_otlp_traces_or_metrics_on_a_logs_topic_are_named_not_scored():
+    """The three OTLP requests share their first fields: a metrics batch decoded as a logs batch,
+    a gauge read as a line of binary noise under its service's stream (a second review)."""
+    from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+    traces = ExportTraceServiceRequest()
+    spans = traces.resource_spans.add()
+    spans.resource.attributes.add(key="service.name", value=AnyValue(string_value="checkout"))
+    spans.scope_spans.add().spans.add(name="GET /api/users", trace_id=bytes(16), span_id=bytes(8), start_time_unix_nano=1)
+    metrics = ExportMetricsServiceRequest()
+    resource_metrics = metrics.resource_metrics.add()
+    resource_metrics.resource.attributes.add(key="service.name", value=AnyValue(string_value="checkout"))
+    gauge = resource_metrics.scope_metrics.add().metrics.add(name="memory.usage", unit="By").gauge
+    gauge.data_points.add(time_unix_nano=1_714_557_600_000_000_000, as_double=2.5e9)
+    raws = [traces.SerializeToString(), metrics.SerializeToString()]
+    res = _parse(LogParser("plain", "service.name"), raws, [b"k", b"k"])
+    assert len(res) == 0 and [d[1] for d in res.dead] == ["invalid_otlp", "invalid_otlp"]
+    assert "an OTLP traces batch" in res.dead[0][2] and "an OTLP metrics batch" in res.dead[1][2]
+
+
+def test_a_json_log_record_with_bytes_that_are_not_utf8_is_read():
+    """A Latin-1 name in a JSON record (the Collector's otlp_json passes such bytes through) was
+    invalid_json: the record was lost where a text line keeps its stray bytes as U+FFFD."""
+    latin1 = b'{"message": "user J\xf6rg logged in", "service": "auth"}'
+    res = _parse(LogParser("plain", "service"), [latin1, b'{"message": '], [b"k", b"k"])
+    assert res.message == ["user J\ufffdrg logged in"] and res.stream == ["auth"]
+    assert [d[:2] for d in res.dead] == [(1, "invalid_json")]
 
 
 def test_an_otlp_protobuf_batch_with_strings_that_are_not_utf8_is_read():
@@ -669,7 +712,7 @@ def test_an_otlp_protobuf_batch_with_strings_that_are_not_utf8_is_read():
 
 
 def test_an_otlp_batch_that_would_copy_too_many_attributes_is_oversized():
-    """Each log record gets its resource's attributes: 12 KB of protobuf (1,001 empty records
+    """Each log record gets its resource's attributes: 19 KB of protobuf (1,001 one-letter records
     under 1,000 attributes) would become a million fields (a review: 64 KiB took 1.8 GB)."""
     from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
     from opentelemetry.proto.common.v1.common_pb2 import AnyValue
