@@ -121,7 +121,7 @@ class TimedTransport:
             self._count(sum(self.committed_at.values()))
         return bool(ok)
 
-    def committed(self, tps: list[TP], timeout_ms: int = COMMITTED_TIMEOUT_MS) -> dict[TP, int | None] | None:
+    def committed(self, tps: list[TP], timeout_ms: int = COMMITTED_TIMEOUT_MS) -> dict[TP, int | None]:
         return self.inner.committed(tps, timeout_ms)
 
     def seek(self, tp: TP, offset: int) -> None:

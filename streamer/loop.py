@@ -170,30 +170,33 @@ class Runner:
         self._assign_pending = False
         reseeked: set[TP] = set()
         known = self.transport.committed(tps) if tps else {}
-        if known is None:
-            # Where the group stands is unknown, so no snapshot can be placed against it: one
-            # behind the committed offset would emit again what was emitted (alerts included).
-            # The consumer starts at the committed offset once the coordinator answers.
+        unanswered = [tp for tp in tps if tp not in known]
+        if unanswered:
+            # Where the group stands is unknown there, so no snapshot can be placed against it:
+            # one behind the committed offset would emit again what was emitted (alerts
+            # included). The consumer starts at the committed offset once the coordinator answers.
             log.warning(
-                "the group coordinator did not answer for the committed offsets of %d partitions; their snapshots are not "
-                "restored and their streams start cold",
+                "the group coordinator did not answer for the committed offsets of %d of %d partitions; their snapshots are "
+                "not restored and their streams start cold",
+                len(unanswered),
                 len(tps),
             )
         # Where each log now begins: a snapshot older than that cannot be replayed from (see
         # _unusable_offset). Unknown (brokers slow to say): the snapshot is used as before.
-        starts = (self.transport.log_starts(tps, 5_000) if tps and known is not None else None) or {}
+        answered = [tp for tp in tps if tp in known]
+        starts = (self.transport.log_starts(answered, 5_000) if answered else None) or {}
         for tp in tps:
-            committed = known.get(tp) if known is not None else None
+            committed = known.get(tp)
             self.emit_from[tp] = committed or 0
             self._committed[tp] = committed
-            if known is None:
+            if tp not in known:
                 self._start_unknown.add(tp)
             else:
                 self._start_unknown.discard(tp)
             # The log our offsets refer to, fixed at assignment: a snapshot taken after the topic
             # was recreated under us must still name the log its offsets came from.
             self.log_ids[tp] = self.transport.topic_id(tp[0])
-            if known is None:
+            if tp not in known:
                 continue
             if self.logs is not None and tp[0] in self.logs.topics:
                 if self._restore_logs(tp, committed, starts.get(tp)):
@@ -244,10 +247,8 @@ class Runner:
                 committed,
                 extra={"topic": tp[0], "partition": tp[1], "offset": snap.offset, "committed": committed},
             )
-        if known is not None:
-            self._commit_restored(
-                {tp: self.next_offset[tp] for tp in reseeked if (c := known.get(tp)) is not None and self.next_offset[tp] > c}
-            )
+        ahead = {tp: self.next_offset[tp] for tp in reseeked if (c := known.get(tp)) is not None and self.next_offset[tp] > c}
+        self._commit_restored(ahead)
         self.metrics.assigned_partitions.set(len(self.transport.assignment()))
         self.metrics.active_streams.set(self._stream_count())
         self._replaying.update(tp for tp in reseeked if self.next_offset.get(tp, 0) < self.emit_from[tp])
@@ -262,18 +263,11 @@ class Runner:
         return polled
 
     def _learn_committed(self, tps: list[TP]) -> None:
-        """Ask once more, within LEARN_COMMITTED_TIMEOUT_MS for all of them, partition by
-        partition so that a slow coordinator's answers so far are kept (asked together, one
-        late answer lost them all); those not answered stay unknown for this assignment."""
+        """Ask once more, within LEARN_COMMITTED_TIMEOUT_MS for all of them; the answers that
+        came are kept, and those not answered stay unknown for this assignment."""
         self._start_unknown.difference_update(tps)
-        deadline = time.monotonic() + LEARN_COMMITTED_TIMEOUT_MS / 1000
-        for tp in tps:
-            left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0:
-                return
-            got = self.transport.committed([tp], timeout_ms=left_ms)
-            if got is not None and got.get(tp) is not None:
-                self._committed[tp] = got[tp]
+        got = self.transport.committed(tps, timeout_ms=LEARN_COMMITTED_TIMEOUT_MS)
+        self._committed.update((tp, offset) for tp, offset in got.items() if offset is not None)
 
     def _commit_restored(self, ahead: dict[TP, int]) -> None:
         """Commit restored snapshots' offsets where they are ahead of the committed ones (commits

@@ -120,7 +120,7 @@ class Transport(Protocol):
     def poll(self, timeout_ms: int, max_records: int) -> Polled: ...
     def send_batch(self, records: Sequence[OutRecord]) -> None: ...
     def commit(self, offsets: dict[TP, int], timeout_ms: int | None = None) -> bool: ...
-    def committed(self, tps: list[TP], timeout_ms: int = COMMITTED_TIMEOUT_MS) -> dict[TP, int | None] | None: ...
+    def committed(self, tps: list[TP], timeout_ms: int = COMMITTED_TIMEOUT_MS) -> dict[TP, int | None]: ...
     def seek(self, tp: TP, offset: int) -> None: ...
     def highwater(self, tp: TP) -> int | None: ...
     def topic_id(self, topic: str) -> str | None: ...
@@ -341,22 +341,23 @@ class KafkaPythonTransport:
             log.warning("offset commit failed: %s", err)
             return False
 
-    def committed(self, tps: list[TP], timeout_ms: int = COMMITTED_TIMEOUT_MS) -> dict[TP, int | None] | None:
-        """The group's committed offsets (None for a partition without one), or None when the
-        coordinator does not answer for all of them within timeout_ms together.
+    def committed(self, tps: list[TP], timeout_ms: int = COMMITTED_TIMEOUT_MS) -> dict[TP, int | None]:
+        """The group's committed offsets of the partitions the coordinator answered for within
+        timeout_ms together (None: it has none); a partition left out went unanswered.
         Without a limit a coordinator that hung right after an assignment held the loop, and so
         the liveness probe and the watchdog, for as long as it hung; a limit per partition
-        still held it for ten seconds times the partitions."""
+        still held it for ten seconds times the partitions. Partition by partition, so that a
+        slow coordinator's answers so far are kept: asked together, one late answer lost all."""
         deadline = time.monotonic() + timeout_ms / 1000
         out: dict[TP, int | None] = {}
         for tp in tps:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
-                return None
+                break
             try:
                 out[tp] = self._consumer.committed(TopicPartition(*tp), timeout_ms=left_ms)
             except KafkaError:
-                return None
+                break
         return out
 
     def seek(self, tp: TP, offset: int) -> None:

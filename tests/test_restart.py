@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import subprocess
@@ -454,9 +455,9 @@ def test_a_snapshot_ahead_of_commits_that_failed_is_restored_not_taken_for_a_res
     if silent:  # (no answer at the assignment; answers again by the time records arrive)
         real, calls = cut_off.runner.transport.committed, []
 
-        def slow_at_first(tps: list, timeout_ms: int = 10_000) -> dict | None:
+        def slow_at_first(tps: list, timeout_ms: int = 10_000) -> dict:
             calls.append(tps)
-            return None if len(calls) == 1 else real(tps, timeout_ms)
+            return {} if len(calls) == 1 else real(tps, timeout_ms)
 
         cut_off.runner.transport.committed = slow_at_first  # type: ignore[method-assign]
     with cut_off:
@@ -484,6 +485,38 @@ def test_a_snapshot_ahead_of_commits_that_failed_is_restored_not_taken_for_a_res
     offsets = [r["offset"] for r in scores_of(read_all(broker, topics["scores"], expect=310))]
     assert sorted(offsets) == list(range(310)), Counter(offsets).most_common(3)
     assert "moved back" not in caplog.text
+
+
+def test_the_partitions_a_slow_coordinator_answered_for_at_an_assignment_are_restored(broker, topics, state_dir, caplog):
+    """At an assignment the committed offsets are asked partition by partition against one
+    deadline: a coordinator that answered for some and not the rest in time lost all of its
+    answers, and every partition started cold. Those it answered for are restored now; the
+    others start cold and are asked again when their records arrive."""
+    t = topics["input"]
+    for p in (0, 1):
+        produce(broker, t, [(f"s-{p}".encode(), event(f"s-{p}", 1_000 * i, {"temp": 20.0 + i % 5})) for i in range(60)], lambda k, p=p: p)
+    config = make_config(broker, topics, state_dir)
+    with DaemonThread(config) as first:
+        first.wait_scored(120)
+    daemon = DaemonThread(config)
+    real, calls = daemon.runner.transport.committed, []
+
+    def partly(tps: list, timeout_ms: int = 10_000) -> dict:
+        calls.append(list(tps))
+        got = real(tps, timeout_ms)
+        return {tp: v for tp, v in got.items() if tp[1] != 1} if len(calls) == 1 else got
+
+    daemon.runner.transport.committed = partly  # type: ignore[method-assign]
+    with caplog.at_level(logging.INFO, logger="streamer"), daemon:
+        deadline = time.monotonic() + 30
+        while not daemon.runner.ready.is_set():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        steps = daemon.runner.detector.bank.tensors["steps"]
+        assert int(steps[daemon.runner.slots.slot_of["s-0"]]) == 60
+        assert "s-1" not in daemon.runner.slots.slot_of  # (its snapshot not restored: cold)
+    assert "did not answer for the committed offsets of 1 of" in caplog.text
+    assert f"restored 1 streams of {t}[0]" in caplog.text and f"restored 1 streams of {t}[1]" not in caplog.text
 
 
 def test_ready_when_the_log_ends_before_the_committed_offset(broker, topics, state_dir):
