@@ -348,6 +348,7 @@ class KafkaPythonTransport:
         the liveness probe and the watchdog, for as long as it hung; a limit per partition
         still held it for ten seconds times the partitions. Partition by partition, so that a
         slow coordinator's answers so far are kept: asked together, one late answer lost all."""
+        self._forget_offset_fetches()
         deadline = time.monotonic() + timeout_ms / 1000
         out: dict[TP, int | None] = {}
         for tp in tps:
@@ -359,6 +360,20 @@ class KafkaPythonTransport:
             except KafkaError:
                 break
         return out
+
+    def _forget_offset_fetches(self) -> None:
+        """Drop the committed-offset requests kafka-python keeps from earlier calls, answered or not.
+
+        It caches each request under the partitions it asked for and removes it only when a
+        later call for the same partitions finds it finished, so a request that timed out and
+        was answered late stayed there, unbounded in age: asked for that partition at a later
+        assignment (another member having moved its offset on since), it returned the old
+        offset as if it were current, and a snapshot behind the group was restored and its
+        events emitted again. Every answer used is now to a request sent by this call. (Only
+        this thread asks: the consumer's own position refreshes run inside poll().)"""
+        futures = getattr(getattr(self._consumer, "_coordinator", None), "_offset_fetch_futures", None)
+        if isinstance(futures, dict):
+            futures.clear()
 
     def seek(self, tp: TP, offset: int) -> None:
         self._consumer.seek(TopicPartition(*tp), offset)

@@ -304,6 +304,31 @@ def test_the_pacing_state_logged_last_is_the_state_now_within_a_minute(caplog, m
     assert said == [(0, "WARNING"), (70, "INFO"), (131, "WARNING")]
 
 
+def test_committed_keeps_the_answers_before_a_timeout_and_no_cached_old_one():
+    """KafkaPythonTransport.committed: the partitions answered before the deadline or an error are
+    returned (the rest left out, as unanswered); and a request kafka-python cached from an earlier
+    call, answered late, is not taken for the current answer (a review: a partition coming back
+    at a later assignment got its offset from before another member moved it on)."""
+    from kafka.errors import KafkaTimeoutError
+
+    class Consumer:
+        def __init__(self) -> None:
+            self._coordinator = SimpleNamespace(_offset_fetch_futures={frozenset({TopicPartition("in", 1)}): "answered late: 500"})
+            self.asked: list[int] = []
+
+        def committed(self, tp: TopicPartition, timeout_ms: int) -> int | None:
+            assert not self._coordinator._offset_fetch_futures, "an earlier call's request was still cached"
+            self.asked.append(tp.partition)
+            if tp.partition == 2:
+                raise KafkaTimeoutError("no answer in time")
+            return None if tp.partition == 0 else 900 + tp.partition
+
+    transport = KafkaPythonTransport.__new__(KafkaPythonTransport)
+    transport._consumer = Consumer()  # type: ignore[assignment]
+    assert transport.committed([("in", p) for p in range(4)], timeout_ms=1_000) == {("in", 0): None, ("in", 1): 901}
+    assert transport._consumer.asked == [0, 1, 2]  # type: ignore[attr-defined]
+
+
 def test_a_slow_coordinators_committed_offsets_are_kept_as_they_come():
     """Partitions whose committed offset was unknown at the assignment are asked again, within
     2 s together, when their records arrive. Asked in one call, a coordinator answering each in
