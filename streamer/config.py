@@ -332,19 +332,27 @@ class _DuplicateKey(Exception):
     pass
 
 
-class _NoDuplicatesLoader(yaml.SafeLoader):
+def _check_duplicates(node: yaml.Node, path: str = "", seen_nodes: set[int] | None = None) -> None:
     """YAML keeps the last of two equal keys and drops the first without a word: a second
-    `detector:` section appended to the shipped config.yaml would silently undo the first."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
+    `detector:` section appended to the shipped config.yaml would silently undo the first. Read
+    on the composed document, so that a nested key is named with its section (`detector.warmup`).
+    (An alias repeats a node, and may contain itself: each node is read once.)"""
+    seen_nodes = set() if seen_nodes is None else seen_nodes
+    if id(node) in seen_nodes:
+        return
+    seen_nodes.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        seen: set[str] = set()
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.value)
+            name = f"{path}.{key}" if path else key
             if key in seen:
-                where = f"line {key_node.start_mark.line + 1}"
-                raise _DuplicateKey(f"{key}: given twice (again at {where}); YAML would keep only the last")
+                raise _DuplicateKey(f"{name}: given twice (again at line {key_node.start_mark.line + 1}); YAML would keep only the last")
             seen.add(key)
-        return super().construct_mapping(node, deep=deep)
+            _check_duplicates(value_node, name, seen_nodes)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_duplicates(item, f"{path}[{i}]", seen_nodes)
 
 
 def load_config(path: str | Path | None, env: Mapping[str, str] | None = None, checkpoint_must_exist: bool = True) -> Config:
@@ -360,7 +368,10 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None, c
             f"cannot read config file {path}: not UTF-8 (byte {err.start}: {err.object[err.start : err.start + 1]!r})"
         ) from None
     try:
-        data = yaml.load(text, Loader=_NoDuplicatesLoader)  # (a SafeLoader subclass)
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        if node is not None:
+            _check_duplicates(node)
+        data = yaml.safe_load(text)
     except _DuplicateKey as err:
         raise ConfigError(f"{path}: {err}") from None
     except yaml.YAMLError as err:

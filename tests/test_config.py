@@ -28,7 +28,7 @@ from streamer.config import ConfigError, build_config, load_config
         ("surprise_section: {}\n", "surprise_section"),
         # YAML keeps the last of two equal keys: the first section was silently dropped.
         ("detector:\n  threshold: 0.8\nmetrics: {}\ndetector:\n  warmup: 5\n", "detector: given twice"),
-        ("detector:\n  threshold: 0.8\n  threshold: 0.9\n", "threshold: given twice"),
+        ("detector:\n  threshold: 0.8\n  threshold: 0.9\n", "detector.threshold: given twice"),
         # Accepted here before, then refused by kafka-python at start with a traceback.
         ("consumer:\n  session_timeout_ms: 1000\n  heartbeat_interval_ms: 5000\n", "consumer.heartbeat_interval_ms"),
         ("topics:\n  inputs: ['bad topic!']\n", "topics.inputs"),
