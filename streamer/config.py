@@ -6,6 +6,7 @@ config.yaml stops the daemon before it connects anywhere, instead of being silen
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from collections.abc import Mapping
@@ -106,6 +107,25 @@ class KafkaConfig(_Strict):
             )
         if self.security_protocol.startswith("SASL_") and self.sasl_mechanism is None:
             raise ValueError(f"kafka.sasl_mechanism is needed with kafka.security_protocol {self.security_protocol}")
+        if self.sasl_mechanism is not None and not self.security_protocol.startswith("SASL_"):
+            raise ValueError(
+                f"kafka.sasl_mechanism is {self.sasl_mechanism} but kafka.security_protocol is {self.security_protocol}, "
+                "which does no SASL: use SASL_SSL (or SASL_PLAINTEXT)"
+            )
+        # kafka-python checks these only when it connects, and the daemon then said only that it
+        # could not reach the brokers (found by reading: a missing password looked like a network fault).
+        if self.sasl_mechanism in ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"):
+            for key in ("sasl_plain_username", "sasl_plain_password"):
+                if getattr(self, key) is None:
+                    env = f"STREAMER_{key.upper()}"
+                    raise ValueError(f"kafka.{key} (or {env}) is needed with kafka.sasl_mechanism {self.sasl_mechanism}")
+        if self.sasl_mechanism == "OAUTHBEARER":
+            raise ValueError(
+                "kafka.sasl_mechanism OAUTHBEARER needs a token provider object (kafka-python's sasl_oauth_token_provider), "
+                "which a config file cannot give: not supported; use SCRAM or PLAIN over SASL_SSL"
+            )
+        if self.sasl_mechanism == "GSSAPI" and importlib.util.find_spec("gssapi") is None:
+            raise ValueError("kafka.sasl_mechanism GSSAPI needs the Python package gssapi (pip install gssapi) and a Kerberos setup")
         return self
 
     def client_options(self) -> dict[str, Any]:

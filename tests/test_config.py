@@ -40,6 +40,12 @@ from streamer.config import ConfigError, build_config, load_config
         # (credentials that kafka-python would silently not send)
         ("kafka:\n  sasl_plain_username: u\n  sasl_plain_password: p\n", "kafka.security_protocol"),
         ("kafka:\n  security_protocol: SASL_SSL\n", "kafka.sasl_mechanism"),
+        # (kafka-python checks these only when it connects: they read as unreachable brokers)
+        ("kafka:\n  sasl_mechanism: PLAIN\n", "kafka.sasl_mechanism is PLAIN but kafka.security_protocol is PLAINTEXT"),
+        ("kafka:\n  security_protocol: SASL_SSL\n  sasl_mechanism: PLAIN\n", "kafka.sasl_plain_username"),
+        ("kafka:\n  security_protocol: SASL_SSL\n  sasl_mechanism: SCRAM-SHA-512\n  sasl_plain_username: u\n", "kafka.sasl_plain_password"),
+        ("kafka:\n  security_protocol: SASL_SSL\n  sasl_mechanism: OAUTHBEARER\n", "kafka.sasl_mechanism OAUTHBEARER"),
+        ("kafka:\n  security_protocol: SASL_PLAINTEXT\n  sasl_mechanism: GSSAPI\n", "kafka.sasl_mechanism GSSAPI needs"),
         # From a review: exit 1 with tracebacks (ValueError, IndexError) or blaming the brokers.
         ("kafka:\n  bootstrap_servers: '127.0.0.1:notaport'\n", "kafka.bootstrap_servers"),
         ("kafka:\n  bootstrap_servers: ':::'\n", "kafka.bootstrap_servers"),
@@ -118,7 +124,7 @@ def test_repo_config_is_valid_and_documents_every_option():
 def test_environment_overrides_bootstrap_and_secrets():
     config = build_config(
         {"kafka": {"bootstrap_servers": "file:9092", "security_protocol": "SASL_SSL", "sasl_mechanism": "PLAIN"}},
-        env={"STREAMER_BOOTSTRAP_SERVERS": "env:9092", "STREAMER_SASL_PLAIN_PASSWORD": "s3cret"},
+        env={"STREAMER_BOOTSTRAP_SERVERS": "env:9092", "STREAMER_SASL_PLAIN_USERNAME": "u", "STREAMER_SASL_PLAIN_PASSWORD": "s3cret"},
     )
     assert config.kafka.bootstrap_servers == "env:9092"
     assert config.kafka.client_options()["sasl_plain_password"] == "s3cret"
