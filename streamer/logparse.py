@@ -545,13 +545,13 @@ class LogParser:
             return [(0, self._event(ts, message, fields, parse_level(raw_level), key, record_ts))], []
         try:
             obj = orjson.loads(raw)
-        except orjson.JSONDecodeError as err:
+        except orjson.JSONDecodeError:
             # A string that is not UTF-8 (a Latin-1 name; the Collector's otlp_json passes such
             # bytes through) is read with U+FFFD, as a text line is, rather than losing the record.
             try:
                 obj = orjson.loads(raw.decode("utf-8", errors="replace"))
-            except orjson.JSONDecodeError:
-                raise Rejected("invalid_json", f"not JSON: {err}") from None
+            except orjson.JSONDecodeError as again:  # (its error says where; the first only "not UTF-8")
+                raise Rejected("invalid_json", f"not JSON: {again}") from None
         if not otlp.is_batch(obj):
             return [(0, self._event(*self._json(obj, record_ts), key, record_ts))], []
         return self._batch_events(obj, key, record_ts)

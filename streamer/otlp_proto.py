@@ -52,13 +52,28 @@ def lenient_request() -> Any:
     return message_factory.GetMessageClass(pool.FindMessageTypeByName(_REQUEST))
 
 
+def _odd_body(record: Any) -> bool:
+    """Whether a log record has no body, or a string body that is not UTF-8."""
+    if not record.HasField("body"):
+        return True
+    if record.body.WhichOneof("value") != "string_value":
+        return False
+    try:
+        record.body.string_value.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
 def _looks_like_batch(raw: bytes) -> bool:
     """Whether raw starts as a request does: tag 0x0A, a length, then a ResourceLogs field."""
     if raw[:1] != b"\n":
         return False
     for i in range(1, min(len(raw), 11)):  # (a varint: at most 10 bytes)
         if raw[i] < 0x80:
-            return i + 1 < len(raw) and raw[i + 1] in _RESOURCE_LOGS_TAGS
+            if i + 1 == len(raw):  # (one empty ResourceLogs, `0A 00`: a batch of nothing)
+                return raw[i] == 0
+            return raw[i + 1] in _RESOURCE_LOGS_TAGS
     return False
 
 
@@ -136,18 +151,31 @@ def _nested(message: Any) -> list[Any]:
     return out
 
 
+def _has_spans(request: Any) -> bool:
+    """Whether a traces request holds a span with its ids (a misread log record would not)."""
+    spans = (span for r in request.resource_spans for s in r.scope_spans for span in s.spans)
+    return any(len(span.trace_id) == 16 and len(span.span_id) == 8 for span in spans)
+
+
+def _has_metrics(request: Any) -> bool:
+    """Whether a metrics request holds a metric with data (gauge, sum, histogram, ...)."""
+    return any(m.WhichOneof("data") for r in request.resource_metrics for s in r.scope_metrics for m in s.metrics)
+
+
 def _other_signal(raw: bytes) -> str:
-    """What an OTLP message that is no logs batch is, for the dead letter's detail."""
+    """What an OTLP message that is no logs batch is, for the dead letter's detail: a traces or
+    metrics request that parses whole, every field in place, with spans or metrics in it; ""
+    where it is neither."""
     from google.protobuf.message import DecodeError
     from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-    for name, request in (("traces", ExportTraceServiceRequest), ("metrics", ExportMetricsServiceRequest)):
+    for name, request, holds in (("traces", ExportTraceServiceRequest, _has_spans), ("metrics", ExportMetricsServiceRequest, _has_metrics)):
         try:
             parsed = request.FromString(raw)
         except (DecodeError, ValueError):  # (the pure-Python backend raises UnicodeDecodeError)
             continue
-        if not _misread(_nested(parsed)):
+        if holds(parsed) and not _misread(_nested(parsed)):
             return f"an OTLP {name} batch, not logs: is another signal's exporter writing to this topic?"
     return ""
 
@@ -181,8 +209,14 @@ def from_proto(raw: bytes) -> dict[str, Any] | None:
         return None
     resources = list(request.resource_logs)
     scopes = [scope for resource in resources for scope in resource.scope_logs]
-    if _misread(resources) or _misread(scopes) or _misread(record for scope in scopes for record in scope.log_records):
+    records = [record for scope in scopes for record in scope.log_records]
+    if _misread(resources) or _misread(scopes) or _misread(records):
         raise Rejected("invalid_otlp", _other_signal(raw) or "an OTLP protobuf message that is not a logs batch (its fields do not fit)")
+    # A metric without a name (a broken producer) fits a log record's fields: its gauge lands
+    # on the body as a string of binary noise (a third review). Where a body is missing or not
+    # UTF-8, ask whether the message reads whole as another signal, which a logs batch does not.
+    if any(_odd_body(record) for record in records) and (other := _other_signal(raw)):
+        raise Rejected("invalid_otlp", other)
     return {
         "resourceLogs": [
             {

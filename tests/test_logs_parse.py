@@ -672,6 +672,7 @@ def test_bytes_that_start_like_an_otlp_protobuf_batch_but_are_none():
 def test_otlp_traces_or_metrics_on_a_logs_topic_are_named_not_scored():
     """The three OTLP requests share their first fields: a metrics batch decoded as a logs batch,
     a gauge read as a line of binary noise under its service's stream (a second review)."""
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
     from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
     from opentelemetry.proto.common.v1.common_pb2 import AnyValue
@@ -679,16 +680,28 @@ def test_otlp_traces_or_metrics_on_a_logs_topic_are_named_not_scored():
     traces = ExportTraceServiceRequest()
     spans = traces.resource_spans.add()
     spans.resource.attributes.add(key="service.name", value=AnyValue(string_value="checkout"))
-    spans.scope_spans.add().spans.add(name="GET /api/users", trace_id=bytes(16), span_id=bytes(8), start_time_unix_nano=1)
+    spans.scope_spans.add().spans.add(name="GET /api/users", trace_id=bytes(range(16)), span_id=bytes(range(8)), start_time_unix_nano=1)
     metrics = ExportMetricsServiceRequest()
     resource_metrics = metrics.resource_metrics.add()
     resource_metrics.resource.attributes.add(key="service.name", value=AnyValue(string_value="checkout"))
     gauge = resource_metrics.scope_metrics.add().metrics.add(name="memory.usage", unit="By").gauge
     gauge.data_points.add(time_unix_nano=1_714_557_600_000_000_000, as_double=2.5e9)
-    raws = [traces.SerializeToString(), metrics.SerializeToString()]
-    res = _parse(LogParser("plain", "service.name"), raws, [b"k", b"k"])
-    assert len(res) == 0 and [d[1] for d in res.dead] == ["invalid_otlp", "invalid_otlp"]
-    assert "an OTLP traces batch" in res.dead[0][2] and "an OTLP metrics batch" in res.dead[1][2]
+    # A metric without a name (a broken producer) fits a log record: its gauge became the body
+    # of a line of binary noise (a third review).
+    nameless = ExportMetricsServiceRequest()
+    nameless.CopyFrom(metrics)
+    nameless.resource_metrics[0].scope_metrics[0].metrics[0].ClearField("name")
+    nameless.resource_metrics[0].scope_metrics[0].metrics[0].ClearField("unit")
+    # ...while a logs batch whose records carry attributes only (no body, no times) is read.
+    logs = ExportLogsServiceRequest()
+    resource_logs = logs.resource_logs.add()
+    resource_logs.resource.attributes.add(key="service.name", value=AnyValue(string_value="checkout"))
+    resource_logs.scope_logs.add().log_records.add().attributes.add(key="message", value=AnyValue(string_value="disk full"))
+    raws = [traces.SerializeToString(), metrics.SerializeToString(), nameless.SerializeToString(), logs.SerializeToString(), b"\n\x00"]
+    res = _parse(LogParser("plain", "service.name"), raws, [b"k"] * 5)
+    assert [d[1] for d in res.dead] == ["invalid_otlp", "invalid_otlp", "invalid_otlp", "empty_message"]
+    assert "an OTLP traces batch" in res.dead[0][2] and "an OTLP metrics batch" in res.dead[1][2] and "metrics" in res.dead[2][2]
+    assert res.message == ["disk full"] and res.stream == ["checkout"]
 
 
 def test_a_json_log_record_with_bytes_that_are_not_utf8_is_read():
@@ -698,6 +711,9 @@ def test_a_json_log_record_with_bytes_that_are_not_utf8_is_read():
     res = _parse(LogParser("plain", "service"), [latin1, b'{"message": '], [b"k", b"k"])
     assert res.message == ["user J\ufffdrg logged in"] and res.stream == ["auth"]
     assert [d[:2] for d in res.dead] == [(1, "invalid_json")]
+    # Not JSON either: the detail is the parse error, not orjson's first "not valid UTF-8".
+    res = _parse(LogParser("plain", "service"), [latin1[:-1]], [b"k"])
+    assert res.dead[0][1] == "invalid_json" and "UTF-8" not in res.dead[0][2], res.dead
 
 
 def test_an_otlp_protobuf_batch_with_strings_that_are_not_utf8_is_read():
