@@ -247,9 +247,8 @@ class Runner:
                 committed,
                 extra={"topic": tp[0], "partition": tp[1], "offset": snap.offset, "committed": committed},
             )
-        if not unanswered:  # (a coordinator that just ran out the deadline would hold the loop 5 s more)
-            ahead = {tp: self.next_offset[tp] for tp in reseeked if (c := known.get(tp)) is not None and self.next_offset[tp] > c}
-            self._commit_restored(ahead)
+        ahead = {tp: self.next_offset[tp] for tp in reseeked if (c := known.get(tp)) is not None and self.next_offset[tp] > c}
+        self._commit_restored(ahead)
         self.metrics.assigned_partitions.set(len(self.transport.assignment()))
         self.metrics.active_streams.set(self._stream_count())
         self._replaying.update(tp for tp in reseeked if self.next_offset.get(tp, 0) < self.emit_from[tp])

@@ -184,7 +184,11 @@ class KafkaPythonTransport:
         )
 
     def subscribe(self, topics: Sequence[str], on_assign: Callable[[list[TP]], None], on_revoke: Callable[[list[TP]], None]) -> None:
-        self._consumer.subscribe(list(topics), listener=_Listener(on_assign, on_revoke))
+        def assigned(tps: list[TP]) -> None:
+            self._forget_offset_fetches()
+            on_assign(tps)
+
+        self._consumer.subscribe(list(topics), listener=_Listener(assigned, on_revoke))
 
     def poll(self, timeout_ms: int, max_records: int) -> Polled:
         """One poll, paced while the client spins.
@@ -348,7 +352,6 @@ class KafkaPythonTransport:
         the liveness probe and the watchdog, for as long as it hung; a limit per partition
         still held it for ten seconds times the partitions. Partition by partition, so that a
         slow coordinator's answers so far are kept: asked together, one late answer lost all."""
-        self._forget_offset_fetches()
         deadline = time.monotonic() + timeout_ms / 1000
         out: dict[TP, int | None] = {}
         for tp in tps:
@@ -362,15 +365,18 @@ class KafkaPythonTransport:
         return out
 
     def _forget_offset_fetches(self) -> None:
-        """Drop the committed-offset requests kafka-python keeps from earlier calls, answered or not.
+        """At each assignment, drop the committed-offset requests kafka-python keeps from earlier
+        ones, answered or not.
 
         It caches each request under the partitions it asked for and removes it only when a
         later call for the same partitions finds it finished, so a request that timed out and
         was answered late stayed there, unbounded in age: asked for that partition at a later
         assignment (another member having moved its offset on since), it returned the old
         offset as if it were current, and a snapshot behind the group was restored and its
-        events emitted again. Every answer used is now to a request sent by this call. (Only
-        this thread asks: the consumer's own position refreshes run inside poll().)"""
+        events emitted again (or the consumer's own position refresh, which shares the cache,
+        sought there). Cleared from the rebalance listener, which runs on kafka-python's I/O
+        thread before that refresh and before the runner asks: a request of this assignment
+        answered late is still used by the second ask (`Runner._learn_committed`)."""
         futures = getattr(getattr(self._consumer, "_coordinator", None), "_offset_fetch_futures", None)
         if isinstance(futures, dict):
             futures.clear()

@@ -304,29 +304,40 @@ def test_the_pacing_state_logged_last_is_the_state_now_within_a_minute(caplog, m
     assert said == [(0, "WARNING"), (70, "INFO"), (131, "WARNING")]
 
 
-def test_committed_keeps_the_answers_before_a_timeout_and_no_cached_old_one():
+def test_committed_keeps_the_answers_before_a_timeout_and_an_assignment_drops_cached_ones():
     """KafkaPythonTransport.committed: the partitions answered before the deadline or an error are
-    returned (the rest left out, as unanswered); and a request kafka-python cached from an earlier
-    call, answered late, is not taken for the current answer (a review: a partition coming back
-    at a later assignment got its offset from before another member moved it on)."""
+    returned (the rest left out, as unanswered). And each assignment drops the committed-offset
+    requests kafka-python cached from earlier ones: a request answered late was returned at a
+    later assignment as the current offset (a review: a partition coming back got its offset
+    from before another member moved it on)."""
     from kafka.errors import KafkaTimeoutError
+
+    stale = frozenset({TopicPartition("in", 1)})
 
     class Consumer:
         def __init__(self) -> None:
-            self._coordinator = SimpleNamespace(_offset_fetch_futures={frozenset({TopicPartition("in", 1)}): "answered late: 500"})
+            self._coordinator = SimpleNamespace(_offset_fetch_futures={stale: "answered late: 500"})
             self.asked: list[int] = []
+            self.listener: Any = None
+
+        def subscribe(self, topics: list, listener: Any) -> None:
+            self.listener = listener
 
         def committed(self, tp: TopicPartition, timeout_ms: int) -> int | None:
-            assert not self._coordinator._offset_fetch_futures, "an earlier call's request was still cached"
             self.asked.append(tp.partition)
             if tp.partition == 2:
                 raise KafkaTimeoutError("no answer in time")
             return None if tp.partition == 0 else 900 + tp.partition
 
     transport = KafkaPythonTransport.__new__(KafkaPythonTransport)
-    transport._consumer = Consumer()  # type: ignore[assignment]
+    consumer = transport._consumer = Consumer()  # type: ignore[assignment]
     assert transport.committed([("in", p) for p in range(4)], timeout_ms=1_000) == {("in", 0): None, ("in", 1): 901}
-    assert transport._consumer.asked == [0, 1, 2]  # type: ignore[attr-defined]
+    assert consumer.asked == [0, 1, 2]
+    assigned: list = []
+    transport.subscribe(["in"], assigned.append, lambda tps: None)
+    assert stale in consumer._coordinator._offset_fetch_futures  # (kept until an assignment)
+    consumer.listener.on_partitions_assigned({TopicPartition("in", 1)})
+    assert not consumer._coordinator._offset_fetch_futures and assigned == [[("in", 1)]]
 
 
 def test_a_slow_coordinators_committed_offsets_are_kept_as_they_come():

@@ -519,6 +519,42 @@ def test_the_partitions_a_slow_coordinator_answered_for_at_an_assignment_are_res
     assert f"restored 1 streams of {t}[0]" in caplog.text and f"restored 1 streams of {t}[1]" not in caplog.text
 
 
+def test_a_quiet_restored_partition_is_committed_though_another_went_unanswered(broker, topics, state_dir):
+    """A snapshot ahead of its committed offset (commits failed) is committed at the assignment
+    that restores it. A version that skipped that commit whenever another partition of the
+    assignment went unanswered ("the batch commit does it") left a quiet partition's offset
+    behind for good: the batch commit covers partitions with records only (a review)."""
+    t = topics["input"]
+    _produce_s1(broker, t, 0, 100)
+    config = make_config(broker, topics, state_dir, consumer={"max_poll_records": 50})
+    with DaemonThread(config) as first:
+        first.wait_scored(100)
+    _produce_s1(broker, t, 100, 300)
+    cut_off = DaemonThread(config)
+    cut_off.runner.transport.commit = lambda offsets, timeout_ms=None: False  # type: ignore[method-assign]
+    with cut_off:
+        cut_off.wait_scored(200)
+    quiet = DaemonThread(config)
+    real, calls = quiet.runner.transport.committed, []
+
+    def one_unanswered(tps: list, timeout_ms: int = 10_000) -> dict:
+        calls.append(list(tps))
+        got = real(tps, timeout_ms)
+        if len(calls) == 1:
+            got.pop((t, 3), None)  # (partition 3, which never has records, unanswered at the assignment)
+        return got
+
+    quiet.runner.transport.committed = one_unanswered  # type: ignore[method-assign]
+    c = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=config.consumer.group_id, enable_auto_commit=False)
+    with quiet:
+        deadline = time.monotonic() + 30
+        while c.committed(TopicPartition(t, 0)) != 300:
+            assert time.monotonic() < deadline, c.committed(TopicPartition(t, 0))
+            time.sleep(0.2)
+        assert quiet.runner.next_offset[(t, 0)] == 300  # (restored, not replayed)
+    c.close()
+
+
 def test_ready_when_the_log_ends_before_the_committed_offset(broker, topics, state_dir):
     """A committed offset past the log's end (a truncated or compacted tail): no record ever
     reaches it, and /readyz stayed 503 until new events went past it."""
