@@ -364,8 +364,13 @@ def _check_duplicates(node: yaml.Node, path: str = "", seen_nodes: set[int] | No
     if isinstance(node, yaml.MappingNode):
         seen: set[str] = set()
         for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.value)
+            if not isinstance(key_node, yaml.ScalarNode):  # (no setting has such a key; and printed, an aliased one can be huge)
+                raise _DuplicateKey(f"{path or 'top level'}: a key that is not a plain name (line {key_node.start_mark.line + 1})")
+            key = key_node.value
             name = f"{path}.{key}" if path else key
+            if key_node.tag == "tag:yaml.org,2002:merge":  # (`<<:` may be given more than once)
+                _check_duplicates(value_node, path, seen_nodes)
+                continue
             if key in seen:
                 raise _DuplicateKey(f"{name}: given twice (again at line {key_node.start_mark.line + 1}); YAML would keep only the last")
             seen.add(key)
@@ -394,6 +399,8 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None, c
         data = yaml.safe_load(text)
     except _DuplicateKey as err:
         raise ConfigError(f"{path}: {err}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if data is not None and not isinstance(data, dict):

@@ -61,6 +61,10 @@ from streamer.config import ConfigError, build_config, load_config
         ("topics:\n  inputs: [a]\n  dead_letter: a\n", "topics.dead_letter"),
         ("topics:\n  inputs: [a]\n  scores: a\n", "topics.scores"),
         ("topics:\n  inputs: [a]\n  alerts: b\nlogs:\n  topics: [b]\n", "topics.alerts"),
+        # (a review of the duplicate check: a RecursionError traceback; an aliased complex key
+        # printed in full, minutes and gigabytes for a small file)
+        ("a: " + "[" * 2000 + "]" * 2000 + "\n", "nested too deeply"),
+        ("? [1, 2]\n: 3\n", "top level: a key that is not a plain name"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, yaml_text, key):
@@ -68,6 +72,13 @@ def test_bad_config_names_the_key(tmp_path, yaml_text, key):
     path.write_text(yaml_text)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         load_config(path, env={})
+
+
+def test_yaml_merge_keys_are_not_taken_for_duplicates(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("detector:\n  <<: {warmup: 5}\n  <<: {threshold: 0.6}\n")
+    config = load_config(path, env={}, checkpoint_must_exist=False)
+    assert (config.detector.warmup, config.detector.threshold) == (5, 0.6)
 
 
 def test_cli_exits_2_naming_the_key_before_connecting(tmp_path):
