@@ -158,8 +158,20 @@ def _has_spans(request: Any) -> bool:
 
 
 def _has_metrics(request: Any) -> bool:
-    """Whether a metrics request holds a metric with data (gauge, sum, histogram, ...)."""
-    return any(m.WhichOneof("data") for r in request.resource_metrics for s in r.scope_metrics for m in s.metrics)
+    """Whether a metrics request holds a metric with data (gauge, sum, histogram, ...), every
+    point of it timed, and nothing unknown anywhere: a log record without times or severity can
+    parse as a metric (its body as a gauge, its trace id as a histogram), loosely (a review)."""
+    from google.protobuf.unknown_fields import UnknownFieldSet
+
+    metrics = [m for r in request.resource_metrics for s in r.scope_metrics for m in s.metrics]
+    if not metrics or any(len(UnknownFieldSet(message)) for message in _nested(request)):
+        return False
+    for metric in metrics:
+        kind = metric.WhichOneof("data")
+        points = getattr(metric, kind).data_points if kind else []
+        if not points or any(point.time_unix_nano == 0 for point in points):
+            return False
+    return True
 
 
 def _other_signal(raw: bytes) -> str:
@@ -215,7 +227,10 @@ def from_proto(raw: bytes) -> dict[str, Any] | None:
     # A metric without a name (a broken producer) fits a log record's fields: its gauge lands
     # on the body as a string of binary noise (a third review). Where a body is missing or not
     # UTF-8, ask whether the message reads whole as another signal, which a logs batch does not.
-    if any(_odd_body(record) for record in records) and (other := _other_signal(raw)):
+    # (A record with a time or a severity number cannot be a metric: those fields clash with a
+    # metric's name and description, which `_misread` finds.)
+    untimed = (r for r in records if not (r.time_unix_nano or r.observed_time_unix_nano or r.severity_number))
+    if any(_odd_body(record) for record in untimed) and (other := _other_signal(raw)):
         raise Rejected("invalid_otlp", other)
     return {
         "resourceLogs": [

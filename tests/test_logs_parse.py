@@ -697,11 +697,14 @@ def test_otlp_traces_or_metrics_on_a_logs_topic_are_named_not_scored():
     resource_logs = logs.resource_logs.add()
     resource_logs.resource.attributes.add(key="service.name", value=AnyValue(string_value="checkout"))
     resource_logs.scope_logs.add().log_records.add().attributes.add(key="message", value=AnyValue(string_value="disk full"))
-    raws = [traces.SerializeToString(), metrics.SerializeToString(), nameless.SerializeToString(), logs.SerializeToString(), b"\n\x00"]
-    res = _parse(LogParser("plain", "service.name"), raws, [b"k"] * 5)
+    # ...and one without times or a severity number, whose Latin-1 body parses as a gauge (a review)
+    latin1 = ExportLogsServiceRequest()
+    latin1.resource_logs.add().scope_logs.add().log_records.add(severity_text="INFO").body.string_value = "plain seXor"
+    raws = [r.SerializeToString() for r in (traces, metrics, nameless, logs)] + [latin1.SerializeToString().replace(b"X", b"\xf1")]
+    res = _parse(LogParser("plain", "service.name"), [*raws, b"\n\x00"], [b"k"] * 6)
     assert [d[1] for d in res.dead] == ["invalid_otlp", "invalid_otlp", "invalid_otlp", "empty_message"]
     assert "an OTLP traces batch" in res.dead[0][2] and "an OTLP metrics batch" in res.dead[1][2] and "metrics" in res.dead[2][2]
-    assert res.message == ["disk full"] and res.stream == ["checkout"]
+    assert res.message == ["disk full", "plain se\ufffdor"] and res.stream == ["checkout", "k"]
 
 
 def test_a_json_log_record_with_bytes_that_are_not_utf8_is_read():
