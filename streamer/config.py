@@ -393,10 +393,14 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None, c
             f"cannot read config file {path}: not UTF-8 (byte {err.start}: {err.object[err.start : err.start + 1]!r})"
         ) from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        if node is not None:
-            _check_duplicates(node)
-        data = yaml.safe_load(text)
+        loader = yaml.SafeLoader(text)
+        try:  # (as yaml.safe_load does, with the composed document checked before it is built)
+            node = loader.get_single_node()
+            if node is not None:
+                _check_duplicates(node)
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except _DuplicateKey as err:
         raise ConfigError(f"{path}: {err}") from None
     except RecursionError:

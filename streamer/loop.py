@@ -189,15 +189,13 @@ class Runner:
             committed = known.get(tp)
             self.emit_from[tp] = committed or 0
             self._committed[tp] = committed
-            if tp not in known:
-                self._start_unknown.add(tp)
-            else:
-                self._start_unknown.discard(tp)
             # The log our offsets refer to, fixed at assignment: a snapshot taken after the topic
             # was recreated under us must still name the log its offsets came from.
             self.log_ids[tp] = self.transport.topic_id(tp[0])
             if tp not in known:
+                self._start_unknown.add(tp)
                 continue
+            self._start_unknown.discard(tp)
             if self.logs is not None and tp[0] in self.logs.topics:
                 if self._restore_logs(tp, committed, starts.get(tp)):
                     reseeked.add(tp)

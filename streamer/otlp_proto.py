@@ -151,20 +151,22 @@ def _nested(message: Any) -> list[Any]:
     return out
 
 
-def _has_spans(request: Any) -> bool:
-    """Whether a traces request holds a span with its ids (a misread log record would not)."""
+def _has_spans(request: Any, nested: list[Any]) -> bool:
+    """Whether a traces request holds a span with its ids (a misread log record would not), no
+    field misread (`nested`: every message in the request)."""
     spans = (span for r in request.resource_spans for s in r.scope_spans for span in s.spans)
-    return any(len(span.trace_id) == 16 and len(span.span_id) == 8 for span in spans)
+    return any(len(span.trace_id) == 16 and len(span.span_id) == 8 for span in spans) and not _misread(nested)
 
 
-def _has_metrics(request: Any) -> bool:
+def _has_metrics(request: Any, nested: list[Any]) -> bool:
     """Whether a metrics request holds a metric with data (gauge, sum, histogram, ...), every
-    point of it timed, and nothing unknown anywhere: a log record without times or severity can
-    parse as a metric (its body as a gauge, its trace id as a histogram), loosely (a review)."""
+    point of it timed, and nothing unknown anywhere (`nested`: every message in the request): a
+    log record without times or severity can parse as a metric (its body as a gauge, its trace
+    id as a histogram), loosely (a review)."""
     from google.protobuf.unknown_fields import UnknownFieldSet
 
     metrics = [m for r in request.resource_metrics for s in r.scope_metrics for m in s.metrics]
-    if not metrics or any(len(UnknownFieldSet(message)) for message in _nested(request)):
+    if not metrics or any(len(UnknownFieldSet(message)) for message in nested):
         return False
     for metric in metrics:
         kind = metric.WhichOneof("data")
@@ -187,7 +189,7 @@ def _other_signal(raw: bytes) -> str:
             parsed = request.FromString(raw)
         except (DecodeError, ValueError):  # (the pure-Python backend raises UnicodeDecodeError)
             continue
-        if holds(parsed) and not _misread(_nested(parsed)):
+        if holds(parsed, _nested(parsed)):
             return f"an OTLP {name} batch, not logs: is another signal's exporter writing to this topic?"
     return ""
 
@@ -222,7 +224,7 @@ def from_proto(raw: bytes) -> dict[str, Any] | None:
     resources = list(request.resource_logs)
     scopes = [scope for resource in resources for scope in resource.scope_logs]
     records = [record for scope in scopes for record in scope.log_records]
-    if _misread(resources) or _misread(scopes) or _misread(records):
+    if _misread([*resources, *scopes, *records]):
         raise Rejected("invalid_otlp", _other_signal(raw) or "an OTLP protobuf message that is not a logs batch (its fields do not fit)")
     # A metric without a name (a broken producer) fits a log record's fields: its gauge lands
     # on the body as a string of binary noise (a third review). Where a body is missing or not
