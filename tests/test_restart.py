@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from models.calibration import TAIL_THRESHOLD, CalibrationConfig
 from models.detector import CAL_HISTS, CAL_HISTS_LONG, Detector
 from models.gru import DEFAULT_WEIGHTS, load_checkpoint
 from models.recurrence import RECUR_FIELDS
+from streamer.config import Config
 from streamer.state import SNAPSHOT_VERSION, Snapshot, SnapshotStore
 from streamer.transport import SendError
 
@@ -348,6 +350,38 @@ def _produce_s1(broker, topic: str, start: int, stop: int) -> None:
     produce(broker, topic, [(b"s-1", event("s-1", 1_000 * i, {"temp": 20.0 + i % 5})) for i in range(start, stop)], lambda k: 0)
 
 
+def _unanswered_at_assignment(daemon: DaemonThread, left_out: Callable[[tuple[str, int]], bool]) -> None:
+    """The group coordinator leaves the partitions `left_out` picks out of its first answer (the
+    assignment's); later asks are answered in full."""
+    real, calls = daemon.runner.transport.committed, []
+
+    def first_partly(tps: list, timeout_ms: int = 10_000) -> dict:
+        calls.append(list(tps))
+        got = real(tps, timeout_ms)
+        return {tp: v for tp, v in got.items() if not left_out(tp)} if len(calls) == 1 else got
+
+    daemon.runner.transport.committed = first_partly  # type: ignore[method-assign]
+
+
+def _snapshot_ahead_of_failed_commits(broker, topics, state_dir, silent: bool = False) -> Config:
+    """s-1 scored to 100 and committed, then to 300 by a member whose commits all fail (sends
+    succeed): its snapshot is at 300, the group's committed offset at 100. `silent`: that member
+    got no committed offset at its assignment either."""
+    t = topics["input"]
+    _produce_s1(broker, t, 0, 100)
+    config = make_config(broker, topics, state_dir, consumer={"max_poll_records": 50})
+    with DaemonThread(config) as first:
+        first.wait_scored(100)
+    _produce_s1(broker, t, 100, 300)
+    cut_off = DaemonThread(config)
+    cut_off.runner.transport.commit = lambda offsets, timeout_ms=None: False  # type: ignore[method-assign]
+    if silent:  # (no answer at the assignment; answers again by the time records arrive)
+        _unanswered_at_assignment(cut_off, lambda tp: True)
+    with cut_off:
+        cut_off.wait_scored(200)
+    return config
+
+
 def test_not_ready_until_the_replay_up_to_the_committed_offset_is_done(broker, topics, state_dir):
     """After a crash the snapshot can be older than the committed offset: the events between are
     scored again, without outputs, to rebuild state. /readyz said ready before that replay had
@@ -445,23 +479,7 @@ def test_a_snapshot_ahead_of_commits_that_failed_is_restored_not_taken_for_a_res
     recorded none, which read as an older build's (review: 200 emitted twice); it is asked again
     when the first records arrive."""
     t = topics["input"]
-    _produce_s1(broker, t, 0, 100)
-    config = make_config(broker, topics, state_dir, consumer={"max_poll_records": 50})
-    with DaemonThread(config) as first:
-        first.wait_scored(100)
-    _produce_s1(broker, t, 100, 300)
-    cut_off = DaemonThread(config)
-    cut_off.runner.transport.commit = lambda offsets, timeout_ms=None: False  # type: ignore[method-assign]
-    if silent:  # (no answer at the assignment; answers again by the time records arrive)
-        real, calls = cut_off.runner.transport.committed, []
-
-        def slow_at_first(tps: list, timeout_ms: int = 10_000) -> dict:
-            calls.append(tps)
-            return {} if len(calls) == 1 else real(tps, timeout_ms)
-
-        cut_off.runner.transport.committed = slow_at_first  # type: ignore[method-assign]
-    with cut_off:
-        cut_off.wait_scored(200)
+    config = _snapshot_ahead_of_failed_commits(broker, topics, state_dir, silent)
     c = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=config.consumer.group_id, enable_auto_commit=False)
     assert c.committed(TopicPartition(t, 0)) == 100
     if moved_on_to is not None:
@@ -499,14 +517,7 @@ def test_the_partitions_a_slow_coordinator_answered_for_at_an_assignment_are_res
     with DaemonThread(config) as first:
         first.wait_scored(120)
     daemon = DaemonThread(config)
-    real, calls = daemon.runner.transport.committed, []
-
-    def partly(tps: list, timeout_ms: int = 10_000) -> dict:
-        calls.append(list(tps))
-        got = real(tps, timeout_ms)
-        return {tp: v for tp, v in got.items() if tp[1] != 1} if len(calls) == 1 else got
-
-    daemon.runner.transport.committed = partly  # type: ignore[method-assign]
+    _unanswered_at_assignment(daemon, lambda tp: tp[1] == 1)
     with caplog.at_level(logging.INFO, logger="streamer"), daemon:
         deadline = time.monotonic() + 30
         while not daemon.runner.ready.is_set():
@@ -525,26 +536,9 @@ def test_a_quiet_restored_partition_is_committed_though_another_went_unanswered(
     assignment went unanswered ("the batch commit does it") left a quiet partition's offset
     behind for good: the batch commit covers partitions with records only (a review)."""
     t = topics["input"]
-    _produce_s1(broker, t, 0, 100)
-    config = make_config(broker, topics, state_dir, consumer={"max_poll_records": 50})
-    with DaemonThread(config) as first:
-        first.wait_scored(100)
-    _produce_s1(broker, t, 100, 300)
-    cut_off = DaemonThread(config)
-    cut_off.runner.transport.commit = lambda offsets, timeout_ms=None: False  # type: ignore[method-assign]
-    with cut_off:
-        cut_off.wait_scored(200)
+    config = _snapshot_ahead_of_failed_commits(broker, topics, state_dir)
     quiet = DaemonThread(config)
-    real, calls = quiet.runner.transport.committed, []
-
-    def one_unanswered(tps: list, timeout_ms: int = 10_000) -> dict:
-        calls.append(list(tps))
-        got = real(tps, timeout_ms)
-        if len(calls) == 1:
-            got.pop((t, 3), None)  # (partition 3, which never has records, unanswered at the assignment)
-        return got
-
-    quiet.runner.transport.committed = one_unanswered  # type: ignore[method-assign]
+    _unanswered_at_assignment(quiet, lambda tp: tp[1] == 3)  # (partition 3 never has records)
     c = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=config.consumer.group_id, enable_auto_commit=False)
     with quiet:
         deadline = time.monotonic() + 30
