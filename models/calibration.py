@@ -31,7 +31,7 @@ class CalibrationConfig:
     window: int = 1000  # events of history the histogram remembers (exponential decay)
     long_window: int = 5000  # ...and the second, long-memory histogram of every view
     tail_slope: float = 3.0  # beyond the largest surprise seen: p falls as q^-tail_slope
-    flagged_weight: float = 0.1  # a flagged event counts this much in the surprise history
+    flagged_weight: float = 0.1  # a flagged event counts this much in the surprise history (more after recent alerts)
     flagged_reach: int = 8  # ...and is recorded at most this many bins above the history's top
     # For `holdoff` events after an alert, an event no more surprising than the alert scores
     # `holdoff_factor` times its score (at most 0.4: below the default threshold): one alert per
@@ -163,7 +163,9 @@ def learn_tail(
     return new.scatter_add_(-1, b[..., None], weight.to(new.dtype)[..., None])
 
 
-def tail_weight(cfg: CalibrationConfig, steps: torch.Tensor, valid: torch.Tensor, flagged: torch.Tensor) -> torch.Tensor:
+def tail_weight(
+    cfg: CalibrationConfig, steps: torch.Tensor, valid: torch.Tensor, flagged: torch.Tensor, alerts: torch.Tensor
+) -> torch.Tensor:
     """How much each event counts in its stream's surprise history.
 
     Nothing during the first half of warm-up: while a stream's statistics rest on a handful of
@@ -175,8 +177,19 @@ def tail_weight(cfg: CalibrationConfig, steps: torch.Tensor, valid: torch.Tensor
     regime) must become the new normal, and a flagged event in the history is enough to stop
     flagging its like. Not 1 either: an outage should not widen the history as much as a
     normal event does.
+
+    Unless the stream keeps alerting: `alerts` [...] is its alerts over the last ~window events
+    (decayed, before this one), and a flagged event counts flagged_weight^(1 / (1 + alerts)):
+    0.1, then 0.32, 0.46, 0.56... with one, two, three recent alerts. A stream alerting several
+    times per window is beyond the rate its threshold promises, so its history is not learning
+    what it keeps seeing. That happened on sparse 0/1 streams (an error flag): each one comes
+    after a quiet spell that shrank every view's spread, often lies beyond the history's top,
+    and at a tenth of its weight the history took a dozen ones to learn their like, flagging
+    most ones meanwhile (`tests/test_calibration.py -k sparse_event`). One glitch, with no
+    alert before it, still counts a tenth.
     """
-    w = torch.where(flagged, cfg.flagged_weight, 1.0)
+    fw = cfg.flagged_weight ** (1.0 / (1.0 + alerts.double()))
+    w = torch.where(flagged, fw, 1.0)
     return torch.where(valid & (steps >= cfg.warmup // 2), w, 0.0).double()
 
 

@@ -68,6 +68,9 @@ FIELDS: tuple[Field, ...] = (
     Field("cal_long_lvl", False, False, torch.float32, HIST_BINS),
     Field("cal_long_shift", False, False, torch.float32, HIST_BINS),
     Field("cal_long_corr", False, False, torch.float32, HIST_BINS),
+    # Alerts in the last ~window events (decayed): a stream that keeps alerting has its flagged
+    # events learned at more than flagged_weight (`tail_weight`).
+    Field("cal_alerts", False, False, torch.float64),
     Field("steps", False, False, torch.int64),  # events seen by the stream
     # The alert hold-off (`holdoff` in models/calibration.py): events it has left and the score
     # of the alert that started it (float64: compared with the next events' float64 scores).

@@ -28,10 +28,10 @@ TP = tuple[str, int]
 # a third histogram; 4 the recent mean and a fourth histogram; 5 the correlation view (error
 # correlations and a fifth histogram); 6 a long-memory histogram per view; 7 the alert hold-off;
 # 8 the memory of recurring events; 9 and 10 each feature's first hour, for the profile's revisits;
-# 11 the previous event's time and the usual interval, for gaps. Layouts 4 to 10 are upgraded on load
-# (see `_upgrade`).
-SNAPSHOT_VERSION = 11
-UPGRADABLE = (4, 5, 6, 7, 8, 9, 10)
+# 11 the previous event's time and the usual interval, for gaps; 12 the count of recent alerts,
+# for the calibration's learning. Layouts 4 to 11 are upgraded on load (see `_upgrade`).
+SNAPSHOT_VERSION = 12
+UPGRADABLE = (4, 5, 6, 7, 8, 9, 10, 11)
 log = logging.getLogger(__name__)
 
 
@@ -232,7 +232,9 @@ def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Te
     revisits by the last event's hour (`prof_last`), which out-of-order timestamps fooled: its
     marks are cleared. Written by the next two commits, layout 9 already held `prof_start` and
     is kept as it is. Layout 11's gap fields start empty, as on a new stream: no event is taken
-    for one after a gap until the stream's usual interval is known again."""
+    for one after a gap until the stream's usual interval is known again. Layout 12's count of
+    recent alerts starts at 0, as if none were recent: flagged events count a tenth until the
+    stream alerts again."""
     if version <= 4:
         state = with_empty_fields(state, ("corr_cov", "corr_n", "cal_hist_corr"))
     if version <= 5:
@@ -246,4 +248,6 @@ def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Te
         state["prof_seen"] = state["prof_seen"] & ((1 << PROFILE_BINS) - 1)
     if version <= 10:
         state = with_empty_fields(state, GAP_FIELDS)
+    if version <= 11:
+        state = with_empty_fields(state, ("cal_alerts",))
     return state if "prof_start" in state else with_empty_fields(state, ("prof_start",))
