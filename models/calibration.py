@@ -201,3 +201,33 @@ def combine_scores(cfg: CalibrationConfig, log10_p: torch.Tensor, valid: torch.T
     k = applies.sum(dim=-1).clamp(min=1).to(log10_p.dtype)
     lp = torch.where(applies, log10_p, -math.inf).max(dim=-1).values - torch.log10(k)
     return torch.where(valid & applies.any(dim=-1), (lp / cfg.decades).clamp(min=0.0), torch.zeros_like(lp))
+
+
+def feature_log10_p(
+    cfg: CalibrationConfig, q: torch.Tensor, hist: torch.Tensor, usable: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-feature view: each feature's prediction error q [B, K] ranked against that
+    feature's own history hist [B, K, HIST_BINS], for streams of two or more features.
+
+    The other views rank a sum over features against one history per view, so that history's
+    tail is the noisiest feature's: beside a heavy-tailed sensor, an 8-deviation spike in a quiet
+    one was flagged 0 times in 20 (95% beside a Gaussian one). Here each feature is judged by
+    its own tail, and the smallest p times the number of features judged (Bonferroni) is the
+    view's p. usable [B, K]: features that have an error this event. The view applies where two
+    or more of them have histories holding half a warm-up (a single-feature stream never uses
+    it: its one feature is the prediction view already). Only the event's own features count:
+    counting every feature the stream ever had made the view apply to a stream whose second
+    sensor died long ago, and made a stream's scores depend on which other streams shared its
+    batch (K is the batch's width on CPU).
+
+    Returns (-log10 p of the view [B], whether it applies [B], each feature's -log10 p [B, K]
+    (0 where not judged: the record's contributions), bins [B, K] and tops [B, K] for
+    `learn_tail`)."""
+    lp, b, top = tail_log10_p(cfg, q, hist)
+    known = hist.sum(dim=-1) >= min(cfg.warmup, cfg.window) // 2  # (its mass stays under window)
+    judged = usable & known
+    n = judged.sum(dim=1)
+    applies = n >= 2
+    parts = torch.where(judged, lp, 0.0)
+    view = torch.where(judged, lp, -math.inf).amax(dim=1) - torch.log10(n.clamp(min=1).to(lp.dtype))
+    return torch.where(applies, view, 0.0), applies, parts.clamp(min=0.0), b, top

@@ -34,16 +34,17 @@ def standardised_errors(r: torch.Tensor, var: torch.Tensor, ready: torch.Tensor)
     return torch.where(ready, r / torch.sqrt(var.clamp(min=1e-300)), torch.zeros_like(r))
 
 
-def active_width(ready: torch.Tensor) -> int:
-    """How many leading features the view must look at for this batch: 0 when no event has two
-    features with an error (nothing to correlate), else up to the last such feature.
+def active_width(ready: torch.Tensor, least: int = 2) -> int:
+    """How many leading features the view must look at for this batch: 0 when no event has
+    `least` features with an error (two: nothing to correlate), else up to the last feature of
+    such an event.
 
     On CPU the view works on that leading block only: most streams use a few of max_features
     slots, and an 8x8 batched inverse costs six times a 4x4 one. On a GPU the check would force
     a sync per wavefront, and the full block is cheap there, so it is always max_features."""
     if ready.device.type != "cpu":
         return ready.shape[1]
-    multi = ready.sum(dim=1) >= 2
+    multi = ready.sum(dim=1) >= least
     if not bool(multi.any()):
         return 0
     return int(ready[multi].any(dim=0).nonzero().max()) + 1

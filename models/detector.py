@@ -36,7 +36,16 @@ from models.adapt import (
     shift_q,
     shift_update,
 )
-from models.calibration import TAIL_THRESHOLD, CalibrationConfig, combine_scores, hist_bin, learn_tail, tail_log10_p, tail_weight
+from models.calibration import (
+    TAIL_THRESHOLD,
+    CalibrationConfig,
+    combine_scores,
+    feature_log10_p,
+    hist_bin,
+    learn_tail,
+    tail_log10_p,
+    tail_weight,
+)
 from models.correlation import active_width, correlation_q, correlation_update, standardised_errors
 from models.gru import StreamGRU, gaussian_nll
 from models.recurrence import RECUR_FIELDS, recurrence, recurrence_update
@@ -57,9 +66,11 @@ class StepOutput:
     held: torch.Tensor  # int8 [B]: index into HELD of why an event at the threshold is not an anomaly (0: it is not held)
 
 
-# The views of an event, as score records name them, and the state's surprise histograms they
-# are ranked against, in the same order. The last applies only to multi-feature events.
-VIEWS = ("prediction", "time_of_day", "recent_level", "recent_mean", "correlation")
+# The views of an event, as score records name them; the first five are ranked against the
+# state's surprise histograms CAL_HISTS, in the same order. The last two apply only to streams
+# of several features: `feature` ranks each feature's prediction error against that feature's
+# own history (`cal_feat`; `feature_log10_p` in models/calibration.py).
+VIEWS = ("prediction", "time_of_day", "recent_level", "recent_mean", "correlation", "feature")
 # Why an event at or above the threshold is reported below it: not held, an aftershock of a recent
 # alert (the hold-off), a recurrence of something flagged at this hour on the last days, or the
 # stream's warm-up (its histories rest on too few events for the score to mean what it says).
@@ -180,6 +191,18 @@ def advance(
     lp_both, _, tops = tail_log10_p(cal, views.repeat(1, 2), hists)
     bins = hist_bin(learned.repeat(1, 2))
     lp = torch.where(applies, torch.minimum(lp_both[:, :nv], lp_both[:, nv:]), 0.0)
+    # The per-feature view, a sixth test where it applies: each feature's mixed prediction error
+    # against its own history, so a noisy sensor's tail does not hide a quiet one's spike. It
+    # learns and judges what the prediction view does (not after a gap, not a late feature).
+    kf = active_width(ready, least=1)
+    feat_ok = ready[:, :kf] & ~late[:, :kf] & ~after_gap[:, None]
+    feat_hist = state["cal_feat"][:, :kf]
+    if kf:
+        lp_feat, feat_applies, feat_parts, feat_b, feat_top = feature_log10_p(cal, per_feature[:, 0, :kf], feat_hist, feat_ok)
+    else:  # (no feature of the wavefront has an error: nothing to judge or learn)
+        lp_feat, feat_applies = torch.zeros_like(valid, dtype=lp.dtype), torch.zeros_like(valid)
+    lp = torch.cat((lp, lp_feat[:, None]), dim=1)
+    applies = torch.cat((applies, feat_applies[:, None]), dim=1)
     level = combine_scores(cal, lp, valid, applies)  # uncapped: recurrences compare above 1
     raw = level.clamp(max=1.0)
     flagged = valid & (steps >= cal.warmup) & (raw >= cal.threshold)
@@ -219,6 +242,10 @@ def advance(
     weight_long = torch.where(flagged, 0.0, weight)
     cal_weight = torch.cat((weight[:, None] * learns, weight_long[:, None] * learns), dim=1)  # [B, 10]
     windows = torch.full((2, nv), float(cal.window), dtype=hists.dtype, device=hists.device)  # (fills: no copy from host)
+    cal_feat = state["cal_feat"]
+    if kf:
+        learned_f = learn_tail(cal, feat_hist, feat_b, weight[:, None] * feat_ok, flagged[:, None].expand_as(feat_b), feat_top)
+        cal_feat = learned_f if kf == cal_feat.shape[1] else torch.cat((learned_f, cal_feat[:, kf:]), dim=1)
     windows[1] = float(cal.long_window)
     flagged_b = flagged[:, None].expand_as(bins)
 
@@ -269,6 +296,7 @@ def advance(
         # (Alerts, not flags: an episode's aftershocks and a nightly job's recurrences are one
         # alert or none, so one long outage does not read as a stream that keeps alerting.)
         "cal_alerts": state["cal_alerts"] * (1.0 - 1.0 / cal.window) + alert.double(),
+        "cal_feat": cal_feat,
         "steps": steps + 1,
         "hold_left": torch.where(alert, cal.holdoff, (hold_left - 1).clamp(min=0)).to(hold_left.dtype),
         "hold_score": torch.where(alert, raw, hold_score),
@@ -277,6 +305,11 @@ def advance(
     # The explanation is the decomposition of the statistic that decided the score: the views'
     # scales differ (a recent-mean shift of 50 is extreme where a prediction error of 50 may be
     # routine), so features are compared within that one view.
+    # (The per-feature view's parts are each feature's -log10 p: its own surprise, in decades.)
+    parts = torch.zeros_like(per_feature[:, :1])
+    if kf:
+        parts[:, 0, :kf] = feat_parts
+    per_feature = torch.cat((per_feature, parts), dim=1)
     view = lp.argmax(dim=1)
     contributions = per_feature.gather(1, view[:, None, None].expand(-1, 1, per_feature.shape[2])).squeeze(1)
     # In float64: a near-flat feature that jumps reaches ~1e48, past float32, where two such

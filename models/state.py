@@ -68,6 +68,8 @@ FIELDS: tuple[Field, ...] = (
     Field("cal_long_lvl", False, False, torch.float32, HIST_BINS),
     Field("cal_long_shift", False, False, torch.float32, HIST_BINS),
     Field("cal_long_corr", False, False, torch.float32, HIST_BINS),
+    # ...and each feature's own history of its prediction error (the per-feature view).
+    Field("cal_feat", True, False, torch.float32, HIST_BINS),
     # Alerts in the last ~window events (decayed): a stream that keeps alerting has its flagged
     # events learned at more than flagged_weight (`tail_weight`).
     Field("cal_alerts", False, False, torch.float64),

@@ -29,9 +29,10 @@ TP = tuple[str, int]
 # correlations and a fifth histogram); 6 a long-memory histogram per view; 7 the alert hold-off;
 # 8 the memory of recurring events; 9 and 10 each feature's first hour, for the profile's revisits;
 # 11 the previous event's time and the usual interval, for gaps; 12 the count of recent alerts,
-# for the calibration's learning. Layouts 4 to 11 are upgraded on load (see `_upgrade`).
-SNAPSHOT_VERSION = 12
-UPGRADABLE = (4, 5, 6, 7, 8, 9, 10, 11)
+# for the calibration's learning; 13 each feature's own error history, for the per-feature view.
+# Layouts 4 to 12 are upgraded on load (see `_upgrade`).
+SNAPSHOT_VERSION = 13
+UPGRADABLE = (4, 5, 6, 7, 8, 9, 10, 11, 12)
 log = logging.getLogger(__name__)
 
 
@@ -234,7 +235,8 @@ def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Te
     is kept as it is. Layout 11's gap fields start empty, as on a new stream: no event is taken
     for one after a gap until the stream's usual interval is known again. Layout 12's count of
     recent alerts starts at 0, as if none were recent: flagged events count a tenth until the
-    stream alerts again."""
+    stream alerts again. Layout 13's per-feature histories start empty, as on a new stream: the
+    view applies once they hold half a warm-up of events."""
     if version <= 4:
         state = with_empty_fields(state, ("corr_cov", "corr_n", "cal_hist_corr"))
     if version <= 5:
@@ -250,4 +252,6 @@ def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Te
         state = with_empty_fields(state, GAP_FIELDS)
     if version <= 11:
         state = with_empty_fields(state, ("cal_alerts",))
+    if version <= 12:
+        state = with_empty_fields(state, ("cal_feat",))
     return state if "prof_start" in state else with_empty_fields(state, ("prof_start",))

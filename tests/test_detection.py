@@ -276,13 +276,16 @@ def test_a_feature_that_joins_a_stream_late_has_its_own_warm_up(one_torch_thread
     assert (res.top_feature(mask.reshape(n * streams, -1)).reshape(n, streams)[n - 1] == before).all()
 
 
-def test_a_setpoint_step_raises_the_bar_for_the_other_features(one_torch_thread):
-    """A known limit (README, Calibration). Twin chillers (setpoint, supply and return
+def test_a_setpoint_step_no_longer_raises_the_bar_for_the_other_features(one_torch_thread):
+    """Found by a review (README, Calibration). Twin chillers (setpoint, supply and return
     temperature, condenser pressure; 1-minute readings) with the same noise and one spike of 10
-    deviations on return temperature or pressure. Where the setpoint never moves, the spikes are
-    flagged. Where it steps once from 7.0 to 6.5, 100 to 1,900 events before the spike, its
-    enormous surprise while its normaliser follows (its deviation is at the floor, 0.01% of its
-    level) fills the stream's calibration histories, and spikes of that size go unflagged."""
+    deviations on return temperature or pressure. Where the setpoint steps once from 7.0 to 6.5,
+    100 to 1,900 events before the spike, its enormous surprise while its normaliser follows (its
+    deviation is at the floor, 0.01% of its level) fills the stream's view histories, which sum
+    over features, and no spike was flagged there (7 of 8 where the setpoint never moves). The
+    per-feature view ranks each feature against its own history: 5 of 8 now. (The return
+    temperature follows the setpoint, so it stepped too: its own history holds that step, and
+    its spikes soon after it are the ones still missed.)"""
     n, step_at = 3000, 1000
     spikes = [1100, 1300, 1500, 1700, 1900, 2300, 2600, 2900]
     t = np.arange(n)
@@ -314,7 +317,43 @@ def test_a_setpoint_step_raises_the_bar_for_the_other_features(one_torch_thread)
     stepped = [bool(flagged[at, 2 * k + 1]) for k, at in enumerate(spikes)]
     print(f"\nspikes flagged: setpoint constant {sum(flat)} of {len(spikes)}, setpoint stepped {sum(stepped)} of {len(spikes)}")
     assert sum(flat) >= len(spikes) - 2
-    assert sum(stepped) <= sum(flat) - 4  # the limit: if this fails, update the README's account of it
+    assert sum(stepped) >= len(spikes) - 3, stepped  # (0 of 8 without the per-feature view)
+
+
+def test_a_quiet_feature_is_not_hidden_by_a_noisy_neighbour(one_torch_thread):
+    """Found by a review of explanations on unseen streams: the views sum over a stream's
+    features and rank the sum against one history per view, whose tail is then the noisiest
+    feature's. Beside a heavy-tailed feature (Student-t, 3 degrees of freedom), or one that jumps
+    between two levels now and then, an 8-deviation spike on a quiet Gaussian feature was flagged
+    in 0 of 20 streams of each kind. The per-feature view ranks each feature's error against its
+    own history, and names it: 12 and 16 of 20 (the misses score 0.38 to 0.49: the view pays for
+    its three features and the event's six views, Bonferroni)."""
+    n, copies = 3000, 20
+    rng = np.random.default_rng(7)
+    at = 2500 + rng.integers(0, 100, 2 * copies)
+    x = np.zeros((n, 2 * copies, 3))
+    for s in range(2 * copies):
+        if s < copies:
+            x[:, s, 0] = 50.0 + 5.0 * rng.standard_t(3, n)
+        else:
+            x[:, s, 0] = 10.0 * (np.cumsum(rng.random(n) < 0.02) % 2) + 0.5 * rng.standard_normal(n)
+        x[:, s, 1] = 2.0 + 0.1 * rng.standard_normal(n)
+        x[:, s, 2] = -1.0 + rng.standard_normal(n)
+        x[at[s], s, 1] += 0.8  # 8 deviations of the quiet feature
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    det = Detector(model, CalibrationConfig())  # the daemon's defaults
+    xs = np.zeros((n * 2 * copies, det.max_features))
+    xs[:, :3] = x.reshape(-1, 3)
+    mask = np.zeros_like(xs, dtype=bool)
+    mask[:, :3] = True
+    ts = np.repeat(1_600_000_000_000 + 60_000 * np.arange(n, dtype=np.int64), 2 * copies)
+    res = det.process(np.tile(np.arange(2 * copies), n), xs, mask, ts)
+    cols = np.arange(2 * copies)
+    flagged = res.is_anomaly.reshape(n, -1)[at, cols]
+    named = res.top_feature(mask).reshape(n, -1)[at, cols] == 1
+    for kind, rows in (("t3 neighbour", slice(0, copies)), ("jumping neighbour", slice(copies, None))):
+        print(f"\n{kind}: {flagged[rows].sum()} of {copies} spikes flagged, {(flagged & named)[rows].sum()} naming the quiet feature")
+        assert (flagged & named)[rows].sum() >= copies // 2, (kind, flagged[rows], named[rows])  # (0 before)
 
 
 def test_a_level_shift_is_flagged_when_it_is_abrupt_enough(one_torch_thread):

@@ -155,18 +155,20 @@ def test_a_snapshot_of_another_state_layout_is_ignored_not_fatal(tmp_path):
     assert store.load(("sensors", 0), arch) is None
 
 
-@pytest.mark.parametrize("layout", [4, 5, 6, 7, 8, 9, 10, 11])
+@pytest.mark.parametrize("layout", [4, 5, 6, 7, 8, 9, 10, 11, 12])
 def test_a_snapshot_of_an_older_layout_is_upgraded_keeping_every_stream(tmp_path, layout):
     """Layout 5 added the correlation view, layout 6 a long-memory histogram per view, layout 7
     the alert hold-off, layout 8 the memory of recurring events, layout 9 the hour of the last
     event (for the profile's revisits), which layout 10 replaced by each feature's first hour,
     layout 11 the latest event time and usual interval (for gaps), layout 12 the count of recent
-    alerts (for the calibration's learning). An older snapshot restores every
+    alerts (for the calibration's learning), layout 13 each feature's own error history. An older
+    snapshot restores every
     stream's state as it was; the correlation view starts empty, as on a new stream (it applies
     after CORR_MIN events), each long-memory histogram starts as a copy of its view's short one
     (empty, it would rank every event as ordinary), the hold-off starts off and the recurrence
-    memory empty, the first hours long ago, the gap fields empty and no alert recent."""
-    assert SNAPSHOT_VERSION == 12
+    memory empty, the first hours long ago, the gap fields empty, no alert recent and the
+    per-feature histories empty."""
+    assert SNAPSHOT_VERSION == 13
     model, _ = load_checkpoint(DEFAULT_WEIGHTS)
     rng = np.random.default_rng(0)
     det = Detector(model, CalibrationConfig(warmup=10))
@@ -176,7 +178,7 @@ def test_a_snapshot_of_an_older_layout_is_upgraded_keeping_every_stream(tmp_path
     x[:, :2], mask[:, :2] = rng.normal(size=(n, 2)), True
     det.process(np.zeros(n, dtype=np.int64), x, mask)
     state = det.bank.export_rows(torch.tensor([0]))
-    added = {"cal_alerts"} | ({"gap_last_ts", "gap_log", "gap_n"} if layout <= 10 else set())
+    added = {"cal_feat"} | ({"cal_alerts"} if layout <= 11 else set()) | ({"gap_last_ts", "gap_log", "gap_n"} if layout <= 10 else set())
     added |= ({"prof_start"} if layout <= 9 else set()) | (set(RECUR_FIELDS) if layout <= 7 else set())
     added |= {"hold_left", "hold_score"} if layout <= 6 else set()
     added |= set(CAL_HISTS_LONG) if layout <= 5 else set()
