@@ -37,14 +37,24 @@ def _random_batch(rng, n, streams, f=8, used=3):
 
 
 def test_batched_equals_one_event_at_a_time():
-    # Streams use different features (one; three; two apart), so a wavefront mixes streams the
-    # correlation view applies to with streams it does not: a stream's results must not depend on
-    # which others share its batch.
+    # Streams use different features (one; three; two apart; four of which three come and go),
+    # so a wavefront mixes streams the correlation and per-feature views apply to with streams
+    # they do not, and is wider than some of its events: a stream's results must not depend on
+    # which others share its batch. (The per-feature view once counted the histories of features
+    # an event lacked only where another stream widened the batch.)
     model, _ = load_checkpoint(DEFAULT_WEIGHTS)
     rng = np.random.default_rng(1)
     slots, x, mask = _random_batch(rng, 2400, 24)
-    uses = np.array([[True] + [False] * 7, [True] * 3 + [False] * 5, [False, True, False, False, False, True, False, False]])
-    mask = uses[slots % 3]
+    uses = np.array(
+        [
+            [True] + [False] * 7,
+            [True] * 3 + [False] * 5,
+            [False, True, False, False, False, True, False, False],
+            [True] * 4 + [False] * 4,
+        ]
+    )
+    mask = uses[slots % 4]
+    mask[:, 1:4] &= (slots % 4 != 3)[:, None] | (rng.random((len(slots), 3)) < 0.5)
     batched = Detector(model, CalibrationConfig(warmup=5, threshold=TAIL_THRESHOLD))
     single = Detector(model, CalibrationConfig(warmup=5, threshold=TAIL_THRESHOLD))
     got = batched.process(slots, x, mask)
@@ -54,6 +64,7 @@ def test_batched_equals_one_event_at_a_time():
         assert one.surprise[0] == pytest.approx(got.surprise[i], abs=1e-4)
         assert one.score[0] == pytest.approx(got.score[i], abs=1e-6)
         assert one.is_anomaly[0] == got.is_anomaly[i]
+        assert one.view[0] == got.view[i]
     for name, t in batched.bank.tensors.items():
         torch.testing.assert_close(t, single.bank.tensors[name], atol=1e-5, rtol=1e-5, msg=name)
 

@@ -356,6 +356,24 @@ def test_a_quiet_feature_is_not_hidden_by_a_noisy_neighbour(one_torch_thread):
         assert (flagged & named)[rows].sum() >= copies // 2, (kind, flagged[rows], named[rows])  # (0 before)
 
 
+def test_a_sensor_that_died_leaves_the_per_feature_view(one_torch_thread):
+    """A two-feature stream whose first sensor stops reporting is a one-feature stream from then
+    on: the per-feature view, which needs two features in the event, decides none of its events
+    (a review found it deciding 673 of 2,000 where it counted every history the stream had)."""
+    n = 3000
+    rng = np.random.default_rng(5)
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    det = Detector(model, CalibrationConfig())
+    x = np.zeros((n, det.max_features))
+    x[:, :2] = rng.normal(0.0, 1.0, (n, 2))
+    mask = np.zeros_like(x, dtype=bool)
+    mask[:, :2] = True
+    mask[600:, 0] = False
+    res = det.process(np.zeros(n, dtype=np.int64), x, mask)
+    assert (res.view[300:600] == VIEWS.index("feature")).any()  # (it applied while both reported)
+    assert not (res.view[600:] == VIEWS.index("feature")).any()
+
+
 def test_a_level_shift_is_flagged_when_it_is_abrupt_enough(one_torch_thread):
     """Permanent shifts of white noise (5-minute readings, 8 seeds per size, all streams in one
     batch): from 8 deviations every shift is flagged at its first reading; smaller ones often
