@@ -164,7 +164,7 @@ def learn_tail(
 
 
 def tail_weight(
-    cfg: CalibrationConfig, steps: torch.Tensor, valid: torch.Tensor, flagged: torch.Tensor, alerts: torch.Tensor
+    cfg: CalibrationConfig, steps: torch.Tensor, valid: torch.Tensor, flagged: torch.Tensor, onset: torch.Tensor, onsets: torch.Tensor
 ) -> torch.Tensor:
     """How much each event counts in its stream's surprise history.
 
@@ -178,17 +178,21 @@ def tail_weight(
     flagging its like. Not 1 either: an outage should not widen the history as much as a
     normal event does.
 
-    Unless the stream keeps alerting: `alerts` [...] is its alerts over the last ~window events
-    (decayed, before this one), and a flagged event counts flagged_weight^(1 / (1 + alerts)):
-    0.1, then 0.32, 0.46, 0.56... with one, two, three recent alerts. A stream alerting several
-    times per window is beyond the rate its threshold promises, so its history is not learning
-    what it keeps seeing. That happened on sparse 0/1 streams (an error flag): each one comes
-    after a quiet spell that shrank every view's spread, often lies beyond the history's top,
-    and at a tenth of its weight the history took a dozen ones to learn their like, flagging
-    most ones meanwhile (`tests/test_calibration.py -k sparse_event`). One glitch, with no
-    alert before it, still counts a tenth.
+    Unless the stream keeps being flagged: `onsets` [...] is how many runs of flagged events
+    (not recurrences) began in its last ~window events (decayed, before this one), and the
+    first event of a run (`onset` [...]: flagged, the previous event not) counts
+    flagged_weight^(1 / (1 + onsets)): 0.1, then 0.32, 0.46, 0.56... after one, two, three
+    recent onsets. A stream flagged afresh several times per window is beyond the rate its
+    threshold promises, so its history is not learning what it keeps seeing. That happened on
+    sparse 0/1 streams (an error flag): each one comes after a quiet spell that shrank every
+    view's spread, often lies beyond the history's top, and at a tenth of its weight the history
+    took a dozen ones to learn their like, flagging most ones meanwhile
+    (`tests/test_calibration.py -k sparse_event`). The rest of a run counts a tenth whatever came
+    before: counted with their own onset, a glitch of a few readings left a trace at 0.32 that
+    hid a spike 3,000 events later (`tests/test_adapt.py -k outage`). (Runs, not alerts: the
+    hold-off changes what is reported, never what a stream learns.)
     """
-    fw = cfg.flagged_weight ** (1.0 / (1.0 + alerts.double()))
+    fw = torch.where(onset, cfg.flagged_weight ** (1.0 / (1.0 + onsets.double())), cfg.flagged_weight)
     w = torch.where(flagged, fw, 1.0)
     return torch.where(valid & (steps >= cfg.warmup // 2), w, 0.0).double()
 

@@ -238,7 +238,8 @@ def advance(
     # The long history learns only unflagged events: it remembers what the stream does in normal
     # operation. A flagged glitch in it, even at a tenth of the weight, would set its top for
     # ~10,000 events and hold every later anomaly of ordinary size below the threshold.
-    weight = tail_weight(cal, steps, valid, flagged, state["cal_alerts"])
+    onset = flagged & ~state["flag_prev"] & ~recurs
+    weight = tail_weight(cal, steps, valid, flagged, onset, state["cal_onsets"])
     weight_long = torch.where(flagged, 0.0, weight)
     cal_weight = torch.cat((weight[:, None] * learns, weight_long[:, None] * learns), dim=1)  # [B, 10]
     windows = torch.full((2, nv), float(cal.window), dtype=hists.dtype, device=hists.device)  # (fills: no copy from host)
@@ -293,9 +294,10 @@ def advance(
         **shift_update(state, x, n, learn, mean, std),
         **correlation_update(state, z_mix, ready, learn, corr_k),
         **(gap_update(state, ts_ms, gapped) if timed else {k: state[k] for k in GAP_FIELDS}),
-        # (Alerts, not flags: an episode's aftershocks and a nightly job's recurrences are one
-        # alert or none, so one long outage does not read as a stream that keeps alerting.)
-        "cal_alerts": state["cal_alerts"] * (1.0 - 1.0 / cal.window) + alert.double(),
+        # (Runs of flags, not flags: one long outage is one run, not a stream flagged again and
+        # again; a nightly job's recurrences start none.)
+        "cal_onsets": state["cal_onsets"] * (1.0 - 1.0 / cal.window) + onset.double(),
+        "flag_prev": flagged,
         "cal_feat": cal_feat,
         "steps": steps + 1,
         "hold_left": torch.where(alert, cal.holdoff, (hold_left - 1).clamp(min=0)).to(hold_left.dtype),

@@ -70,9 +70,11 @@ FIELDS: tuple[Field, ...] = (
     Field("cal_long_corr", False, False, torch.float32, HIST_BINS),
     # ...and each feature's own history of its prediction error (the per-feature view).
     Field("cal_feat", True, False, torch.float32, HIST_BINS),
-    # Alerts in the last ~window events (decayed): a stream that keeps alerting has its flagged
-    # events learned at more than flagged_weight (`tail_weight`).
-    Field("cal_alerts", False, False, torch.float64),
+    # Runs of flagged events begun in the last ~window events (decayed), and whether the last
+    # event was flagged: a stream flagged afresh again and again has each run's first event
+    # learned at more than flagged_weight (`tail_weight`).
+    Field("cal_onsets", False, False, torch.float64),
+    Field("flag_prev", False, False, torch.bool),
     Field("steps", False, False, torch.int64),  # events seen by the stream
     # The alert hold-off (`holdoff` in models/calibration.py): events it has left and the score
     # of the alert that started it (float64: compared with the next events' float64 scores).

@@ -29,10 +29,11 @@ TP = tuple[str, int]
 # correlations and a fifth histogram); 6 a long-memory histogram per view; 7 the alert hold-off;
 # 8 the memory of recurring events; 9 and 10 each feature's first hour, for the profile's revisits;
 # 11 the previous event's time and the usual interval, for gaps; 12 the count of recent alerts,
-# for the calibration's learning; 13 each feature's own error history, for the per-feature view.
-# Layouts 4 to 12 are upgraded on load (see `_upgrade`).
-SNAPSHOT_VERSION = 13
-UPGRADABLE = (4, 5, 6, 7, 8, 9, 10, 11, 12)
+# for the calibration's learning; 13 each feature's own error history, for the per-feature view;
+# 14 the count of recent runs of flags and whether the last event was flagged, in place of 12's
+# alerts. Layouts 4 to 13 are upgraded on load (see `_upgrade`).
+SNAPSHOT_VERSION = 14
+UPGRADABLE = (4, 5, 6, 7, 8, 9, 10, 11, 12, 13)
 log = logging.getLogger(__name__)
 
 
@@ -233,10 +234,11 @@ def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Te
     revisits by the last event's hour (`prof_last`), which out-of-order timestamps fooled: its
     marks are cleared. Written by the next two commits, layout 9 already held `prof_start` and
     is kept as it is. Layout 11's gap fields start empty, as on a new stream: no event is taken
-    for one after a gap until the stream's usual interval is known again. Layout 12's count of
-    recent alerts starts at 0, as if none were recent: flagged events count a tenth until the
-    stream alerts again. Layout 13's per-feature histories start empty, as on a new stream: the
-    view applies once they hold half a warm-up of events."""
+    for one after a gap until the stream's usual interval is known again. Layout 14's count of
+    recent runs of flags starts from layouts 12 and 13's count of recent alerts (each alert
+    began a run; the few runs the hold-off hid are missed) and at 0 before them, as if none were
+    recent, and the last event is taken as not flagged. Layout 13's per-feature histories start
+    empty, as on a new stream: the view applies once they hold half a warm-up of events."""
     if version <= 4:
         state = with_empty_fields(state, ("corr_cov", "corr_n", "cal_hist_corr"))
     if version <= 5:
@@ -251,7 +253,11 @@ def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Te
     if version <= 10:
         state = with_empty_fields(state, GAP_FIELDS)
     if version <= 11:
-        state = with_empty_fields(state, ("cal_alerts",))
+        state = with_empty_fields(state, ("cal_onsets",))
+    elif version <= 13:
+        state = {k: v for k, v in state.items() if k != "cal_alerts"} | {"cal_onsets": state["cal_alerts"]}
     if version <= 12:
         state = with_empty_fields(state, ("cal_feat",))
+    if version <= 13:
+        state = with_empty_fields(state, ("flag_prev",))
     return state if "prof_start" in state else with_empty_fields(state, ("prof_start",))

@@ -32,12 +32,18 @@ def test_event_weights_skip_warmup_and_discount_flags():
     valid = torch.tensor([True, True, True, False, True])
     flagged = torch.tensor([False, False, False, False, True])
     none = torch.zeros(5, dtype=torch.float64)
-    torch.testing.assert_close(tail_weight(cal, steps, valid, flagged, none), torch.tensor([0.0, 0.0, 1.0, 0.0, 0.1], dtype=torch.float64))
-    # A stream that keeps alerting learns its flagged events faster (0.1 ** (1/3) after two
-    # recent alerts); unflagged events count fully whatever the alerts.
+    torch.testing.assert_close(
+        tail_weight(cal, steps, valid, flagged, flagged, none), torch.tensor([0.0, 0.0, 1.0, 0.0, 0.1], dtype=torch.float64)
+    )
+    # A stream flagged afresh again and again learns the first event of each run of flags faster
+    # (0.1 ** (1/3) after two recent runs), not the rest of a run; unflagged events count fully.
     two = torch.full((5,), 2.0, dtype=torch.float64)
     faster = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.1 ** (1 / 3)], dtype=torch.float64)
-    torch.testing.assert_close(tail_weight(cal, steps, valid, flagged, two), faster)
+    torch.testing.assert_close(tail_weight(cal, steps, valid, flagged, flagged, two), faster)
+    later_in_a_run = torch.zeros(5, dtype=torch.bool)
+    torch.testing.assert_close(
+        tail_weight(cal, steps, valid, flagged, later_in_a_run, two), torch.tensor([0.0, 0.0, 1.0, 0.0, 0.1], dtype=torch.float64)
+    )
 
     hist = torch.zeros((3, HIST_BINS))
     hist[:, 5] = 10.0
@@ -235,7 +241,8 @@ def test_sparse_event_streams_are_flagged_above_the_threshold_rate(one_torch_thr
     most `flagged_reach` bins. A flagged one used to enter the history at a tenth of its weight
     however often the stream alerted, so the history learned the ones ten times too slowly: 2.75
     flags per 1,000 events at the default threshold, three quarters of the ones. Now a stream
-    that keeps alerting learns its flagged events faster (`tail_weight`). Streams of three such
+    flagged afresh again and again learns the first event of each run of flags faster
+    (`tail_weight`). Streams of three such
     flags meet the same limit through the per-feature view, which ranks each flag against its own
     history (0.17 per 1,000 before that view: the summed views diluted each one). This bounds the
     rate, above one in a thousand still, so that a change making it worse is seen; the counts
