@@ -31,7 +31,7 @@ class CalibrationConfig:
     window: int = 1000  # events of history the histogram remembers (exponential decay)
     long_window: int = 5000  # ...and the second, long-memory histogram of every view
     tail_slope: float = 3.0  # beyond the largest surprise seen: p falls as q^-tail_slope
-    flagged_weight: float = 0.1  # a flagged event counts this much in the surprise history (more after recent alerts)
+    flagged_weight: float = 0.1  # a flagged event counts this much in the surprise history (more after recent runs of flags)
     flagged_reach: int = 8  # ...and is recorded at most this many bins above the history's top
     # For `holdoff` events after an alert, an event no more surprising than the alert scores
     # `holdoff_factor` times its score (at most 0.4: below the default threshold): one alert per
@@ -207,6 +207,14 @@ def combine_scores(cfg: CalibrationConfig, log10_p: torch.Tensor, valid: torch.T
     return torch.where(valid & applies.any(dim=-1), (lp / cfg.decades).clamp(min=0.0), torch.zeros_like(lp))
 
 
+def holds_half_warmup(cfg: CalibrationConfig, hist: torch.Tensor) -> torch.Tensor:
+    """Whether each history [..., HIST_BINS] holds half a warm-up of events: the views that
+    start later than their stream (the correlation view, the per-feature view) apply from then
+    on, not while a few events make every new one look extreme. (Capped at half a window: a
+    decayed history's mass never reaches more than ~window.)"""
+    return hist.sum(dim=-1) >= min(cfg.warmup, cfg.window) // 2
+
+
 def feature_log10_p(
     cfg: CalibrationConfig, q: torch.Tensor, hist: torch.Tensor, usable: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -228,8 +236,7 @@ def feature_log10_p(
     (0 where not judged: the record's contributions), bins [B, K] and tops [B, K] for
     `learn_tail`)."""
     lp, b, top = tail_log10_p(cfg, q, hist)
-    known = hist.sum(dim=-1) >= min(cfg.warmup, cfg.window) // 2  # (its mass stays under window)
-    judged = usable & known
+    judged = usable & holds_half_warmup(cfg, hist)
     n = judged.sum(dim=1)
     applies = n >= 2
     parts = torch.where(judged, lp, 0.0)

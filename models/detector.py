@@ -42,6 +42,7 @@ from models.calibration import (
     combine_scores,
     feature_log10_p,
     hist_bin,
+    holds_half_warmup,
     learn_tail,
     tail_log10_p,
     tail_weight,
@@ -180,7 +181,7 @@ def advance(
     learns[:, _SHORT_VIEWS] &= ~after_gap[:, None]
     applies = learns.clone()
     applies[:, 1] = prof_applies
-    applies[:, 4] &= state["cal_hist_corr"].sum(dim=1) >= min(cal.warmup, cal.window) // 2  # (its mass stays under window)
+    applies[:, 4] &= holds_half_warmup(cal, state["cal_hist_corr"])
     # Each view is ranked against two histories of itself: the last ~window events and the last
     # ~long_window. An event counts as unusual as it is against the less surprised of the two: a
     # spike larger than anything in the last 1,000 events is no news when spikes of its size come
@@ -235,20 +236,20 @@ def advance(
     # Online adaptation skips the events the stream has just flagged, aftershocks included:
     # what the stream learns does not depend on how alerts are reported.
     learn = mask & ~flagged[:, None]
+    onset = flagged & ~state["flag_prev"] & ~recurs  # (the first of a run of flags: `tail_weight`)
     # The long history learns only unflagged events: it remembers what the stream does in normal
     # operation. A flagged glitch in it, even at a tenth of the weight, would set its top for
     # ~10,000 events and hold every later anomaly of ordinary size below the threshold.
-    onset = flagged & ~state["flag_prev"] & ~recurs
     weight = tail_weight(cal, steps, valid, flagged, onset, state["cal_onsets"])
     weight_long = torch.where(flagged, 0.0, weight)
     cal_weight = torch.cat((weight[:, None] * learns, weight_long[:, None] * learns), dim=1)  # [B, 10]
     windows = torch.full((2, nv), float(cal.window), dtype=hists.dtype, device=hists.device)  # (fills: no copy from host)
+    windows[1] = float(cal.long_window)
+    flagged_b = flagged[:, None].expand_as(bins)
     cal_feat = state["cal_feat"]
     if kf:
         learned_f = learn_tail(cal, feat_hist, feat_b, weight[:, None] * feat_ok, flagged[:, None].expand_as(feat_b), feat_top)
         cal_feat = learned_f if kf == cal_feat.shape[1] else torch.cat((learned_f, cal_feat[:, kf:]), dim=1)
-    windows[1] = float(cal.long_window)
-    flagged_b = flagged[:, None].expand_as(bins)
 
     # Online normaliser: exact mean/variance at first, exponential window later; winsorised, so
     # a glitch does not blind the stream.
