@@ -276,6 +276,20 @@ def test_a_feature_that_joins_a_stream_late_has_its_own_warm_up(one_torch_thread
     assert (res.top_feature(mask.reshape(n * streams, -1)).reshape(n, streams)[n - 1] == before).all()
 
 
+def _interleaved(x: np.ndarray, ts_ms: np.ndarray) -> tuple[BatchResult, np.ndarray]:
+    """Streams x [n, streams, features], every feature present, read at ts_ms [n] and fed
+    time-major (as a live feed arrives) to a detector with the daemon's defaults: the result and
+    the mask, in that order of events."""
+    n, streams, f = x.shape
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    det = Detector(model, CalibrationConfig())
+    xs = np.zeros((n * streams, det.max_features))
+    xs[:, :f] = x.reshape(n * streams, f)
+    mask = np.zeros_like(xs, dtype=bool)
+    mask[:, :f] = True
+    return det.process(np.tile(np.arange(streams), n), xs, mask, np.repeat(ts_ms, streams)), mask
+
+
 def test_a_setpoint_step_no_longer_raises_the_bar_for_the_other_features(one_torch_thread):
     """Found by a review (README, Calibration). Twin chillers (setpoint, supply and return
     temperature, condenser pressure; 1-minute readings) with the same noise and one spike of 10
@@ -303,16 +317,8 @@ def test_a_setpoint_step_no_longer_raises_the_bar_for_the_other_features(one_tor
             v[at, f] += 10 * noise
             rows.append(v)
     x = np.stack(rows, axis=1)  # [n, streams, 4]
-    streams = x.shape[1]
-    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
-    det = Detector(model, CalibrationConfig())  # the daemon's defaults
-    xs = np.zeros((n * streams, det.max_features))
-    xs[:, :4] = x.reshape(n * streams, 4)
-    mask = np.zeros_like(xs, dtype=bool)
-    mask[:, :4] = True
-    ts = np.repeat(t.astype(np.int64) * 60_000, streams)
-    res = det.process(np.tile(np.arange(streams), n), xs, mask, ts)
-    flagged = res.is_anomaly.reshape(n, streams)
+    res, _ = _interleaved(x, t.astype(np.int64) * 60_000)
+    flagged = res.is_anomaly.reshape(n, -1)
     flat = [bool(flagged[at, 2 * k]) for k, at in enumerate(spikes)]
     stepped = [bool(flagged[at, 2 * k + 1]) for k, at in enumerate(spikes)]
     print(f"\nspikes flagged: setpoint constant {sum(flat)} of {len(spikes)}, setpoint stepped {sum(stepped)} of {len(spikes)}")
@@ -340,14 +346,7 @@ def test_a_quiet_feature_is_not_hidden_by_a_noisy_neighbour(one_torch_thread):
         x[:, s, 1] = 2.0 + 0.1 * rng.standard_normal(n)
         x[:, s, 2] = -1.0 + rng.standard_normal(n)
         x[at[s], s, 1] += 0.8  # 8 deviations of the quiet feature
-    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
-    det = Detector(model, CalibrationConfig())  # the daemon's defaults
-    xs = np.zeros((n * 2 * copies, det.max_features))
-    xs[:, :3] = x.reshape(-1, 3)
-    mask = np.zeros_like(xs, dtype=bool)
-    mask[:, :3] = True
-    ts = np.repeat(1_600_000_000_000 + 60_000 * np.arange(n, dtype=np.int64), 2 * copies)
-    res = det.process(np.tile(np.arange(2 * copies), n), xs, mask, ts)
+    res, mask = _interleaved(x, 1_600_000_000_000 + 60_000 * np.arange(n, dtype=np.int64))
     cols = np.arange(2 * copies)
     flagged = res.is_anomaly.reshape(n, -1)[at, cols]
     named = res.top_feature(mask).reshape(n, -1)[at, cols] == 1
