@@ -50,6 +50,7 @@ from models.calibration import (
 from models.correlation import active_width, correlation_q, correlation_update, standardised_errors
 from models.gru import StreamGRU, gaussian_nll
 from models.recurrence import RECUR_FIELDS, recurrence, recurrence_update
+from models.repeats import repeat_log10_p, repeat_update
 from models.state import StateBank
 
 
@@ -71,7 +72,7 @@ class StepOutput:
 # state's surprise histograms CAL_HISTS, in the same order. The last two apply only to streams
 # of several features: `feature` ranks each feature's prediction error against that feature's
 # own history (`cal_feat`; `feature_log10_p` in models/calibration.py).
-VIEWS = ("prediction", "time_of_day", "recent_level", "recent_mean", "correlation", "feature")
+VIEWS = ("prediction", "time_of_day", "recent_level", "recent_mean", "correlation", "feature", "repeat")
 # Why an event at or above the threshold is reported below it: not held, an aftershock of a recent
 # alert (the hold-off), a recurrence of something flagged at this hour on the last days, or the
 # stream's warm-up (its histories rest on too few events for the score to mean what it says).
@@ -80,6 +81,7 @@ HELD = ("", "aftershock", "recurrence", "warmup")
 # (The correlation view is one of them: it compares the features' errors against the stale
 # predictions.)
 _SHORT_VIEWS = [VIEWS.index(v) for v in ("prediction", "recent_level", "recent_mean", "correlation")]
+_REPEAT = VIEWS.index("repeat")
 _AFTERSHOCK, _RECURRENCE, _WARMUP = HELD.index("aftershock"), HELD.index("recurrence"), HELD.index("warmup")
 # Largest magnitude of a reading the core accepts. State keeps squared deviations in float32 (a
 # feature's variance at each hour), which overflows past ~1.8e19: a larger finite reading would
@@ -202,8 +204,11 @@ def advance(
         lp_feat, feat_applies, feat_parts, feat_b, feat_top = feature_log10_p(cal, per_feature[:, 0, :kf], feat_hist, feat_ok)
     else:  # (no feature of the wavefront has an error: nothing to judge or learn)
         lp_feat, feat_applies = torch.zeros_like(valid, dtype=lp.dtype), torch.zeros_like(valid)
-    lp = torch.cat((lp, lp_feat[:, None]), dim=1)
-    applies = torch.cat((applies, feat_applies[:, None]), dim=1)
+    # The repeat view, a seventh test where a continuous-valued feature reads the same value for
+    # the third time or more in a row (a stuck sensor; models/repeats.py).
+    lp_rep, rep_applies, rep_parts, rep_fields = repeat_log10_p(state, x, mask, min(cal.warmup, cal.window) // 2)
+    lp = torch.cat((lp, lp_feat[:, None], lp_rep[:, None]), dim=1)
+    applies = torch.cat((applies, feat_applies[:, None], rep_applies[:, None]), dim=1)
     level = combine_scores(cal, lp, valid, applies)  # uncapped: recurrences compare above 1
     raw = level.clamp(max=1.0)
     flagged = valid & (steps >= cal.warmup) & (raw >= cal.threshold)
@@ -247,6 +252,8 @@ def advance(
     windows[1] = float(cal.long_window)
     flagged_b = flagged[:, None].expand_as(bins)
     cal_feat = state["cal_feat"]
+    # (A run of repeats this view flagged is one episode: `repeat_update` marks it reported.)
+    rep_reported = (flagged & (lp.argmax(dim=1) == _REPEAT))[:, None] & (rep_parts > 0)
     if kf:
         learned_f = learn_tail(cal, feat_hist, feat_b, weight[:, None] * feat_ok, flagged[:, None].expand_as(feat_b), feat_top)
         cal_feat = learned_f if kf == cal_feat.shape[1] else torch.cat((learned_f, cal_feat[:, kf:]), dim=1)
@@ -300,6 +307,7 @@ def advance(
         "cal_onsets": state["cal_onsets"] * (1.0 - 1.0 / cal.window) + onset.double(),
         "flag_prev": flagged,
         "cal_feat": cal_feat,
+        **repeat_update(state, rep_fields, mask, flagged, rep_reported, cal.flagged_weight, float(cal.window)),
         "steps": steps + 1,
         "hold_left": torch.where(alert, cal.holdoff, (hold_left - 1).clamp(min=0)).to(hold_left.dtype),
         "hold_score": torch.where(alert, raw, hold_score),
@@ -312,7 +320,7 @@ def advance(
     parts = torch.zeros_like(per_feature[:, :1])
     if kf:
         parts[:, 0, :kf] = feat_parts
-    per_feature = torch.cat((per_feature, parts), dim=1)
+    per_feature = torch.cat((per_feature, parts, rep_parts[:, None].to(per_feature.dtype)), dim=1)
     view = lp.argmax(dim=1)
     contributions = per_feature.gather(1, view[:, None, None].expand(-1, 1, per_feature.shape[2])).squeeze(1)
     # In float64: a near-flat feature that jumps reaches ~1e48, past float32, where two such

@@ -21,6 +21,7 @@ from models.adapt import GAP_FIELDS, PROFILE_BINS
 from models.detector import CAL_HISTS, CAL_HISTS_LONG
 from models.gru import save_atomically
 from models.recurrence import RECUR_FIELDS
+from models.repeats import REPEAT_FIELDS
 from models.state import with_empty_fields
 
 TP = tuple[str, int]
@@ -31,9 +32,10 @@ TP = tuple[str, int]
 # 11 the previous event's time and the usual interval, for gaps; 12 the count of recent alerts,
 # for the calibration's learning; 13 each feature's own error history, for the per-feature view;
 # 14 the count of recent runs of flags and whether the last event was flagged, in place of 12's
-# alerts. Layouts 4 to 13 are upgraded on load (see `_upgrade`).
-SNAPSHOT_VERSION = 14
-UPGRADABLE = (4, 5, 6, 7, 8, 9, 10, 11, 12, 13)
+# alerts; 15 each feature's last reading, run of repeats and counts of repeats, for the repeat
+# view. Layouts 4 to 14 are upgraded on load (see `_upgrade`).
+SNAPSHOT_VERSION = 15
+UPGRADABLE = (4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14)
 log = logging.getLogger(__name__)
 
 
@@ -238,7 +240,9 @@ def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Te
     recent runs of flags starts from layouts 12 and 13's count of recent alerts (each alert
     began a run; the few runs the hold-off hid are missed) and at 0 before them, as if none were
     recent, and the last event is taken as not flagged. Layout 13's per-feature histories start
-    empty, as on a new stream: the view applies once they hold half a warm-up of events."""
+    empty, as on a new stream: the view applies once they hold half a warm-up of events. Layout
+    15's repeat fields start empty, as on a new stream: each feature's next reading starts its
+    run, and the view judges it once its counts hold half a warm-up of readings."""
     if version <= 4:
         state = with_empty_fields(state, ("corr_cov", "corr_n", "cal_hist_corr"))
     if version <= 5:
@@ -260,4 +264,6 @@ def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Te
         state = with_empty_fields(state, ("cal_feat",))
     if version <= 13:
         state = with_empty_fields(state, ("flag_prev",))
+    if version <= 14:
+        state = with_empty_fields(state, REPEAT_FIELDS)
     return state if "prof_start" in state else with_empty_fields(state, ("prof_start",))

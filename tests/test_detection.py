@@ -48,7 +48,7 @@ def test_injected_anomalies_rank_high_and_false_alarms_are_rare():
         normal = scores[a.stream, 300:][~near[a.stream, 300:]]
         percentile[a.kind].append((normal < scores[a.stream, window].max()).mean())
         caught[a.kind].append(flagged[a.stream, window].any())
-    # (Measured with seed 11: spikes 8 of 11 flagged, level shifts 8 of 12, drifts 13 of 24, stuck 11 of 18.)
+    # (Measured with seed 11: spikes 8 of 11 flagged, level shifts 9 of 12, drifts 17 of 24, stuck 18 of 18.)
     for kind, min_caught in (("spike", 0.4), ("level_shift", 0.55), ("drift", 0.4)):
         assert len(percentile[kind]) >= 5, kind
         # The typical anomaly's peak beats 99.5% of its stream's normal scores, every one beats 90% ...
@@ -59,9 +59,10 @@ def test_injected_anomalies_rank_high_and_false_alarms_are_rare():
         # as large as one the stream had shortly before is ranked high but not flagged, and a
         # slow drift is sometimes absorbed before it gets there.
         assert np.mean(caught[kind]) >= min_caught, (kind, caught[kind])
-    # A stuck sensor is subtler for a model of normal dynamics: ranked high, not always flagged.
+    # A stuck sensor is subtle for a model of normal dynamics (11 of 18 flagged before the repeat
+    # view): its readings repeat exactly, which this feed's continuous readings never do.
     assert np.mean(percentile["stuck"]) > 0.95
-    assert np.mean(caught["stuck"]) >= 0.3, caught["stuck"]
+    assert np.mean(caught["stuck"]) >= 0.9, caught["stuck"]
     false_alarm_rate = flagged[:, 300:][~near[:, 300:]].mean()
     for kind in sorted(percentile):
         p = np.asarray(percentile[kind])

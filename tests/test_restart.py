@@ -25,6 +25,7 @@ from models.calibration import TAIL_THRESHOLD, CalibrationConfig
 from models.detector import CAL_HISTS, CAL_HISTS_LONG, Detector
 from models.gru import DEFAULT_WEIGHTS, load_checkpoint
 from models.recurrence import RECUR_FIELDS
+from models.repeats import REPEAT_FIELDS
 from streamer.config import Config
 from streamer.state import SNAPSHOT_VERSION, Snapshot, SnapshotStore
 from streamer.transport import SendError
@@ -155,22 +156,22 @@ def test_a_snapshot_of_another_state_layout_is_ignored_not_fatal(tmp_path):
     assert store.load(("sensors", 0), arch) is None
 
 
-@pytest.mark.parametrize("layout", [4, 5, 6, 7, 8, 9, 10, 11, 12, 13])
+@pytest.mark.parametrize("layout", [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14])
 def test_a_snapshot_of_an_older_layout_is_upgraded_keeping_every_stream(tmp_path, layout):
     """Layout 5 added the correlation view, layout 6 a long-memory histogram per view, layout 7
     the alert hold-off, layout 8 the memory of recurring events, layout 9 the hour of the last
     event (for the profile's revisits), which layout 10 replaced by each feature's first hour,
     layout 11 the latest event time and usual interval (for gaps), layout 12 the count of recent
     alerts (for the calibration's learning), layout 13 each feature's own error history, layout 14
-    the count of recent runs of flags (in place of the alerts) and the last event's flag. An
-    older snapshot restores every
+    the count of recent runs of flags (in place of the alerts) and the last event's flag, layout
+    15 each feature's last reading, run and counts of repeats. An older snapshot restores every
     stream's state as it was; the correlation view starts empty, as on a new stream (it applies
     after CORR_MIN events), each long-memory histogram starts as a copy of its view's short one
     (empty, it would rank every event as ordinary), the hold-off starts off and the recurrence
     memory empty, the first hours long ago, the gap fields empty, the per-feature histories
-    empty, the recent runs of flags counted by layouts 12 and 13's alerts (none before) and the
-    last event not flagged."""
-    assert SNAPSHOT_VERSION == 14
+    empty, the recent runs of flags counted by layouts 12 and 13's alerts (none before), the
+    last event not flagged and the repeat fields empty."""
+    assert SNAPSHOT_VERSION == 15
     model, _ = load_checkpoint(DEFAULT_WEIGHTS)
     rng = np.random.default_rng(0)
     det = Detector(model, CalibrationConfig(warmup=10))
@@ -181,7 +182,8 @@ def test_a_snapshot_of_an_older_layout_is_upgraded_keeping_every_stream(tmp_path
     det.process(np.zeros(n, dtype=np.int64), x, mask)
     state = det.bank.export_rows(torch.tensor([0]))
     added = (
-        {"cal_onsets", "flag_prev"}
+        set(REPEAT_FIELDS)
+        | ({"cal_onsets", "flag_prev"} if layout <= 13 else set())
         | ({"cal_feat"} if layout <= 12 else set())
         | ({"gap_last_ts", "gap_log", "gap_n"} if layout <= 10 else set())
     )
@@ -192,7 +194,7 @@ def test_a_snapshot_of_an_older_layout_is_upgraded_keeping_every_stream(tmp_path
     old = {k: v for k, v in state.items() if k not in added}
     if layout == 9:
         old["prof_last"] = torch.ones(1, dtype=torch.int8)  # (dropped on the way in)
-    if layout >= 12:
+    if 12 <= layout <= 13:
         old["cal_alerts"] = torch.tensor([2.5], dtype=torch.float64)  # (read as the runs' count)
     store = SnapshotStore(tmp_path, "g")
     arch = {"hidden": 32}
@@ -208,7 +210,7 @@ def test_a_snapshot_of_an_older_layout_is_upgraded_keeping_every_stream(tmp_path
     got = restored.bank.export_rows(torch.tensor([0]))
     assert "prof_last" not in got and "cal_alerts" not in got
     for name, t in got.items():
-        if name == "cal_onsets" and layout >= 12:
+        if name == "cal_onsets" and 12 <= layout <= 13:
             assert float(t[0]) == 2.5
         elif name in old:
             assert torch.equal(t, old[name]), name
