@@ -102,3 +102,41 @@ def test_readings_that_repeat_as_a_matter_of_course_are_not_taken_for_stuck(kind
     by_repeat = int((res.is_anomaly & (res.view == REPEAT)).sum())
     print(f"{kind}: {repeats:.4f} of readings repeat, {int(res.is_anomaly.sum())} flags, {by_repeat} by the repeat view")
     assert by_repeat == 0
+
+
+def _rare_repeat_kinds(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Anomaly-free streams whose readings repeat 0.1-2% of the time, so the view judges them at
+    least some of the time: rounded noise, a rounded slow AR(1), a rounded daily sine, a CPU
+    percentage clipped at 100 near its daily peak, a reading floored at 0."""
+    t = np.arange(N)
+    day = np.sin(2 * np.pi * t / 1440)
+    out = {f"noise_{q}": np.round(rng.normal(0, 1, N) / q) * q for q in (0.005, 0.01, 0.02, 0.03)}
+    for q in (0.002, 0.004, 0.007):
+        ar = np.zeros(N)
+        for i in range(1, N):
+            ar[i] = 0.98 * ar[i - 1] + rng.normal(0, 0.2)
+        out[f"ar_{q}"] = np.round(ar / q) * q
+    for q in (0.005, 0.01, 0.02):
+        out[f"sine_{q}"] = np.round((20 + 3 * day + rng.normal(0, 0.3, N)) / q) * q
+    for sd in (6, 8, 10):
+        out[f"cpu_{sd}"] = np.minimum(100, 75 + 15 * day + rng.normal(0, sd, N)).round(2)
+    out["floored"] = np.maximum(0, 3 + 2 * day + rng.normal(0, 1, N)).round(3)
+    return out
+
+
+def test_streams_whose_rare_repeats_cluster_get_almost_no_flag_from_it():
+    """Where repeats are rare but not absent (the view judges these streams), it may flag a run
+    the stream had not shown before, but seldom: at most 2 flags over 28 streams x 5,000 events
+    past warm-up (one in 42 streams x 7,000 when these kinds were first tried)."""
+    kinds = {f"{k}/{seed}": v for seed in (0, 1) for k, v in _rare_repeat_kinds(np.random.default_rng(seed)).items()}
+    results = _score([v[:, None] for v in kinds.values()])
+    total = 0
+    decided = sum(int((res.view == REPEAT)[1000:].sum()) for res in results)
+    assert decided > 0  # (the view judged these streams: some runs are its events' smallest p)
+    for (name, v), res in zip(kinds.items(), results):
+        flags = int((res.is_anomaly & (res.view == REPEAT))[1000:].sum())
+        total += flags
+        if flags:
+            print(f"{name}: {np.mean(v[1:] == v[:-1]):.4f} of readings repeat, {flags} flags by the repeat view")
+    print(f"flags by the repeat view: {total} in {len(kinds) * (N - 1000):,} events; events it decided: {decided}")
+    assert total <= 2

@@ -544,7 +544,8 @@ def overview() -> Json:
         "Events flagged (score at or above detector.threshold, past warm-up), per second, by what flagged them: for "
         "sensor events the view with the smallest tail probability (prediction: the next value given the recent past; "
         "time_of_day: unusual for this hour; recent_level: outside the last ~30 events; recent_mean: the average has "
-        "moved lately; correlation: a feature is out of line with the others; feature: one feature unusual for itself), "
+        "moved lately; correlation: a feature is out of line with the others; feature: one feature unusual for itself; "
+        "repeat: a continuous reading stuck on one value), "
         "log for log lines.",
         "cps",
         targets((f"sum by (view) ({rate('streamer_anomalies_total')})", "{{view}}")),
