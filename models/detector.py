@@ -238,6 +238,10 @@ def advance(
     held = torch.where(flagged & ~is_anomaly, torch.where(recurs, _RECURRENCE, torch.where(aftershock, _AFTERSHOCK, 0)), 0)
     held = torch.where(early, _WARMUP, held).to(torch.int8)
     alert = flagged & ~echo
+    # A run of repeats whose alert this view decided is one episode: `repeat_update` marks it
+    # reported. One flagged but held (another alert's aftershock) is not, and is not learned.
+    rep_decides = (lp.argmax(dim=1) == _REPEAT)[:, None] & (rep_parts > 0)
+    rep_reported, rep_judging = is_anomaly[:, None] & rep_decides, flagged[:, None] & rep_decides
     # Online adaptation skips the events the stream has just flagged, aftershocks included:
     # what the stream learns does not depend on how alerts are reported.
     learn = mask & ~flagged[:, None]
@@ -252,8 +256,6 @@ def advance(
     windows[1] = float(cal.long_window)
     flagged_b = flagged[:, None].expand_as(bins)
     cal_feat = state["cal_feat"]
-    # (A run of repeats this view flagged is one episode: `repeat_update` marks it reported.)
-    rep_reported = (flagged & (lp.argmax(dim=1) == _REPEAT))[:, None] & (rep_parts > 0)
     if kf:
         learned_f = learn_tail(cal, feat_hist, feat_b, weight[:, None] * feat_ok, flagged[:, None].expand_as(feat_b), feat_top)
         cal_feat = learned_f if kf == cal_feat.shape[1] else torch.cat((learned_f, cal_feat[:, kf:]), dim=1)
@@ -307,7 +309,7 @@ def advance(
         "cal_onsets": state["cal_onsets"] * (1.0 - 1.0 / cal.window) + onset.double(),
         "flag_prev": flagged,
         "cal_feat": cal_feat,
-        **repeat_update(state, rep_fields, mask, flagged, rep_reported, cal.flagged_weight, float(cal.window)),
+        **repeat_update(state, rep_fields, mask, flagged, rep_reported, rep_judging, cal.flagged_weight, cal.window, cal.long_window),
         "steps": steps + 1,
         "hold_left": torch.where(alert, cal.holdoff, (hold_left - 1).clamp(min=0)).to(hold_left.dtype),
         "hold_score": torch.where(alert, raw, hold_score),

@@ -18,11 +18,14 @@ their runs (a quiet night of zero tweets) are not faults. It applies from a run'
 reading: one repeat's p is at least the prior's one in ~2,000, which cannot reach the default
 threshold on its own.
 
-A run this view flagged is one episode: it is not judged again for as long as it goes on (one
-alert per stuck run, not one per reading or per hold-off), and its readings are not learned: a
-stuck sensor says nothing about the sensor. A feature whose repeats become common for good (a
-firmware that quantises its readings from some day on) is still learned from each new run's
-first repeat, which follows a change, and stops being judged after about ten such runs.
+A run whose alert this view decided is one episode: it is not judged again for as long as it
+goes on (one alert per stuck run, not one per reading or per hold-off), and its readings are not
+learned: a stuck sensor says nothing about the sensor. So the rates never learn runs the view
+keeps flagging, and a feature that has had long runs lately (`ROUTINE_RUN`, `REPEAT_ROUTINE`)
+is not judged either: a CPU pinned at 100% in bursts, a machine off at odd times. A feature
+whose repeats become common for good (a firmware that quantises its readings from some day on)
+is learned from each new run's first repeat, which follows a change, and stops being judged
+after about ten such runs in a window, or two long ones.
 """
 
 from __future__ import annotations
@@ -34,9 +37,17 @@ import torch
 REPEAT_RARE = 0.01
 # A run is judged from this many identical readings on.
 REPEAT_RUN = 3
+# ...unless the feature has had long runs lately: this many runs of ROUTINE_RUN readings or more
+# that ended, decayed over the calibration's long window (two within its last ~2,000 readings, or
+# three further apart). Long, as a stuck sensor's are by the time it is flagged: a feature
+# rounded so that one reading in 200 repeats has a run of three now and then, and counting those
+# made a second stuck run look routine (`tests/test_repeats.py`).
+ROUTINE_RUN = 6
+REPEAT_ROUTINE = 1.5
 # State fields (models/state.py): each feature's last reading, the length of its current run of
 # identical readings, -log10 of that run's probability, and the decayed counts [repeats after a
-# change, readings after a change, repeats after a repeat, readings after a repeat].
+# change, readings after a change, repeats after a repeat, readings after a repeat] (over the
+# calibration window) and [runs of ROUTINE_RUN or more that ended] (over the long window).
 REPEAT_FIELDS = ("rep_last", "rep_run", "rep_lp", "rep_counts")
 
 
@@ -60,12 +71,13 @@ def repeat_log10_p(
     same = mask & (x == state["rep_last"]) & (state["rep_run"] > 0)
     run = torch.where(mask, torch.where(same, state["rep_run"] + 1, 1), state["rep_run"])
     # The run's probability, one reading at a time under the rates it had when each came. A run
-    # already reported (rep_lp < 0: this view flagged it) is one episode however long it goes on:
-    # its score rises with every reading, and the hold-off lets a higher score through as news.
+    # already reported (rep_lp < 0: it alerted) is one episode however long it goes on: its
+    # score rises with every reading, and the hold-off lets a higher score through as news.
     step = torch.where(state["rep_run"] > 1, r_repeated, r_changed)
     before = state["rep_lp"]
     run_lp = torch.where(same, torch.where(before < 0, before, before - torch.log10(step)), torch.where(mask, 0.0, before))
-    judged = mask & (r_changed < REPEAT_RARE) & (overall < REPEAT_RARE) & (seen >= history)
+    routine = state["rep_counts"][..., 4] >= REPEAT_ROUTINE
+    judged = mask & (r_changed < REPEAT_RARE) & (overall < REPEAT_RARE) & (seen >= history) & ~routine
     parts = torch.where(judged & (run >= REPEAT_RUN), run_lp.clamp(min=0.0), 0.0)
     n = judged.sum(dim=1)
     applies = (parts > 0).any(dim=1)
@@ -80,28 +92,39 @@ def repeat_update(
     mask: torch.Tensor,
     flagged: torch.Tensor,
     reported: torch.Tensor,
+    judging: torch.Tensor,
     flagged_weight: float,
     window: float,
+    long_window: float,
 ) -> dict[str, torch.Tensor]:
     """The repeat state after this event: `fields` from `repeat_log10_p` (runs `reported` [B, F],
-    those this view flagged, marked so for as long as they go on), and the counts with each
-    present reading learned (a flagged event's, and any after a repeat, at `flagged_weight`: a
-    reading that extends a run is what the view judges, and learned at full weight a stuck
-    sensor's first readings would make its repeats ordinary before they reached the threshold;
-    every reading after a repeat counts alike, so the rate of repeats after a repeat is not
-    biased by it). The rest of a reported run is not learned at all: a stuck sensor says nothing
-    about the sensor, and its hundreds of repeats, even at a tenth, made the next stuck run
-    1,500 readings later look ordinary (`tests/test_repeats.py`). A feature whose repeats
-    become common for good is still learned: each new run's first repeat follows a change."""
+    those whose alert this view decided, marked so for as long as they go on), and the counts
+    with each present reading learned (a flagged event's, and any after a repeat, at
+    `flagged_weight`: a reading that extends a run is what the view judges, and learned at full
+    weight a stuck sensor's first readings would make its repeats ordinary before they reached
+    the threshold; every reading after a repeat counts alike, so the rate of repeats after a
+    repeat is not biased by it). Not learned at all: the rest of a reported run (a stuck sensor
+    says nothing about the sensor, and its hundreds of repeats, even at a tenth, made the next
+    stuck run 1,500 readings later look ordinary: `tests/test_repeats.py`), and a run flagged
+    but held while `judging` [B, F] it (an aftershock of another alert: learned, it lifted the
+    feature's repeats over REPEAT_RARE and the stuck run was never reported). Every run of
+    ROUTINE_RUN readings or more is counted, over `long_window`: a feature with such runs lately
+    has them routinely (a CPU pinned at 100% in bursts, a machine off at odd times, a parked
+    GPS), even while its repeats are rare, which the rates alone never learned, as the view's
+    own runs are left out of them. (Counted as they end: a run counted while it lasts made itself
+    routine.)"""
     prev = state["rep_run"]
     had = mask & (prev > 0)  # (a feature's first reading follows nothing)
     after_repeat = prev > 1
     w = torch.where(flagged[:, None] | after_repeat, flagged_weight, 1.0)
-    w = torch.where(had & (fields["rep_lp"] >= 0), w, 0.0)
+    w = torch.where(had & (fields["rep_lp"] >= 0) & ~judging, w, 0.0)
     repeated = (fields["rep_run"] > 1).double()
     decay = (1.0 - 1.0 / window) ** w
     c = state["rep_counts"].double() * decay[..., None]
     a = after_repeat.double()
+    runs = state["rep_counts"][..., 4].double() * torch.where(mask, 1.0 - 1.0 / long_window, 1.0)
+    runs = runs + (mask & (fields["rep_run"] == 1) & (prev >= ROUTINE_RUN)).double()  # (counted as it ends: not itself)
     add = torch.stack((w * repeated * (1 - a), w * (1 - a), w * repeated * a, w * a), dim=-1)
+    c = torch.cat(((c[..., :4] + add), runs[..., None]), dim=-1)
     run_lp = torch.where(reported, -1.0, fields["rep_lp"])
-    return {**fields, "rep_lp": run_lp, "rep_counts": (c + add).to(state["rep_counts"].dtype)}
+    return {**fields, "rep_lp": run_lp, "rep_counts": c.to(state["rep_counts"].dtype)}

@@ -76,12 +76,12 @@ FIELDS: tuple[Field, ...] = (
     Field("cal_onsets", False, False, torch.float64),
     Field("flag_prev", False, False, torch.bool),
     # The repeat view (models/repeats.py): each feature's last reading, its run of identical
-    # readings, -log10 of its probability, and decayed counts of repeats after a change and after a
-    # repeat.
+    # readings, -log10 of its probability, decayed counts of repeats after a change and after a
+    # repeat, and of its recent runs.
     Field("rep_last", True, False, torch.float64),
     Field("rep_run", True, False, torch.int32),
     Field("rep_lp", True, False, torch.float64),
-    Field("rep_counts", True, False, torch.float32, 4),
+    Field("rep_counts", True, False, torch.float32, 5),
     Field("steps", False, False, torch.int64),  # events seen by the stream
     # The alert hold-off (`holdoff` in models/calibration.py): events it has left and the score
     # of the alert that started it (float64: compared with the next events' float64 scores).
