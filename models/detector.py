@@ -238,10 +238,11 @@ def advance(
     held = torch.where(flagged & ~is_anomaly, torch.where(recurs, _RECURRENCE, torch.where(aftershock, _AFTERSHOCK, 0)), 0)
     held = torch.where(early, _WARMUP, held).to(torch.int8)
     alert = flagged & ~echo
-    # A run of repeats whose alert this view decided is one episode: `repeat_update` marks it
-    # reported. One flagged but held (another alert's aftershock) is not, and is not learned.
+    # A run of repeats whose alert (or recurrence) this view decided is one episode:
+    # `repeat_update` marks it reported. One flagged but held as another alert's aftershock is
+    # not, and is not learned: it is alerted when the hold-off ends.
     rep_decides = (lp.argmax(dim=1) == _REPEAT)[:, None] & (rep_parts > 0)
-    rep_reported, rep_judging = is_anomaly[:, None] & rep_decides, flagged[:, None] & rep_decides
+    rep_reported, rep_judging = (is_anomaly | recurs)[:, None] & rep_decides, flagged[:, None] & rep_decides
     # Online adaptation skips the events the stream has just flagged, aftershocks included:
     # what the stream learns does not depend on how alerts are reported.
     learn = mask & ~flagged[:, None]

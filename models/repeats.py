@@ -21,11 +21,13 @@ threshold on its own.
 A run whose alert this view decided is one episode: it is not judged again for as long as it
 goes on (one alert per stuck run, not one per reading or per hold-off), and its readings are not
 learned: a stuck sensor says nothing about the sensor. So the rates never learn runs the view
-keeps flagging, and a feature that has had long runs lately (`ROUTINE_RUN`, `REPEAT_ROUTINE`)
-is not judged either: a CPU pinned at 100% in bursts, a machine off at odd times. A feature
-whose repeats become common for good (a firmware that quantises its readings from some day on)
-is learned from each new run's first repeat, which follows a change, and stops being judged
-after about ten such runs in a window, or two long ones.
+keeps flagging, and a run at a value where the feature had a run lately (`REPEAT_ROUTINE`) is
+not judged either: a CPU pinned at 100% in bursts, a machine off (at 0) at odd times, a valve at
+either end of its travel. A stuck sensor freezes at whatever it read last, so its next freeze
+is judged afresh (a resting value that differs every time, a parked GPS, is flagged every
+time). A feature whose repeats become common for good (a firmware that quantises its readings
+from some day on) is learned from each new run's first repeat, which follows a change, and
+stops being judged after about ten such runs in a window.
 """
 
 from __future__ import annotations
@@ -37,18 +39,20 @@ import torch
 REPEAT_RARE = 0.01
 # A run is judged from this many identical readings on.
 REPEAT_RUN = 3
-# ...unless the feature has had long runs lately: this many runs of ROUTINE_RUN readings or more
-# that ended, decayed over the calibration's long window (two within its last ~2,000 readings, or
-# three further apart). Long, as a stuck sensor's are by the time it is flagged: a feature
-# rounded so that one reading in 200 repeats has a run of three now and then, and counting those
-# made a second stuck run look routine (`tests/test_repeats.py`).
-ROUTINE_RUN = 6
-REPEAT_ROUTINE = 1.5
+# ...unless the feature has had a run at this value lately: runs of REPEAT_RUN readings or more
+# that ended there, counted and decayed over the calibration's long window, at least this many
+# (one within its last ~6,000 readings). A stuck sensor freezes at whatever it read last, which
+# it has practically never sat at before; a limit, an off state or an error code is sat at again
+# and again. Each feature remembers two such values (a valve rests at either end), the one with
+# fewer runs giving way to a new value. (Counted at any value, two stuck episodes made every
+# later freeze of the feature routine: `tests/test_repeats.py`.)
+REPEAT_ROUTINE = 0.3
 # State fields (models/state.py): each feature's last reading, the length of its current run of
 # identical readings, -log10 of that run's probability, and the decayed counts [repeats after a
 # change, readings after a change, repeats after a repeat, readings after a repeat] (over the
-# calibration window) and [runs of ROUTINE_RUN or more that ended] (over the long window).
-REPEAT_FIELDS = ("rep_last", "rep_run", "rep_lp", "rep_counts")
+# calibration window) and [runs that ended at either of two values] (over the long window), and
+# those two values.
+REPEAT_FIELDS = ("rep_last", "rep_run", "rep_lp", "rep_counts", "rep_home")
 
 
 def _rates(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -76,7 +80,7 @@ def repeat_log10_p(
     step = torch.where(state["rep_run"] > 1, r_repeated, r_changed)
     before = state["rep_lp"]
     run_lp = torch.where(same, torch.where(before < 0, before, before - torch.log10(step)), torch.where(mask, 0.0, before))
-    routine = state["rep_counts"][..., 4] >= REPEAT_ROUTINE
+    routine = ((state["rep_home"] == x[..., None]) & (state["rep_counts"][..., 4:] >= REPEAT_ROUTINE)).any(dim=-1)
     judged = mask & (r_changed < REPEAT_RARE) & (overall < REPEAT_RARE) & (seen >= history) & ~routine
     parts = torch.where(judged & (run >= REPEAT_RUN), run_lp.clamp(min=0.0), 0.0)
     n = judged.sum(dim=1)
@@ -108,9 +112,9 @@ def repeat_update(
     stuck run 1,500 readings later look ordinary: `tests/test_repeats.py`), and a run flagged
     but held while `judging` [B, F] it (an aftershock of another alert: learned, it lifted the
     feature's repeats over REPEAT_RARE and the stuck run was never reported). Every run of
-    ROUTINE_RUN readings or more is counted, over `long_window`: a feature with such runs lately
-    has them routinely (a CPU pinned at 100% in bursts, a machine off at odd times, a parked
-    GPS), even while its repeats are rare, which the rates alone never learned, as the view's
+    REPEAT_RUN readings or more is counted at its value, over `long_window`: a feature with a run
+    there lately sits there routinely (a CPU pinned at 100% in bursts, a machine off at odd
+    times), even while its repeats are rare, which the rates alone never learned, as the view's
     own runs are left out of them. (Counted as they end: a run counted while it lasts made itself
     routine.)"""
     prev = state["rep_run"]
@@ -122,9 +126,14 @@ def repeat_update(
     decay = (1.0 - 1.0 / window) ** w
     c = state["rep_counts"].double() * decay[..., None]
     a = after_repeat.double()
-    runs = state["rep_counts"][..., 4].double() * torch.where(mask, 1.0 - 1.0 / long_window, 1.0)
-    runs = runs + (mask & (fields["rep_run"] == 1) & (prev >= ROUTINE_RUN)).double()  # (counted as it ends: not itself)
+    runs = state["rep_counts"][..., 4:].double() * torch.where(mask, 1.0 - 1.0 / long_window, 1.0)[..., None]
+    ended = mask & (fields["rep_run"] == 1) & (prev >= REPEAT_RUN)  # (counted as it ends: not itself)
+    home = state["rep_home"]
+    at = (home == state["rep_last"][..., None]) & (runs > 0)
+    fresh = (ended & ~at.any(dim=-1))[..., None] & (torch.arange(2, device=home.device) == runs.argmin(dim=-1, keepdim=True))
+    runs = torch.where(fresh, 1.0, runs + (ended[..., None] & at).double())
+    home = torch.where(fresh, state["rep_last"][..., None], home)
     add = torch.stack((w * repeated * (1 - a), w * (1 - a), w * repeated * a, w * a), dim=-1)
-    c = torch.cat(((c[..., :4] + add), runs[..., None]), dim=-1)
+    c = torch.cat(((c[..., :4] + add), runs), dim=-1)
     run_lp = torch.where(reported, -1.0, fields["rep_lp"])
-    return {**fields, "rep_lp": run_lp, "rep_counts": c.to(state["rep_counts"].dtype)}
+    return {**fields, "rep_lp": run_lp, "rep_counts": c.to(state["rep_counts"].dtype), "rep_home": home}
