@@ -8,7 +8,7 @@ import pytest
 
 import models.repeats
 from models.calibration import TAIL_THRESHOLD, CalibrationConfig
-from models.detector import VIEWS, BatchResult, Detector
+from models.detector import HELD, VIEWS, BatchResult, Detector
 from models.gru import DEFAULT_WEIGHTS, load_checkpoint
 
 N = 6000
@@ -191,3 +191,23 @@ def test_a_sensor_that_sticks_again_and_again_is_reported_each_time():
         for start, length in runs:
             span = slice(start, start + length)
             assert (res.is_anomaly[span] & (res.view[span] == REPEAT)).sum() == 1, (seed, start)
+
+
+def test_a_sensor_stuck_every_night_at_the_same_hour_is_one_episode_a_night():
+    """The temperature freezes for 120 readings at the same minute every day (a nightly job that
+    stalls the sensor): alerted the first two nights, a recurrence from the third (as any daily
+    flag is), and then one held reading a night. Held as a recurrence but never marked reported,
+    the run was judged, flagged and held again at every reading (63 on the third night here, then
+    alerted anyway), and the whole stream learned nothing meanwhile."""
+    runs = [(1000 + 1440 * k, 120) for k in range(4)]
+    recurrence = HELD.index("recurrence")
+    (res,) = _score([_machine(np.random.default_rng(0), runs)])
+    per_night = []
+    for start, length in runs:
+        span = slice(start, start + length)
+        alerts = int((res.is_anomaly[span] & (res.view[span] == REPEAT)).sum())
+        held = int((res.held[span] == recurrence).sum())
+        per_night.append((alerts, held))
+    print(f"per night (alerts, held as recurrence): {per_night}")
+    assert [a for a, _ in per_night[:2]] == [1, 1]
+    assert all(a == 0 and h <= 2 for a, h in per_night[2:]), per_night
