@@ -207,12 +207,17 @@ def combine_scores(cfg: CalibrationConfig, log10_p: torch.Tensor, valid: torch.T
     return torch.where(valid & applies.any(dim=-1), (lp / cfg.decades).clamp(min=0.0), torch.zeros_like(lp))
 
 
+def half_warmup(cfg: CalibrationConfig) -> int:
+    """Events a view's history must hold before views that start later than their stream (the
+    correlation view, the per-feature view, the repeat view) apply: half a warm-up, not while a
+    few events make every new one look extreme. (Capped at half a window: a decayed history's
+    mass never reaches more than ~window.)"""
+    return min(cfg.warmup, cfg.window) // 2
+
+
 def holds_half_warmup(cfg: CalibrationConfig, hist: torch.Tensor) -> torch.Tensor:
-    """Whether each history [..., HIST_BINS] holds half a warm-up of events: the views that
-    start later than their stream (the correlation view, the per-feature view) apply from then
-    on, not while a few events make every new one look extreme. (Capped at half a window: a
-    decayed history's mass never reaches more than ~window.)"""
-    return hist.sum(dim=-1) >= min(cfg.warmup, cfg.window) // 2
+    """Whether each history [..., HIST_BINS] holds `half_warmup` events."""
+    return hist.sum(dim=-1) >= half_warmup(cfg)
 
 
 def feature_log10_p(

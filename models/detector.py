@@ -41,6 +41,7 @@ from models.calibration import (
     CalibrationConfig,
     combine_scores,
     feature_log10_p,
+    half_warmup,
     hist_bin,
     holds_half_warmup,
     learn_tail,
@@ -206,7 +207,7 @@ def advance(
         lp_feat, feat_applies = torch.zeros_like(valid, dtype=lp.dtype), torch.zeros_like(valid)
     # The repeat view, a seventh test where a continuous-valued feature reads the same value for
     # the third time or more in a row (a stuck sensor; models/repeats.py).
-    lp_rep, rep_applies, rep_parts, rep_fields = repeat_log10_p(state, x, mask, min(cal.warmup, cal.window) // 2)
+    lp_rep, rep_applies, rep_parts, rep_fields = repeat_log10_p(state, x, mask, half_warmup(cal))
     lp = torch.cat((lp, lp_feat[:, None], lp_rep[:, None]), dim=1)
     applies = torch.cat((applies, feat_applies[:, None], rep_applies[:, None]), dim=1)
     level = combine_scores(cal, lp, valid, applies)  # uncapped: recurrences compare above 1
@@ -241,7 +242,8 @@ def advance(
     # A run of repeats whose alert (or recurrence) this view decided is one episode:
     # `repeat_update` marks it reported. One flagged but held as another alert's aftershock is
     # not, and is not learned: it is alerted when the hold-off ends.
-    rep_decides = (lp.argmax(dim=1) == _REPEAT)[:, None] & (rep_parts > 0)
+    view = lp.argmax(dim=1)  # (the deciding view: also the record's)
+    rep_decides = (view == _REPEAT)[:, None] & (rep_parts > 0)
     rep_reported, rep_judging = (is_anomaly | recurs)[:, None] & rep_decides, flagged[:, None] & rep_decides
     # Online adaptation skips the events the stream has just flagged, aftershocks included:
     # what the stream learns does not depend on how alerts are reported.
@@ -324,7 +326,6 @@ def advance(
     if kf:
         parts[:, 0, :kf] = feat_parts
     per_feature = torch.cat((per_feature, parts, rep_parts[:, None].to(per_feature.dtype)), dim=1)
-    view = lp.argmax(dim=1)
     contributions = per_feature.gather(1, view[:, None, None].expand(-1, 1, per_feature.shape[2])).squeeze(1)
     # In float64: a near-flat feature that jumps reaches ~1e48, past float32, where two such
     # features would tie at its maximum and the explanation would name the first, not the larger.

@@ -48,11 +48,10 @@ REPEAT_RUN = 3
 # later freeze of the feature routine: `tests/test_repeats.py`.)
 REPEAT_ROUTINE = 0.3
 # State fields (models/state.py): each feature's last reading, the length of its current run of
-# identical readings, -log10 of that run's probability, and the decayed counts [repeats after a
+# identical readings, -log10 of that run's probability, the decayed counts [repeats after a
 # change, readings after a change, repeats after a repeat, readings after a repeat] (over the
-# calibration window) and [runs that ended at either of two values] (over the long window), and
-# those two values.
-REPEAT_FIELDS = ("rep_last", "rep_run", "rep_lp", "rep_counts", "rep_home")
+# calibration window), two values it sat at and the runs that ended at each (over the long window).
+REPEAT_FIELDS = ("rep_last", "rep_run", "rep_lp", "rep_counts", "rep_home", "rep_home_runs")
 
 
 def _rates(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -80,7 +79,7 @@ def repeat_log10_p(
     step = torch.where(state["rep_run"] > 1, r_repeated, r_changed)
     before = state["rep_lp"]
     run_lp = torch.where(same, torch.where(before < 0, before, before - torch.log10(step)), torch.where(mask, 0.0, before))
-    routine = ((state["rep_home"] == x[..., None]) & (state["rep_counts"][..., 4:] >= REPEAT_ROUTINE)).any(dim=-1)
+    routine = ((state["rep_home"] == x[..., None]) & (state["rep_home_runs"] >= REPEAT_ROUTINE)).any(dim=-1)
     judged = mask & (r_changed < REPEAT_RARE) & (overall < REPEAT_RARE) & (seen >= history) & ~routine
     parts = torch.where(judged & (run >= REPEAT_RUN), run_lp.clamp(min=0.0), 0.0)
     n = judged.sum(dim=1)
@@ -126,7 +125,7 @@ def repeat_update(
     decay = (1.0 - 1.0 / window) ** w
     c = state["rep_counts"].double() * decay[..., None]
     a = after_repeat.double()
-    runs = state["rep_counts"][..., 4:].double() * torch.where(mask, 1.0 - 1.0 / long_window, 1.0)[..., None]
+    runs = state["rep_home_runs"].double() * torch.where(mask, 1.0 - 1.0 / long_window, 1.0)[..., None]
     ended = mask & (fields["rep_run"] == 1) & (prev >= REPEAT_RUN)  # (counted as it ends: not itself)
     home = state["rep_home"]
     at = (home == state["rep_last"][..., None]) & (runs > 0)
@@ -134,6 +133,11 @@ def repeat_update(
     runs = torch.where(fresh, 1.0, runs + (ended[..., None] & at).double())
     home = torch.where(fresh, state["rep_last"][..., None], home)
     add = torch.stack((w * repeated * (1 - a), w * (1 - a), w * repeated * a, w * a), dim=-1)
-    c = torch.cat(((c[..., :4] + add), runs), dim=-1)
     run_lp = torch.where(reported, -1.0, fields["rep_lp"])
-    return {**fields, "rep_lp": run_lp, "rep_counts": c.to(state["rep_counts"].dtype), "rep_home": home}
+    return {
+        **fields,
+        "rep_lp": run_lp,
+        "rep_counts": (c + add).to(state["rep_counts"].dtype),
+        "rep_home": home,
+        "rep_home_runs": runs.to(state["rep_home_runs"].dtype),
+    }

@@ -77,12 +77,13 @@ FIELDS: tuple[Field, ...] = (
     Field("flag_prev", False, False, torch.bool),
     # The repeat view (models/repeats.py): each feature's last reading, its run of identical
     # readings, -log10 of its probability, decayed counts of repeats after a change and after a
-    # repeat, and of its recent long runs at each of two values, and those values.
+    # repeat, and two values it sat at with the recent runs that ended at each.
     Field("rep_last", True, False, torch.float64),
     Field("rep_run", True, False, torch.int32),
     Field("rep_lp", True, False, torch.float64),
-    Field("rep_counts", True, False, torch.float32, 6),
+    Field("rep_counts", True, False, torch.float32, 4),
     Field("rep_home", True, False, torch.float64, 2),
+    Field("rep_home_runs", True, False, torch.float32, 2),
     Field("steps", False, False, torch.int64),  # events seen by the stream
     # The alert hold-off (`holdoff` in models/calibration.py): events it has left and the score
     # of the alert that started it (float64: compared with the next events' float64 scores).

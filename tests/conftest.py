@@ -10,10 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from models.calibration import CalibrationConfig
+from models.detector import BatchResult, Detector
+from models.gru import DEFAULT_WEIGHTS, load_checkpoint
 from streamer.app import build_runner
 from streamer.broker import EmbeddedBroker
 from streamer.config import Config, build_config
@@ -169,4 +173,18 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-__all__ = ["DaemonThread", "config_data", "default_sigint", "event", "make_config", "produce", "read_all", "scores_of"]
+def interleaved(x: np.ndarray, ts_ms: np.ndarray) -> tuple[BatchResult, np.ndarray]:
+    """Streams x [n, streams, features], every feature present, read at ts_ms [n] and fed
+    time-major (as a live feed arrives) to a detector with the daemon's defaults: the result and
+    the mask, in that order of events."""
+    n, streams, f = x.shape
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    det = Detector(model, CalibrationConfig())
+    xs = np.zeros((n * streams, det.max_features))
+    xs[:, :f] = x.reshape(n * streams, f)
+    mask = np.zeros_like(xs, dtype=bool)
+    mask[:, :f] = True
+    return det.process(np.tile(np.arange(streams), n), xs, mask, np.repeat(ts_ms, streams)), mask
+
+
+__all__ = ["DaemonThread", "config_data", "default_sigint", "event", "interleaved", "make_config", "produce", "read_all", "scores_of"]

@@ -6,6 +6,7 @@ from collections import defaultdict
 
 import numpy as np
 import pytest
+from conftest import interleaved
 
 from models.calibration import TAIL_THRESHOLD, CalibrationConfig
 from models.detector import VIEWS, BatchResult, Detector
@@ -277,20 +278,6 @@ def test_a_feature_that_joins_a_stream_late_has_its_own_warm_up(one_torch_thread
     assert (res.top_feature(mask.reshape(n * streams, -1)).reshape(n, streams)[n - 1] == before).all()
 
 
-def _interleaved(x: np.ndarray, ts_ms: np.ndarray) -> tuple[BatchResult, np.ndarray]:
-    """Streams x [n, streams, features], every feature present, read at ts_ms [n] and fed
-    time-major (as a live feed arrives) to a detector with the daemon's defaults: the result and
-    the mask, in that order of events."""
-    n, streams, f = x.shape
-    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
-    det = Detector(model, CalibrationConfig())
-    xs = np.zeros((n * streams, det.max_features))
-    xs[:, :f] = x.reshape(n * streams, f)
-    mask = np.zeros_like(xs, dtype=bool)
-    mask[:, :f] = True
-    return det.process(np.tile(np.arange(streams), n), xs, mask, np.repeat(ts_ms, streams)), mask
-
-
 def test_a_setpoint_step_no_longer_raises_the_bar_for_the_other_features(one_torch_thread):
     """Found by a review (README, Calibration). Twin chillers (setpoint, supply and return
     temperature, condenser pressure; 1-minute readings) with the same noise and one spike of 10
@@ -318,7 +305,7 @@ def test_a_setpoint_step_no_longer_raises_the_bar_for_the_other_features(one_tor
             v[at, f] += 10 * noise
             rows.append(v)
     x = np.stack(rows, axis=1)  # [n, streams, 4]
-    res, _ = _interleaved(x, t.astype(np.int64) * 60_000)
+    res, _ = interleaved(x, t.astype(np.int64) * 60_000)
     flagged = res.is_anomaly.reshape(n, -1)
     flat = [bool(flagged[at, 2 * k]) for k, at in enumerate(spikes)]
     stepped = [bool(flagged[at, 2 * k + 1]) for k, at in enumerate(spikes)]
@@ -347,7 +334,7 @@ def test_a_quiet_feature_is_not_hidden_by_a_noisy_neighbour(one_torch_thread):
         x[:, s, 1] = 2.0 + 0.1 * rng.standard_normal(n)
         x[:, s, 2] = -1.0 + rng.standard_normal(n)
         x[at[s], s, 1] += 0.8  # 8 deviations of the quiet feature
-    res, mask = _interleaved(x, 1_600_000_000_000 + 60_000 * np.arange(n, dtype=np.int64))
+    res, mask = interleaved(x, 1_600_000_000_000 + 60_000 * np.arange(n, dtype=np.int64))
     cols = np.arange(2 * copies)
     flagged = res.is_anomaly.reshape(n, -1)[at, cols]
     named = res.top_feature(mask).reshape(n, -1)[at, cols] == 1

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import interleaved
 
 import models.repeats
-from models.calibration import TAIL_THRESHOLD, CalibrationConfig
-from models.detector import HELD, VIEWS, BatchResult, Detector
-from models.gru import DEFAULT_WEIGHTS, load_checkpoint
+from models.detector import HELD, VIEWS, BatchResult
 
 N = 6000
 MINUTE_MS = 60_000
@@ -18,17 +17,10 @@ REPEAT = VIEWS.index("repeat")
 
 
 def _score(streams: list[np.ndarray]) -> list[BatchResult]:
-    """Each stream [N, F] through one detector with the daemon's defaults, time-major."""
-    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
-    det = Detector(model, CalibrationConfig(threshold=TAIL_THRESHOLD))
-    s, f = len(streams), max(v.shape[1] for v in streams)
-    x = np.zeros((N * s, det.max_features))
-    mask = np.zeros_like(x, dtype=bool)
-    for j, v in enumerate(streams):
-        x[j::s, : v.shape[1]] = v
-        mask[j::s, : v.shape[1]] = True
-    res = det.process(np.tile(np.arange(s), N), x, mask, np.repeat(TS, s))
-    assert f <= det.max_features
+    """Each stream [N, F] (the same F) through one detector with the daemon's defaults,
+    time-major (`interleaved`), and each stream's results."""
+    res, _ = interleaved(np.stack(streams, axis=1), TS)
+    s = len(streams)
     pick = [np.arange(j, N * s, s) for j in range(s)]
     return [
         BatchResult(
