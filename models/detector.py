@@ -45,6 +45,8 @@ from models.calibration import (
     hist_bin,
     holds_half_warmup,
     learn_tail,
+    onset_bins,
+    reach_capped,
     tail_log10_p,
     tail_weight,
 )
@@ -248,7 +250,7 @@ def advance(
     # Online adaptation skips the events the stream has just flagged, aftershocks included:
     # what the stream learns does not depend on how alerts are reported.
     learn = mask & ~flagged[:, None]
-    onset = flagged & ~state["flag_prev"] & ~recurs  # (the first of a run of flags: `tail_weight`)
+    onset = flagged & ~state["flag_prev"] & ~recurs  # (the first of a run of flags: `tail_weight`, `reach_capped`)
     # The long history learns only unflagged events: it remembers what the stream does in normal
     # operation. A flagged glitch in it, even at a tenth of the weight, would set its top for
     # ~10,000 events and hold every later anomaly of ordinary size below the threshold.
@@ -257,11 +259,17 @@ def advance(
     cal_weight = torch.cat((weight[:, None] * learns, weight_long[:, None] * learns), dim=1)  # [B, 10]
     windows = torch.full((2, nv), float(cal.window), dtype=hists.dtype, device=hists.device)  # (fills: no copy from host)
     windows[1] = float(cal.long_window)
-    flagged_b = flagged[:, None].expand_as(bins)
-    cal_feat = state["cal_feat"]
+    # (Only the short histories learn flagged events; the long ones take the short ones' caps.)
+    capped = reach_capped(cal, flagged, onset, state["cal_onsets"], bins[:, :nv], state["cal_onset_bin"]).repeat(1, 2)
+    onset_bin = onset_bins(onset, learns, bins[:, :nv], tops[:, :nv], state["cal_onset_bin"], keep_within=False)
+    cal_feat, feat_onset_bin = state["cal_feat"], state["cal_feat_onset_bin"]
     if kf:
-        learned_f = learn_tail(cal, feat_hist, feat_b, weight[:, None] * feat_ok, flagged[:, None].expand_as(feat_b), feat_top)
+        last_f = feat_onset_bin[:, :kf]
+        capped_f = reach_capped(cal, flagged, onset, state["cal_onsets"], feat_b, last_f)
+        learned_f = learn_tail(cal, feat_hist, feat_b, weight[:, None] * feat_ok, capped_f, feat_top)
+        new_last_f = onset_bins(onset, feat_ok, feat_b, feat_top, last_f, keep_within=True)
         cal_feat = learned_f if kf == cal_feat.shape[1] else torch.cat((learned_f, cal_feat[:, kf:]), dim=1)
+        feat_onset_bin = new_last_f if kf == feat_onset_bin.shape[1] else torch.cat((new_last_f, feat_onset_bin[:, kf:]), dim=1)
 
     # Online normaliser: exact mean/variance at first, exponential window later; winsorised, so
     # a glitch does not blind the stream.
@@ -299,7 +307,7 @@ def advance(
         # normaliser's zero.)
         **profile_update(state, ts_ms, hour, x, torch.where(n > 0, p_mean, x), p_var_raw, learn),
         **mix_update(state, errors, r, floor_var, ready, has_pred, learn, n),
-        **dict(zip(CAL_HISTS + CAL_HISTS_LONG, learn_tail(cal, hists, bins, cal_weight, flagged_b, tops, windows.reshape(-1)).unbind(1))),
+        **dict(zip(CAL_HISTS + CAL_HISTS_LONG, learn_tail(cal, hists, bins, cal_weight, capped, tops, windows.reshape(-1)).unbind(1))),
         # (After a gap the recent level starts again from this reading: against the level of hours
         # before, the readings after it were flagged instead. Forward in time only: restarted at a
         # late reading, the level made the next on-time reading look far from it.)
@@ -312,6 +320,8 @@ def advance(
         "cal_onsets": state["cal_onsets"] * (1.0 - 1.0 / cal.window) + onset.double(),
         "flag_prev": flagged,
         "cal_feat": cal_feat,
+        "cal_onset_bin": onset_bin,
+        "cal_feat_onset_bin": feat_onset_bin,
         **repeat_update(state, rep_fields, mask, flagged, rep_reported, rep_judging, cal.flagged_weight, cal.window, cal.long_window),
         "steps": steps + 1,
         "hold_left": torch.where(alert, cal.holdoff, (hold_left - 1).clamp(min=0)).to(hold_left.dtype),

@@ -75,6 +75,11 @@ FIELDS: tuple[Field, ...] = (
     # learned at more than flagged_weight (`tail_weight`).
     Field("cal_onsets", False, False, torch.float64),
     Field("flag_prev", False, False, torch.bool),
+    # ...and the bin of the last run's first event in each view's short history and each
+    # feature's, at its own size (0: none yet): a run as large as it is the stream's own range
+    # (`reach_capped`).
+    Field("cal_onset_bin", False, False, torch.int8, 5),
+    Field("cal_feat_onset_bin", True, False, torch.int8),
     # The repeat view (models/repeats.py): each feature's last reading, its run of identical
     # readings, -log10 of its probability, decayed counts of repeats after a change and after a
     # repeat, and two values it sat at with the recent runs that ended at each.

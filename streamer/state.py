@@ -33,9 +33,10 @@ TP = tuple[str, int]
 # for the calibration's learning; 13 each feature's own error history, for the per-feature view;
 # 14 the count of recent runs of flags and whether the last event was flagged, in place of 12's
 # alerts; 15 each feature's last reading, run of repeats and counts of repeats, for the repeat
-# view. Layouts 4 to 14 are upgraded on load (see `_upgrade`).
-SNAPSHOT_VERSION = 15
-UPGRADABLE = (4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14)
+# view; 16 the bin of the last run of flags' first event in each short history, for the cap on
+# what a flag teaches it. Layouts 4 to 15 are upgraded on load (see `_upgrade`).
+SNAPSHOT_VERSION = 16
+UPGRADABLE = (4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
 log = logging.getLogger(__name__)
 
 
@@ -242,7 +243,9 @@ def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Te
     recent, and the last event is taken as not flagged. Layout 13's per-feature histories start
     empty, as on a new stream: the view applies once they hold half a warm-up of events. Layout
     15's repeat fields start empty, as on a new stream: each feature's next reading starts its
-    run, and the view judges it once its counts hold half a warm-up of readings."""
+    run, and the view judges it once its counts hold half a warm-up of readings. Layout 16's
+    bins of the last run's first event start at 0, as if none: the next such run is capped, as
+    every flag was before."""
     if version <= 4:
         state = with_empty_fields(state, ("corr_cov", "corr_n", "cal_hist_corr"))
     if version <= 5:
@@ -266,4 +269,6 @@ def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Te
         state = with_empty_fields(state, ("flag_prev",))
     if version <= 14:
         state = with_empty_fields(state, REPEAT_FIELDS)
+    if version <= 15:
+        state = with_empty_fields(state, ("cal_onset_bin", "cal_feat_onset_bin"))
     return state if "prof_start" in state else with_empty_fields(state, ("prof_start",))

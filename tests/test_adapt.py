@@ -369,6 +369,52 @@ def test_one_glitch_does_not_blind_the_stream(one_torch_thread):
     assert float(det.bank.tensors["norm_var"][0, 0]) < 2.0
 
 
+def _glitch_then_spikes(before: str) -> tuple[np.ndarray, np.ndarray]:
+    """Flags and scores [4200, 4] of N(0, 1) streams (seeds 3 and 7) with the events `before`,
+    then a 1e12-sigma glitch at 1,100 and a 200-sigma spike 1,000 or 3,000 events after it."""
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    det = Detector(model, CalibrationConfig(warmup=100, threshold=TAIL_THRESHOLD))
+    cases = [(seed, after) for seed in (3, 7) for after in (1000, 3000)]
+    x = np.zeros((4200, len(cases)))
+    for j, (seed, after) in enumerate(cases):
+        x[:, j] = np.random.default_rng(seed).normal(0.0, 1.0, 4200)
+        if before == "alerts":
+            x[500, j] += 10.0
+            x[900, j] += 20.0
+        else:  # (a glitch, then a sensor stuck for four readings)
+            x[500, j] = 1e12
+            x[700:704, j] = x[699, j]
+        x[1100, j] = 1e12
+        x[1100 + after, j] = 200.0
+    s = len(cases)
+    xs = np.zeros((x.size, det.max_features))
+    xs[:, 0] = x.reshape(-1)
+    mask = np.zeros_like(xs, dtype=bool)
+    mask[:, 0] = True
+    res = det.process(np.tile(np.arange(s), len(x)), xs, mask)
+    return res.is_anomaly.reshape(len(x), s), res.score.reshape(len(x), s)
+
+
+@pytest.mark.parametrize("before", ["alerted_lately", "glitch_twice"])
+def test_one_glitch_does_not_blind_a_stream_that_alerted_lately_either(one_torch_thread, before):
+    """The same glitch on a stream with two runs of flags in the last 600 events (alerts of 10 and
+    20 sigma; or an earlier glitch and a sensor stuck for four readings): a stream flagged afresh
+    again and again learns the first flag of its next run at its own size, not at most
+    `flagged_reach` bins above the history's top (`reach_capped`), but only a flag about as far
+    out as the first of its last run, where that lay beyond the history's top: the glitch, far
+    beyond them, stays capped. A 200-sigma spike 1,000 and 3,000 events after it is flagged.
+    Found by two reviews: without the size check (the first version of `reach_capped`) the spike
+    scored 0.38-0.40 after the alerts, under the glitch's record; with the size check but the
+    first glitch's bin kept through the stuck run (which lay inside the range the glitch's
+    capped record made), the second glitch was recorded at its size: 0.38-0.40 there too.
+    (A 10-sigma spike after the alerts is missed, as before that version: the glitch's capped
+    record, at the 0.32 weight of a third run's first flag, outlasts 3,000 events.)"""
+    flagged, score = _glitch_then_spikes("alerts" if before == "alerted_lately" else "glitches")
+    for j, after in enumerate((1000, 3000, 1000, 3000)):
+        assert flagged[1100, j], score[1100, j]
+        assert flagged[1100 + after, j], (j, after, score[1100 + after, j])
+
+
 @pytest.mark.parametrize("readings", [2, 5])
 def test_a_short_outage_does_not_blind_the_stream_either(one_torch_thread, readings):
     """Like one glitch, an episode of a few readings 30 deviations out is flagged once (the rest
