@@ -47,6 +47,7 @@ from models.calibration import (
     learn_tail,
     onset_bins,
     reach_capped,
+    run_weight,
     tail_log10_p,
     tail_weight,
 )
@@ -256,7 +257,8 @@ def advance(
     # ~10,000 events and hold every later anomaly of ordinary size below the threshold.
     weight = tail_weight(cal, steps, valid, flagged, onset, state["cal_onsets"])
     weight_long = torch.where(flagged, 0.0, weight)
-    cal_weight = torch.cat((weight[:, None] * learns, weight_long[:, None] * learns), dim=1)  # [B, 10]
+    weight_short = run_weight(cal, weight, onset, bins[:, :nv], tops[:, :nv], state["cal_onset_bin"])
+    cal_weight = torch.cat((weight_short * learns, weight_long[:, None] * learns), dim=1)  # [B, 10]
     windows = torch.full((2, nv), float(cal.window), dtype=hists.dtype, device=hists.device)  # (fills: no copy from host)
     windows[1] = float(cal.long_window)
     # (Only the short histories learn flagged events; the long ones take the short ones' caps.)
@@ -266,7 +268,8 @@ def advance(
     if kf:
         last_f = feat_onset_bin[:, :kf]
         capped_f = reach_capped(cal, flagged, onset, state["cal_onsets"], feat_b, last_f)
-        learned_f = learn_tail(cal, feat_hist, feat_b, weight[:, None] * feat_ok, capped_f, feat_top)
+        weight_f = run_weight(cal, weight, onset, feat_b, feat_top, last_f)
+        learned_f = learn_tail(cal, feat_hist, feat_b, weight_f * feat_ok, capped_f, feat_top)
         new_last_f = onset_bins(onset, feat_ok, feat_b, feat_top, last_f, keep_within=True)
         cal_feat = learned_f if kf == cal_feat.shape[1] else torch.cat((learned_f, cal_feat[:, kf:]), dim=1)
         feat_onset_bin = new_last_f if kf == feat_onset_bin.shape[1] else torch.cat((new_last_f, feat_onset_bin[:, kf:]), dim=1)
