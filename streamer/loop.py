@@ -30,7 +30,7 @@ from streamer.logstreams import LogStreams
 from streamer.metrics import Metrics
 from streamer.sdnotify import Notifier
 from streamer.state import TP, SlotTable, Snapshot, SnapshotStore, recorded_committed
-from streamer.transport import Headers, OutRecord, Polled, SendError, Transport
+from streamer.transport import COMMITTED_TIMEOUT_MS, Headers, OutRecord, Polled, SendError, Transport
 
 log = logging.getLogger(__name__)
 # How long the commit of restored snapshots' offsets may wait at an assignment.
@@ -169,6 +169,7 @@ class Runner:
         tps, self._pending_assign = self._pending_assign, []
         self._assign_pending = False
         reseeked: set[TP] = set()
+        deadline = time.monotonic() + COMMITTED_TIMEOUT_MS / 1000
         known = self.transport.committed(tps) if tps else {}
         unanswered = [tp for tp in tps if tp not in known]
         if unanswered:
@@ -183,8 +184,12 @@ class Runner:
             )
         # Where each log now begins: a snapshot older than that cannot be replayed from (see
         # _unusable_offset). Unknown (brokers slow to say): the snapshot is used as before.
+        # Asked within what the committed offsets left of their deadline (at most 5 s): with a
+        # coordinator that answered for one partition (before it hung, or from the consumer's
+        # cache) and not the rest, the two limits one after the other held the loop 15 s.
         answered = [tp for tp in tps if tp in known]
-        starts = (self.transport.log_starts(answered, 5_000) if answered else None) or {}
+        left_ms = min(5_000, int((deadline - time.monotonic()) * 1000))
+        starts = (self.transport.log_starts(answered, left_ms) if answered and left_ms > 0 else None) or {}
         for tp in tps:
             committed = known.get(tp)
             self.emit_from[tp] = committed or 0

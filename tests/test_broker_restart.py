@@ -185,7 +185,10 @@ def test_a_coordinator_hung_at_an_assignment_holds_the_loop_once_and_duplicates_
     per partition: a coordinator hung right after an assignment held the loop (liveness, the
     watchdog) for partitions x 10 s. A timed-out answer was also taken for "nothing committed",
     so a snapshot behind the real committed offset was restored and its events emitted again.
-    Now one deadline covers the assignment, and without an answer no snapshot is restored."""
+    Now one deadline covers the assignment, and without an answer no snapshot is restored. (The
+    consumer may have had one partition's answer before the broker stopped: then the others are
+    the unanswered ones, and the question where that one's log begins is asked within what is
+    left of the deadline; asked with 5 s of its own, the loop was held 15 s, in a CI run.)"""
     broker = EmbeddedBroker().start()
     try:
         _create(broker)  # ("in" has 4 partitions, all assigned to the one member)
@@ -219,8 +222,9 @@ def test_a_coordinator_hung_at_an_assignment_holds_the_loop_once_and_duplicates_
             os.kill(broker.proc.pid, signal.SIGCONT)
         try:
             assert held < COMMITTED_TIMEOUT_MS / 1000 + 3, held  # (was 4 x 10 s)
-            assert ("in", 0) not in runner.next_offset  # the snapshot at 300 was not restored
-            assert "did not answer for the committed offsets of 4 of 4 partitions" in caplog.text
+            unanswered = sorted(runner._start_unknown)
+            assert unanswered and all(tp not in runner.next_offset for tp in unanswered)  # their snapshots (300) not restored
+            assert f"did not answer for the committed offsets of {len(unanswered)} of 4 partitions" in caplog.text
             produce(broker, "in", events(600, 610), lambda k: 0)
             deadline = time.monotonic() + 60
             while daemon.metrics.scored._value.get() < 10:
