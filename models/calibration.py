@@ -190,8 +190,10 @@ def tail_weight(
     took a dozen ones to learn their like, flagging most ones meanwhile
     (`tests/test_calibration.py -k sparse_event`). The rest of a run counts a tenth whatever came
     before: counted with their own onset, a glitch of a few readings left a trace at 0.32 that
-    hid a spike 3,000 events later (`tests/test_adapt.py -k outage`). (Runs, not alerts: the
-    hold-off changes what is reported, never what a stream learns.)
+    hid a spike 3,000 events later (`tests/test_adapt.py -k outage`). So does, in each history,
+    a run's first event far beyond both its top and the last run's first (`run_weight`: a
+    glitch). (Runs, not alerts: the hold-off changes what is reported, never what a stream
+    learns.)
     """
     fw = torch.where(onset, cfg.flagged_weight ** (1.0 / (1.0 + onsets.double())), cfg.flagged_weight)
     w = torch.where(flagged, fw, 1.0)

@@ -410,8 +410,8 @@ def test_one_glitch_does_not_blind_a_stream_that_alerted_lately_either(one_torch
     scored 0.38-0.40 after the alerts, under the glitch's record; with the size check but the
     first glitch's bin kept through the stuck run (which lay inside the range the glitch's
     capped record made), the second glitch was recorded at its size: 0.38-0.40 there too.
-    (A 10-sigma spike after the alerts is missed, as before that version: the glitch's capped
-    record, at the 0.32 weight of a third run's first flag, outlasts 3,000 events.)"""
+    (A 10- or 20-sigma spike after those alerts stays under the threshold for thousands of events,
+    as before `reach_capped`: alerts of its size are in the history's range.)"""
     flagged, score = _glitch_then_spikes("alerts" if before == "alerted_lately" else "glitches")
     for j, after in enumerate((1000, 3000, 1000, 3000)):
         assert flagged[1100, j], score[1100, j]
