@@ -169,8 +169,8 @@ class Runner:
         tps, self._pending_assign = self._pending_assign, []
         self._assign_pending = False
         reseeked: set[TP] = set()
-        deadline = time.monotonic() + COMMITTED_TIMEOUT_MS / 1000
-        known = self.transport.committed(tps) if tps else {}
+        deadline = time.monotonic() + COMMITTED_TIMEOUT_MS / 1000  # (the committed offsets' own, and what log_starts may use)
+        known = self.transport.committed(tps, timeout_ms=COMMITTED_TIMEOUT_MS) if tps else {}
         unanswered = [tp for tp in tps if tp not in known]
         if unanswered:
             # Where the group stands is unknown there, so no snapshot can be placed against it:
