@@ -245,8 +245,9 @@ class DetectorConfig(_Strict):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if v != "auto" and not (v == "cpu" or v == "cuda" or v.startswith("cuda:")):
-            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        # (`cuda:x` passed here and failed at start on a GPU host with torch's message, naming no key.)
+        if v not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", v):
+            raise ValueError(f"{v!r} must be auto, cpu, cuda or cuda:N (N a device number)")
         return v
 
     @model_validator(mode="after")
@@ -318,15 +319,26 @@ class Config(_Strict):
             # one became 1,590 dead letters in 24 s. Scores read back would be scored.)
             if getattr(self.topics, key) in read:
                 raise ValueError(f"topics.{key}: {getattr(self.topics, key)} is also an input topic; the daemon would read its own output")
+        # (One topic for two outputs wrote each anomaly twice into it, or dead-lettered raw bytes
+        # among the score records its consumers parse.)
+        outputs = [(key, getattr(self.topics, key)) for key in ("scores", "alerts", "dead_letter") if getattr(self.topics, key)]
+        for i, (key, topic) in enumerate(outputs):
+            for other, same in outputs[:i]:
+                if topic == same:
+                    raise ValueError(f"topics.{key}: {topic} is also topics.{other}; each output needs its own topic")
         return self
 
 
 def _format(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        key = ".".join(str(p) for p in e["loc"])
         msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"{key}: {msg}")
+        text = str(e.get("ctx", {}).get("error", "")) if e["type"] == "value_error" else ""
+        if text and (not key or text.startswith(f"{key}.")):  # (a check across keys: its message names them)
+            lines.append(text)
+        else:  # (pydantic's "Value error, " prefix says nothing to the reader)
+            lines.append(f"{key or '<root>'}: {text or msg}")
     return "; ".join(lines)
 
 
