@@ -93,8 +93,9 @@ class SeriesSampler:
         self.too_short = [n for n in arrays if present[n] < MIN_SERIES_VALUES]
         if not self.names:
             raise ValueError(
-                f"no series with at least {MIN_SERIES_VALUES} values to train on ({len(arrays)} series read; a value "
-                f"is predicted, and trained on, only after {MIN_SERIES_VALUES - 1} values of its series)"
+                f"no series with at least {MIN_SERIES_VALUES} values to train on ({len(arrays)} series read"
+                + (f": {', '.join(self.too_short[:10])}{' ...' if len(self.too_short) > 10 else ''}" if self.too_short else "")
+                + f"; a value is predicted, and trained on, only after {MIN_SERIES_VALUES - 1} values of its series)"
             )
         self.series = [arrays[n] for n in self.names]
         self.rows = sum(present[n] for n in self.names)

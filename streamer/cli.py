@@ -78,6 +78,23 @@ def _train(args: argparse.Namespace) -> int:
     if (args.config or args.bootstrap_servers) and not args.topic:
         print("streamer: --config and --bootstrap-servers only apply with --topic", file=sys.stderr)
         return 2
+    if (args.from_offset != 0 or args.to_offset is not None) and not args.topic:
+        print("streamer: --from-offset and --to-offset only apply with --topic", file=sys.stderr)
+        return 2
+    if args.from_offset < 0 or (args.to_offset is not None and args.to_offset <= args.from_offset):
+        print(f"streamer: --from-offset ({args.from_offset}) must be >= 0 and below --to-offset ({args.to_offset})", file=sys.stderr)
+        return 2
+    if args.bootstrap_servers:
+        from pydantic import ValidationError
+
+        from streamer.config import KafkaConfig
+
+        try:  # (the check kafka.bootstrap_servers gets: unchecked, a typo waited 30 s for brokers)
+            KafkaConfig(bootstrap_servers=args.bootstrap_servers)
+        except ValidationError as err:
+            first = err.errors()[0]
+            print(f"streamer: --bootstrap-servers: {first.get('ctx', {}).get('error', first['msg'])}", file=sys.stderr)
+            return 2
     problem = _out_problem(args.out)
     if problem:
         print(f"streamer: {problem}", file=sys.stderr)
@@ -119,11 +136,14 @@ def _train(args: argparse.Namespace) -> int:
             skipped: list[str] = []
             columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None
             notes: list[str] = []
-            data = SeriesSampler(load_files(args.files, columns, skipped, notes))
-            if skipped:
-                print(f"not series (index or time; --columns to train them): {', '.join(skipped)}", file=sys.stderr)
-            for note in notes:
-                print(note, file=sys.stderr)
+            try:
+                found = load_files(args.files, columns, skipped, notes)
+            finally:  # (before SeriesSampler, which refuses data left with no series: they say why)
+                if skipped:
+                    print(f"not series (index or time; --columns to train them): {', '.join(skipped)}", file=sys.stderr)
+                for note in notes:
+                    print(note, file=sys.stderr)
+            data = SeriesSampler(found)
         if data is not None and data.too_short:
             names = ", ".join(data.too_short[:10]) + (f" and {len(data.too_short) - 10} more" if len(data.too_short) > 10 else "")
             print(f"too short to train on (fewer than {MIN_SERIES_VALUES} values): {names}", file=sys.stderr)

@@ -48,12 +48,18 @@ def load_files(
     for p in map(Path, paths):
         if not p.exists():  # (a pipe counts: `streamer train <(zcat data.csv.gz)`)
             raise ValueError(f"{p}: no such file")
-        if p.suffix.lower() == ".parquet":
+        kind = _file_kind(p)
+        if kind == "gzip":
+            raise ValueError(f"{p}: gzip-compressed; decompress it first (or pass <(zcat {p}))")
+        if kind == "parquet":
             try:
                 import pyarrow.parquet as pq
             except ImportError:
                 raise DataUnavailable(f"{p}: reading Parquet needs pyarrow (pip install pyarrow)") from None
-            table = pq.read_table(p)
+            try:
+                table = pq.read_table(p)
+            except (OSError, ValueError) as err:  # (pyarrow's errors name no file)
+                raise ValueError(f"{p}: not a readable Parquet file: {err}") from None
             found = {}
             for name in table.column_names:
                 col = table.column(name).to_numpy(zero_copy_only=False)
@@ -65,7 +71,12 @@ def load_files(
                 elif notes is not None and not _NOT_SERIES.fullmatch(name.strip()):
                     notes.append(f"{p}:{name}: not numeric ({table.schema.field(name).type}), left out")
         else:
-            found = _csv_columns(p, notes)
+            try:
+                found = _csv_columns(p, notes)
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{p}: not a UTF-8 CSV file (byte {err.start}: {err.object[err.start : err.start + 1]!r})") from None
+            except csv.Error as err:
+                raise ValueError(f"{p}: {err}") from None
         for name, values in found.items():
             if columns is None and _NOT_SERIES.fullmatch(name.strip()):
                 if skipped is not None:
@@ -76,6 +87,50 @@ def load_files(
     missing = [c for c in columns or [] if c not in picked]
     if missing:
         raise ValueError(f"--columns: no numeric column named {', '.join(map(repr, missing))} in the files")
+    return out
+
+
+def _file_kind(p: Path) -> str:
+    """The kind of a file: "parquet" by its name or its magic bytes (a `.pq` file was read as
+    CSV, its binary bytes as a few stray cells), "gzip" by its magic bytes (read as CSV, it failed
+    with a bare codec error naming no file), else "csv". A pipe is not peeked at: what is read
+    from it is gone."""
+    if p.suffix.lower() == ".parquet":
+        return "parquet"
+    if not p.is_file():
+        return "csv"
+    with p.open("rb") as fh:
+        head = fh.read(4)
+    return "parquet" if head == b"PAR1" else "gzip" if head[:2] == b"\x1f\x8b" else "csv"
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _unique(header: list[str], p: Path, notes: list[str] | None) -> list[str]:
+    """Column names made unique as pandas does (`temp`, `temp.1`): keyed by name, a repeated
+    header dropped all but one of its columns without a word."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in header:
+        if name in seen:
+            seen[name] += 1
+            new = f"{name}.{seen[name]}"
+            while new in header or new in seen:
+                seen[name] += 1
+                new = f"{name}.{seen[name]}"
+            if notes is not None:
+                notes.append(f"{p}: column {name!r} appears more than once; read as {new!r}")
+            seen[new] = 0
+            out.append(new)
+        else:
+            seen[name] = 0
+            out.append(name)
     return out
 
 
@@ -90,9 +145,14 @@ def _csv_columns(p: Path, notes: list[str] | None = None) -> dict[str, np.ndarra
     of rows is not held as Python objects). Cells that are neither numbers nor gaps make a column
     text past TEXT_CELL_SHARE of its cells; what was left out or read as a gap goes to `notes`.
     A short row's missing cells are gaps, a long row's extra cells belong to no column."""
-    with p.open(newline="") as fh:
+    # (utf-8-sig: spreadsheets' "CSV UTF-8" starts with a byte-order mark, which made the first
+    # header "\ufefftimestamp": its time column was trained as a series and --columns missed it.)
+    with p.open(newline="", encoding="utf-8-sig") as fh:
         reader = csv.reader(fh)
-        header = next(reader, None) or []
+        first = next(reader, [])
+        if first and notes is not None and all(_is_number(h) for h in first):
+            notes.append(f"{p}: its first row ({','.join(first)[:60]}) is read as column names; if it is data, add a header row")
+        header = _unique(first, p, notes)
         columns = [array("d") for _ in header]
         bad = [0] * len(header)
         example: list[str | None] = [None] * len(header)

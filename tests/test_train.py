@@ -167,6 +167,71 @@ def test_stray_text_cells_are_gaps_and_text_columns_are_named(tmp_path):
     ]
 
 
+def test_files_as_spreadsheets_and_tools_write_them_are_read_or_refused_naming_the_file(tmp_path):
+    """From a review: a byte-order mark (Excel's "CSV UTF-8") made the first header
+    "\ufefftimestamp", so the time column was trained as a ramp and `--columns timestamp` found
+    nothing; a repeated header dropped a column without a word; a Latin-1 or gzip file stopped
+    the command with a bare codec error naming no file; a Parquet file named `.pq` was read as
+    CSV."""
+    from streamer.traindata import load_files
+
+    bom = tmp_path / "bom.csv"
+    bom.write_text("timestamp,temp\n" + "".join(f"{1_700_000_000 + 60 * i},{i % 7}\n" for i in range(20)), encoding="utf-8-sig")
+    skipped: list[str] = []
+    assert list(load_files([str(bom)], skipped=skipped)) == [f"{bom}:temp"] and skipped == [f"{bom}:timestamp"]
+    assert list(load_files([str(bom)], columns=["timestamp"])) == [f"{bom}:timestamp"]
+    dup = tmp_path / "dup.csv"
+    dup.write_text("temp,temp,temp.1\n" + "".join(f"{i},{-i},{2 * i}\n" for i in range(5)))
+    notes: list[str] = []
+    out = load_files([str(dup)], notes=notes)
+    assert {k: v.tolist() for k, v in out.items()} == {
+        f"{dup}:temp": [0.0, 1.0, 2.0, 3.0, 4.0],
+        f"{dup}:temp.2": [0.0, -1.0, -2.0, -3.0, -4.0],  # (temp.1 is taken by the third column)
+        f"{dup}:temp.1": [0.0, 2.0, 4.0, 6.0, 8.0],
+    }
+    assert notes == [f"{dup}: column 'temp' appears more than once; read as 'temp.2'"]
+    bare = tmp_path / "bare.csv"
+    bare.write_text("".join(f"{i},{2 * i}\n" for i in range(5)))  # (no header row: its first row is not data)
+    notes.clear()
+    assert sorted(load_files([str(bare)], notes=notes)) == [f"{bare}:0", f"{bare}:0.1"]
+    assert notes[0] == f"{bare}: its first row (0,0) is read as column names; if it is data, add a header row", notes
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("temp\u00b0\n1\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=f"{latin}: not a UTF-8 CSV file"):
+        load_files([str(latin)])
+    gz = tmp_path / "d.csv.gz"
+    gz.write_bytes(__import__("gzip").compress(b"temp\n1\n"))
+    with pytest.raises(ValueError, match=f"{gz}: gzip-compressed"):
+        load_files([str(gz)])
+    from streamer import traindata
+
+    assert traindata._file_kind(tmp_path / "x.parquet") == "parquet"
+    pq = tmp_path / "e.pq"
+    pq.write_bytes(b"PAR1\x00\x01")
+    assert traindata._file_kind(pq) == "parquet" and traindata._file_kind(bom) == "csv"
+
+
+def test_train_says_why_no_series_was_left_and_checks_its_options_first(tmp_path):
+    """From a review: with no series left, only the final error was printed (the text column and
+    the time column left out went unsaid); `--bootstrap-servers` skipped the check the config's
+    key gets (a typo waited 30 s for brokers); an empty offset range read nothing and blamed the
+    data."""
+    path = tmp_path / "y.csv"
+    path.write_text("time,value\n" + "".join(f"{i},{i}C\n" for i in range(20)))
+    base = [sys.executable, "-m", "streamer.cli", "train", "--out", str(tmp_path / "m.pt")]
+    proc = subprocess.run([*base, str(path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{path}:value: text (20 cells such as '0C'), left out" in proc.stderr and f"{path}:time" in proc.stderr, proc.stderr
+    for extra, message in (
+        (["--topic", "t", "--bootstrap-servers", "localhost:99999"], "--bootstrap-servers: 'localhost:99999' is not host:port"),
+        (["--topic", "t", "--from-offset", "100", "--to-offset", "50"], "--from-offset (100) must be >= 0 and below --to-offset (50)"),
+        ([str(path), "--to-offset", "50"], "--from-offset and --to-offset only apply with --topic"),
+    ):
+        proc = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "m.pt").exists()
+
+
 def test_train_refuses_bad_arguments_and_missing_files_without_a_traceback(tmp_path):
     base = [sys.executable, "-m", "streamer.cli", "train", "--out", str(tmp_path / "m.pt")]
     for extra, message in (
