@@ -181,6 +181,10 @@ class KafkaPythonTransport:
             # send() blocks for metadata up to max_block_ms (60 s by default): bounded like the
             # rest of an attempt, so that one attempt stays within send_timeout_s.
             max_block_ms=int(p.send_timeout_s * 1000),
+            # Building one waits for a broker to bootstrap from, 30 s by default whatever else is
+            # set: a rebuild with no broker reachable took 30 s with send_timeout_s at 5, and one
+            # whose broker came back near the end had a whole attempt left after it.
+            bootstrap_timeout_ms=int(p.send_timeout_s * 1000),
         )
 
     def subscribe(self, topics: Sequence[str], on_assign: Callable[[list[TP]], None], on_revoke: Callable[[list[TP]], None]) -> None:
@@ -304,15 +308,20 @@ class KafkaPythonTransport:
         the producer is dropped and the next call builds a new one (kafka-python's idempotent
         producer never recovers from a broker that lost its memory), and SendError is raised so
         the caller resends the whole batch."""
-        deadline = time.monotonic() + self._config.producer.send_timeout_s
+        limit = self._config.producer.send_timeout_s
+        # One attempt takes at most 2 x send_timeout_s, the bound the watchdog and the stop budget
+        # are computed from: a rebuild, the sends' wait for metadata and the wait for acks take
+        # at most send_timeout_s each, and the acks get what is left of the two.
+        end = time.monotonic() + 2 * limit
         try:
             if self._producer is None:  # the last rebuild found no broker
                 self._producer = self._new_producer()
             producer = self._producer
             futures = [producer.send(r.topic, value=r.value, key=r.key, headers=r.headers) for r in records]
-            producer.flush(timeout=self._config.producer.send_timeout_s)
+            acked_by = min(time.monotonic() + limit, end)
+            producer.flush(timeout=max(0.0, acked_by - time.monotonic()))
             for f in futures:
-                f.get(timeout=max(0.0, deadline - time.monotonic()))
+                f.get(timeout=max(0.0, acked_by - time.monotonic()))
         except (KafkaError, AssertionError) as err:
             log.warning("output batch not acknowledged (%s); the next attempt uses a new producer", err)
             self._drop_producer()
@@ -320,8 +329,8 @@ class KafkaPythonTransport:
 
     def _drop_producer(self) -> None:
         """Close the failed producer; the next send builds a new one. (Not here: with no broker
-        reachable, building one blocks ~30 s, and an attempt plus a rebuild would outlast the
-        loop's max_stall_s without a word of progress.)"""
+        reachable, building one blocks up to send_timeout_s, and an attempt plus a rebuild
+        outside it would outlast the loop's max_stall_s without a word of progress.)"""
         if self._producer is not None:
             try:
                 self._producer.close(timeout=1)

@@ -146,6 +146,36 @@ def test_a_member_with_a_batch_in_hand_says_the_broker_is_unreachable(state_dir)
         broker.stop()
 
 
+def test_a_send_attempt_that_rebuilds_its_producer_keeps_to_send_timeout_s(state_dir):
+    """From a review: a send after a failed one builds a new producer, and building one waited
+    kafka-python's own 30 s for a broker to bootstrap from, whatever producer.send_timeout_s said:
+    an attempt could outlast the 2 x send_timeout_s that the watchdog and the stop budget are
+    computed from. With send_timeout_s at 2 and no broker, the rebuild gives up within it."""
+    from streamer.transport import SendError
+
+    broker = EmbeddedBroker().start()
+    transport = None
+    try:
+        _create(broker)
+        transport = KafkaPythonTransport(make_config(broker, TOPICS, state_dir, producer={"send_timeout_s": 2.0}))
+        broker.stop()
+        transport._drop_producer()  # (as after a failed attempt)
+        start = time.monotonic()
+        try:
+            transport.send_batch([])
+        except SendError:
+            pass
+        else:
+            raise AssertionError("a producer was built with no broker to bootstrap from")
+        took = time.monotonic() - start
+        print(f"send attempt with a rebuild and no broker: {took:.1f} s")
+        assert took < 2 * 2.0 + 3, took  # (30 s before: kafka-python's bootstrap_timeout_ms)
+    finally:
+        if transport is not None:
+            transport.close()
+        broker.stop()
+
+
 def test_a_hung_broker_does_not_make_the_client_spin(state_dir):
     """kafka-python busy-waits inside poll() while its group coordinator does not answer (a hung
     broker, not a refused connection): an idle daemon used half to two thirds of a core for as
