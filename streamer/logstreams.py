@@ -54,6 +54,10 @@ class LogStreams:
     def warming_up(self) -> int:
         return sum(p.warming_up() for p in self.parts.values())
 
+    def nbytes(self) -> int:
+        """Bytes of the partitions' state banks (each partition has its own)."""
+        return sum(p.detector.bank.nbytes() for p in self.parts.values())
+
     def part(self, tp: TP) -> LogPartition:
         part = self.parts.get(tp)
         if part is None:

@@ -541,7 +541,8 @@ class Runner:
 
     def _process(self, polled: Polled) -> tuple[list[OutRecord], dict[TP, int], np.ndarray]:
         """Outputs of a batch, the offsets to commit once they are acknowledged, and the record
-        timestamps of the records that produced outputs (not replays)."""
+        timestamps of the records that are not replays (their outputs are emitted; with alerts
+        only, most have none, and count up to the batch's acknowledgement all the same)."""
         m = self.metrics
         n = len(polled)
         self._batch_model = None
@@ -810,7 +811,7 @@ class Runner:
             return
         self.metrics.model_reloads.labels("kept_state" if kept else "reset_state").inc()
         self.model_version = str(meta["model_version"])
-        self.arch = dict(meta["config"])
+        before, self.arch = self.arch, dict(meta["config"])
         self.decoder.max_features = self.detector.max_features
         if not kept:
             # The streams start over, schemas included: a stream wider than the new model's
@@ -830,16 +831,21 @@ class Runner:
                 "serving new checkpoint %s (%s); kept the state of %d streams", meta["checkpoint"], self.model_version, len(self.slots)
             )
         else:
+            # (Which settings differ, so the reset can be told from a mistake: a hidden size typed
+            # wrong at training.)
+            changed = ", ".join(f"{k} {before.get(k)} -> {v}" for k, v in sorted(self.arch.items()) if before.get(k) != v)
             log.warning(
-                "new checkpoint %s (%s) has a different architecture; reset the state of %d streams, which warm up again",
+                "new checkpoint %s (%s) has a different architecture (%s); reset the state of %d streams, which warm up again",
                 meta["checkpoint"],
                 self.model_version,
+                changed or "model settings",
                 len(self.slots),
             )
 
     def _refresh_state_gauges(self) -> None:
         m = self.metrics
-        m.state_bytes.set(self.detector.bank.nbytes())
+        # (Both kinds of stream: streamer_active_streams counts both, and dashboards divide the two.)
+        m.state_bytes.set(self.detector.bank.nbytes() + (self.logs.nbytes() if self.logs is not None else 0))
         m.device_memory.set(torch.cuda.memory_allocated(self.detector.device) if self.detector.device.type == "cuda" else 0)
         warm = 0
         if self.slots.slot_of:

@@ -198,7 +198,7 @@ class Metrics:
             registry=r,
         )
         self.broker_reachable.set(1)
-        self.state_bytes = Gauge("streamer_state_bytes", "Bytes held by the state bank on its device.", registry=r)
+        self.state_bytes = Gauge("streamer_state_bytes", "Bytes of the sensor and log streams' state banks.", registry=r)
         self.last_progress = Gauge("streamer_last_progress_timestamp_seconds", "Unix time the loop last completed a poll.", registry=r)
         self.model = Info("streamer_model", "The loaded model.", registry=r)
 

@@ -102,7 +102,9 @@ def test_idle_log_streams_are_evicted():
 
 def test_sensor_and_log_records_in_one_batch_are_one_observation_and_every_stream_counts(broker, topics, state_dir):
     """A batch with sensor and log records observed the step-time and wavefront histograms twice,
-    and dropping sensor streams set streamer_active_streams to the sensor count alone."""
+    and dropping sensor streams set streamer_active_streams to the sensor count alone.
+    streamer_state_bytes counted the sensor bank alone, while the active streams it is divided
+    by on the capacity dashboard count both kinds (a review)."""
     import time
 
     from conftest import event
@@ -124,6 +126,10 @@ def test_sensor_and_log_records_in_one_batch_are_one_observation_and_every_strea
         count = {s.name: s.value for s in batches + steps if s.name.endswith("_count")}
         assert count["streamer_step_duration_seconds_count"] == count["streamer_batch_events_count"], count
         assert m.active_streams._value.get() == 2
+        runner._refresh_state_gauges()  # (the loop does this once a second)
+        logs = [part.detector.bank.nbytes() for part in runner.logs.parts.values()]
+        assert logs and min(logs) > 0
+        assert m.state_bytes._value.get() == runner.detector.bank.nbytes() + sum(logs)
         runner._drop(["pump"])  # as idle eviction does
         assert m.active_streams._value.get() == 1  # the log stream is still there
     finally:

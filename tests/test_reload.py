@@ -110,7 +110,7 @@ def test_checkpoint_swap_keeps_or_resets_state(broker, topics, state_dir, tmp_pa
     assert versions[100:] == ["small"] * 50
     text = caplog.text
     assert "kept the state of 1 streams" in text
-    assert "different architecture; reset the state of 1 streams" in text
+    assert "different architecture (hidden 32 -> 16); reset the state of 1 streams" in text  # (which setting: a review)
     assert "could not be loaded, keeping the current model" in text
 
 

@@ -862,8 +862,8 @@ def capacity() -> Json:
     b.row("State and memory")
     b.timeseries(
         "State bank",
-        "Bytes held by each member's state bank on its device. The bank grows by doubling, so this is allocated capacity, "
-        "not just live rows.",
+        "Bytes held by each member's state banks on their device (the sensor streams' and each log partition's). A bank "
+        "grows by doubling, so this is allocated capacity, not just live rows.",
         "bytes",
         targets((m("streamer_state_bytes"), "{{instance}}")),
         w=8,
