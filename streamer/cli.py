@@ -81,8 +81,11 @@ def _train(args: argparse.Namespace) -> int:
     if (args.from_offset != 0 or args.to_offset is not None) and not args.topic:
         print("streamer: --from-offset and --to-offset only apply with --topic", file=sys.stderr)
         return 2
-    if args.from_offset < 0 or (args.to_offset is not None and args.to_offset <= args.from_offset):
-        print(f"streamer: --from-offset ({args.from_offset}) must be >= 0 and below --to-offset ({args.to_offset})", file=sys.stderr)
+    if args.from_offset < 0:
+        print(f"streamer: --from-offset ({args.from_offset}) must be >= 0", file=sys.stderr)
+        return 2
+    if args.to_offset is not None and args.to_offset <= args.from_offset:
+        print(f"streamer: --to-offset ({args.to_offset}) must be above --from-offset ({args.from_offset})", file=sys.stderr)
         return 2
     if args.bootstrap_servers:
         from pydantic import ValidationError

@@ -246,7 +246,7 @@ class DetectorConfig(_Strict):
     @classmethod
     def _device(cls, v: str) -> str:
         # (`cuda:x` passed here and failed at start on a GPU host with torch's message, naming no key.)
-        if v not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", v):
+        if v not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:[0-9]+", v):
             raise ValueError(f"{v!r} must be auto, cpu, cuda or cuda:N (N a device number)")
         return v
 

@@ -522,8 +522,8 @@ class Runner:
         if not self._send(outputs):
             return len(polled)  # stopping with the broker unreachable: nothing committed, nothing lost
         self._unacked.clear()
-        # (Only records that produced an output, so a replay after a restore does not count, and
-        # only those with a record timestamp.)
+        # (Not the records of a replay after a restore, which produced no output, and only those
+        # with a record timestamp; with alerts only, records without an output of their own count.)
         m.e2e_latency.observe_many(self.clock() - emitted_ts[emitted_ts >= 0] / 1000.0)
         if time.monotonic() - self._last_snapshot >= self.config.state.snapshot_interval_s:
             self._snapshot(set(self.next_offset))
@@ -833,7 +833,8 @@ class Runner:
         else:
             # (Which settings differ, so the reset can be told from a mistake: a hidden size typed
             # wrong at training.)
-            changed = ", ".join(f"{k} {before.get(k)} -> {v}" for k, v in sorted(self.arch.items()) if before.get(k) != v)
+            keys = sorted({*before, *self.arch})
+            changed = ", ".join(f"{k} {before.get(k)} -> {self.arch.get(k)}" for k in keys if before.get(k) != self.arch.get(k))
             log.warning(
                 "new checkpoint %s (%s) has a different architecture (%s); reset the state of %d streams, which warm up again",
                 meta["checkpoint"],

@@ -74,7 +74,8 @@ def load_files(
             try:
                 found = _csv_columns(p, notes)
             except UnicodeDecodeError as err:
-                raise ValueError(f"{p}: not a UTF-8 CSV file (byte {err.start}: {err.object[err.start : err.start + 1]!r})") from None
+                # (No position: the decoder's counts from the start of its chunk, not of the file.)
+                raise ValueError(f"{p}: not a UTF-8 CSV file (it holds the byte {err.object[err.start : err.start + 1]!r})") from None
             except csv.Error as err:
                 raise ValueError(f"{p}: {err}") from None
         for name, values in found.items():
@@ -101,7 +102,11 @@ def _file_kind(p: Path) -> str:
         return "csv"
     with p.open("rb") as fh:
         head = fh.read(4)
-    return "parquet" if head == b"PAR1" else "gzip" if head[:2] == b"\x1f\x8b" else "csv"
+        if head == b"PAR1" and p.stat().st_size >= 12:  # (a Parquet file also ends with it: a CSV may begin "PAR1,")
+            fh.seek(-4, 2)
+            if fh.read(4) == b"PAR1":
+                return "parquet"
+    return "gzip" if head[:2] == b"\x1f\x8b" else "csv"
 
 
 def _is_number(cell: str) -> bool:
@@ -114,11 +119,15 @@ def _is_number(cell: str) -> bool:
 
 def _unique(header: list[str], p: Path, notes: list[str] | None) -> list[str]:
     """Column names made unique as pandas does (`temp`, `temp.1`): keyed by name, a repeated
-    header dropped all but one of its columns without a word."""
+    header dropped all but one of its columns without a word. A repeated empty header (the
+    levels of a MultiIndex pandas wrote) is `Unnamed: N`, as pandas reads it: an index column,
+    left out (renamed `.1` it was trained as a series)."""
     seen: dict[str, int] = {}
     out = []
-    for name in header:
-        if name in seen:
+    for k, name in enumerate(header):
+        if name in seen and not name.strip():
+            out.append(f"Unnamed: {k}")
+        elif name in seen:
             seen[name] += 1
             new = f"{name}.{seen[name]}"
             while new in header or new in seen:

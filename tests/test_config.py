@@ -67,6 +67,7 @@ from streamer.config import ConfigError, build_config, load_config
         ("topics:\n  alerts: x\n  dead_letter: x\n", "topics.dead_letter: x is also topics.alerts"),
         ("detector:\n  device: 'cuda:x'\n", "detector.device: 'cuda:x' must be"),
         ("detector:\n  device: 'cuda:'\n", "detector.device"),
+        ("detector:\n  device: 'cuda:\u0663'\n", "detector.device"),  # (an Arabic-Indic three, which a regex's digit class took)
         # (a review of the duplicate check: a RecursionError traceback; an aliased complex key
         # printed in full, minutes and gigabytes for a small file)
         ("a: " + "[" * 2000 + "]" * 2000 + "\n", "nested too deeply"),
@@ -75,7 +76,7 @@ from streamer.config import ConfigError, build_config, load_config
 )
 def test_bad_config_names_the_key(tmp_path, yaml_text, key):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml_text)
+    path.write_text(yaml_text, encoding="utf-8")
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as err:
         load_config(path, env={})
     assert "<root>" not in str(err.value) and "Value error" not in str(err.value), err.value

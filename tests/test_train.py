@@ -197,7 +197,7 @@ def test_files_as_spreadsheets_and_tools_write_them_are_read_or_refused_naming_t
     assert notes[0] == f"{bare}: its first row (0,0) is read as column names; if it is data, add a header row", notes
     latin = tmp_path / "latin.csv"
     latin.write_bytes("temp\u00b0\n1\n".encode("latin-1"))
-    with pytest.raises(ValueError, match=f"{latin}: not a UTF-8 CSV file"):
+    with pytest.raises(ValueError, match=f"{latin}: not a UTF-8 CSV file \\(it holds the byte"):
         load_files([str(latin)])
     gz = tmp_path / "d.csv.gz"
     gz.write_bytes(__import__("gzip").compress(b"temp\n1\n"))
@@ -207,8 +207,15 @@ def test_files_as_spreadsheets_and_tools_write_them_are_read_or_refused_naming_t
 
     assert traindata._file_kind(tmp_path / "x.parquet") == "parquet"
     pq = tmp_path / "e.pq"
-    pq.write_bytes(b"PAR1\x00\x01")
+    pq.write_bytes(b"PAR1" + bytes(8) + b"PAR1")
     assert traindata._file_kind(pq) == "parquet" and traindata._file_kind(bom) == "csv"
+    par = tmp_path / "par.csv"  # (a review of the first version: taken for Parquet)
+    par.write_text("PAR1,PAR2\n" + "".join(f"{i},{i}\n" for i in range(5)))
+    assert traindata._file_kind(par) == "csv" and sorted(load_files([str(par)])) == [f"{par}:PAR1", f"{par}:PAR2"]
+    multi = tmp_path / "multi.csv"  # (pandas' to_csv() of a two-level index: the second level was trained, as ".1")
+    multi.write_text(",,temp\n" + "".join(f"{i // 2},{i},{i % 3}\n" for i in range(5)))
+    skipped.clear()
+    assert list(load_files([str(multi)], skipped=skipped)) == [f"{multi}:temp"] and skipped == [f"{multi}:", f"{multi}:Unnamed: 1"]
 
 
 def test_train_says_why_no_series_was_left_and_checks_its_options_first(tmp_path):
@@ -224,7 +231,7 @@ def test_train_says_why_no_series_was_left_and_checks_its_options_first(tmp_path
     assert f"{path}:value: text (20 cells such as '0C'), left out" in proc.stderr and f"{path}:time" in proc.stderr, proc.stderr
     for extra, message in (
         (["--topic", "t", "--bootstrap-servers", "localhost:99999"], "--bootstrap-servers: 'localhost:99999' is not host:port"),
-        (["--topic", "t", "--from-offset", "100", "--to-offset", "50"], "--from-offset (100) must be >= 0 and below --to-offset (50)"),
+        (["--topic", "t", "--from-offset", "100", "--to-offset", "50"], "--to-offset (50) must be above --from-offset (100)"),
         ([str(path), "--to-offset", "50"], "--from-offset and --to-offset only apply with --topic"),
     ):
         proc = subprocess.run([*base, *extra], capture_output=True, text=True, timeout=300)

@@ -577,8 +577,8 @@ def overview() -> Json:
     b.row("Latency")
     b.timeseries(
         "End-to-end latency",
-        "From the input record's Kafka timestamp to its outputs being acknowledged: what a consumer of the scores "
-        "(or, with topics.scores null, the alerts) topic waits. Includes time spent in the lag.",
+        "From the input record's Kafka timestamp to its batch's outputs being acknowledged: what a consumer of the "
+        "scores (or, with topics.scores null, the alerts) topic waits. Includes time spent in the lag.",
         "s",
         targets(
             *((quantile(q, "streamer_end_to_end_latency_seconds"), f"p{round(q * 100)}") for q in (0.5, 0.9, 0.99)),
