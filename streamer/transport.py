@@ -331,12 +331,9 @@ class KafkaPythonTransport:
         """Close the failed producer; the next send builds a new one. (Not here: with no broker
         reachable, building one blocks up to send_timeout_s, and an attempt plus a rebuild
         outside it would outlast the loop's max_stall_s without a word of progress.)"""
-        if self._producer is not None:
-            try:
-                self._producer.close(timeout=1)
-            except Exception:
-                log.debug("closing the failed producer raised", exc_info=True)
-        self._producer = None
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            _close_producer(producer, 1.0)
 
     def commit(self, offsets: dict[TP, int], timeout_ms: int | None = None) -> bool:
         """Synchronous commit; False (not an exception) when the group rebalanced under us, or
@@ -436,6 +433,29 @@ class KafkaPythonTransport:
     def close(self) -> None:
         try:
             if self._producer is not None:
-                self._producer.close(timeout=5)
+                _close_producer(self._producer, 5.0)
         finally:
             self._consumer.close()
+
+
+def _close_producer(producer: KafkaProducer, timeout_s: float) -> None:
+    """Close a producer even with records pending that no broker takes. kafka-python's close()
+    flushes first and raises there, before it stops its network thread: each failed attempt of
+    an outage left one running, and its __del__ printed the same error as an "Exception ignored"
+    traceback outside the log. Its sender is then stopped without sending (the records fail; the
+    batch is resent whole by the caller), and the close completes."""
+    try:
+        producer.close(timeout=timeout_s)
+        return
+    except KafkaError:
+        sender = getattr(producer, "_sender", None)  # (kafka-python has no public abort)
+        if sender is not None:
+            sender.force_close()
+            sender.join(1.0)
+    except Exception:
+        log.debug("closing the producer raised", exc_info=True)
+        return
+    try:
+        producer.close(timeout=1.0)
+    except Exception:
+        log.debug("closing the producer raised again", exc_info=True)

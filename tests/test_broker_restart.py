@@ -176,6 +176,39 @@ def test_a_send_attempt_that_rebuilds_its_producer_keeps_to_send_timeout_s(state
         broker.stop()
 
 
+def test_a_failed_attempt_leaves_no_producer_thread_running(state_dir):
+    """kafka-python's close() flushes first and, with records no broker takes, raises there before
+    it stops the producer's network thread: each failed send of an outage left one running (and
+    an "Exception ignored" traceback on stderr when it was collected). Three failed attempts with
+    the broker gone now leave none."""
+    from streamer.transport import OutRecord, SendError
+
+    def producer_threads() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.endswith("-network-thread") and t.is_alive()]  # (the sender)
+
+    broker = EmbeddedBroker().start()
+    transport = None
+    try:
+        _create(broker)
+        transport = KafkaPythonTransport(make_config(broker, TOPICS, state_dir, producer={"send_timeout_s": 1.0}))
+        transport.send_batch([OutRecord("scores", b"k", b"v")])  # (the producer now knows the topic)
+        assert len(producer_threads()) == 1, [t.name for t in threading.enumerate()]
+        broker.stop()
+        for _ in range(3):
+            try:
+                transport.send_batch([OutRecord("scores", b"k", b"v")])
+            except SendError:
+                pass
+            else:
+                raise AssertionError("acknowledged with the broker stopped")
+        time.sleep(0.5)
+        assert producer_threads() == [], producer_threads()
+    finally:
+        if transport is not None:
+            transport.close()
+        broker.stop()
+
+
 def test_a_hung_broker_does_not_make_the_client_spin(state_dir):
     """kafka-python busy-waits inside poll() while its group coordinator does not answer (a hung
     broker, not a refused connection): an idle daemon used half to two thirds of a core for as
