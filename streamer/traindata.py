@@ -52,24 +52,7 @@ def load_files(
         if kind == "gzip":
             raise ValueError(f"{p}: gzip-compressed; decompress it first (or pass <(zcat {p}))")
         if kind == "parquet":
-            try:
-                import pyarrow.parquet as pq
-            except ImportError:
-                raise DataUnavailable(f"{p}: reading Parquet needs pyarrow (pip install pyarrow)") from None
-            try:
-                table = pq.read_table(p)
-            except (OSError, ValueError) as err:  # (pyarrow's errors name no file)
-                raise ValueError(f"{p}: not a readable Parquet file: {err}") from None
-            found = {}
-            for name in table.column_names:
-                col = table.column(name).to_numpy(zero_copy_only=False)
-                if np.issubdtype(col.dtype, np.number) and not np.issubdtype(col.dtype, np.bool_):
-                    values = col.astype(np.float64)
-                    values = values[np.isfinite(values)]  # NaN (a null), inf: gaps, skipped as in a CSV
-                    if values.size:  # (a column of gaps only is no series, as in a CSV)
-                        found[name] = values
-                elif notes is not None and not _NOT_SERIES.fullmatch(name.strip()):
-                    notes.append(f"{p}:{name}: not numeric ({table.schema.field(name).type}), left out")
+            found = _parquet_columns(p, notes)
         else:
             try:
                 found = _csv_columns(p, notes)
@@ -89,6 +72,39 @@ def load_files(
     if missing:
         raise ValueError(f"--columns: no numeric column named {', '.join(map(repr, missing))} in the files")
     return out
+
+
+def _parquet_columns(p: Path, notes: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Numeric columns of a Parquet file, as `_csv_columns` reads a CSV's: nulls, NaN and
+    infinities are gaps, a column of gaps only is none, what is left out is said. Decimals (a
+    database's NUMERIC) are numbers: read as Python objects they were left out as "not numeric".
+    Booleans are not, as the daemon refuses them (`non_numeric`)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataUnavailable(f"{p}: reading Parquet needs pyarrow (pip install pyarrow, or the `parquet` extra)") from None
+    try:
+        table = pq.ParquetFile(p).read()  # (read_table refused a column name given twice)
+    except (OSError, ValueError) as err:  # (pyarrow's errors name no file)
+        raise ValueError(f"{p}: not a readable Parquet file: {err}") from None
+    found = {}
+    # (By position: a name given twice made table.column(name) raise.)
+    for k, name in enumerate(_unique(list(table.column_names), p, notes)):
+        column = table.column(k)
+        if pa.types.is_dictionary(column.type) and pa.types.is_decimal(column.type.value_type):
+            column = pa.chunked_array([chunk.dictionary_decode() for chunk in column.chunks], column.type.value_type)
+        if pa.types.is_decimal(column.type):
+            column = column.cast(pa.float64())
+        col = column.to_numpy(zero_copy_only=False)
+        if np.issubdtype(col.dtype, np.number) and not np.issubdtype(col.dtype, np.bool_):
+            values = col.astype(np.float64)
+            values = values[np.isfinite(values)]  # NaN (a null), inf: gaps, skipped as in a CSV
+            if values.size:  # (a column of gaps only is no series, as in a CSV)
+                found[name] = values
+        elif notes is not None and not _NOT_SERIES.fullmatch(name.strip()):
+            notes.append(f"{p}:{name}: not numeric ({column.type}), left out")
+    return found
 
 
 def _file_kind(p: Path) -> str:

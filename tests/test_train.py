@@ -350,42 +350,59 @@ def test_three_values_are_enough_and_a_run_that_learns_nothing_is_an_error():
         train(cfg, progress=False, data=NoPredictions({"a": np.arange(5.0)}), data_description="gaps")
 
 
-def test_parquet_cells_that_are_not_finite_are_gaps_as_in_csv(tmp_path, monkeypatch):
+def test_parquet_files_are_read_as_the_same_data_in_a_csv(tmp_path, monkeypatch):
     """An all-NaN Parquet column was "1 series, 500 values" (and trained nothing) where the same
-    data as CSV is refused. (A stand-in for pyarrow.parquet: the dev install does not have it.)"""
-    import types
+    data as CSV is refused. Decimals (a database's NUMERIC) were left out as "not numeric"
+    (a review), and a column name given twice made the read raise. Real files, written and read
+    by pyarrow (a dev dependency)."""
+    import decimal
 
-    from streamer.traindata import load_files
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    columns = {"temp": np.r_[np.nan, 1.0, np.inf, 2.0, -np.inf, 3.0], "empty": np.full(6, np.nan), "n": np.arange(6)}
+    from streamer.traindata import DataUnavailable, load_files
 
-    class Column:
-        def __init__(self, values):
-            self.values = values
-
-        def to_numpy(self, zero_copy_only=True):
-            return self.values
-
-    class Table:
-        column_names = tuple(columns)
-
-        def column(self, name):
-            return Column(columns[name])
-
-    parquet = types.ModuleType("pyarrow.parquet")
-    parquet.read_table = lambda p: Table()
-    monkeypatch.setitem(sys.modules, "pyarrow", types.ModuleType("pyarrow"))
-    monkeypatch.setitem(sys.modules, "pyarrow.parquet", parquet)
+    temp = [np.nan, 1.0, np.inf, 2.0, -np.inf, 3.0]
+    table = pa.Table.from_arrays(
+        [
+            pa.array(temp),
+            pa.array([None] * 6, type=pa.float64()),
+            pa.array(range(6), type=pa.int64()),
+            pa.array([decimal.Decimal(f"{i}.25") if i != 2 else None for i in range(6)], type=pa.decimal128(6, 2)),
+            pa.array([1.0, 2.0, 1.0, 2.0, 3.0, 1.0]).dictionary_encode(),
+            pa.array([True, False] * 3),
+            pa.array(list("abcdef")),
+            pa.array([i * 10 for i in range(6)], type=pa.uint8()),
+        ],
+        names=["temp", "empty", "n", "price", "level", "flag", "name", "n"],
+    )
     path = tmp_path / "d.parquet"
-    path.write_bytes(b"")
-    out = load_files([str(path)])
-    assert sorted(out) == [f"{path}:n", f"{path}:temp"]  # (no column of gaps only, as from a CSV)
-    assert out[f"{path}:temp"].tolist() == [1.0, 2.0, 3.0] and out[f"{path}:n"].tolist() == list(range(6))
-    csv_path = tmp_path / "d.csv"
-    csv_path.write_text("temp,empty,n\n" + "".join(f"{t},,{n}\n" for t, n in zip(columns["temp"], columns["n"])))
-    assert {k.rsplit(":", 1)[1]: v.tolist() for k, v in load_files([str(csv_path)]).items()} == {
-        k.rsplit(":", 1)[1]: v.tolist() for k, v in out.items()
+    pq.write_table(table, path)
+    notes: list[str] = []
+    out = {k.rsplit(":", 1)[1]: v.tolist() for k, v in load_files([str(path)], notes=notes).items()}
+    assert out == {
+        "temp": [1.0, 2.0, 3.0],  # (NaN and infinities are gaps; the column of nulls is no series)
+        "n": [0.0, 1.0, 2.0, 3.0, 4.0, 5.0],
+        "price": [0.25, 1.25, 3.25, 4.25, 5.25],
+        "level": [1.0, 2.0, 1.0, 2.0, 3.0, 1.0],
+        "n.1": [0.0, 10.0, 20.0, 30.0, 40.0, 50.0],
     }
+    assert notes == [
+        f"{path}: column 'n' appears more than once; read as 'n.1'",
+        f"{path}:flag: not numeric (bool), left out",  # (as the daemon refuses a boolean reading)
+        f"{path}:name: not numeric (string), left out",
+    ]
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_text("temp,empty,n\n" + "".join(f"{t},,{n}\n" for t, n in zip(temp, range(6))))
+    from_csv = {k.rsplit(":", 1)[1]: v.tolist() for k, v in load_files([str(csv_path)]).items()}
+    assert from_csv == {k: out[k] for k in ("temp", "n")}
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(path.read_bytes()[:-20])
+    with pytest.raises(ValueError, match=f"{broken}: not a readable Parquet file"):
+        load_files([str(broken)])
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # (a host without it: exit 1, not a traceback)
+    with pytest.raises(DataUnavailable, match="needs pyarrow"):
+        load_files([str(path)])
 
 
 def test_a_bad_out_is_refused_before_training(tmp_path):
