@@ -162,6 +162,7 @@ def train(
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.steps)
     losses: list[float] = []
+    empty = 0  # batches with no value to predict after burn-in: drawn, not trained on
     started = time.time()
     bar = None
     if progress:
@@ -178,6 +179,9 @@ def train(
             series = torch.as_tensor(sample(rng, cfg.batch, cfg.length), dtype=torch.float64)
             loss = _sequence_loss(model, series, cfg)
             if not loss.requires_grad:  # no value in the batch had a prediction after burn-in
+                empty += 1
+                if bar is not None:  # (the bar counts batches drawn, as the summary does)
+                    bar.update(task, advance=1)
                 continue
             opt.zero_grad()
             loss.backward()
@@ -202,6 +206,7 @@ def train(
             if data is None
             else f"{data_description}: {len(data.names)} series, {data.rows:,} values; "
             f"{cfg.steps} batches of {cfg.batch} windows x {cfg.length}"
+            + (f" ({empty} with no value to predict, not trained on)" if empty else "")
         ),
         "series": None if data is None else data.names[:1000],
         "public": None

@@ -349,6 +349,18 @@ def test_three_values_are_enough_and_a_run_that_learns_nothing_is_an_error():
     with pytest.raises(ValueError, match="no training step"):
         train(cfg, progress=False, data=NoPredictions({"a": np.arange(5.0)}), data_description="gaps")
 
+    class EveryOther(SeriesSampler):  # (a review: such batches were counted as trained in the summary)
+        calls = 0
+
+        def __call__(self, rng, batch, length):
+            self.calls += 1
+            return super().__call__(rng, batch, length) if self.calls % 2 else np.full((batch, length), np.nan)
+
+    _, summary = train(
+        TrainConfig(steps=4, batch=2, length=32), progress=False, data=EveryOther({"a": np.arange(50.0)}), data_description="x"
+    )
+    assert summary["data"].endswith("4 batches of 2 windows x 32 (2 with no value to predict, not trained on)"), summary["data"]
+
 
 def test_parquet_files_are_read_as_the_same_data_in_a_csv(tmp_path, monkeypatch):
     """An all-NaN Parquet column was "1 series, 500 values" (and trained nothing) where the same
