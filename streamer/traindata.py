@@ -26,7 +26,7 @@ _GAPS = {"", "na", "n/a", "#n/a", "<na>", "nan", "null", "none", "-"}
 
 # Numeric columns that are not measurements: the index pandas writes with `to_csv()` (an empty
 # header or "Unnamed: 0") and epoch time columns. Trained as series they are pure ramps.
-_NOT_SERIES = re.compile(r"(|index|unnamed: \d+|__index_level_\d+__|ts|time|timestamp|epoch|date|datetime)", re.IGNORECASE)
+_NOT_SERIES = re.compile(r"(|index|unnamed: \d+|__index_level_\d+__|ts|time|timestamp|epoch|date|datetime)(\.\d+)?", re.IGNORECASE)
 
 
 class DataUnavailable(RuntimeError):
@@ -85,7 +85,9 @@ def _parquet_columns(p: Path, notes: list[str] | None = None) -> dict[str, np.nd
     except ImportError:
         raise DataUnavailable(f"{p}: reading Parquet needs pyarrow (pip install pyarrow, or the `parquet` extra)") from None
     try:
-        table = pq.ParquetFile(p).read()  # (read_table refused a column name given twice)
+        # (ParquetFile: read_table refused a column name given twice; read_table for a folder of
+        # parts, as Spark and pandas' partition_cols write "x.parquet")
+        table = pq.read_table(p) if p.is_dir() else pq.ParquetFile(p).read()
     except (OSError, ValueError) as err:  # (pyarrow's errors name no file)
         raise ValueError(f"{p}: not a readable Parquet file: {err}") from None
     found = {}
@@ -96,6 +98,8 @@ def _parquet_columns(p: Path, notes: list[str] | None = None) -> dict[str, np.nd
             column = pa.chunked_array([chunk.dictionary_decode() for chunk in column.chunks], column.type.value_type)
         if pa.types.is_decimal(column.type):
             column = column.cast(pa.float64())
+        elif pa.types.is_duration(column.type):  # (as timedelta64 a null became -9.2e18, not a gap)
+            column = column.cast(pa.int64())
         col = column.to_numpy(zero_copy_only=False)
         if np.issubdtype(col.dtype, np.number) and not np.issubdtype(col.dtype, np.bool_):
             values = col.astype(np.float64)

@@ -190,6 +190,10 @@ def test_files_as_spreadsheets_and_tools_write_them_are_read_or_refused_naming_t
         f"{dup}:temp.1": [0.0, 2.0, 4.0, 6.0, 8.0],
     }
     assert notes == [f"{dup}: column 'temp' appears more than once; read as 'temp.2'"]
+    twice = tmp_path / "twice.csv"  # (a time column given twice: the second, "ts.1", was trained)
+    twice.write_text("ts,ts,temp\n" + "".join(f"{i},{i},{i % 3}\n" for i in range(5)))
+    skipped.clear()
+    assert list(load_files([str(twice)], skipped=skipped)) == [f"{twice}:temp"] and skipped == [f"{twice}:ts", f"{twice}:ts.1"]
     bare = tmp_path / "bare.csv"
     bare.write_text("".join(f"{i},{2 * i}\n" for i in range(5)))  # (no header row: its first row is not data)
     notes.clear()
@@ -412,6 +416,14 @@ def test_parquet_files_are_read_as_the_same_data_in_a_csv(tmp_path, monkeypatch)
     broken.write_bytes(path.read_bytes()[:-20])
     with pytest.raises(ValueError, match=f"{broken}: not a readable Parquet file"):
         load_files([str(broken)])
+    # (A review of the first version: a folder of parts, as Spark writes "x.parquet", stopped
+    # loading; a null in a duration column was read as -9.2e18.)
+    folder = tmp_path / "spark.parquet"
+    folder.mkdir()
+    pq.write_table(pa.table({"x": [1.0, 2.0], "took": pa.array([5, None], type=pa.duration("ms"))}), folder / "part-0.parquet")
+    pq.write_table(pa.table({"x": [3.0, 4.0], "took": pa.array([7, 9], type=pa.duration("ms"))}), folder / "part-1.parquet")
+    got = {k.rsplit(":", 1)[1]: sorted(v.tolist()) for k, v in load_files([str(folder)]).items()}
+    assert got == {"x": [1.0, 2.0, 3.0, 4.0], "took": [5.0, 7.0, 9.0]}
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # (a host without it: exit 1, not a traceback)
     with pytest.raises(DataUnavailable, match="needs pyarrow"):
         load_files([str(path)])
