@@ -72,6 +72,12 @@ def _sequence_loss(model: StreamGRU, series: torch.Tensor, cfg: TrainConfig) -> 
 MIN_SERIES_VALUES = 3
 
 
+def listed(names: list[str], limit: int = 10) -> str:
+    """The first `limit` names and how many more: "a, b and 3 more"."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
 class SeriesSampler:
     """Random windows of user-supplied series (one feature of one stream each).
 
@@ -94,7 +100,7 @@ class SeriesSampler:
         if not self.names:
             raise ValueError(
                 f"no series with at least {MIN_SERIES_VALUES} values to train on ({len(arrays)} series read"
-                + (f": {', '.join(self.too_short[:10])}{' ...' if len(self.too_short) > 10 else ''}" if self.too_short else "")
+                + (f": {listed(self.too_short)}" if self.too_short else "")
                 + f"; a value is predicted, and trained on, only after {MIN_SERIES_VALUES - 1} values of its series)"
             )
         self.series = [arrays[n] for n in self.names]

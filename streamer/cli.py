@@ -58,7 +58,7 @@ def _train(args: argparse.Namespace) -> int:
     from kafka.errors import KafkaError
 
     from models.gru import save_checkpoint
-    from models.train import MIN_SERIES_VALUES, SeriesSampler, TrainConfig
+    from models.train import MIN_SERIES_VALUES, SeriesSampler, TrainConfig, listed
     from models.train import train as train_model
     from streamer.traindata import DataUnavailable
 
@@ -88,15 +88,12 @@ def _train(args: argparse.Namespace) -> int:
         print(f"streamer: --to-offset ({args.to_offset}) must be above --from-offset ({args.from_offset})", file=sys.stderr)
         return 2
     if args.bootstrap_servers:
-        from pydantic import ValidationError
-
-        from streamer.config import KafkaConfig
+        from streamer.config import check_bootstrap_servers
 
         try:  # (the check kafka.bootstrap_servers gets: unchecked, a typo waited 30 s for brokers)
-            KafkaConfig(bootstrap_servers=args.bootstrap_servers)
-        except ValidationError as err:
-            first = err.errors()[0]
-            print(f"streamer: --bootstrap-servers: {first.get('ctx', {}).get('error', first['msg'])}", file=sys.stderr)
+            check_bootstrap_servers(args.bootstrap_servers)
+        except ValueError as err:
+            print(f"streamer: --bootstrap-servers: {err}", file=sys.stderr)
             return 2
     problem = _out_problem(args.out)
     if problem:
@@ -148,8 +145,7 @@ def _train(args: argparse.Namespace) -> int:
                     print(note, file=sys.stderr)
             data = SeriesSampler(found)
         if data is not None and data.too_short:
-            names = ", ".join(data.too_short[:10]) + (f" and {len(data.too_short) - 10} more" if len(data.too_short) > 10 else "")
-            print(f"too short to train on (fewer than {MIN_SERIES_VALUES} values): {names}", file=sys.stderr)
+            print(f"too short to train on (fewer than {MIN_SERIES_VALUES} values): {listed(data.too_short)}", file=sys.stderr)
         if args.public:
             from streamer.traindata import load_statsmodels
 

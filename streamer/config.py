@@ -50,6 +50,25 @@ def _topic_name(v: str) -> str:
 TopicName = Annotated[str, AfterValidator(_topic_name)]
 
 
+def check_bootstrap_servers(v: str | list[str]) -> str | list[str]:
+    """`kafka.bootstrap_servers` as kafka-python will read it, or ValueError saying why not (it
+    failed on these at start with a ValueError or IndexError traceback). Also `streamer train
+    --bootstrap-servers`'s check."""
+    from kafka.cluster import collect_hosts  # (kafka-python's own reading: IPv6, PLAINTEXT://)
+
+    servers = v.split(",") if isinstance(v, str) else v
+    if not servers:
+        raise ValueError("no servers given")
+    for server in servers:
+        try:
+            ((host, port, _family),) = collect_hosts([server], randomize=False)
+        except ValueError:
+            raise ValueError(f"{server!r} is not host:port") from None
+        if not host or any(c.isspace() for c in host) or not 0 < port < 65536:
+            raise ValueError(f"{server!r} is not host:port (several servers are separated by commas)")
+    return v
+
+
 class KafkaConfig(_Strict):
     """Connection options passed straight through to kafka-python (same names, same meaning)."""
 
@@ -71,20 +90,7 @@ class KafkaConfig(_Strict):
     @field_validator("bootstrap_servers")
     @classmethod
     def _servers(cls, v: str | list[str]) -> str | list[str]:
-        # (kafka-python failed on these at start with a ValueError or IndexError traceback.)
-        from kafka.cluster import collect_hosts  # (kafka-python's own reading: IPv6, PLAINTEXT://)
-
-        servers = v.split(",") if isinstance(v, str) else v
-        if not servers:
-            raise ValueError("no servers given")
-        for server in servers:
-            try:
-                ((host, port, _family),) = collect_hosts([server], randomize=False)
-            except ValueError:
-                raise ValueError(f"{server!r} is not host:port") from None
-            if not host or any(c.isspace() for c in host) or not 0 < port < 65536:
-                raise ValueError(f"{server!r} is not host:port (several servers are separated by commas)")
-        return v
+        return check_bootstrap_servers(v)
 
     @field_validator("request_timeout_ms")
     @classmethod
