@@ -270,13 +270,23 @@ def test_a_coordinator_hung_at_an_assignment_holds_the_loop_once_and_duplicates_
             daemon.wait_scored(300)
         daemon = DaemonThread(make_config(broker, TOPICS, here))  # the partitions come back here
         runner = daemon.runner
+        assert broker.proc is not None
+        pid, on_assign = broker.proc.pid, runner._on_assign
+
+        def hang_at_assignment(tps: list[tuple[str, int]]) -> None:
+            # Hung from inside the callback, before the consumer's own poll goes on to ask for
+            # the committed offsets: stopped after it, a loaded machine's consumer already had
+            # all four answers and there was nothing left unanswered to test.
+            on_assign(tps)
+            os.kill(pid, signal.SIGSTOP)
+
+        runner._on_assign = hang_at_assignment  # type: ignore[method-assign]
         runner.start()
         deadline = time.monotonic() + 60
         while not runner._assign_pending:
             assert time.monotonic() < deadline, "never assigned"
             runner.transport.poll(100, 100)
-        assert broker.proc is not None and len(runner._pending_assign) == 4
-        os.kill(broker.proc.pid, signal.SIGSTOP)
+        assert len(runner._pending_assign) == 4
         started = time.monotonic()
         try:
             runner._complete_assign(_columns({}))
