@@ -8,7 +8,7 @@ import orjson
 from conftest import DaemonThread, event, make_config, produce, read_all, scores_of
 from kafka import KafkaProducer
 
-from streamer.loop import _fit_dead_letter
+from streamer.records import fit_dead_letter
 
 BAD: dict[str, tuple[bytes | None, bytes | None]] = {
     "invalid_json": (b"x", b"this is not json {"),
@@ -138,12 +138,12 @@ def test_dead_letters_are_made_sendable():
     """Kafka allows null header values (Java's RecordHeader("trace", null)), which kafka-python's
     producer refuses with a TypeError that stopped the daemon: they become empty. A tombstone
     keeps its null value, unless it has no key either (Kafka needs one of them)."""
-    assert _fit_dead_letter(b"k", b"v", [("trace", None), ("id", b"1")], 1000, 500) == (b"k", b"v", [("trace", b""), ("id", b"1")], [])
-    assert _fit_dead_letter(b"k", None, [], 1000, 500)[:2] == (b"k", None)
-    assert _fit_dead_letter(None, None, [], 1000, 500)[:2] == (None, b"")
-    assert _fit_dead_letter(b"k", b"v" * 800, [], 1000, 500) == (b"k", b"v" * 500, [], [("streamer.truncated", b"800")])
+    assert fit_dead_letter(b"k", b"v", [("trace", None), ("id", b"1")], 1000, 500) == (b"k", b"v", [("trace", b""), ("id", b"1")], [])
+    assert fit_dead_letter(b"k", None, [], 1000, 500)[:2] == (b"k", None)
+    assert fit_dead_letter(None, None, [], 1000, 500)[:2] == (None, b"")
+    assert fit_dead_letter(b"k", b"v" * 800, [], 1000, 500) == (b"k", b"v" * 500, [], [("streamer.truncated", b"800")])
     # Key and headers over half the room are dropped with the value cut: the source has them.
-    key, value, headers, extra = _fit_dead_letter(b"k" * 600, b"v" * 2000, [("h", b"x")], 1000, 5000)
+    key, value, headers, extra = fit_dead_letter(b"k" * 600, b"v" * 2000, [("h", b"x")], 1000, 5000)
     assert (key, headers, value) == (None, [], b"v" * 1000)
     assert extra == [("streamer.dropped", b"key of 600 bytes, 1 headers"), ("streamer.truncated", b"2000")]
 
@@ -157,11 +157,11 @@ def test_dead_letters_fit_whatever_their_key_and_headers():
     def wire(key, value, headers):  # (what Kafka's record format spends on them, at most)
         return len(key or b"") + len(value or b"") + sum(len(k.encode()) + len(v) + 10 for k, v in headers)
 
-    key, value, headers, extra = _fit_dead_letter(b"k" * 150_000, None, [], 100_000, 65_536)
+    key, value, headers, extra = fit_dead_letter(b"k" * 150_000, None, [], 100_000, 65_536)
     assert (key, value, headers) == (None, b"", []) and extra == [("streamer.dropped", b"key of 150000 bytes, 0 headers")]
-    key, value, headers, extra = _fit_dead_letter(b"s-1", b"{bad", [("h", b"")] * 40_000, 100_000, 65_536)
+    key, value, headers, extra = fit_dead_letter(b"s-1", b"{bad", [("h", b"")] * 40_000, 100_000, 65_536)
     assert wire(key, value, headers + extra) <= 100_000 and value == b"{bad"
-    _, _, headers, _ = _fit_dead_letter(b"k", b"{bad", [("streamer.reason", b"forged"), ("trace", b"1")], 1000, 500)
+    _, _, headers, _ = fit_dead_letter(b"k", b"{bad", [("streamer.reason", b"forged"), ("trace", b"1")], 1000, 500)
     assert headers == [("original.streamer.reason", b"forged"), ("trace", b"1")]
 
 

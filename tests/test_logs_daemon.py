@@ -67,7 +67,7 @@ def test_template_ids_survive_a_restart(broker, topics, state_dir, caplog):
     second = [(b"db", _syslog(i, "db", _routine(i))) for i in range(121, 181)]
     second.append((b"db", _syslog(181, "db", "replication lag 42 seconds on replica db-2")))
     produce(broker, topics["input"], second, partition_of=lambda _k: 0)
-    caplog.set_level("INFO", logger="streamer.loop")
+    caplog.set_level("INFO", logger="streamer.ownership")
     with DaemonThread(config) as daemon:  # a new process would do the same: state from the snapshot
         daemon.wait_scored(len(second))
         assert daemon.metrics.replayed._value.get() == 0

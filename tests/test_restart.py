@@ -554,7 +554,7 @@ def test_where_the_logs_begin_is_asked_within_the_committed_offsets_deadline(bro
     hung used up the committed offsets' limit, and the question where the answered partitions'
     logs begin then waited 5 s more of its own (15 s in a CI run, against the 10 s promised).
     It is now asked within what is left (at most 5 s), and not at all when nothing is."""
-    monkeypatch.setattr("streamer.loop.COMMITTED_TIMEOUT_MS", 1_000, raising=False)
+    monkeypatch.setattr("streamer.ownership.COMMITTED_TIMEOUT_MS", 1_000)
     t = topics["input"]
     produce(broker, t, [(b"s-0", event("s-0", 1_000 * i, {"temp": 20.0 + i % 5})) for i in range(60)], lambda k: 0)
     config = make_config(broker, topics, state_dir)
