@@ -140,7 +140,10 @@ def parse_ts(raw: Any, fallback_ms: int) -> int:
             return checked_ms(raw * 1000)
         return fine_epoch_ms(raw) if abs(raw) < 1e19 else checked_ms(raw)
     if isinstance(raw, str):
-        text = raw.replace("Z", "+00:00")
+        # (RFC 3339 allows a lowercase z, and a trailing newline or space is a writer's slip.)
+        text = raw.strip()
+        if text[-1:] in ("Z", "z"):
+            text = text[:-1] + "+00:00"
         if _OLD_ISO_PARSER:
             text = _FRACTION.sub(_six_digits, text)
         try:
@@ -153,6 +156,15 @@ def parse_ts(raw: Any, fallback_ms: int) -> int:
     raise Rejected("invalid_timestamp", "ts must be epoch milliseconds or ISO-8601")
 
 
+def _int(digits: str) -> int:
+    """An integer of JSON, however long: Python refuses to convert over 4,300 digits (a
+    ValueError, read as broken JSON), and any number that long is `out_of_range` anyway, so
+    10**4000 of the same sign stands in for it (a number Python can still print)."""
+    if len(digits) <= 4000:
+        return int(digits)
+    return (-1 if digits.startswith("-") else 1) * 10**4000
+
+
 def _loads(raw: bytes) -> Any:
     try:
         return orjson.loads(raw)
@@ -161,7 +173,7 @@ def _loads(raw: bytes) -> Any:
     # orjson refuses NaN, Infinity and 1e999; the stdlib parser accepts them, so such an event
     # is reported as non-finite rather than as broken JSON.
     try:
-        obj = json.loads(raw)
+        obj = json.loads(raw, parse_int=_int)
     except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise Rejected("invalid_json", f"not JSON: {err}") from None
     # It also accepts lone surrogates ("\ud800"), which no output (a Kafka key, a score record)
@@ -220,7 +232,12 @@ class Decoder:
                 stream = key.decode()
             except UnicodeDecodeError:
                 raise Rejected("invalid_stream", "message key is not UTF-8") from None
-        if stream is None or stream == "":
+        if stream == "":
+            # (Said as it is: "no message key" misled where the key was there, and an empty
+            # field is the producer's to fix, not a cue to take the key instead.)
+            empty = f"'{self.stream_field}' field" if obj.get(self.stream_field) == "" else "message key"
+            raise Rejected("missing_stream", f"the {empty} naming the stream is empty")
+        if stream is None:
             raise Rejected("missing_stream", f"no '{self.stream_field}' field and no message key")
         if not isinstance(stream, str) or len(stream) > self.max_stream_len:
             raise Rejected("invalid_stream", f"stream id must be a string of at most {self.max_stream_len} characters")

@@ -81,3 +81,26 @@ def test_iso_timestamps_are_read_to_the_exact_millisecond():
         text = datetime.fromtimestamp(ms // 1000, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + f".{ms % 1000:03d}Z"
         assert parse_ts(text, 0) == ms, text
     assert parse_ts("2004-02-08T10:04:34.126Z", 0) == 1_076_234_674_126
+
+
+def test_edge_cases_of_json_events_get_the_reason_the_readme_gives():
+    """An integer of over 4,300 digits was `invalid_json` (Python's conversion limit), not
+    `out_of_range`; RFC 3339's lowercase z, and a trailing newline, made a valid time
+    `invalid_timestamp`; an empty stream id with a key there was dead-lettered as having "no
+    message key"."""
+    decoder = Decoder(8, 1 << 16, 256)
+    raws = [
+        b'{"stream":"s","values":{"a":1' + b"1" * 5000 + b"}}",
+        b'{"stream":"s","values":{"a":-1' + b"1" * 5000 + b"}}",
+        b'{"stream":"s","ts":"2024-01-01T00:00:00.5z","values":{"a":1}}',
+        b'{"stream":"s","ts":"2024-01-01t00:00:00Z\\n","values":{"a":1}}',
+        b'{"stream":"","values":{"a":1}}',
+        b'{"values":{"a":1}}',
+    ]
+    keys = [None, None, None, None, b"k", b""]
+    dec = decoder.decode(raws, keys, np.zeros(len(raws), dtype=np.int64))
+    assert dec.index.tolist() == [2, 3] and dec.ts_ms.tolist() == [1_704_067_200_500, 1_704_067_200_000]
+    reasons = {pos: (reason, detail) for pos, reason, detail in dec.dead}
+    assert reasons[0][0] == reasons[1][0] == "out_of_range"
+    assert reasons[4] == ("missing_stream", "the 'stream' field naming the stream is empty")
+    assert reasons[5] == ("missing_stream", "the message key naming the stream is empty")
