@@ -209,7 +209,7 @@ class LogsConfig(_Strict):
     """Topics of log lines (raw text or JSON), scored by the log sequence model."""
 
     topics: list[TopicName] = Field(default_factory=list)
-    line_format: str = "plain"  # a preset (bgl, hdfs, syslog, thunderbird, logfmt, plain) or a regex with named groups
+    line_format: str = "plain"  # a preset (bgl, hdfs, syslog, rfc5424, thunderbird, logfmt, plain) or a regex with named groups
     stream_field: str = "service"  # the field (JSON key or named group) naming the stream, or "key"
     warmup: int = Field(default=50, ge=0)
     threshold: float = Field(default=4.0 / 6.0, gt=0.0, le=1.0)  # p <= 1e-4

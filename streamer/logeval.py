@@ -161,7 +161,7 @@ def evaluate(
     for i, line in enumerate(lines):
         if labelled:
             label, _, rest = line.partition(b" ")
-            labels[i] = label != b"-"
+            labels[i] = label not in (b"-", b"")  # (a blank line carries no label: it is no alert)
             texts.append(rest)
         else:
             texts.append(line)

@@ -76,6 +76,16 @@ _LEVEL_ALIASES = {
     "PANIC": 6,
     "F": 6,
     "VERBOSE": 1,  # (Serilog's lowest level)
+    "SILLY": 1,  # (winston's lowest)
+    "DBUG": 2,  # (log15 and Grafana's four-letter names)
+    "EROR": 5,
+    "TRC": 1,  # (zerolog's console writer)
+    "INF": 3,
+    "WRN": 4,
+    "FTL": 6,
+    "PNC": 6,
+    "INFORMATIONAL": 3,  # (RFC 5424's name for severity 6)
+    "DPANIC": 5,  # (zap's development panic: logged as an error in production)
 }
 _SLOG_OFFSET = re.compile(r"([A-Z]+)[+-]\d{1,3}")
 # Syslog numeric severities (0 emergency .. 7 debug) when a JSON record carries a number.
@@ -166,9 +176,19 @@ def _strptime(fmt: str) -> Callable[[str, int], int]:
     return parse
 
 
+# How far ahead of its record timestamp a year-less syslog time may lie and keep that year: the
+# host's clock may be a UTC offset (up to 14 h) ahead, as its local time is written as UTC.
+_SYSLOG_AHEAD_MS = 86_400_000
+
+
 def _syslog_ts(raw: str, fallback_ms: int) -> int:
-    """RFC 3164 "Jun 14 15:16:01" has no year: take the record timestamp's, and step back a year
-    when that would put the line more than a day in the future (a December line read in January)."""
+    """RFC 3164 "Jun 14 15:16:01" has no year: the latest of the record timestamp's year, the
+    one before and the one after that lies at most a day past the record timestamp (a December
+    line read in January is last year's; a host east of UTC writes January 1st while UTC is
+    still on December 31st). A date that exists in one year only (February 29th) is taken
+    there. An RFC 3339 time, as syslog-ng and rsyslog's file format write, is read as such."""
+    if raw[:1].isdigit():
+        return parse_ts(raw, fallback_ms)
     parts = raw.split()
     try:
         month = _MONTHS[parts[0]]
@@ -180,13 +200,18 @@ def _syslog_ts(raw: str, fallback_ms: int) -> int:
         year = datetime.fromtimestamp(max(fallback_ms, 0) / 1000.0, tz=timezone.utc).year
     except (ValueError, OverflowError, OSError):  # a record timestamp past year 9999
         raise Rejected("invalid_timestamp", "the record timestamp, which gives a syslog date its year, is out of range") from None
-    try:
-        dt = datetime(year, month, day, hh, mm, ss, tzinfo=timezone.utc)
-        if fallback_ms > 0 and epoch_ms(dt) > fallback_ms + 86_400_000:
-            dt = dt.replace(year=year - 1)
-    except ValueError:
-        raise Rejected("invalid_timestamp", f"ts {raw[:40]!r} is not a date") from None
-    return epoch_ms(dt)
+    candidates = []
+    for y in (year - 1, year, year + 1):
+        try:
+            candidates.append(epoch_ms(datetime(y, month, day, hh, mm, ss, tzinfo=timezone.utc)))
+        except ValueError:
+            continue
+    if not candidates:
+        raise Rejected("invalid_timestamp", f"ts {raw[:40]!r} is not a date")
+    if fallback_ms <= 0:  # (no record time to place it against: its year, 1970, as before)
+        return candidates[1] if len(candidates) == 3 else candidates[0]
+    before = [ms for ms in candidates if ms <= fallback_ms + _SYSLOG_AHEAD_MS]
+    return max(before) if before else min(candidates)
 
 
 # -- presets ---------------------------------------------------------------------------------
@@ -198,6 +223,7 @@ class LineFormat:
     regex: re.Pattern[str] | None  # None: the whole line is the message (plain) or logfmt pairs
     ts_parser: Callable[[str, int], int] = _generic_ts
     logfmt: bool = False
+    nil: str | None = None  # a group's value meaning "none" (RFC 5424's "-")
 
 
 # A syslog tag ("sshd[123]:", "sshd(pam_unix)[1]:", "syslogd 1.4.1:") is optional: a line
@@ -221,11 +247,28 @@ PRESETS: dict[str, LineFormat] = {
         re.compile(r"^(?P<ts>\d{6} \d{6}) (?P<pid>\d+) (?P<level>[A-Z]+) (?P<service>[^\s:]+):? ?(?P<message>.*)$", re.DOTALL),
         _strptime("%y%m%d %H%M%S"),
     ),
-    # RFC 3164-ish: "Jun 14 15:16:01 host proc[pid]: message" (Loghub Linux, OpenSSH).
+    # RFC 3164-ish: "Jun 14 15:16:01 host proc[pid]: message" (Loghub Linux, OpenSSH), as a
+    # file has it or as sent, with its "<PRI>" (the level: PRI mod 8 is the severity); or with an
+    # RFC 3339 time instead (syslog-ng's ISODATE, rsyslog's RSYSLOG_FileFormat).
     "syslog": LineFormat(
         "syslog",
-        re.compile(r"^(?P<ts>[A-Z][a-z]{2} +\d{1,2} \d{2}:\d{2}:\d{2}) (?P<host>\S+) " + _SYSLOG_TAIL + "$", re.DOTALL),
+        re.compile(
+            r"^(?:<(?P<pri>\d{1,3})>)?(?P<ts>[A-Z][a-z]{2} +\d{1,2} \d{2}:\d{2}:\d{2}|\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\S*) "
+            r"(?P<host>\S+) " + _SYSLOG_TAIL + "$",
+            re.DOTALL,
+        ),
         _syslog_ts,
+    ),
+    # RFC 5424: "<PRI>1 TIMESTAMP HOSTNAME APP-NAME PROCID MSGID [SD] MSG"; "-" is a nil value.
+    # The app name is the service, the structured data is kept as a field, not parsed.
+    "rfc5424": LineFormat(
+        "rfc5424",
+        re.compile(
+            r"^<(?P<pri>\d{1,3})>\d{1,2} (?P<ts>\S+) (?P<host>\S+) (?P<service>\S+) (?P<pid>\S+) (?P<msgid>\S+) "
+            r"(?P<sd>-|(?:\[(?:[^\]\\]|\\.)*\])+) ?\ufeff?(?P<message>.*)$",
+            re.DOTALL,
+        ),
+        nil="-",
     ),
     # Loghub Thunderbird without its label column: epoch, date, host, syslog time, user@host,
     # then a syslog tag and message. The epoch seconds are the timestamp (the syslog time has no year).
@@ -243,7 +286,14 @@ PRESETS: dict[str, LineFormat] = {
 # (Keys start a token: tried at every position of a long token without "=", the greedy key
 # backtracked through the rest of it, and one 60 KB line took 20-35 s under the GIL.)
 _LOGFMT_PAIR = re.compile(r'(?<![\w.\-])([\w.\-]+)=("(?:[^"\\]|\\.)*"|\S*)')
-_PLAIN_LEVEL = re.compile(r"\b(TRACE|DEBUG|INFO|NOTICE|WARN|WARNING|ERROR|ERR|SEVERE|FATAL|CRITICAL|CRIT|PANIC)\b", re.IGNORECASE)
+_LEVEL_WORDS = "TRACE|DEBUG|INFO|NOTICE|WARN|WARNING|ERROR|ERR|SEVERE|FATAL|CRITICAL|CRIT|PANIC"
+# A plain line's level: a level word in capitals ("2024-05-01 10:00:00 ERROR disk full"), or in
+# any case where it is set apart as one ("[error]", "<warn>", "Error:"). A word in running text
+# ("no error found") is no level: read as one, it added the severity prior to harmless lines.
+_PLAIN_LEVEL = re.compile(
+    rf"\b({_LEVEL_WORDS})\b|(?i:[\[<(]({_LEVEL_WORDS})[\]>)]|(?<![\w.\-])({_LEVEL_WORDS}):)",
+)
+_LOGFMT_ESCAPE = re.compile(r'\\(["\\])')
 _FIELD_ALIASES = {
     "message": ("message", "msg", "log", "text"),
     "level": ("level", "lvl", "severity", "loglevel", "log_level"),
@@ -306,7 +356,9 @@ def line_format(spec: str) -> LineFormat:
         raise ValueError(f"line format {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a valid regex: {err}") from None
     if not regex.groupindex:
         raise ValueError(f"line format regex {spec!r} has no named groups")
-    return LineFormat("custom", regex)
+    # (DOTALL, as the presets: `.*` in the message group takes a stack trace's further lines,
+    # which match() otherwise left behind without a trace.)
+    return LineFormat("custom", re.compile(spec, re.DOTALL))
 
 
 @dataclass
@@ -445,29 +497,34 @@ class LogParser:
         self.max_stream_len = max_stream_len
         otlp_proto.lenient_request()
 
-    def _line(self, text: str, fallback_ms: int) -> tuple[int | None, str, dict[str, str], str | None]:
+    def _line(self, text: str, fallback_ms: int) -> tuple[int | None, str, dict[str, str], str | int | None]:
         """(ts_ms or None, message, fields, raw level) of a raw line."""
         fmt = self.format
         fields: dict[str, str] = {}
         if fmt.logfmt:
             for k, v in _LOGFMT_PAIR.findall(text):
-                fields[k] = v[1:-1].replace('\\"', '"') if v.startswith('"') and len(v) >= 2 else v
+                # (Only a closed quote is stripped: `msg="connection reset` lost its last letter.)
+                fields[k] = _LOGFMT_ESCAPE.sub(r"\1", v[1:-1]) if len(v) >= 2 and v[0] == v[-1] == '"' else v
             message = _first(fields, _FIELD_ALIASES["message"])
             if message is None:
                 message = text
+            if not message.strip():
+                raise Rejected("empty_message", "empty message field")
             raw_ts = _first(fields, _FIELD_ALIASES["ts"])
             level = _first(fields, _FIELD_ALIASES["level"])
             for name in ("msg", "message"):
                 fields.pop(name, None)
             return (fmt.ts_parser(raw_ts, fallback_ms) if raw_ts else None), message, fields, level
         if fmt.regex is None:
+            if not text.strip():  # (whitespace only, such as U+3000: no event, as a blank JSON message)
+                raise Rejected("empty_message", "a line of white space")
             m = _PLAIN_LEVEL.search(text, 0, 120)
-            return None, text, fields, (m.group(1) if m else None)
+            return None, text, fields, (m.group(m.lastindex or 0) if m else None)
         match = fmt.regex.match(text)
         if match is None:
             raise Rejected("unmatched_format", f"line does not match the {fmt.name} layout: {text[:80]!r}")
         for k, v in match.groupdict().items():
-            if v is not None:
+            if v is not None and v != fmt.nil:
                 fields[k] = v
         message = fields.pop("message", None)
         if message is None:
@@ -478,7 +535,10 @@ class LogParser:
             raise Rejected("empty_message", f"nothing after the {fmt.name} header")
         raw_ts = fields.get("ts")
         ts = fmt.ts_parser(raw_ts, fallback_ms) if raw_ts else None
-        return ts, message, fields, fields.get("level")
+        named: str | int | None = fields.get("level")
+        if named is None and "pri" in fields:
+            named = int(fields["pri"]) % 8  # (a syslog severity, as parse_level reads an int)
+        return ts, message, fields, named
 
     def _json(self, obj: Any, fallback_ms: int) -> tuple[int | None, str, dict[str, str], int]:
         """(ts_ms or None, message, fields, level ordinal) of a JSON record."""

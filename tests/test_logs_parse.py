@@ -59,6 +59,71 @@ def test_syslog_december_line_read_in_january_is_last_year():
     assert res.ts_ms[0] == _ms(2024, 12, 31, 23, 59, 59)
 
 
+def test_a_syslog_year_is_the_one_nearest_behind_the_record_time():
+    """The year only ever stepped back: a host east of UTC writing January 1st while UTC was
+    still on December 31st got last January (a year early), and February 29th of a file
+    replayed the next January was invalid_timestamp (built in a year without it first)."""
+    tokyo = _parse(LogParser("syslog", "host"), [b"Jan  1 08:00:00 h app: x"], record_ts=_ms(2024, 12, 31, 23))
+    assert tokyo.ts_ms.tolist() == [_ms(2025, 1, 1, 8)]
+    leap = _parse(LogParser("syslog", "host"), [b"Feb 29 10:00:00 h app: x"], record_ts=_ms(2025, 1, 15))
+    assert not leap.dead and leap.ts_ms.tolist() == [_ms(2024, 2, 29, 10)]
+    ahead = _parse(LogParser("syslog", "host"), [b"Jul  1 00:00:00 h app: x"], record_ts=_ms(2025, 1, 15))
+    assert ahead.ts_ms.tolist() == [_ms(2024, 7, 1)]  # (half a year ahead: last year's backlog)
+
+
+def test_syslog_as_sent_with_its_priority_and_as_rfc_3339_and_5424():
+    """The `syslog` preset read the file layout only: the wire form with its <PRI>, and lines
+    headed by an RFC 3339 time (syslog-ng's and rsyslog's file formats), were all
+    unmatched_format, a whole topic unscored. RFC 5424 has a preset of its own."""
+    lines = [
+        b"<34>Oct 11 22:14:15 mymachine su: 'su root' failed",
+        b"2024-06-01T10:00:00.123+02:00 web1 nginx[12]: GET /",
+        b"<11>2024-06-01T10:00:00Z web1 cron: failed",
+    ]
+    res = _parse(LogParser("syslog", "host"), lines, record_ts=_ms(2024, 10, 12))
+    assert not res.dead and res.stream == ["mymachine", "web1", "web1"]
+    assert res.ts_ms.tolist() == [_ms(2024, 10, 11, 22, 14, 15), _ms(2024, 6, 1, 8, 0, 0, 123_000), _ms(2024, 6, 1, 10)]
+    assert [LEVEL_NAMES[v] for v in res.level] == ["FATAL", "UNKNOWN", "ERROR"]  # (PRI mod 8: critical, error)
+    assert res.message == ["'su root' failed", "GET /", "failed"] and res.fields[1]["service"] == "nginx"
+    rfc = [
+        b"<165>1 2003-10-11T22:14:15.003Z mymachine.example.com evntslog - ID47 "
+        + b'[exampleSDID@32473 iut="3" eventSource="App\\]lication"] \xef\xbb\xbfAn application event',
+        b"<11>1 - - app 8710 - - disk gone\n  at Disk.check",
+        b"<165>1 2003-10-11T22:14:15.003Z host app - - -",
+    ]
+    res = _parse(LogParser("rfc5424", "service"), rfc, [b"key"] * 3, record_ts=7)
+    assert res.stream == ["evntslog", "app"] and res.message == ["An application event", "disk gone\n  at Disk.check"]
+    assert res.ts_ms.tolist() == [_ms(2003, 10, 11, 22, 14, 15) + 3, 7]  # (a nil time: the record's)
+    assert [LEVEL_NAMES[v] for v in res.level] == ["INFO", "ERROR"]
+    assert "host" not in res.fields[1] and res.fields[1]["pid"] == "8710" and res.fields[0]["msgid"] == "ID47"
+    assert [(pos, reason) for pos, reason, _ in res.dead] == [(2, "empty_message")]
+
+
+def test_blank_messages_and_quotes_in_logfmt_and_plain_lines():
+    """`msg=""` and a line of Unicode white space were scored, all sharing one empty template,
+    where the same in JSON is empty_message; an unclosed quote lost the value's last letter."""
+    res = _parse(LogParser("logfmt", "service"), [b'level=info msg=""', b"msg=", b'msg="a \\"q\\" b\\\\c"', b'msg="reset'], [b"k"] * 4)
+    assert [(pos, reason) for pos, reason, _ in res.dead] == [(0, "empty_message"), (1, "empty_message")]
+    assert res.message == ['a "q" b\\c', '"reset']
+    plain = _parse(LogParser("plain", "service"), ["\u3000 \u2028".encode(), b"fine"], [b"k"] * 2)
+    assert [(pos, reason) for pos, reason, _ in plain.dead] == [(0, "empty_message")] and plain.message == ["fine"]
+
+
+def test_a_plain_line_has_a_level_only_where_one_is_set_apart():
+    """Any level word in the first 120 characters set the level: "no error found" was an
+    ERROR line, with the severity prior added to a harmless one."""
+    lines = [b"no error found in 3 checks", b"debugger attached: fatal flaw test", b"2024-05-01 ERROR disk", b"[error] x"]
+    lines += [b"Error: boom", b"<warn> y", b"fatal: bad", b"app.error: not a level"]
+    res = _parse(LogParser("plain", "service"), lines, [b"k"] * len(lines))
+    assert [LEVEL_NAMES[v] for v in res.level] == ["UNKNOWN", "UNKNOWN", "ERROR", "ERROR", "ERROR", "WARN", "FATAL", "UNKNOWN"]
+
+
+def test_a_custom_layout_keeps_a_stack_traces_further_lines():
+    custom = LogParser(r"(?P<ts>\S+ \S+) (?P<level>\w+) (?P<message>.*)", "service")
+    ev = _parse(custom, [b"2024-01-01 10:00:00 ERROR NullPointerException: boom\n\tat a.b(C.java:1)"], [b"k"]).event(0)
+    assert ev.message == "NullPointerException: boom\n\tat a.b(C.java:1)"
+
+
 def test_hdfs_and_thunderbird_presets():
     hdfs = b"081109 203615 148 INFO dfs.DataNode$PacketResponder: PacketResponder 1 for block blk_38865049064139660 terminating"
     ev = _parse(LogParser("hdfs", "service"), [hdfs]).event(0)
@@ -221,6 +286,10 @@ def test_levels_and_bad_formats():
         "UNKNOWN",
         "UNKNOWN",
     ]
+    # zap's DPanic, log15's and Grafana's four-letter names, zerolog's console ones, RFC 5424's
+    # and winston's: UNKNOWN before, so no severity prior for an error line.
+    more = ("dpanic", "EROR", "dbug", "informational", "silly", "WRN", "FTL", "INF")
+    assert [LEVEL_NAMES[parse_level(x)] for x in more] == ["ERROR", "ERROR", "DEBUG", "INFO", "TRACE", "WARN", "FATAL", "INFO"]
     with pytest.raises(ValueError):
         line_format("(unclosed")
     with pytest.raises(ValueError):
