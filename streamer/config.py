@@ -217,7 +217,7 @@ class LogsConfig(_Strict):
     @field_validator("line_format")
     @classmethod
     def _format(cls, v: str) -> str:
-        from streamer.logparse import line_format
+        from streamer.logformats import line_format
 
         try:
             line_format(v)

@@ -30,7 +30,8 @@ import torch
 from models.logs.model import DEFAULT_LOG_WEIGHTS, LogGRU, LogModelConfig, load_log_checkpoint
 from models.logs.partition import LogPartition
 from models.logs.templates import MinerConfig, TemplateBook
-from streamer.logparse import PRESETS, LogParser
+from streamer.logformats import PRESETS
+from streamer.logparse import LogParser
 
 LABELLED_PRESETS = ("bgl", "thunderbird")
 _DETECT_ORDER = ("bgl", "thunderbird", "hdfs", "syslog")

@@ -17,7 +17,8 @@ from models.logs.calibration import log_calibration
 from models.logs.model import LogGRU, LogModelConfig
 from models.logs.partition import LogPartition
 from streamer.config import Config
-from streamer.logparse import LEVEL_NAMES, LogParser
+from streamer.logformats import LEVEL_NAMES
+from streamer.logparse import LogParser
 from streamer.state import TP, idle_age
 from streamer.transport import OutRecord, Polled
 

@@ -10,7 +10,8 @@ import orjson
 import pytest
 
 from streamer.decode import Decoder
-from streamer.logparse import LEVEL_NAMES, REASONS, LogParser, ParsedLogs, line_format, parse_level
+from streamer.logformats import LEVEL_NAMES, line_format, parse_level
+from streamer.logparse import REASONS, LogParser, ParsedLogs
 
 
 def _parse(parser: LogParser, values: Sequence[bytes | None], keys: Sequence[bytes | None] | None = None, record_ts: int = 0) -> ParsedLogs:

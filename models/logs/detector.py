@@ -39,7 +39,7 @@ from models.state import RowBank
 
 LOG2 = math.log(2.0)
 TERMS = ("template", "level", "timing")
-INFO = 3  # streamer.logparse.LEVEL_NAMES.index("INFO")
+INFO = 3  # streamer.logformats.LEVEL_NAMES.index("INFO")
 
 
 def bank_fields(cfg: LogModelConfig) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

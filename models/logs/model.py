@@ -32,7 +32,7 @@ CHECKPOINT_FORMAT = "streamer-log-gru"
 # `streamer.logeval` falls back to the deterministic initialisation when the file is absent.
 DEFAULT_LOG_WEIGHTS = Path(__file__).resolve().parent.parent / "weights" / "logs.pt"
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
-N_LEVELS = 7  # streamer.logparse.LEVEL_NAMES: unknown + TRACE..FATAL
+N_LEVELS = 7  # streamer.logformats.LEVEL_NAMES: unknown + TRACE..FATAL
 
 
 @dataclass(frozen=True)
