@@ -264,9 +264,13 @@ FIELD_ALIASES = {
 
 
 def first(obj: dict[str, Any], names: tuple[str, ...]) -> Any:
+    """The value of the first of `names` that obj has and is not null: a null is no value, and
+    taken as one, {"message": null, "msg": "x"} was missing_message and {"level": null, "lvl":
+    "error"} a line without a level."""
     for name in names:
-        if name in obj:
-            return obj[name]
+        value = obj.get(name)
+        if value is not None:
+            return value
     return None
 
 

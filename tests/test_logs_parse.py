@@ -875,3 +875,10 @@ def test_otlp_attributes_stand_in_for_what_a_log_record_lacks():
     ):
         ev = _parse(LogParser("plain", "service.name"), [_otlp_batch([("db", [{**bare, **unset}])])]).event(0)
         assert (ev.message, LEVEL_NAMES[ev.level]) == ("disk full on /var", "ERROR"), unset
+
+
+def test_a_null_field_gives_way_to_the_next_name():
+    parser = LogParser("plain", "service")
+    raw = b'{"message": null, "msg": "disk full", "level": null, "lvl": "error", "service": "s", "ts": null, "time": 5000}'
+    res = _parse(parser, [raw])
+    assert not res.dead and res.message == ["disk full"] and LEVEL_NAMES[res.level[0]] == "ERROR" and res.ts_ms.tolist() == [5_000_000]
