@@ -129,6 +129,22 @@ def _new_file_mode(path: Path) -> int:
         return 0o666 & ~mask
 
 
+def _sync_folder(folder: Path) -> None:
+    """fsync a folder, so that a rename in it survives a power cut: the file's own fsync covers
+    its bytes, not the entry that now names it (without this the old snapshot could come back).
+    Where the platform or filesystem cannot (no O_DIRECTORY, EINVAL), the rename stands as is."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_atomically(payload: Any, path: Path) -> None:
     """torch.save to `path` through a temp file of this writer's own, fsynced, then renamed.
 
@@ -152,6 +168,7 @@ def save_atomically(payload: Any, path: Path) -> None:
             os.fsync(fh.fileno())
         os.chmod(tmp, _new_file_mode(path))  # (mkstemp makes it 0600: a daemon may run as another user)
         tmp.replace(path)
+        _sync_folder(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
     _remove_stale_temps(path)

@@ -176,15 +176,28 @@ class SnapshotStore:
             except KeyError as err:  # a field its layout had is missing: not a snapshot this code wrote
                 log.warning("ignoring snapshot %s: layout %s without field %s; streams restart cold", self.path(tp), version, err)
                 return None
+            except (AttributeError, TypeError, ValueError, IndexError, RuntimeError) as err:
+                # A field that is not the tensor its layout had (a list, a number): nor this, and
+                # raising here would stop the assignment, at every restart, for as long as it lies there.
+                log.warning(
+                    "ignoring snapshot %s: layout %s with a field that does not read (%s); streams restart cold",
+                    self.path(tp),
+                    version,
+                    err,
+                )
+                return None
             log.info("upgraded snapshot %s from state layout %s", self.path(tp), version)
         offset, streams, schemas = payload.get("offset"), payload.get("streams"), payload.get("schemas")
         if not (
             isinstance(offset, int)
+            and not isinstance(offset, bool)
             and offset >= 0
             and isinstance(streams, list)
             and all(isinstance(s, str) for s in streams)
+            and len(set(streams)) == len(streams)  # (one row each: a stream twice would import over itself)
             and isinstance(schemas, list)
             and len(schemas) == len(streams)
+            and all(isinstance(names, list) and all(isinstance(n, str) for n in names) for names in schemas)
         ):
             log.warning("ignoring snapshot %s: no offset, streams or schemas in this code's format; streams restart cold", self.path(tp))
             return None

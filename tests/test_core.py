@@ -173,3 +173,22 @@ def test_bundled_weights_describe_their_training():
     _, meta = load_checkpoint(DEFAULT_WEIGHTS)
     assert "synthetic" in meta["training"]["data"]
     assert meta["training"]["final_loss"] < meta["training"]["first_loss"]
+
+
+def test_a_save_syncs_the_file_then_the_folder_that_names_it(tmp_path, monkeypatch):
+    """The file's fsync covers its bytes, not the renamed entry: after a power cut the old
+    snapshot could come back, though save_payload says durably."""
+    import os
+    import stat
+
+    from models.gru import save_atomically
+
+    synced, real = [], os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    save_atomically({"a": 1}, tmp_path / "x.pt")
+    assert synced == ["file", "folder"]

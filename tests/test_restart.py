@@ -246,6 +246,29 @@ def test_an_older_snapshot_missing_a_field_of_its_layout_is_ignored_not_fatal(tm
     assert store.load(("sensors", 0), arch) is not None
 
 
+def test_a_snapshot_with_fields_that_do_not_read_is_ignored_not_fatal(tmp_path):
+    """Older layouts are upgraded field by field, and a field that was not a tensor (a list, a
+    number) raised out of the load, stopping the assignment at every restart; nor do a stream
+    listed twice, a boolean offset or a schema that is a string pass as this code's."""
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    state = Detector(model, CalibrationConfig(warmup=10)).bank.export_rows(torch.tensor([0]))
+    store, arch, tp = SnapshotStore(tmp_path, "g"), {"hidden": 32}, ("sensors", 0)
+    store.save(tp, Snapshot(7, ["pump-1"], [["a"]], state, arch, None))
+    good = store.load_payload(tp)
+    assert good is not None
+    # (With the fields each layout had besides: a layout 9 had prof_last, 12 and 13 cal_alerts.)
+    had = {9: {"prof_last": state["steps"]}, 12: {"cal_alerts": state["cal_onsets"]}}
+    for version, name, value in [(12, "norm_n", [1.0]), (5, "cal_hist", 3), (9, "prof_seen", "x"), (15, "h", [0.0])]:
+        payload = dict(good, version=version, state=dict(good["state"], **had.get(version, {}), **{name: value}))
+        store.save_payload(tp, payload)
+        assert store.load(tp, arch) is None, (version, name)
+    for change in [{"offset": True}, {"streams": ["a", "a"], "schemas": [["x"], ["x"]]}, {"schemas": ["ab"]}]:
+        store.save_payload(tp, dict(good, **change))
+        assert store.load(tp, arch) is None, change
+    store.save_payload(tp, good)
+    assert store.load(tp, arch) is not None
+
+
 def test_snapshots_this_code_did_not_write_mean_a_cold_start_not_a_crash(broker, topics, tmp_path, caplog):
     """Current-layout snapshots that do not fit the bank (a field missing, rows that do not match
     their stream list, no schemas) are discarded at assignment with a warning naming the
