@@ -4,7 +4,9 @@ Every series of a NAB-layout folder is one stream. All series are stepped togeth
 `Detector.process` (one big interleaved batch: wavefront k holds row k of every series), which
 is exactly how the daemon steps them, and each row is scored before the next row of its series
 is seen. Results are written as NAB result CSVs (`timestamp,value,anomaly_score`) at the same
-relative paths, so NAB's own scorer or `tools/nabscore.py` can score them.
+relative paths, so NAB's own scorer or `tools/nabscore.py` can score them. The detector
+settings are the daemon's defaults, or those of a config file's `detector:` section
+(`--config`), so the table describes what `streamer run` with that file does.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 
 from models.detector import MAX_ABS_VALUE, Detector
 from models.gru import DEFAULT_WEIGHTS, load_checkpoint
-from streamer.config import DetectorConfig
+from streamer.config import ConfigError, DetectorConfig, load_config
 from streamer.decode import epoch_ms
 
 
@@ -128,7 +130,7 @@ def _ts_ms(ts: str) -> int:
     return epoch_ms(datetime.fromisoformat(ts).replace(tzinfo=timezone.utc))
 
 
-def score_through_kafka(series: list[Series], warmup: int, partitions: int = 4) -> list[np.ndarray]:
+def score_through_kafka(series: list[Series], detector: DetectorConfig, partitions: int = 4) -> list[np.ndarray]:
     """The same scores, but through the embedded broker and the real daemon loop.
 
     All series are produced interleaved (row-major, keyed by series path) to one input topic;
@@ -166,7 +168,7 @@ def score_through_kafka(series: list[Series], warmup: int, partitions: int = 4) 
                 "topics": {"inputs": ["nab"], "scores": "nab.scores", "alerts": "nab.alerts", "dead_letter": "nab.dead"},
                 "state": {"dir": state_dir},
                 "metrics": {"enabled": False},
-                "detector": {"warmup": warmup},
+                "detector": detector.model_dump(exclude={"device"}) | {"device": "cpu"},
             },
             env={},
         )
@@ -216,16 +218,28 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="streamer nab", description=__doc__.splitlines()[0])
     p.add_argument("data_dir", type=Path)
     p.add_argument("out_dir", type=Path)
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_WEIGHTS)
+    p.add_argument("--checkpoint", type=Path, default=None, help="weights to score with (default: the config's, else the bundled ones)")
     p.add_argument("--scorer", type=Path, default=None, help="a NAB scorer script to run on OUT_DIR (e.g. tools/nabscore.py)")
     p.add_argument("--through-kafka", action="store_true", help="send every series through the embedded broker and the daemon")
     p.add_argument("--baseline", choices=BASELINES, default=None, help="score with an alternative detector instead (optional extra)")
-    p.add_argument(
-        "--warmup", type=int, default=DetectorConfig().warmup, help="events per series before anything is flagged (the daemon's default)"
-    )
+    p.add_argument("--config", type=Path, default=None, help="take the detector settings from this config file's detector: section")
+    p.add_argument("--warmup", type=int, default=None, help="events per series before anything is flagged (default: the config's, 100)")
     args = p.parse_args(argv)
+    if args.baseline and (args.through_kafka or args.checkpoint or args.config or args.warmup is not None):
+        # (They were ignored without a word: a baseline has its own settings and no weights.)
+        print("streamer nab: --baseline takes none of --through-kafka, --checkpoint, --config, --warmup", file=sys.stderr)
+        return 2
+    try:
+        detector = load_config(args.config, env={}).detector if args.config else DetectorConfig()
+        changes = {"warmup": args.warmup} if args.warmup is not None else {}
+        if args.checkpoint is not None:
+            changes["checkpoint"] = str(args.checkpoint)
+        detector = DetectorConfig.model_validate(detector.model_dump() | changes)
+    except (ConfigError, ValueError) as err:
+        print(f"streamer nab: {err}", file=sys.stderr)
+        return 2
     torch.set_num_threads(1)  # one small GRU call per wavefront: more threads only add overhead
-    model, _meta = load_checkpoint(args.checkpoint)
+    model, _meta = load_checkpoint(Path(detector.checkpoint) if detector.checkpoint else DEFAULT_WEIGHTS)
     try:
         series = read_series(args.data_dir)
     except ValueError as err:
@@ -240,12 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline:
         scores = score_baseline(series, args.baseline)
     elif args.through_kafka:
-        if args.checkpoint != DEFAULT_WEIGHTS:
-            print("--through-kafka uses the daemon's configured (bundled) weights", file=sys.stderr)
-            return 2
-        scores = score_through_kafka(series, warmup=args.warmup)
+        scores = score_through_kafka(series, detector)
     else:
-        scores = score_series(series, Detector(model, DetectorConfig(warmup=args.warmup).calibration()))
+        scores = score_series(series, Detector(model, detector.calibration()))
     write_results(args.out_dir, series, scores)
     rows = sum(len(s.values) for s in series)
     print(f"scored {len(series)} series, {rows:,} rows in {time.perf_counter() - started:.1f}s -> {args.out_dir}")

@@ -10,6 +10,7 @@ import numpy as np
 from models.calibration import TAIL_THRESHOLD, CalibrationConfig
 from models.detector import Detector
 from models.gru import DEFAULT_WEIGHTS, load_checkpoint
+from streamer.config import DetectorConfig
 from streamer.nab import main, read_series, score_series, score_through_kafka
 
 
@@ -77,10 +78,37 @@ def test_a_value_that_is_not_a_finite_number_is_named_not_a_traceback(tmp_path, 
 def test_through_kafka_equals_direct(tmp_path):
     series = read_series(_dataset(tmp_path))
     model, _ = load_checkpoint(DEFAULT_WEIGHTS)
-    direct = score_series(series, Detector(model, CalibrationConfig(warmup=0, threshold=TAIL_THRESHOLD)))
-    kafka = score_through_kafka(series, warmup=0, partitions=2)
+    settings = DetectorConfig(warmup=0, holdoff=5)  # (not the defaults: both paths must take them)
+    direct = score_series(series, Detector(model, settings.calibration()))
+    kafka = score_through_kafka(series, settings, partitions=2)
     for d, k in zip(direct, kafka):
         np.testing.assert_allclose(d, k, atol=1e-6)
+
+
+def _scores(out):
+    with (out / "catA/spiky.csv").open() as fh:
+        return np.array([float(r["anomaly_score"]) for r in csv.DictReader(fh)])
+
+
+def test_the_detector_settings_come_from_a_config_file(tmp_path, capsys):
+    """`--config` scores with a config file's detector: section, as `streamer run` with it
+    would (only --warmup could be set before, so a sensitivity of any other setting had no
+    command); --baseline refuses the options it would ignore."""
+    data = _dataset(tmp_path)
+    config = tmp_path / "streamer.yaml"
+    config.write_text("detector:\n  warmup: 0\n  holdoff: 0\n  threshold: 0.3\n")
+    assert main([str(data), str(tmp_path / "cfg"), "--config", str(config)]) == 0
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    expected = score_series(read_series(data), Detector(model, CalibrationConfig(warmup=0, holdoff=0, threshold=0.3)))
+    np.testing.assert_allclose(_scores(tmp_path / "cfg"), expected[1], atol=1e-9)  # (threads: float rounding)
+    assert main([str(data), str(tmp_path / "default")]) == 0
+    assert not np.array_equal(_scores(tmp_path / "default"), expected[1])
+    assert main([str(data), str(tmp_path / "w"), "--config", str(config), "--warmup", "50"]) == 0
+    assert _scores(tmp_path / "w")[:50].max() <= TAIL_THRESHOLD  # (--warmup over the file's 0)
+    config.write_text("detector:\n  holdof: 0\n")
+    assert main([str(data), str(tmp_path / "bad"), "--config", str(config)]) == 2
+    assert "detector.holdof" in capsys.readouterr().err
+    assert main([str(data), str(tmp_path / "b"), "--baseline", "hst", "--through-kafka"]) == 2
 
 
 def test_baselines_run_through_the_same_harness(tmp_path):
