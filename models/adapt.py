@@ -213,7 +213,9 @@ def mix_update(
     exponential average would remember the cold start's errors (made before the normaliser and
     profile knew the stream's level) for hundreds of events and understate every surprise."""
     e2 = errors * errors + floor_var.unsqueeze(2)
-    first = has_pred & ~ready
+    # (Not from a flagged event either: a feature whose first prediction met an outage kept the
+    # outage's error as its mixture variance, 300 events on 10 times a normal start's.)
+    first = has_pred & ~ready & learn
     step = ready & learn
     alpha = averaging_rate((n - 2.0).clamp(min=0.0), MIX_ALPHA)  # the first prediction comes with the third event
     mse = torch.where(first.unsqueeze(2), e2, state["mix_mse"])

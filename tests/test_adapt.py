@@ -228,6 +228,31 @@ def test_flagged_events_are_not_learned(one_torch_thread):
     assert not torch.equal(bank["mix_mse"][0], before["mix_mse"])
 
 
+def test_a_features_first_prediction_on_a_flagged_event_is_not_learned_either(one_torch_thread):
+    """The mixture's first estimate was set whatever the event: a sensor that joined just as an
+    outage hit kept the outage's error as its error variance (300 events on, ten times a
+    normal start's), so its own later spikes looked ordinary."""
+    ts, x = _daily(4)
+    det, _ = _run(x, ts)
+    bank = det.bank.tensors
+    slot = np.zeros(1, dtype=np.int64)
+    one = np.zeros((1, det.max_features))
+    mask = np.zeros_like(one, dtype=bool)
+    mask[0, :2] = True
+    t = len(x) * FIVE_MIN_MS
+    for k in range(2):  # feature 1 joins: its first prediction comes with its third reading
+        one[0, 0], one[0, 1] = 0.1, 5.0
+        det.process(slot, one, mask, np.array([t + k * FIVE_MIN_MS]))
+    assert float(bank["mix_var"][0, 1]) == 0.0
+    one[0, 0], one[0, 1] = 500.0, 400.0  # the outage
+    res = det.process(slot, one, mask, np.array([t + 2 * FIVE_MIN_MS]))
+    assert res.is_anomaly[0]
+    assert float(bank["mix_var"][0, 1]) == 0.0 and float(bank["mix_mse"][0, 1].abs().max()) == 0.0
+    one[0, 0], one[0, 1] = 0.1, 5.0
+    res = det.process(slot, one, mask, np.array([t + 3 * FIVE_MIN_MS]))
+    assert not res.is_anomaly[0] and float(bank["mix_var"][0, 1]) > 0.0  # (set by the first unflagged one)
+
+
 def test_each_stream_trusts_the_predictor_that_is_right_for_it(one_torch_thread):
     """A random walk is predicted by its recent past (the GRU), a noisy daily cycle by its hour
     (the profile): the mixture's running errors say so, per stream."""
