@@ -144,11 +144,10 @@ _SYSLOG_AHEAD_MS = 86_400_000
 
 
 def _syslog_ts(raw: str, fallback_ms: int) -> int:
-    """RFC 3164 "Jun 14 15:16:01" has no year: the latest of the record timestamp's year, the
-    one before and the one after that lies at most a day past the record timestamp (a December
-    line read in January is last year's; a host east of UTC writes January 1st while UTC is
-    still on December 31st). A date that exists in one year only (February 29th) is taken
-    there. An RFC 3339 time, as syslog-ng and rsyslog's file format write, is read as such."""
+    """RFC 3164 "Jun 14 15:16:01" has no year: the latest year that puts it at most a day past
+    the record timestamp (a December line read in January is last year's; a host east of UTC
+    writes January 1st while UTC is still on December 31st; February 29th is the last one
+    before). An RFC 3339 time, as syslog-ng and rsyslog's file format write, is read as such."""
     if raw[:1].isdigit():
         return parse_ts(raw, fallback_ms)
     parts = raw.split()
@@ -162,18 +161,18 @@ def _syslog_ts(raw: str, fallback_ms: int) -> int:
         year = datetime.fromtimestamp(max(fallback_ms, 0) / 1000.0, tz=timezone.utc).year
     except (ValueError, OverflowError, OSError):  # a record timestamp past year 9999
         raise Rejected("invalid_timestamp", "the record timestamp, which gives a syslog date its year, is out of range") from None
+    # (From four years back, for a February 29th: the last one before the record time.)
+    years = range(year - 4, year + 2) if fallback_ms > 0 else (year,)  # (no record time: 1970, as before)
     candidates = []
-    for y in (year - 1, year, year + 1):
+    for y in years:
         try:
             candidates.append(epoch_ms(datetime(y, month, day, hh, mm, ss, tzinfo=timezone.utc)))
         except ValueError:
             continue
-    if not candidates:
+    before = [ms for ms in candidates if fallback_ms <= 0 or ms <= fallback_ms + _SYSLOG_AHEAD_MS]
+    if not before:
         raise Rejected("invalid_timestamp", f"ts {raw[:40]!r} is not a date")
-    if fallback_ms <= 0:  # (no record time to place it against: its year, 1970, as before)
-        return candidates[1] if len(candidates) == 3 else candidates[0]
-    before = [ms for ms in candidates if ms <= fallback_ms + _SYSLOG_AHEAD_MS]
-    return max(before) if before else min(candidates)
+    return max(before)
 
 
 # -- presets ---------------------------------------------------------------------------------
@@ -215,8 +214,10 @@ PRESETS: dict[str, LineFormat] = {
     "syslog": LineFormat(
         "syslog",
         re.compile(
-            r"^(?:<(?P<pri>\d{1,3})>)?(?P<ts>[A-Z][a-z]{2} +\d{1,2} \d{2}:\d{2}:\d{2}|\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\S*) "
-            r"(?P<host>\S+) " + _SYSLOG_TAIL + "$",
+            r"^(?:<(?P<pri>\d{1,3})>)?(?P<ts>[A-Z][a-z]{2} +\d{1,2} \d{2}:\d{2}:\d{2}|(?P<iso>\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\S*)) "
+            # (An RFC 3339-headed line needs its tag: without, any "time word rest" line, an
+            # application's own log, read as syslog with its level word taken for the host.)
+            r"(?P<host>\S+) " + _SYSLOG_TAIL.replace("|(?P<message_only>.*)", "|(?(iso)(?!)|(?P<message_only>.*))") + "$",
             re.DOTALL,
         ),
         _syslog_ts,
@@ -247,13 +248,25 @@ PRESETS: dict[str, LineFormat] = {
 }
 # (Keys start a token: tried at every position of a long token without "=", the greedy key
 # backtracked through the rest of it, and one 60 KB line took 20-35 s under the GIL.)
-_LOGFMT_PAIR = re.compile(r'(?<![\w.\-])([\w.\-]+)=("(?:[^"\\]|\\.)*"|\S*)')
+_LOGFMT_PAIR = re.compile(r'(?<![\w.\-])([\w.\-]+)=("(?:[^"\\]|\\.)*(?:"|$)|\S*)')  # (an open quote runs to the end)
 _LEVEL_WORDS = "TRACE|DEBUG|INFO|NOTICE|WARN|WARNING|ERROR|ERR|SEVERE|FATAL|CRITICAL|CRIT|PANIC"
-# A plain line's level: a level word in capitals ("2024-05-01 10:00:00 ERROR disk full"), or in
-# any case where it is set apart as one ("[error]", "<warn>", "Error:"). A word in running text
-# ("no error found") is no level: read as one, it added the severity prior to harmless lines.
+_SHORT_LEVELS = "TRC|DBG|DBUG|INF|WRN|EROR|FTL|PNC"  # (zerolog's console writer, log15's four letters)
+# A plain line's level: a level word in capitals ("2024-05-01 10:00:00 ERROR disk full", zerolog's
+# "INF"), or in any case where it is set apart as one: first on the line ("Warning disk almost
+# full", "error: ..."), first after a leading time ("2024-05-01 10:00:00 error ...", also after a
+# "[thread]"), in brackets ("[error]", "<warn>", Apache's "[core:error]"), between tabs (zap's
+# console encoder) or " - " (Python's "%(name)s - %(levelname)s - "), after `level=`, or before
+# a colon ("Error: boom"). A word in running text ("no error found") is no level: read as one,
+# it added the severity prior to harmless lines.
 _PLAIN_LEVEL = re.compile(
-    rf"\b({_LEVEL_WORDS})\b|(?i:[\[<(]({_LEVEL_WORDS})[\]>)]|(?<![\w.\-])({_LEVEL_WORDS}):)",
+    rf"\b({_LEVEL_WORDS}|{_SHORT_LEVELS})\b"
+    rf"|(?i:^({_LEVEL_WORDS})\b"
+    rf"|^[\d\-/:.,TZ+ ]{{8,40}} (?:\[[^\]]{{1,40}}\] )?({_LEVEL_WORDS})\b"
+    rf"| - ({_LEVEL_WORDS}) - "
+    rf"|[\[<(](?:[\w-]+:)?({_LEVEL_WORDS})[\]>)]"
+    rf"|\t({_LEVEL_WORDS})\t"
+    rf"|\b(?:level|lvl|severity)=[\"']?({_LEVEL_WORDS})\b"
+    rf"|(?<![\w.\-])({_LEVEL_WORDS}):)",
 )
 _LOGFMT_ESCAPE = re.compile(r'\\(["\\])')
 FIELD_ALIASES = {
@@ -284,9 +297,7 @@ def line_format(spec: str) -> LineFormat:
         raise ValueError(f"line format {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a valid regex: {err}") from None
     if not regex.groupindex:
         raise ValueError(f"line format regex {spec!r} has no named groups")
-    # (DOTALL, as the presets: `.*` in the message group takes a stack trace's further lines,
-    # which match() otherwise left behind without a trace.)
-    return LineFormat("custom", re.compile(spec, re.DOTALL))
+    return LineFormat("custom", regex)
 
 
 def parse_line(fmt: LineFormat, text: str, fallback_ms: int) -> tuple[int | None, str, dict[str, str], str | int | None]:
@@ -294,8 +305,11 @@ def parse_line(fmt: LineFormat, text: str, fallback_ms: int) -> tuple[int | None
     fields: dict[str, str] = {}
     if fmt.logfmt:
         for k, v in _LOGFMT_PAIR.findall(text):
-            # (Only a closed quote is stripped: `msg="connection reset` lost its last letter.)
-            fields[k] = _LOGFMT_ESCAPE.sub(r"\1", v[1:-1]) if len(v) >= 2 and v[0] == v[-1] == '"' else v
+            # (`msg="connection reset`, its quote left open, lost its last letter, then its last word.)
+            if v.startswith('"'):
+                closed = len(v) >= 2 and v.endswith('"') and not v.endswith('\\"')
+                v = _LOGFMT_ESCAPE.sub(r"\1", v[1:-1] if closed else v[1:])
+            fields[k] = v
         message = first(fields, FIELD_ALIASES["message"])
         if message is None:
             message = text
@@ -311,15 +325,27 @@ def parse_line(fmt: LineFormat, text: str, fallback_ms: int) -> tuple[int | None
             raise Rejected("empty_message", "a line of white space")
         m = _PLAIN_LEVEL.search(text, 0, 120)
         return None, text, fields, (m.group(m.lastindex or 0) if m else None)
-    match = fmt.regex.match(text)
+    match, tail = None, ""
+    if fmt.name == "custom" and "\n" in text:
+        # A record of several lines (a stack trace): a user's regex reads its first line, and
+        # when its message group ends there, the further lines join the message. (The presets
+        # run with DOTALL and end in their message; DOTALL on a user's regex let a `.*` in any
+        # group, a service's, run across the trace.)
+        head = text.partition("\n")[0]
+        match = fmt.regex.match(head)
+        if match is not None and match.groupdict().get("message") is not None and match.end("message") == len(head):
+            tail = text[len(head) :]
+    if match is None:
+        match = fmt.regex.match(text)
     if match is None:
         raise Rejected("unmatched_format", f"line does not match the {fmt.name} layout: {text[:80]!r}")
     for k, v in match.groupdict().items():
-        if v is not None and v != fmt.nil:
+        if v is not None and (v != fmt.nil or k == "message"):  # (RFC 5424's MSG has no nil: "-" is its text)
             fields[k] = v
     message = fields.pop("message", None)
     if message is None:
         message = fields.pop("message_only", text)
+    message += tail
     if not message.strip():
         # (a header with nothing after it: as a blank JSON message, not one empty template
         # that every such line shares)
