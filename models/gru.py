@@ -237,8 +237,12 @@ def feature_schema(config: ModelConfig, training: dict[str, Any]) -> dict[str, A
     serves every feature channel, so no feature names are bound to the weights: any stream of
     up to `max_features` numeric features is served (the daemon gives each feature a channel in
     the order the stream first sends it). The features the training series came from are listed
-    for the record (the part of each series name after its last ':', at most 1,000)."""
-    names = [str(s).rsplit(":", 1)[-1] for s in (training.get("series") or [])]
+    for the record (the part of each series name after its last ':', at most 1,000), the public
+    series mixed in included (`--public`: they were left out, as if all were synthetic)."""
+    public = training.get("public") or {}
+    names = [str(s).rsplit(":", 1)[-1] for s in [*(training.get("series") or []), *(public.get("series") or [])]]
+    if names and not training.get("series"):
+        names.append("synthetic series (models/synthetic.py)")
     return {
         "max_features": config.max_features,
         "features": "any names, numeric values: one set of weights for every feature channel",

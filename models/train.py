@@ -205,10 +205,14 @@ def train(
         raise ValueError(f"no training step had a value to predict in {cfg.steps} batches: nothing was learned")
     model.eval()
     window = _loss_window(len(losses))
+    # (With public series mixed in, the name and the batch description say so: a quarter of each
+    # batch was real data, and the checkpoint called itself "synthetic" and "64 series" of it.)
+    n_public = 0 if public is None else round(cfg.batch * cfg.public_share)
+    mixed = f" ({cfg.batch - n_public} synthetic, {n_public} public)" if n_public else ""
     summary = {
-        "name": "synthetic" if data is None else "custom",
+        "name": ("synthetic" if data is None else "custom") + ("+public" if public is not None else ""),
         "data": (
-            f"models.synthetic.univariate_batch: {cfg.steps} batches of {cfg.batch} series x {cfg.length} steps, seed {cfg.seed}"
+            f"models.synthetic.univariate_batch: {cfg.steps} batches of {cfg.batch} series{mixed} x {cfg.length} steps, seed {cfg.seed}"
             if data is None
             else f"{data_description}: {len(data.names)} series, {data.rows:,} values; "
             f"{cfg.steps} batches of {cfg.batch} windows x {cfg.length}"

@@ -129,7 +129,11 @@ def test_train_with_the_public_series_records_them_in_the_checkpoint(tmp_path):
     public = meta["training"]["public"]
     assert public["share"] == 0.25 and "statsmodels:co2:co2" in public["series"] and "statsmodels:nile:volume" in public["series"]
     assert "statsmodels.datasets" in public["data"] and "series" in public["data"]
-    assert meta["training"]["name"] == "synthetic"  # the base data is still the synthetic families
+    # The base data is still the synthetic families, and the name, the batches and the schema say
+    # that public series were mixed in (a quarter of each batch: "synthetic", "8 series" before).
+    assert meta["training"]["name"] == "synthetic+public" and "8 series (6 synthetic, 2 public)" in meta["training"]["data"]
+    trained_on = meta["schema"]["trained_on"]
+    assert "co2" in trained_on and "volume" in trained_on and "synthetic series (models/synthetic.py)" in trained_on
 
 
 def test_csv_files_are_read_as_people_export_them(tmp_path):
