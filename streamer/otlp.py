@@ -106,19 +106,36 @@ def _left_out(own: dict[str, Any], names: ReadNames) -> frozenset[str]:
 # message of many empty records under a resource of thousands of attributes grew to gigabytes
 # (a review: 61 KB of protobuf took 1.0 GB). Real batches take well under a tenth of this.
 MAX_ATTRIBUTE_COPIES = 1_000_000
+# Log records a batch may hold: an empty record is 2 bytes of protobuf (3 of JSON) and a few
+# hundred in memory once read, so a 1 MB batch of them held 524,000 records and took 631 MB
+# (a review). A real batch of 1 MB holds a few thousand.
+MAX_LOG_RECORDS = 100_000
+
+
+def _scope_logs(resource_logs: Any) -> list[Any]:
+    """A ResourceLogs' ScopeLogs, under its name before OTLP 0.19 too (Collectors before 2022
+    wrote `instrumentationLibraryLogs`; their batches were dead-lettered as having no records)."""
+    return _list(resource_logs, "scopeLogs") or _list(resource_logs, "instrumentationLibraryLogs")
 
 
 def _check_size(batch: dict[str, Any]) -> None:
-    copies = 0
+    copies = records = 0
     for resource_logs in _list(batch, "resourceLogs"):
         resource = resource_logs.get("resource") if isinstance(resource_logs, dict) else None
         shared = len(_list(resource, "attributes"))
-        for scope_logs in _list(resource_logs, "scopeLogs"):
+        for scope_logs in _scope_logs(resource_logs):
             for record in _list(scope_logs, "logRecords"):
                 copies += shared + len(_list(record, "attributes"))
+                records += 1
+    check_records(records)
     if copies > MAX_ATTRIBUTE_COPIES:
         detail = f"an OTLP batch whose log records carry {copies:,} attributes in all (resource's included)"
         raise Rejected("oversized", f"{detail}, over {MAX_ATTRIBUTE_COPIES:,}")
+
+
+def check_records(n: int) -> None:
+    if n > MAX_LOG_RECORDS:
+        raise Rejected("oversized", f"an OTLP batch of {n:,} log records, over {MAX_LOG_RECORDS:,}")
 
 
 def flatten(batch: dict[str, Any], names: ReadNames) -> list[Any]:
@@ -131,8 +148,8 @@ def flatten(batch: dict[str, Any], names: ReadNames) -> list[Any]:
     for resource_logs in _list(batch, "resourceLogs"):
         resource = resource_logs.get("resource") if isinstance(resource_logs, dict) else None
         resource_attrs = _attributes(resource.get("attributes") if isinstance(resource, dict) else None)
-        for scope_logs in _list(resource_logs, "scopeLogs"):
-            scope = scope_logs.get("scope") if isinstance(scope_logs, dict) else None
+        for scope_logs in _scope_logs(resource_logs):
+            scope = (scope_logs.get("scope") or scope_logs.get("instrumentationLibrary")) if isinstance(scope_logs, dict) else None
             scope_name = scope.get("name") if isinstance(scope, dict) else None
             for record in _list(scope_logs, "logRecords"):
                 if not isinstance(record, dict):

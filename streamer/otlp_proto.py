@@ -18,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from streamer import otlp
 from streamer.decode import Rejected
 
 _REQUEST = "opentelemetry.proto.collector.logs.v1.ExportLogsServiceRequest"
@@ -224,6 +225,7 @@ def from_proto(raw: bytes) -> dict[str, Any] | None:
     resources = list(request.resource_logs)
     scopes = [scope for resource in resources for scope in resource.scope_logs]
     records = [record for scope in scopes for record in scope.log_records]
+    otlp.check_records(len(records))  # (before each is copied into a dict of its own)
     if _misread([*resources, *scopes, *records]):
         raise Rejected("invalid_otlp", _other_signal(raw) or "an OTLP protobuf message that is not a logs batch (its fields do not fit)")
     # A metric without a name (a broken producer) fits a log record's fields: its gauge lands

@@ -848,6 +848,48 @@ def test_an_otlp_batch_that_would_copy_too_many_attributes_is_oversized():
     assert "1,001,000 attributes" in res.dead[0][2]
 
 
+def test_an_otlp_batch_of_too_many_log_records_is_oversized():
+    """An empty log record is 2 bytes of protobuf (3 of JSON) and hundreds once read: a 1 MB
+    batch of them took 631 MB before it was dead-lettered (a review). Capped at 100,000."""
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+    from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+    from streamer.otlp import MAX_LOG_RECORDS
+
+    def proto(records: int) -> bytes:
+        request = ExportLogsServiceRequest()
+        scope = request.resource_logs.add().scope_logs.add()
+        for _ in range(records):
+            scope.log_records.add(body=AnyValue(string_value="x"))
+        return request.SerializeToString()
+
+    def json(records: int) -> bytes:
+        return b'{"resourceLogs":[{"scopeLogs":[{"logRecords":[' + b",".join([b'{"body":{"stringValue":"x"}}'] * records) + b"]}]}]}"
+
+    parser = LogParser("plain", "service.name")
+    parser.max_bytes = 1 << 23
+    res = _parse(parser, [proto(MAX_LOG_RECORDS + 1), json(MAX_LOG_RECORDS + 1), proto(10), json(10)], [b"k"] * 4)
+    assert [d[:2] for d in res.dead] == [(0, "oversized"), (1, "oversized")] and len(res) == 20
+    assert "100,001 log records" in res.dead[0][2]
+
+
+def test_an_otlp_json_batch_under_the_names_before_scope_logs_is_read():
+    """Collectors before OTLP 0.19 (2022) wrote instrumentationLibraryLogs and
+    instrumentationLibrary: every such batch was dead-lettered as having no log records."""
+    old = {
+        "resourceLogs": [
+            {
+                "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "api"}}]},
+                "instrumentationLibraryLogs": [
+                    {"instrumentationLibrary": {"name": "lib"}, "logRecords": [{"body": {"stringValue": "hello"}, "severityText": "WARN"}]}
+                ],
+            }
+        ]
+    }
+    res = _parse(LogParser("plain", "service.name"), [orjson.dumps(old)])
+    assert not res.dead and res.stream == ["api"] and res.message == ["hello"] and LEVEL_NAMES[res.level[0]] == "WARN"
+
+
 @pytest.mark.parametrize("shape", ["x", "a-", "ab.", "1_"])
 def test_a_long_logfmt_token_without_a_key_does_not_hang_the_parser(shape):
     """The logfmt key pattern was tried at every position of a long token without '=' and
