@@ -133,9 +133,14 @@ class MixedSampler:
             raise ValueError("MixedSampler needs at least one part with a positive share")
         self.parts = [(sample, share / total) for sample, share in parts]
 
-    def __call__(self, rng: np.random.Generator, batch: int, length: int) -> np.ndarray:
+    def counts(self, batch: int) -> list[int]:
+        """Rows of a batch each part gives (the rounding's remainder goes to the first)."""
         counts = [round(batch * share) for _, share in self.parts]
         counts[0] += batch - sum(counts)
+        return counts
+
+    def __call__(self, rng: np.random.Generator, batch: int, length: int) -> np.ndarray:
+        counts = self.counts(batch)
         rows = [np.asarray(sample(rng, k, length), dtype=np.float64) for (sample, _), k in zip(self.parts, counts) if k > 0]
         out = np.concatenate(rows)
         return out[rng.permutation(batch)]
@@ -161,7 +166,8 @@ def train(
     Ctrl-C raised wherever the signal lands could interrupt the progress bar's machinery, and
     the process then died by the signal after saying it was interrupted: 4 of 40 tries.)"""
     base: Sampler = data if data is not None else univariate_batch
-    sample = base if public is None else MixedSampler([(base, 1.0 - cfg.public_share), (public, cfg.public_share)])
+    mixer = None if public is None else MixedSampler([(base, 1.0 - cfg.public_share), (public, cfg.public_share)])
+    sample = base if mixer is None else mixer
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = StreamGRU(ModelConfig(hidden=cfg.hidden, max_features=cfg.max_features))
@@ -207,7 +213,7 @@ def train(
     window = _loss_window(len(losses))
     # (With public series mixed in, the name and the batch description say so: a quarter of each
     # batch was real data, and the checkpoint called itself "synthetic" and "64 series" of it.)
-    n_public = 0 if public is None else round(cfg.batch * cfg.public_share)
+    n_public = 0 if mixer is None else mixer.counts(cfg.batch)[1]
     mixed = f" ({cfg.batch - n_public} synthetic, {n_public} public)" if n_public else ""
     summary = {
         "name": ("synthetic" if data is None else "custom") + ("+public" if public is not None else ""),

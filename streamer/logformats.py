@@ -326,11 +326,12 @@ def parse_line(fmt: LineFormat, text: str, fallback_ms: int) -> tuple[int | None
         m = _PLAIN_LEVEL.search(text, 0, 120)
         return None, text, fields, (m.group(m.lastindex or 0) if m else None)
     match, tail = None, ""
-    if fmt.name == "custom" and "\n" in text:
-        # A record of several lines (a stack trace): a user's regex reads its first line, and
-        # when its message group ends there, the further lines join the message. (The presets
-        # run with DOTALL and end in their message; DOTALL on a user's regex let a `.*` in any
-        # group, a service's, run across the trace.)
+    if "\n" in text and not fmt.regex.flags & re.DOTALL:
+        # A record of several lines (a stack trace) in a layout whose `.` stops at a line's end
+        # (a user's regex without (?s)): its first line is read, and when the message group ends
+        # there, the further lines join the message. (The presets run with DOTALL and end in
+        # their message; DOTALL on a user's regex let a `.*` in any group, a service's, run
+        # across the trace.)
         head = text.partition("\n")[0]
         match = fmt.regex.match(head)
         if match is not None and match.groupdict().get("message") is not None and match.end("message") == len(head):

@@ -168,7 +168,7 @@ def score_through_kafka(series: list[Series], detector: DetectorConfig, partitio
                 "topics": {"inputs": ["nab"], "scores": "nab.scores", "alerts": "nab.alerts", "dead_letter": "nab.dead"},
                 "state": {"dir": state_dir},
                 "metrics": {"enabled": False},
-                "detector": detector.model_dump(exclude={"device"}) | {"device": "cpu"},
+                "detector": detector.model_dump() | {"device": "cpu"},
             },
             env={},
         )
