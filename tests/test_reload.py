@@ -105,7 +105,7 @@ def test_checkpoint_swap_keeps_or_resets_state(broker, topics, state_dir, tmp_pa
     versions = [
         r["model_version"].split("-")[0] for r in sorted(scores_of(read_all(broker, topics["scores"], expect=150)), key=lambda r: r["ts"])
     ]
-    assert versions[:50] == ["synthetic"] * 50  # the bundled weights' training name
+    assert versions[:50] == ["synthetic+public"] * 50  # the bundled weights' training name
     assert versions[50:100] == ["halved"] * 50
     assert versions[100:] == ["small"] * 50
     text = caplog.text
