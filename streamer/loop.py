@@ -292,6 +292,7 @@ class Runner(PartitionOwnership):
                     )
                     return False
                 time.sleep(min(5.0, 0.2 * 2**attempt))
+                self._progress()  # (and again before the next attempt: the probe and back-off took up to 7 s)
                 continue
             self._reachable(True)
             for topic in {r.topic for r in outputs}:

@@ -414,6 +414,9 @@ def test_dashboards_have_variables_units_descriptions_and_job_filters() -> None:
         assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus", name
         assert variables["job"]["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, name
         assert variables["job"]["multi"] and variables["job"]["includeAll"], name
+        # "All" is the listed streamer jobs, not a regex of its own: ".+" matched every job in
+        # Prometheus, and the `up` and process_* panels summed other exporters in (a review).
+        assert "allValue" not in variables["job"], name
         ids = [p["id"] for p in dash["panels"]]
         assert len(ids) == len(set(ids)), f"{name}: duplicate panel ids"
         for panel in panels(dash):

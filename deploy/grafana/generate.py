@@ -365,7 +365,8 @@ def variables() -> list[Json]:
             "current": {},
             "hide": 0,
             "includeAll": True,
-            "allValue": ".+",
+            # (No allValue: Grafana's "All" is then the listed streamer jobs. ".+" matched every job
+            # in Prometheus, so `up` and the process_* panels summed other exporters in with these.)
             "multi": True,
             "options": [],
             "refresh": 2,
@@ -482,7 +483,7 @@ def overview() -> Json:
     b.timeseries(
         "Events per second",
         "Input records read (per topic), events scored, and events only replayed to rebuild state after a restore "
-        "(their scores had already been emitted). Consumed minus scored is the dead-lettered share.",
+        "(their scores had already been emitted). Consumed minus scored and replayed is the dead-lettered share.",
         "cps",
         targets(
             (f"sum by (topic) ({rate('streamer_events_consumed_total')})", "consumed {{topic}}"),
