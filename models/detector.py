@@ -256,18 +256,29 @@ def advance(
     # operation. A flagged glitch in it, even at a tenth of the weight, would set its top for
     # ~10,000 events and hold every later anomaly of ordinary size below the threshold.
     weight = tail_weight(cal, steps, valid, flagged, onset, state["cal_onsets"])
-    weight_long = torch.where(flagged, 0.0, weight)
+    # A reading in warm-up that the normaliser itself winsorised (more than NORM_CLIP of its
+    # deviations out) is recorded as a flagged event is, though warm-up flags nothing: a sensor
+    # steady through warm-up has its spread at the floor, and its first ordinary change (a
+    # whole-degree thermostat's first step, ~500 deviations) went into every history at full
+    # weight, in the open-ended last bin, where later spikes of any size tie with it: a reading
+    # of 10^6 degrees scored under 0.5 for ~2,000 events (a review;
+    # `tests/test_calibration.py -k first_step`). NAB's result files are unchanged.
+    clipped = mask & (n >= NORM_CLIP_AFTER) & ((x - mean).abs() > NORM_CLIP * std)
+    unsettled = clipped.any(dim=1) & (steps < cal.warmup) & ~flagged
+    weight = torch.where(unsettled, weight.clamp(max=cal.flagged_weight), weight)
+    weight_long = torch.where(flagged | unsettled, 0.0, weight)
     weight_short = run_weight(cal, weight, onset, bins[:, :nv], tops[:, :nv], state["cal_onset_bin"])
     cal_weight = torch.cat((weight_short * learns, weight_long[:, None] * learns), dim=1)  # [B, 10]
     windows = torch.full((2, nv), float(cal.window), dtype=hists.dtype, device=hists.device)  # (fills: no copy from host)
     windows[1] = float(cal.long_window)
     # (Only the short histories learn flagged events; the long ones take the short ones' caps.)
-    capped = reach_capped(cal, flagged, onset, state["cal_onsets"], bins[:, :nv], state["cal_onset_bin"]).repeat(1, 2)
+    capped = reach_capped(cal, flagged, onset, state["cal_onsets"], bins[:, :nv], state["cal_onset_bin"]) | unsettled[:, None]
+    capped = capped.repeat(1, 2)
     onset_bin = onset_bins(onset, learns, bins[:, :nv], tops[:, :nv], state["cal_onset_bin"], keep_within=False)
     cal_feat, feat_onset_bin = state["cal_feat"], state["cal_feat_onset_bin"]
     if kf:
         last_f = feat_onset_bin[:, :kf]
-        capped_f = reach_capped(cal, flagged, onset, state["cal_onsets"], feat_b, last_f)
+        capped_f = reach_capped(cal, flagged, onset, state["cal_onsets"], feat_b, last_f) | unsettled[:, None]
         weight_f = run_weight(cal, weight, onset, feat_b, feat_top, last_f)
         learned_f = learn_tail(cal, feat_hist, feat_b, weight_f * feat_ok, capped_f, feat_top)
         new_last_f = onset_bins(onset, feat_ok, feat_b, feat_top, last_f, keep_within=True)
