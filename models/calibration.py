@@ -218,7 +218,7 @@ def reach_capped(
     300 measures each one against a spread that shrank while it was quiet, far beyond the
     history's top, and took about five flagged ones per view to raise the top to them, each
     scored 1.0 (p <= 1e-6 for a one-in-300 event) on the way. Recording such a run's first event
-    at its own size cut those flags from 1.72 to 1.30 per 1,000 events and the same on three such
+    at its own size cut those flags from 1.72 to 1.30 per 1,000 events and (when it was made) on three such
     features from 1.32 to 0.45 (`tests/test_calibration.py -k sparse_event`). A glitch far beyond
     the stream's earlier flags stays capped: uncapped on a stream with two recent alerts, a
     1e12-sigma glitch hid 200-sigma spikes for thousands of events (`tests/test_adapt.py -k

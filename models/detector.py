@@ -263,11 +263,13 @@ def advance(
     # weight, in the open-ended last bin, where later spikes of any size tie with it: a reading
     # of 10^6 degrees scored under 0.5 for ~2,000 events (a review;
     # `tests/test_calibration.py -k first_step`). NAB's result files are unchanged.
-    clipped = mask & (n >= NORM_CLIP_AFTER) & ((x - mean).abs() > NORM_CLIP * std)
-    unsettled = clipped.any(dim=1) & (steps < cal.warmup) & ~flagged
-    weight = torch.where(unsettled, weight.clamp(max=cal.flagged_weight), weight)
-    weight_long = torch.where(flagged | unsettled, 0.0, weight)
-    weight_short = run_weight(cal, weight, onset, bins[:, :nv], tops[:, :nv], state["cal_onset_bin"])
+    # (Per feature for the per-feature histories; the summed views' histories take the event's.
+    # Nothing is flagged in warm-up, so these events are never flagged ones too.)
+    clipped = mask & (n >= NORM_CLIP_AFTER) & ((x - mean).abs() > NORM_CLIP * std) & (steps < cal.warmup)[:, None]
+    unsettled = clipped.any(dim=1)
+    weight_views = torch.where(unsettled, weight.clamp(max=cal.flagged_weight), weight)
+    weight_long = torch.where(flagged | unsettled, 0.0, weight_views)
+    weight_short = run_weight(cal, weight_views, onset, bins[:, :nv], tops[:, :nv], state["cal_onset_bin"])
     cal_weight = torch.cat((weight_short * learns, weight_long[:, None] * learns), dim=1)  # [B, 10]
     windows = torch.full((2, nv), float(cal.window), dtype=hists.dtype, device=hists.device)  # (fills: no copy from host)
     windows[1] = float(cal.long_window)
@@ -278,8 +280,9 @@ def advance(
     cal_feat, feat_onset_bin = state["cal_feat"], state["cal_feat_onset_bin"]
     if kf:
         last_f = feat_onset_bin[:, :kf]
-        capped_f = reach_capped(cal, flagged, onset, state["cal_onsets"], feat_b, last_f) | unsettled[:, None]
+        capped_f = reach_capped(cal, flagged, onset, state["cal_onsets"], feat_b, last_f) | clipped[:, :kf]
         weight_f = run_weight(cal, weight, onset, feat_b, feat_top, last_f)
+        weight_f = torch.where(clipped[:, :kf], weight_f.clamp(max=cal.flagged_weight), weight_f)
         learned_f = learn_tail(cal, feat_hist, feat_b, weight_f * feat_ok, capped_f, feat_top)
         new_last_f = onset_bins(onset, feat_ok, feat_b, feat_top, last_f, keep_within=True)
         cal_feat = learned_f if kf == cal_feat.shape[1] else torch.cat((learned_f, cal_feat[:, kf:]), dim=1)
