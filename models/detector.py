@@ -265,7 +265,9 @@ def advance(
     # `tests/test_calibration.py -k first_step`). NAB's result files are unchanged.
     # (Per feature for the per-feature histories; the summed views' histories take the event's.
     # Nothing is flagged in warm-up, so these events are never flagged ones too.)
-    clipped = mask & (n >= NORM_CLIP_AFTER) & ((x - mean).abs() > NORM_CLIP * std) & (steps < cal.warmup)[:, None]
+    # (The normaliser's winsorised reading, which its update below takes: clipped where it differs.)
+    x_norm = clip_around(x, mean, std, NORM_CLIP, n >= NORM_CLIP_AFTER)
+    clipped = mask & (x_norm != x) & (steps < cal.warmup)[:, None]
     unsettled = clipped.any(dim=1)
     weight_views = torch.where(unsettled, weight.clamp(max=cal.flagged_weight), weight)
     weight_long = torch.where(flagged | unsettled, 0.0, weight_views)
@@ -291,7 +293,6 @@ def advance(
     # Online normaliser: exact mean/variance at first, exponential window later; winsorised, so
     # a glitch does not blind the stream.
     n_new = torch.where(mask, n + 1, n)
-    x_norm = clip_around(x, mean, std, NORM_CLIP, n >= NORM_CLIP_AFTER)
     mean_new, var_new = running_mean_var(mean, var, x_norm, averaging_rate(n, cfg.norm_alpha), mask)
     z_in = (x - mean_new) / _std(cfg.rel_std_floor, cfg.abs_std_floor, mean_new, var_new)
     z_in = torch.where(mask, z_in, torch.zeros_like(z_in)).float()
