@@ -43,6 +43,10 @@ class CalibrationConfig:
     # than `recur_margin` decades above them (models/recurrence.py). 0 turns this off.
     recur_days: int = 2
     recur_margin: float = 1.0
+    # An event identical to its stream's previous one (same time, same features, same readings) is
+    # a re-delivery (an at-least-once producer retrying), not a second reading: it is reported
+    # held as a duplicate and does not advance the stream (models/detector.py `duplicate`).
+    skip_duplicates: bool = True
 
     def __post_init__(self) -> None:
         if self.warmup < 0:

@@ -79,14 +79,16 @@ class StepOutput:
 VIEWS = ("prediction", "time_of_day", "recent_level", "recent_mean", "correlation", "feature", "repeat")
 # Why an event at or above the threshold is reported below it: not held, an aftershock of a recent
 # alert (the hold-off), a recurrence of something flagged at this hour on the last days, or the
-# stream's warm-up (its histories rest on too few events for the score to mean what it says).
-HELD = ("", "aftershock", "recurrence", "warmup")
+# stream's warm-up (its histories rest on too few events for the score to mean what it says), or a
+# duplicate: a re-delivery of the stream's previous event, which was scored when it first came
+# (`duplicate`; reported at 0, whatever it scored then).
+HELD = ("", "aftershock", "recurrence", "warmup", "duplicate")
 # The views of the recent past, which say nothing about an event after a gap.
 # (The correlation view is one of them: it compares the features' errors against the stale
 # predictions.)
 _SHORT_VIEWS = [VIEWS.index(v) for v in ("prediction", "recent_level", "recent_mean", "correlation")]
 _REPEAT = VIEWS.index("repeat")
-_AFTERSHOCK, _RECURRENCE, _WARMUP = HELD.index("aftershock"), HELD.index("recurrence"), HELD.index("warmup")
+_AFTERSHOCK, _RECURRENCE, _WARMUP, _DUPLICATE = (HELD.index(h) for h in ("aftershock", "recurrence", "warmup", "duplicate"))
 # Largest magnitude of a reading the core accepts. State keeps squared deviations in float32 (a
 # feature's variance at each hour), which overflows past ~1.8e19: a larger finite reading would
 # turn a stream's state into infinities for good. No real sensor reads 1e18 in a sensible unit,
@@ -99,6 +101,19 @@ CAL_HISTS_LONG = ("cal_long", "cal_long_prof", "cal_long_lvl", "cal_long_shift",
 
 def _std(cfg_rel: float, cfg_abs: float, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     return torch.maximum(torch.sqrt(var.clamp(min=0.0)), cfg_rel * mean.abs() + cfg_abs)
+
+
+def duplicate(state: dict[str, torch.Tensor], x: torch.Tensor, mask: torch.Tensor, ts_ms: torch.Tensor) -> torch.Tensor:
+    """bool [B]: the event repeats its stream's previous one exactly: the same time, the same
+    features and the same readings. That is a re-delivery (a producer retrying without
+    idempotence, a bridge replaying its buffer), not a second reading: stepped again, it taught
+    the stream that readings repeat, and once 2% of events came twice the repeat view stopped
+    judging stuck sensors; it also doubled the events in the stream's other statistics. Features
+    sent as separate events at the same millisecond are not duplicates (each event carries other
+    features than the last), nor is a reading repeated at a new time (a stuck sensor's)."""
+    same_values = (~mask | (x == state["rep_last"])).all(dim=1)
+    same_features = (mask == state["last_mask"]).all(dim=1)
+    return (state["steps"] > 0) & (ts_ms == state["gap_last_ts"]) & same_features & same_values
 
 
 def advance(
@@ -117,6 +132,8 @@ def advance(
     timed = ts_ms is not None
     if ts_ms is None:
         ts_ms = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+    # (Without times, as in training, nothing tells a re-delivery from a repeated reading.)
+    dup = duplicate(state, x, mask, ts_ms) if timed and cal.skip_duplicates else None
 
     # Errors of this event against the predictions made before it: the GRU's (made after the
     # stream's previous event, in normalised units) and the time-of-day profile's.
@@ -358,6 +375,16 @@ def advance(
     # In float64: a near-flat feature that jumps reaches ~1e48, past float32, where two such
     # features would tie at its maximum and the explanation would name the first, not the larger.
     contributions = contributions.double().clamp(max=torch.finfo(torch.float64).max)
+    new_state["last_mask"] = mask
+    # A duplicate leaves its stream as it was and reports nothing new. (Rare: on CPU a wavefront
+    # without one skips the copy; on a GPU the check would force a sync, so the copy always runs.)
+    if dup is not None and (x.device.type != "cpu" or bool(dup.any())):
+        new_state = {k: torch.where(dup.view(-1, *([1] * (v.dim() - 1))), state[k], v) for k, v in new_state.items()}
+        surprise, score = torch.where(dup, 0.0, surprise), torch.where(dup, 0.0, score)
+        is_anomaly, valid = is_anomaly & ~dup, valid & ~dup
+        contributions = torch.where(dup[:, None], 0.0, contributions)
+        nll = torch.where(dup[:, None], 0.0, nll)
+        held = torch.where(dup, _DUPLICATE, held).to(torch.int8)
     return new_state, StepOutput(surprise, score, is_anomaly, contributions, valid, nll, view, held)
 
 

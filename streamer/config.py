@@ -237,6 +237,7 @@ class DetectorConfig(_Strict):
     holdoff_factor: float = Field(default=0.4, gt=0.0, le=1.0)
     recur_days: int = Field(default=2, ge=0)
     recur_margin: float = Field(default=1.0, ge=0.0)
+    skip_duplicates: bool = True
     cpu_threads: int | None = Field(default=None, gt=0)  # None: half the cores, at most 8
     reload_check_s: float = Field(default=10.0, gt=0)
 
@@ -278,6 +279,7 @@ class DetectorConfig(_Strict):
             holdoff_factor=self.holdoff_factor,
             recur_days=self.recur_days,
             recur_margin=self.recur_margin,
+            skip_duplicates=self.skip_duplicates,
         )
 
 

@@ -202,7 +202,9 @@ class Runner(PartitionOwnership):
             now_ms = self.clock() * 1000.0
             streams = [s for s, e in zip(dec.stream, emitted.tolist()) if e]
             m.event_lag.observe_many((now_ms - dec.ts_ms[emitted]) / 1000.0, streams)
-            m.scores.observe_many(res.score[emitted], streams)
+            # (A duplicate's 0 is not a score: it was scored when it first came.)
+            scored = emitted & (res.held != HELD.index("duplicate"))
+            m.scores.observe_many(res.score[scored], [s for s, e in zip(dec.stream, scored.tolist()) if e])
             # (Last: a scrape, or a test, that sees the events counted sees their observations too.)
             m.scored.inc(int(emitted.sum()))
         return outputs, offsets, emitted_ts

@@ -173,13 +173,13 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def interleaved(x: np.ndarray, ts_ms: np.ndarray) -> tuple[BatchResult, np.ndarray]:
+def interleaved(x: np.ndarray, ts_ms: np.ndarray, calibration: CalibrationConfig | None = None) -> tuple[BatchResult, np.ndarray]:
     """Streams x [n, streams, features], every feature present, read at ts_ms [n] and fed
-    time-major (as a live feed arrives) to a detector with the daemon's defaults: the result and
-    the mask, in that order of events."""
+    time-major (as a live feed arrives) to a detector with the daemon's defaults (or
+    `calibration`): the result and the mask, in that order of events."""
     n, streams, f = x.shape
     model, _ = load_checkpoint(DEFAULT_WEIGHTS)
-    det = Detector(model, CalibrationConfig())
+    det = Detector(model, calibration or CalibrationConfig())
     xs = np.zeros((n * streams, det.max_features))
     xs[:, :f] = x.reshape(n * streams, f)
     mask = np.zeros_like(xs, dtype=bool)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.calibration import TAIL_THRESHOLD, CalibrationConfig
-from models.detector import MAX_ABS_VALUE, Detector, wavefronts
+from models.detector import HELD, MAX_ABS_VALUE, Detector, wavefronts
 from models.gru import DEFAULT_WEIGHTS, ModelConfig, StreamGRU, load_checkpoint, save_checkpoint
 
 
@@ -192,3 +192,62 @@ def test_a_save_syncs_the_file_then_the_folder_that_names_it(tmp_path, monkeypat
     monkeypatch.setattr(os, "fsync", spy)
     save_atomically({"a": 1}, tmp_path / "x.pt")
     assert synced == ["file", "folder"]
+
+
+def _timed_stream(n: int = 600, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A two-feature stream with a spike at event 400 (where it has one), one reading a minute."""
+    rng = np.random.default_rng(seed)
+    x = np.zeros((n, 8))
+    mask = np.zeros((n, 8), dtype=bool)
+    x[:, :2] = np.cumsum(rng.normal(0, 1, (n, 2)), axis=0) * 0.2 + [20.0, 5.0] + rng.normal(0, 1, (n, 2))
+    x[400:401, 0] += 40.0
+    mask[:, :2] = True
+    return x, mask, 1_700_000_000_000 + np.arange(n, dtype=np.int64) * 60_000
+
+
+def test_a_redelivered_event_is_held_as_a_duplicate_and_changes_nothing():
+    """An event delivered twice in a row (a producer retrying) is scored once: the copy is held as
+    a duplicate at 0 and the stream's state and every later score are what they are without it,
+    the spike's copy included (it is not alerted twice)."""
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    x, mask, ts = _timed_stream()
+    rng = np.random.default_rng(1)
+    twice = np.sort(np.r_[rng.choice(600, 60, replace=False), 400])
+    idx = np.sort(np.r_[np.arange(600), twice])
+    once = Detector(model, CalibrationConfig(warmup=50))
+    plain = once.process(np.zeros(600, dtype=np.int64), x, mask, ts)
+    dup = Detector(model, CalibrationConfig(warmup=50))
+    got = dup.process(np.zeros(len(idx), dtype=np.int64), x[idx], mask[idx], ts[idx])
+    copy = np.r_[False, idx[1:] == idx[:-1]]
+    assert copy.sum() == len(np.unique(twice))
+    assert plain.is_anomaly[400] and got.is_anomaly[~copy].tolist() == plain.is_anomaly.tolist()
+    np.testing.assert_array_equal(got.score[~copy], plain.score)
+    np.testing.assert_array_equal(got.view[~copy], plain.view)
+    assert all(HELD[h] == "duplicate" for h in got.held[copy])
+    assert (got.score[copy] == 0).all() and not got.is_anomaly[copy].any() and not got.valid[copy].any()
+    for name, t in dup.bank.tensors.items():
+        assert torch.equal(t, once.bank.tensors[name]), name
+
+
+def test_what_is_not_a_duplicate_is_stepped():
+    """Only the previous event repeated exactly is a duplicate: not a reading repeated at a new
+    time (a stuck sensor), not features sent as separate events at the same millisecond (the
+    second carries other features, even where its reading equals that feature's last one), and
+    nothing when detector.skip_duplicates is off."""
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    x, mask, ts = _timed_stream(200)
+    det = Detector(model, CalibrationConfig(warmup=50))
+    det.process(np.zeros(200, dtype=np.int64), x, mask, ts)
+    one, other = np.zeros((1, 8), dtype=bool), np.zeros((1, 8), dtype=bool)
+    one[0, 0], other[0, 1] = True, True
+    later = ts[-1:] + 60_000
+    steps = []
+    for xs, ms, t in [(x[-1:], mask[-1:], later), (x[-1:], one, later + 60_000), (x[-1:], other, later + 60_000)]:
+        res = det.process(np.zeros(1, dtype=np.int64), xs, ms, t)
+        steps.append((HELD[res.held[0]], int(det.bank.tensors["steps"][0])))
+    assert steps == [("", 201), ("", 202), ("", 203)]
+    res = det.process(np.zeros(1, dtype=np.int64), x[-1:], other, later + 60_000)
+    assert HELD[res.held[0]] == "duplicate" and int(det.bank.tensors["steps"][0]) == 203
+    kept = Detector(model, CalibrationConfig(warmup=50, skip_duplicates=False))
+    res = kept.process(np.zeros(3, dtype=np.int64), x[[0, 1, 1]], mask[:3], ts[[0, 1, 1]])
+    assert "duplicate" not in [HELD[h] for h in res.held] and int(kept.bank.tensors["steps"][0]) == 3

@@ -167,18 +167,25 @@ def test_score_record_fields(broker, topics, state_dir):
 def test_held_events_say_why_and_are_counted(broker, topics, state_dir):
     """An event at or above the threshold that is reported below it says why in its record
     (`held`) and in streamer_held_events_total: a nightly job (5-minute readings, 60 deviations
-    at 03:00) is an anomaly on its first two nights and a held recurrence on the third."""
+    at 03:00) is an anomaly on its first two nights and a held recurrence on the third. The first
+    night's record delivered twice (a producer's retry) is reported once: the second copy is a
+    held duplicate at 0, and the nights after it are scored as they are without it."""
     rng = np.random.default_rng(0)
     t = np.arange(288 * 5) * 300
     v = 20.0 + 5.0 * np.sin(2 * np.pi * t / 86_400) + rng.normal(0.0, 1.0, len(t))
     v[t % 86_400 == 3 * 3600] += 60.0
     day0 = 1_732_147_200_000  # a UTC midnight
     records = [(b"host-1", orjson.dumps({"stream": "host-1", "ts": day0 + int(s) * 1000, "value": float(x)})) for s, x in zip(t, v)]
+    first = int(np.flatnonzero(t == 3 * 3600)[0])
+    records.insert(first + 1, records[first])
     produce(broker, topics["input"], records)
     with DaemonThread(make_config(broker, topics, state_dir)) as daemon:
         daemon.wait_scored(len(records))
     out = sorted(scores_of(read_all(broker, topics["scores"], expect=len(records))), key=lambda r: r["ts"])
-    job = [r for r in out if (r["ts"] - day0) % 86_400_000 == 3 * 3_600_000]
+    again = [r for r in out if r["held"] == "duplicate"]
+    assert len(again) == 1 and again[0]["ts"] == day0 + 3 * 3_600_000 and again[0]["offset"] == first + 1
+    assert again[0]["score"] == 0.0 and not again[0]["is_anomaly"] and again[0]["view"] is None
+    job = [r for r in out if (r["ts"] - day0) % 86_400_000 == 3 * 3_600_000 and r["held"] != "duplicate"]
     # (Warm-up is 20 events here. By the fourth night the calibration history has learned the job:
     # it no longer reaches the threshold, so there is nothing to hold.)
     assert [r["is_anomaly"] for r in job] == [True, True, False, False, False]

@@ -8,6 +8,7 @@ import pytest
 from conftest import interleaved
 
 import models.repeats
+from models.calibration import CalibrationConfig
 from models.detector import HELD, VIEWS, BatchResult
 
 N = 6000
@@ -69,6 +70,32 @@ def test_a_stuck_sensor_beside_its_driver_is_flagged_once_and_named(monkeypatch)
     monkeypatch.setattr(models.repeats, "REPEAT_RARE", 0.0)
     (off,) = _score([_machine(np.random.default_rng(0), runs)])
     assert not any(off.is_anomaly[s : s + n].any() for s, n in runs)
+
+
+def test_a_stuck_sensor_is_flagged_where_some_events_are_delivered_twice():
+    """The same stuck runs with 10% of events delivered twice (a producer retrying): the copies
+    are duplicates, not repeated readings, so each run is still flagged within a few readings by
+    the repeat view. Stepped as readings (detector.skip_duplicates off), the copies make the
+    temperature's repeats common, the view stops judging it and misses every run."""
+    runs = [(2500, 240), (4240, 240)]
+    late = []
+    for seed in range(2):
+        rng = np.random.default_rng(seed)
+        data = _machine(rng, runs)
+        idx = np.repeat(np.arange(N), np.where(rng.random(N) < 0.1, 2, 1))
+        if seed == 0:
+            stepped, _ = interleaved(data[idx][:, None, :], TS[idx], CalibrationConfig(skip_duplicates=False))
+            assert not (stepped.is_anomaly & (stepped.view == REPEAT)).any()
+        res, _ = interleaved(data[idx][:, None, :], TS[idx])
+        copy = np.r_[False, idx[1:] == idx[:-1]]
+        assert all(HELD[h] == "duplicate" for h in res.held[copy]) and not res.is_anomaly[copy].any()
+        for start, length in runs:
+            run = (idx >= start) & (idx < start + length) & ~copy
+            alerts = np.flatnonzero(res.is_anomaly[run] & (res.view[run] == REPEAT))
+            assert len(alerts) == 1, (seed, start, alerts)
+            late.append(int(alerts[0]))
+    print(f"readings into each run when flagged, 10% of events delivered twice: {late}")
+    assert max(late) < 10
 
 
 @pytest.mark.parametrize("kind", ["counts", "quantised", "turning_points", "coarse_float"])

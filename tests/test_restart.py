@@ -156,7 +156,7 @@ def test_a_snapshot_of_another_state_layout_is_ignored_not_fatal(tmp_path):
     assert store.load(("sensors", 0), arch) is None
 
 
-@pytest.mark.parametrize("layout", [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15])
+@pytest.mark.parametrize("layout", [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16])
 def test_a_snapshot_of_an_older_layout_is_upgraded_keeping_every_stream(tmp_path, layout):
     """Layout 5 added the correlation view, layout 6 a long-memory histogram per view, layout 7
     the alert hold-off, layout 8 the memory of recurring events, layout 9 the hour of the last
@@ -165,15 +165,16 @@ def test_a_snapshot_of_an_older_layout_is_upgraded_keeping_every_stream(tmp_path
     alerts (for the calibration's learning), layout 13 each feature's own error history, layout 14
     the count of recent runs of flags (in place of the alerts) and the last event's flag, layout
     15 each feature's last reading, run and counts of repeats, layout 16 the bin of the last
-    run's first flag in each short history. An older snapshot restores every
+    run's first flag in each short history, layout 17 the features of the previous event (for
+    duplicates). An older snapshot restores every
     stream's state as it was; the correlation view starts empty, as on a new stream (it applies
     after CORR_MIN events), each long-memory histogram starts as a copy of its view's short one
     (empty, it would rank every event as ordinary), the hold-off starts off and the recurrence
     memory empty, the first hours long ago, the gap fields empty, the per-feature histories
     empty, the recent runs of flags counted by layouts 12 and 13's alerts (none before), the
-    last event not flagged, the repeat fields empty and the bins of the last run's first flag 0
-    (none)."""
-    assert SNAPSHOT_VERSION == 16
+    last event not flagged, the repeat fields empty, the bins of the last run's first flag 0
+    (none) and the previous event's features none."""
+    assert SNAPSHOT_VERSION == 17
     model, _ = load_checkpoint(DEFAULT_WEIGHTS)
     rng = np.random.default_rng(0)
     det = Detector(model, CalibrationConfig(warmup=10))
@@ -184,7 +185,8 @@ def test_a_snapshot_of_an_older_layout_is_upgraded_keeping_every_stream(tmp_path
     det.process(np.zeros(n, dtype=np.int64), x, mask)
     state = det.bank.export_rows(torch.tensor([0]))
     added = (
-        {"cal_onset_bin", "cal_feat_onset_bin"}
+        {"last_mask"}
+        | ({"cal_onset_bin", "cal_feat_onset_bin"} if layout <= 15 else set())
         | (set(REPEAT_FIELDS) if layout <= 14 else set())
         | ({"cal_onsets", "flag_prev"} if layout <= 13 else set())
         | ({"cal_feat"} if layout <= 12 else set())

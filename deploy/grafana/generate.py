@@ -567,9 +567,10 @@ def overview() -> Json:
         "Sensor events whose score reached the threshold but that were reported below it, not as anomalies: aftershock "
         "(within detector.holdoff events of an alert they did not exceed: one alert per episode) or recurrence "
         "(flagged at an hour of the day that had flags on each of the last detector.recur_days days: a nightly job) or "
-        "warmup (inside the stream's detector.warmup, where scores are not yet calibrated). "
+        "warmup (inside the stream's detector.warmup, where scores are not yet calibrated); and every duplicate "
+        "(an event repeating its stream's previous one exactly: a re-delivery, scored when it first came). "
         "A stream whose anomaly stopped alerting but keeps showing as aftershock or recurrence is one the detector now "
-        "takes as routine; warmup rises with every batch of new streams.",
+        "takes as routine; warmup rises with every batch of new streams; duplicate is a producer retrying.",
         "cps",
         targets((f"sum by (reason) ({rate('streamer_held_events_total')})", "{{reason}}")),
         w=8,
