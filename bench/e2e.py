@@ -354,10 +354,12 @@ def run_daemon(config: Config, n: int, scores_topic: str | None, budget_s: float
     runner = build_runner(config, metrics, transport)
     process = runner.detector.process
 
-    def timed_process(slots: np.ndarray, x: np.ndarray, mask: np.ndarray, ts_ms: np.ndarray | None = None) -> BatchResult:
+    def timed_process(
+        slots: np.ndarray, x: np.ndarray, mask: np.ndarray, ts_ms: np.ndarray | None = None, stamps: np.ndarray | None = None
+    ) -> BatchResult:
         t = time.perf_counter()
         try:
-            return process(slots, x, mask, ts_ms)
+            return process(slots, x, mask, ts_ms, stamps)
         finally:
             intervals.record("step", t, time.perf_counter())
 

@@ -104,9 +104,11 @@ FIELDS: tuple[Field, ...] = (
     Field("gap_last_ts", False, False, torch.int64),
     Field("gap_log", False, False, torch.float64),
     Field("gap_n", False, False, torch.int32),
-    # Which features the previous event carried: with its time (gap_last_ts) and each feature's
-    # last reading (rep_last), what tells a re-delivered event (`duplicate` in models/detector.py).
+    # Which features the previous event carried and its delivery stamp (the Kafka record's
+    # timestamp; -1: none): with its time (gap_last_ts) and each feature's last reading
+    # (rep_last), what tells a re-delivered event (`duplicate` in models/detector.py).
     Field("last_mask", True, False, torch.bool),
+    Field("last_stamp", False, False, torch.int64),
 )
 
 

@@ -75,6 +75,7 @@ class Decoded:
     ts_ms: np.ndarray  # int64 [N]
     x: np.ndarray  # float64 [N, F]
     mask: np.ndarray  # bool [N, F]
+    own_ts: np.ndarray  # bool [N]: the event carries its own time (else ts_ms is its record's)
     dead: list[tuple[int, str, str]] = field(default_factory=list)  # (position, reason, detail)
 
 
@@ -216,7 +217,7 @@ class Decoder:
             raise Rejected("missing_values", "'values' must be a non-empty object")
         return values
 
-    def _one(self, raw: bytes | None, key: bytes | None, record_ts: int) -> tuple[str, int, list[int], list[float]]:
+    def _one(self, raw: bytes | None, key: bytes | None, record_ts: int) -> tuple[str, int, bool, list[int], list[float]]:
         if raw is None:
             # A null value deletes its key in a compacted topic; it is not a reading. Dead-lettered
             # (with its null value) rather than skipped, so no record disappears without a trace.
@@ -272,7 +273,7 @@ class Decoder:
                 raise Rejected("too_many_features", f"{len(schema) + len(new)} features > model maximum {self.max_features}{had}")
             schema = self.schemas[stream] = schema + tuple(new)
             channel = _channels(schema)
-        return stream, ts, [channel[name] for name in names], nums
+        return stream, ts, obj.get("ts") is not None, [channel[name] for name in names], nums
 
     def decode(self, values: list[bytes | None], keys: list[bytes | None], record_ts: np.ndarray) -> Decoded:
         n = len(values)
@@ -282,11 +283,12 @@ class Decoder:
         index: list[int] = []
         streams: list[str] = []
         ts: list[int] = []
+        own: list[bool] = []
         dead: list[tuple[int, str, str]] = []
         ts_list = record_ts.tolist()
         for i in range(n):
             try:
-                stream, t, channels, nums = self._one(values[i], keys[i], ts_list[i])
+                stream, t, has_ts, channels, nums = self._one(values[i], keys[i], ts_list[i])
             except Rejected as rej:
                 dead.append((i, rej.reason, rej.detail))
                 continue
@@ -299,8 +301,10 @@ class Decoder:
             index.append(i)
             streams.append(stream)
             ts.append(t)
+            own.append(has_ts)
         m = len(index)
-        return Decoded(np.asarray(index, dtype=np.int64), streams, np.asarray(ts, dtype=np.int64), x[:m], mask[:m], dead)
+        ts_ms = np.asarray(ts, dtype=np.int64)
+        return Decoded(np.asarray(index, dtype=np.int64), streams, ts_ms, x[:m], mask[:m], np.asarray(own, dtype=bool), dead)
 
     def forget(self, streams: list[str]) -> None:
         for s in streams:

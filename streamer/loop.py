@@ -193,7 +193,10 @@ class Runner(PartitionOwnership):
             slots, _new = self.slots.assign(dec.stream, [tps[i] for i in dec.index.tolist()])
             self.slots.touch(slots, self.clock())
             t0 = time.perf_counter()
-            res = self.detector.process(slots, dec.x, dec.mask, dec.ts_ms)
+            # A copy of an event is told by its record's timestamp too (kept by a producer's retry);
+            # an event without a time of its own has only that, so it is never taken for one.
+            stamps = np.where(dec.own_ts, polled.timestamp_ms[dec.index], -1)
+            res = self.detector.process(slots, dec.x, dec.mask, dec.ts_ms, stamps)
             self._model_work(time.perf_counter() - t0, res.wavefronts)
             emitted = emit[dec.index]
             m.replayed.inc(int((~emitted).sum()))

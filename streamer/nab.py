@@ -153,11 +153,16 @@ def score_through_kafka(series: list[Series], detector: DetectorConfig, partitio
         producer = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=20, batch_size=262_144)
         longest = max(len(s.values) for s in series)
         total = 0
+        # Each record its own timestamp (the direct mode has none, so takes no row for a re-delivery:
+        # a series' repeated rows sent in the same millisecond would be, `duplicate` in
+        # models/detector.py).
+        stamp = int(time.time() * 1000)
         for t in range(longest):
             for name, s in zip(names, series):
                 if t < len(s.values):
                     event = {"stream": name, "ts": _ts_ms(s.timestamps[t]), "value": float(s.values[t])}
-                    producer.send("nab", key=name.encode(), value=orjson.dumps(event))
+                    stamp = max(stamp + 1, int(time.time() * 1000))
+                    producer.send("nab", key=name.encode(), value=orjson.dumps(event), timestamp_ms=stamp)
                     total += 1
         producer.flush()
         producer.close()

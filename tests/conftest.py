@@ -67,12 +67,19 @@ def make_config(broker: EmbeddedBroker, topics: dict[str, str], state_dir: Path,
     return build_config(config_data(broker, topics, state_dir, **overrides), env={})
 
 
-def produce(broker: EmbeddedBroker, topic: str, records: list[tuple[bytes | None, bytes]], partition_of: Any = None) -> None:
-    """Send (key, value) records and wait for every ack."""
+def produce(
+    broker: EmbeddedBroker,
+    topic: str,
+    records: list[tuple[bytes | None, bytes]],
+    partition_of: Any = None,
+    timestamps: list[int] | None = None,
+) -> None:
+    """Send (key, value) records (with these record timestamps, else the producer's) and wait for
+    every ack."""
     p = KafkaProducer(bootstrap_servers=broker.bootstrap, acks="all", linger_ms=5)
-    for key, value in records:
+    for i, (key, value) in enumerate(records):
         part = partition_of(key) if partition_of else None
-        p.send(topic, key=key, value=value, partition=part)
+        p.send(topic, key=key, value=value, partition=part, timestamp_ms=None if timestamps is None else timestamps[i])
     p.flush()
     p.close()
 
@@ -173,10 +180,13 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def interleaved(x: np.ndarray, ts_ms: np.ndarray, calibration: CalibrationConfig | None = None) -> tuple[BatchResult, np.ndarray]:
-    """Streams x [n, streams, features], every feature present, read at ts_ms [n] and fed
-    time-major (as a live feed arrives) to a detector with the daemon's defaults (or
-    `calibration`): the result and the mask, in that order of events."""
+def interleaved(
+    x: np.ndarray, ts_ms: np.ndarray, calibration: CalibrationConfig | None = None, stamps: np.ndarray | None = None
+) -> tuple[BatchResult, np.ndarray]:
+    """Streams x [n, streams, features], every feature present, read at ts_ms [n] (delivered with
+    `stamps` [n], as the daemon passes record timestamps) and fed time-major (as a live feed
+    arrives) to a detector with the daemon's defaults (or `calibration`): the result and the
+    mask, in that order of events."""
     n, streams, f = x.shape
     model, _ = load_checkpoint(DEFAULT_WEIGHTS)
     det = Detector(model, calibration or CalibrationConfig())
@@ -184,7 +194,8 @@ def interleaved(x: np.ndarray, ts_ms: np.ndarray, calibration: CalibrationConfig
     xs[:, :f] = x.reshape(n * streams, f)
     mask = np.zeros_like(xs, dtype=bool)
     mask[:, :f] = True
-    return det.process(np.tile(np.arange(streams), n), xs, mask, np.repeat(ts_ms, streams)), mask
+    st = None if stamps is None else np.repeat(stamps, streams)
+    return det.process(np.tile(np.arange(streams), n), xs, mask, np.repeat(ts_ms, streams), st), mask
 
 
 __all__ = ["DaemonThread", "config_data", "default_sigint", "event", "interleaved", "make_config", "produce", "read_all", "scores_of"]

@@ -206,18 +206,19 @@ def _timed_stream(n: int = 600, seed: int = 0) -> tuple[np.ndarray, np.ndarray, 
 
 
 def test_a_redelivered_event_is_held_as_a_duplicate_and_changes_nothing():
-    """An event delivered twice in a row (a producer retrying) is scored once: the copy is held as
-    a duplicate at 0 and the stream's state and every later score are what they are without it,
-    the spike's copy included (it is not alerted twice)."""
+    """An event delivered twice in a row (a producer retrying: the same record, its timestamp, the
+    stamp, included) is scored once: the copy is held as a duplicate at 0 and the stream's state
+    and every later score are what they are without it, the spike's copy included (it is not
+    alerted twice)."""
     model, _ = load_checkpoint(DEFAULT_WEIGHTS)
     x, mask, ts = _timed_stream()
     rng = np.random.default_rng(1)
     twice = np.sort(np.r_[rng.choice(600, 60, replace=False), 400])
     idx = np.sort(np.r_[np.arange(600), twice])
     once = Detector(model, CalibrationConfig(warmup=50))
-    plain = once.process(np.zeros(600, dtype=np.int64), x, mask, ts)
+    plain = once.process(np.zeros(600, dtype=np.int64), x, mask, ts, ts + 7)
     dup = Detector(model, CalibrationConfig(warmup=50))
-    got = dup.process(np.zeros(len(idx), dtype=np.int64), x[idx], mask[idx], ts[idx])
+    got = dup.process(np.zeros(len(idx), dtype=np.int64), x[idx], mask[idx], ts[idx], ts[idx] + 7)
     copy = np.r_[False, idx[1:] == idx[:-1]]
     assert copy.sum() == len(np.unique(twice))
     assert plain.is_anomaly[400] and got.is_anomaly[~copy].tolist() == plain.is_anomaly.tolist()
@@ -230,24 +231,29 @@ def test_a_redelivered_event_is_held_as_a_duplicate_and_changes_nothing():
 
 
 def test_what_is_not_a_duplicate_is_stepped():
-    """Only the previous event repeated exactly is a duplicate: not a reading repeated at a new
-    time (a stuck sensor), not features sent as separate events at the same millisecond (the
-    second carries other features, even where its reading equals that feature's last one), and
-    nothing when detector.skip_duplicates is off."""
+    """Only the previous event repeated exactly, its delivery stamp included, is a duplicate: not
+    a reading repeated at a new time (a stuck sensor), not features sent as separate events at
+    the same millisecond (the second carries other features, even where its reading equals that
+    feature's last one), not a steady reading at the same (whole-second) time sent again later
+    (another stamp), not an event without a stamp (-1: no time of its own), and nothing without
+    stamps (`streamer nab`) or when detector.skip_duplicates is off."""
     model, _ = load_checkpoint(DEFAULT_WEIGHTS)
     x, mask, ts = _timed_stream(200)
     det = Detector(model, CalibrationConfig(warmup=50))
-    det.process(np.zeros(200, dtype=np.int64), x, mask, ts)
+    det.process(np.zeros(200, dtype=np.int64), x, mask, ts, ts)
     one, other = np.zeros((1, 8), dtype=bool), np.zeros((1, 8), dtype=bool)
     one[0, 0], other[0, 1] = True, True
-    later = ts[-1:] + 60_000
-    steps = []
-    for xs, ms, t in [(x[-1:], mask[-1:], later), (x[-1:], one, later + 60_000), (x[-1:], other, later + 60_000)]:
-        res = det.process(np.zeros(1, dtype=np.int64), xs, ms, t)
-        steps.append((HELD[res.held[0]], int(det.bank.tensors["steps"][0])))
-    assert steps == [("", 201), ("", 202), ("", 203)]
-    res = det.process(np.zeros(1, dtype=np.int64), x[-1:], other, later + 60_000)
-    assert HELD[res.held[0]] == "duplicate" and int(det.bank.tensors["steps"][0]) == 203
-    kept = Detector(model, CalibrationConfig(warmup=50, skip_duplicates=False))
-    res = kept.process(np.zeros(3, dtype=np.int64), x[[0, 1, 1]], mask[:3], ts[[0, 1, 1]])
-    assert "duplicate" not in [HELD[h] for h in res.held] and int(kept.bank.tensors["steps"][0]) == 3
+    t = ts[-1:] + 60_000
+    none = np.array([-1])
+    events = [(mask[-1:], t, t), (one, t + 60_000, t), (other, t + 60_000, t), (other, t + 60_000, t + 250)]
+    events += [(other, t + 60_000, none), (other, t + 60_000, none)]
+    held = []
+    for ms, when, stamp in events:
+        held.append(HELD[det.process(np.zeros(1, dtype=np.int64), x[-1:], ms, when, stamp).held[0]])
+    assert held == ["", "", "", "", "", ""] and int(det.bank.tensors["steps"][0]) == 206
+    res = det.process(np.zeros(2, dtype=np.int64), x[[-1, -1]], np.r_[one, one], np.r_[t, t] + 120_000, np.r_[t, t] + 9)
+    assert [HELD[h] for h in res.held] == ["", "duplicate"] and int(det.bank.tensors["steps"][0]) == 207
+    for cal, stamps in ((CalibrationConfig(warmup=50), None), (CalibrationConfig(warmup=50, skip_duplicates=False), ts[[0, 1, 1]])):
+        kept = Detector(model, cal)
+        res = kept.process(np.zeros(3, dtype=np.int64), x[[0, 1, 1]], mask[:3], ts[[0, 1, 1]], stamps)
+        assert "duplicate" not in [HELD[h] for h in res.held] and int(kept.bank.tensors["steps"][0]) == 3

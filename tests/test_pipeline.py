@@ -178,7 +178,9 @@ def test_held_events_say_why_and_are_counted(broker, topics, state_dir):
     records = [(b"host-1", orjson.dumps({"stream": "host-1", "ts": day0 + int(s) * 1000, "value": float(x)})) for s, x in zip(t, v)]
     first = int(np.flatnonzero(t == 3 * 3600)[0])
     records.insert(first + 1, records[first])
-    produce(broker, topics["input"], records)
+    stamps = [day0 + int(s) * 1000 + 5 for s in t]
+    stamps.insert(first + 1, stamps[first])  # (a retry resends the record as it was, its timestamp too)
+    produce(broker, topics["input"], records, timestamps=stamps)
     with DaemonThread(make_config(broker, topics, state_dir)) as daemon:
         daemon.wait_scored(len(records))
     out = sorted(scores_of(read_all(broker, topics["scores"], expect=len(records))), key=lambda r: r["ts"])

@@ -84,9 +84,9 @@ def test_a_stuck_sensor_is_flagged_where_some_events_are_delivered_twice():
         data = _machine(rng, runs)
         idx = np.repeat(np.arange(N), np.where(rng.random(N) < 0.1, 2, 1))
         if seed == 0:
-            stepped, _ = interleaved(data[idx][:, None, :], TS[idx], CalibrationConfig(skip_duplicates=False))
+            stepped, _ = interleaved(data[idx][:, None, :], TS[idx], CalibrationConfig(skip_duplicates=False), TS[idx])
             assert not (stepped.is_anomaly & (stepped.view == REPEAT)).any()
-        res, _ = interleaved(data[idx][:, None, :], TS[idx])
+        res, _ = interleaved(data[idx][:, None, :], TS[idx], stamps=TS[idx])
         copy = np.r_[False, idx[1:] == idx[:-1]]
         assert all(HELD[h] == "duplicate" for h in res.held[copy]) and not res.is_anomaly[copy].any()
         for start, length in runs:
