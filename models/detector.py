@@ -125,6 +125,30 @@ def duplicate(
     return (state["steps"] > 0) & same_delivery & same_features & same_values
 
 
+# The stream's calibration: what `restarts` empties, as a new stream's.
+_RESTARTED = CAL_HISTS + CAL_HISTS_LONG + ("cal_feat", "cal_onset_bin", "cal_feat_onset_bin", "cal_onsets")
+
+
+def restarts(state: dict[str, torch.Tensor], mask: torch.Tensor, flat: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
+    """bool [B]: the stream has read one value on every feature for so long that each spread sits
+    at its floor (flat [B, F]: a machine off, a sensor not yet in use), and this event moves one
+    of them (moved [B, F]: further than the normaliser's clip). Such a stream starts over as a new
+    one would: its warm-up again, its calibration histories empty, the event's features' running
+    statistics from this reading. The move itself is scored first, against the constant past
+    (usually flagged: the stream woke up).
+
+    Judged on, its first readings measured hundreds of deviations against spreads at the floor,
+    and the few of them not flagged (the histories' tops had climbed to them through the first
+    ones' capped records) went into the histories at full weight in their open-ended last bins,
+    where ordinary anomalies of the now noisy stream ranked below them for thousands of events: a
+    10-sigma spike 400 or 1,500 events after the move was flagged on 0 of 8 streams, now on 8
+    (`tests/test_calibration.py -s -k constant_until`). Once per stream: after a
+    restart a feature may be constant again for a while (a setpoint), and its next change is a
+    change the stream learns, not a new start."""
+    idle = (flat | (state["norm_n"] == 0)).all(dim=1)
+    return idle & (mask & moved).any(dim=1) & ~state["cal_restarted"]
+
+
 def advance(
     model: StreamGRU,
     cal: CalibrationConfig,
@@ -323,6 +347,11 @@ def advance(
     # a glitch does not blind the stream.
     n_new = torch.where(mask, n + 1, n)
     mean_new, var_new = running_mean_var(mean, var, x_norm, averaging_rate(n, cfg.norm_alpha), mask)
+    # (Flat: a spread at its floor after NORM_CLIP_AFTER readings; the move, a reading it clips.)
+    restart = restarts(state, mask, (var <= floor_var) & (n >= NORM_CLIP_AFTER), x_norm != x)
+    fresh = mask & restart[:, None]
+    n_new, mean_new = torch.where(fresh, 1.0, n_new).to(n_new.dtype), torch.where(fresh, x, mean_new)
+    var_new = torch.where(fresh, 0.0, var_new)
     z_in = (x - mean_new) / _std(cfg.rel_std_floor, cfg.abs_std_floor, mean_new, var_new)
     z_in = torch.where(mask, z_in, torch.zeros_like(z_in)).float()
 
@@ -388,6 +417,13 @@ def advance(
     # features would tie at its maximum and the explanation would name the first, not the larger.
     contributions = contributions.double().clamp(max=torch.finfo(torch.float64).max)
     new_state["last_mask"] = mask
+    new_state["cal_restarted"] = state["cal_restarted"] | restart
+    # (Rare: on CPU a wavefront without a restart skips the copy, as for duplicates below.)
+    if x.device.type != "cpu" or bool(restart.any()):
+        for k in _RESTARTED:
+            v = new_state[k]
+            new_state[k] = torch.where(restart.view(-1, *([1] * (v.dim() - 1))), torch.zeros_like(v), v)
+        new_state["steps"] = torch.where(restart, 1, new_state["steps"]).to(steps.dtype)
     new_state["last_stamp"] = torch.full_like(state["last_stamp"], -1) if stamp is None else stamp
     # A duplicate leaves its stream as it was and reports nothing new. (Rare: on CPU a wavefront
     # without one skips the copy; on a GPU the check would force a sync, so the copy always runs.)
