@@ -75,8 +75,9 @@ FIELDS: tuple[Field, ...] = (
     # learned at more than flagged_weight (`tail_weight`).
     Field("cal_onsets", False, False, torch.float64),
     Field("flag_prev", False, False, torch.bool),
-    # Whether the stream has restarted its warm-up once already (`restarts` in models/detector.py).
-    Field("cal_restarted", False, False, torch.bool),
+    # Whether a stream constant so far has just moved or has restarted its warm-up already
+    # (`wakes` in models/detector.py).
+    Field("cal_wake", False, False, torch.int8),
     # ...and the bin of the last run's first event in each view's short history and each
     # feature's, at its own size (0: none yet): a run as large as it is the stream's own range
     # (`reach_capped`).

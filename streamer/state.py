@@ -34,11 +34,11 @@ TP = tuple[str, int]
 # 14 the count of recent runs of flags and whether the last event was flagged, in place of 12's
 # alerts; 15 each feature's last reading, run of repeats and counts of repeats, for the repeat
 # view; 16 the bin of the last run of flags' first event in each short history, for the cap on
-# what a flag teaches it; 17 the previous event's features and stamp, for duplicates, and whether
-# the stream restarted its warm-up. Layouts 4 to 16
+# what a flag teaches it; 17 the previous event's features and stamp, for duplicates; 18 whether a
+# constant stream has woken up. Layouts 4 to 17
 # are upgraded on load (see `_upgrade`).
-SNAPSHOT_VERSION = 17
-UPGRADABLE = (4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16)
+SNAPSHOT_VERSION = 18
+UPGRADABLE = (4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17)
 log = logging.getLogger(__name__)
 
 
@@ -261,8 +261,8 @@ def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Te
     run, and the view judges it once its counts hold half a warm-up of readings. Layout 16's
     bins of the last run's first event start at 0, as if none: the next such run is capped, as
     every flag was before. Layout 17's features and stamp of the previous event start empty: the
-    next event of each stream is not taken for a duplicate; and no stream has restarted its
-    warm-up yet (one constant so far may still)."""
+    next event of each stream is not taken for a duplicate. Layout 18's wake-up mark starts at
+    0: no stream has restarted its warm-up yet (one constant so far may still)."""
     if version <= 4:
         state = with_empty_fields(state, ("corr_cov", "corr_n", "cal_hist_corr"))
     if version <= 5:
@@ -289,5 +289,7 @@ def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Te
     if version <= 15:
         state = with_empty_fields(state, ("cal_onset_bin", "cal_feat_onset_bin"))
     if version <= 16:
-        state = with_empty_fields(state, ("last_mask", "last_stamp", "cal_restarted"))
+        state = with_empty_fields(state, ("last_mask", "last_stamp"))
+    if version <= 17:
+        state = with_empty_fields(state, ("cal_wake",))
     return state if "prof_start" in state else with_empty_fields(state, ("prof_start",))
