@@ -125,8 +125,12 @@ def duplicate(
     return (state["steps"] > 0) & same_delivery & same_features & same_values
 
 
-# The stream's calibration: what `wakes` empties, as a new stream's.
+# The stream's calibration: what `wakes` empties, as a new stream's; and the time-of-day profile of
+# each feature it restarts (kept, it expected the constant at every hour it had seen).
 _RESTARTED = CAL_HISTS + CAL_HISTS_LONG + ("cal_feat", "cal_onset_bin", "cal_feat_onset_bin", "cal_onsets")
+_RESTARTED_FEATURE = ("prof_mean", "prof_var", "prof_seen", "prof_start")
+# Events in a row that must move a constant stream for it to wake up (`wakes`).
+WAKE_AFTER = 3
 
 
 def wakes(state: dict[str, torch.Tensor], mask: torch.Tensor, flat: torch.Tensor, moved: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -134,12 +138,16 @@ def wakes(state: dict[str, torch.Tensor], mask: torch.Tensor, flat: torch.Tensor
     value on every feature for so long that each spread sits at its floor (flat [B, F]: a run of
     identical readings at a variance at the floor, a machine off, a sensor not yet in use) and
     whose event moves one of them (moved [B, F]: further than the normaliser's clip) has woken
-    up if its next event moves too: it then starts over from that event, once. Its warm-up runs
-    again, its calibration histories are emptied and the event's features' running statistics
-    start from that reading; the rest of its state (profile, repeat counts, hidden state) is
-    kept. Both events are scored first, against the constant past (the first is usually
-    flagged: the stream woke up). A move the next event takes back is a glitch, handled as
-    ever (winsorised), and the stream may still wake later.
+    up if its next WAKE_AFTER - 1 events move too: it then starts over from the last of them,
+    once. Its warm-up runs again, its calibration histories are emptied and the event's
+    features' running statistics and time-of-day profiles start from that reading (the profile,
+    kept, expected the constant at every hour seen while the stream was off, and the first
+    return to such an hour after the new warm-up scored an ordinary reading 1.0: a review); its
+    repeat counts, hold-off, recurrence memory and hidden state are kept. The events are scored
+    first, against the constant past (the first is usually flagged: the stream woke up). A move
+    an event in between takes back is a glitch, handled as ever (winsorised), and the stream may
+    still wake later; one of two readings restarted a stream from its value in a first version
+    and hid a real step 30 events later.
 
     Judged on, its first readings measured hundreds of deviations against spreads at the floor,
     and the few of them not flagged (the histories' tops had climbed to them through the first
@@ -148,17 +156,18 @@ def wakes(state: dict[str, torch.Tensor], mask: torch.Tensor, flat: torch.Tensor
     10-sigma spike 400 or 1,500 events after the move was flagged on 0 of 8 streams, now on 8
     (`tests/test_calibration.py -s -k constant_until`). The flat test asks for a run of identical
     readings, not just a spread at the floor (0.01% of the level: a pressure in Pa varies less),
-    and the wake-up for a second moving event (one glitch restarted a constant stream from the
-    glitch's value and hid a real step 30 events later; a review, `-k glitch_or_fine_noise`).
-    Once per stream (`cal_wake` 2): after a restart a feature may be constant again for a while
+    and the wake-up for WAKE_AFTER moving events in a row (reviews; `-k glitch_or_fine_noise`).
+    Once per stream (`cal_wake` WAKE_AFTER): after a restart a feature may be constant again for a while
     (a setpoint), and its next change is a change the stream learns, not a new start.
-    (`cal_wake`: 0 asleep or never constant, 1 moved at the last event, 2 restarted.)"""
+    (`cal_wake`: 0 asleep or never constant, 1 to WAKE_AFTER - 1 the events in a row that moved,
+    WAKE_AFTER restarted.)"""
     wake = state["cal_wake"]
     idle = (flat | (state["norm_n"] == 0)).all(dim=1)
     first = (wake == 0) & idle & (mask & moved & flat).any(dim=1)
-    restart = (wake == 1) & (mask & moved).any(dim=1)
-    after = torch.where(restart, 2, torch.where(first, 1, torch.where(wake == 1, 0, wake)))
-    return restart, after.to(wake.dtype)
+    waking = (wake > 0) & (wake < WAKE_AFTER)
+    again = waking & (mask & moved).any(dim=1)
+    after = torch.where(first, 1, torch.where(again, wake + 1, torch.where(waking, 0, wake)))
+    return again & (wake + 1 == WAKE_AFTER), after.to(wake.dtype)
 
 
 def advance(
@@ -436,6 +445,9 @@ def advance(
         for k in _RESTARTED:
             v = new_state[k]
             new_state[k] = torch.where(restart.view(-1, *([1] * (v.dim() - 1))), torch.zeros_like(v), v)
+        for k in _RESTARTED_FEATURE:
+            v = new_state[k]
+            new_state[k] = torch.where(fresh.view(*fresh.shape, *([1] * (v.dim() - 2))), torch.zeros_like(v), v)
         new_state["steps"] = torch.where(restart, 1, new_state["steps"]).to(steps.dtype)
     new_state["last_stamp"] = torch.full_like(state["last_stamp"], -1) if stamp is None else stamp
     # A duplicate leaves its stream as it was and reports nothing new. (Rare: on CPU a wavefront
