@@ -103,6 +103,12 @@ def _std(cfg_rel: float, cfg_abs: float, mean: torch.Tensor, var: torch.Tensor) 
     return torch.maximum(torch.sqrt(var.clamp(min=0.0)), cfg_rel * mean.abs() + cfg_abs)
 
 
+def _over(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """mask ([B] per stream or [B, F] per feature) shaped to select whole rows of `like`, a state
+    field with more trailing dimensions (a histogram, a profile)."""
+    return mask.view(*mask.shape, *([1] * (like.dim() - mask.dim())))
+
+
 def duplicate(
     state: dict[str, torch.Tensor], x: torch.Tensor, mask: torch.Tensor, ts_ms: torch.Tensor, stamp: torch.Tensor
 ) -> torch.Tensor:
@@ -444,16 +450,16 @@ def advance(
     if x.device.type != "cpu" or bool(restart.any()):
         for k in _RESTARTED:
             v = new_state[k]
-            new_state[k] = torch.where(restart.view(-1, *([1] * (v.dim() - 1))), torch.zeros_like(v), v)
+            new_state[k] = torch.where(_over(restart, v), torch.zeros_like(v), v)
         for k in _RESTARTED_FEATURE:
             v = new_state[k]
-            new_state[k] = torch.where(fresh.view(*fresh.shape, *([1] * (v.dim() - 2))), torch.zeros_like(v), v)
+            new_state[k] = torch.where(_over(fresh, v), torch.zeros_like(v), v)
         new_state["steps"] = torch.where(restart, 1, new_state["steps"]).to(steps.dtype)
     new_state["last_stamp"] = torch.full_like(state["last_stamp"], -1) if stamp is None else stamp
     # A duplicate leaves its stream as it was and reports nothing new. (Rare: on CPU a wavefront
     # without one skips the copy; on a GPU the check would force a sync, so the copy always runs.)
     if dup is not None and (x.device.type != "cpu" or bool(dup.any())):
-        new_state = {k: torch.where(dup.view(-1, *([1] * (v.dim() - 1))), state[k], v) for k, v in new_state.items()}
+        new_state = {k: torch.where(_over(dup, v), state[k], v) for k, v in new_state.items()}
         surprise, score = torch.where(dup, 0.0, surprise), torch.where(dup, 0.0, score)
         is_anomaly, valid = is_anomaly & ~dup, valid & ~dup
         contributions = torch.where(dup[:, None], 0.0, contributions)

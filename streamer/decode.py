@@ -242,7 +242,8 @@ class Decoder:
             raise Rejected("missing_stream", f"no '{self.stream_field}' field and no message key")
         if not isinstance(stream, str) or len(stream) > self.max_stream_len:
             raise Rejected("invalid_stream", f"stream id must be a string of at most {self.max_stream_len} characters")
-        ts = parse_ts(obj.get("ts"), record_ts)
+        raw_ts = obj.get("ts")
+        ts = parse_ts(raw_ts, record_ts)
         values = self._values(obj)
         names = []
         nums = []
@@ -273,7 +274,7 @@ class Decoder:
                 raise Rejected("too_many_features", f"{len(schema) + len(new)} features > model maximum {self.max_features}{had}")
             schema = self.schemas[stream] = schema + tuple(new)
             channel = _channels(schema)
-        return stream, ts, obj.get("ts") is not None, [channel[name] for name in names], nums
+        return stream, ts, raw_ts is not None, [channel[name] for name in names], nums
 
     def decode(self, values: list[bytes | None], keys: list[bytes | None], record_ts: np.ndarray) -> Decoded:
         n = len(values)

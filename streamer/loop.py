@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 # A failed send that took less than this was refused, not timed out: worth resending while
 # stopping (see Runner._send).
 QUICK_SEND_FAILURE_S = 5.0
+# The `held` of a re-delivered event, which the score histogram leaves out.
+_DUPLICATE = HELD.index("duplicate")
 
 
 class Runner(PartitionOwnership):
@@ -205,9 +207,11 @@ class Runner(PartitionOwnership):
             now_ms = self.clock() * 1000.0
             streams = [s for s, e in zip(dec.stream, emitted.tolist()) if e]
             m.event_lag.observe_many((now_ms - dec.ts_ms[emitted]) / 1000.0, streams)
-            # (A duplicate's 0 is not a score: it was scored when it first came.)
-            scored = emitted & (res.held != HELD.index("duplicate"))
-            m.scores.observe_many(res.score[scored], [s for s, e in zip(dec.stream, scored.tolist()) if e])
+            # (A duplicate's 0 is not a score: it was scored when it first came. Rare: the stream
+            # ids are listed again only for a batch that has one.)
+            scored = emitted & (res.held != _DUPLICATE)
+            scored_streams = streams if scored.sum() == len(streams) else [s for s, e in zip(dec.stream, scored.tolist()) if e]
+            m.scores.observe_many(res.score[scored], scored_streams)
             # (Last: a scrape, or a test, that sees the events counted sees their observations too.)
             m.scored.inc(int(emitted.sum()))
         return outputs, offsets, emitted_ts
