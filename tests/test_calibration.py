@@ -207,7 +207,9 @@ def test_a_stream_constant_until_it_moves_starts_over(one_torch_thread):
         named = res.top_feature(mask).reshape(n, k)[at, np.arange(k)] == 0
         others = anom.sum(axis=0) - flagged - anom[const]
         print(f"\nconstant for {const}: spikes flagged {flagged.sum()} of {k}, named {named.sum()}; ", end="")
-        print(f"the move flagged on {anom[const].sum()}; other flags per stream {others.tolist()}")
+        missed = res.score.reshape(n, k)[at, np.arange(k)][~flagged]
+        print(f"the move flagged on {anom[const].sum()}; other flags per stream {others.tolist()}; ", end="")
+        print(f"missed spikes' scores {missed.round(3).tolist()}")
         assert flagged.sum() >= 7 and named.all(), res.score.reshape(n, k)[at, np.arange(k)]
         assert anom[const].all()
         # (Nothing else: the profile, kept through the restart, flagged the first return to an
