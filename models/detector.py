@@ -153,7 +153,9 @@ def wakes(state: dict[str, torch.Tensor], mask: torch.Tensor, flat: torch.Tensor
     first, against the constant past (the first is usually flagged: the stream woke up). A move
     an event in between takes back is a glitch, handled as ever (winsorised), and the stream may
     still wake later; one of two readings restarted a stream from its value in a first version
-    and hid a real step 30 events later.
+    and hid a real step 30 events later. Events carrying only features still constant neither
+    count nor take the move back: a stream whose events each carry one feature never woke while
+    another of its features stayed constant (`-k one_feature_events`).
 
     Judged on, its first readings measured hundreds of deviations against spreads at the floor,
     and the few of them not flagged (the histories' tops had climbed to them through the first
@@ -169,10 +171,14 @@ def wakes(state: dict[str, torch.Tensor], mask: torch.Tensor, flat: torch.Tensor
     WAKE_AFTER restarted.)"""
     wake = state["cal_wake"]
     idle = (flat | (state["norm_n"] == 0)).all(dim=1)
+    moving = (mask & moved).any(dim=1)
     first = (wake == 0) & idle & (mask & moved & flat).any(dim=1)
     waking = (wake > 0) & (wake < WAKE_AFTER)
-    again = waking & (mask & moved).any(dim=1)
-    after = torch.where(first, 1, torch.where(again, wake + 1, torch.where(waking, 0, wake)))
+    again = waking & moving
+    # An event that carries only features still flat, none moved, says nothing of the one that
+    # moved (its features come in separate events: a sensor's reading, then another's).
+    silent = ~moving & (~mask | flat).all(dim=1)
+    after = torch.where(first, 1, torch.where(again, wake + 1, torch.where(waking & ~silent, 0, wake)))
     return again & (wake + 1 == WAKE_AFTER), after.to(wake.dtype)
 
 
@@ -234,8 +240,11 @@ def advance(
     # A feature that came later than its stream (a sensor added to it, or one whose first
     # readings were missing) has statistics resting on a few readings while the stream is past
     # warm-up: its third reading was flagged as if it were a spike. Like a new stream's, its first
-    # half warm-up is kept out of the views (it still learns).
-    late = mask & (n < cal.warmup // 2) & (n < steps[:, None])
+    # half warm-up is kept out of the views (it still learns). Late against the stream's best-fed
+    # feature, not its event count: a stream whose events each carry one of its features (a sensor's reading, then another's)
+    # has every feature behind its count, and all were kept out through warm-up, so the views'
+    # histories learned nothing but zeros and flagged the first event after it, noisy or not.
+    late = mask & (n < cal.warmup // 2) & (n.max(dim=1, keepdim=True).values >= cal.warmup // 2)
     per_feature = torch.where(late[:, None, :], 0.0, per_feature)
     # Every view's history learns from the first event on. A feature's profile error is scored
     # only once it has come back to hours it knows (`profile_scored`; always without timestamps,
@@ -377,8 +386,11 @@ def advance(
     # (Flat: NORM_CLIP_AFTER identical readings at a spread at its floor; a move, a reading it clips.)
     flat = (var <= floor_var) & (n >= NORM_CLIP_AFTER) & (state["rep_run"] >= NORM_CLIP_AFTER)
     restart, wake = wakes(state, mask, flat, x_norm != x)
-    fresh = mask & restart[:, None]
-    n_new, mean_new = torch.where(fresh, 1.0, n_new).to(n_new.dtype), torch.where(fresh, x, mean_new)
+    # (Every feature the stream has, not only the event's: with its features in separate events,
+    # one kept its count and the other, restarted, was late against it through the new warm-up.
+    # One the event does not carry starts from its mean: its constant.)
+    fresh = restart[:, None] & (mask | (n > 0))
+    n_new, mean_new = torch.where(fresh, 1.0, n_new).to(n_new.dtype), torch.where(fresh & mask, x, mean_new)
     var_new = torch.where(fresh, 0.0, var_new)
     z_in = (x - mean_new) / _std(cfg.rel_std_floor, cfg.abs_std_floor, mean_new, var_new)
     z_in = torch.where(mask, z_in, torch.zeros_like(z_in)).float()

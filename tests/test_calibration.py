@@ -254,6 +254,46 @@ def test_a_glitch_or_fine_noise_does_not_start_a_stream_over(one_torch_thread):
     assert not det.bank.tensors["cal_wake"][:k].any()
 
 
+def test_a_stream_of_one_feature_events_wakes_up_too(one_torch_thread):
+    """The stream above, its two sensors sent as separate events, and the second constant
+    throughout (a setpoint). Its events of the constant sensor said the first had not moved, so
+    it never woke: spikes 800 and 3,000 events after the move were flagged on 0 or 1 of 8 streams
+    constant for 200 or 2,000 events. Events carrying only a still-constant feature now leave the
+    count as it is, and the restart starts both features over (the constant one, not in the
+    event, kept its count and made the other late through the new warm-up, whose end was
+    flagged at 1.0). (A stream whose moving sensor reads near its old constant on its second or
+    third moving reading stays asleep: hence 6, not 8.)"""
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    rng = np.random.default_rng(0)
+    for const in (200, 2000):
+        n, k = const + 3200, 8
+        x = np.zeros((n, k, 8))
+        for s in range(k):
+            e = rng.normal(0.0, 1.0, n)
+            for i in range(2, n):
+                e[i] += 0.9 * e[i - 2]
+            x[:, s, 0] = 50.0 + e
+        x[:const, :, 0] = 50.0
+        x[:, :, 1] = 10.0
+        at = const + np.where(np.arange(k) < 4, 800, 3000)  # (even events carry the first sensor)
+        x[at, np.arange(k), 0] += 10.0
+        mask = np.zeros((n, k, 8), dtype=bool)
+        mask[0::2, :, 0] = True
+        mask[1::2, :, 1] = True
+        det = Detector(model, CalibrationConfig(threshold=TAIL_THRESHOLD))
+        ts = np.repeat(1_600_000_000_000 + 30_000 * np.arange(n), k)
+        res = det.process(np.tile(np.arange(k), n), x.reshape(n * k, 8), mask.reshape(n * k, 8), ts)
+        anom = res.is_anomaly.reshape(n, k)
+        flagged = anom[at, np.arange(k)]
+        others = anom.sum(axis=0) - flagged - anom[const]
+        woke = int((det.bank.tensors["cal_wake"][:k] > 0).sum())
+        print(f"\nconstant for {const}: spikes flagged {flagged.sum()} of {k}; woke {woke}; ", end="")
+        print(f"other flags per stream {others.tolist()}", end="")
+        assert flagged.sum() >= 6 and woke >= 6, res.score.reshape(n, k)[at, np.arange(k)]
+        assert anom[const].all()
+        assert others.max() <= 1
+
+
 def test_a_lasting_change_stops_being_flagged(one_torch_thread):
     rng = np.random.default_rng(4)
     x = rng.normal(0, 1.0, 1600)

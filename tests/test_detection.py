@@ -278,6 +278,31 @@ def test_a_feature_that_joins_a_stream_late_has_its_own_warm_up(one_torch_thread
     assert (res.top_feature(mask.reshape(n * streams, -1)).reshape(n, streams)[n - 1] == before).all()
 
 
+def test_a_stream_whose_events_each_carry_one_feature_is_not_flagged_as_its_warm_up_ends(one_torch_thread):
+    """Two sensors sent as separate events under one stream key (a reading of one, then of the
+    other). Every feature had fewer readings than its stream had events, so each counted as a
+    late feature (above) through the whole warm-up, its views were kept out and the histories
+    learned nothing but zeros: each of these 16 anomaly-free streams, noisy or not, was flagged
+    at 1.0 by the first event after warm-up. A feature is late only against a better-fed one now."""
+    streams, n = 16, 1200
+    rng = np.random.default_rng(0)
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    det = Detector(model, CalibrationConfig())  # the daemon's defaults: warm-up 100, threshold 0.5
+    x = np.zeros((n, streams, det.max_features))
+    x[:, :, :2] = [50.0, 10.0]
+    x[:, 8:, :2] += rng.normal(0, 1, (n, 8, 2))  # the first eight constant, the rest noisy
+    mask = np.zeros_like(x, dtype=bool)
+    mask[0::2, :, 0] = True
+    mask[1::2, :, 1] = True
+    ts = np.repeat(np.arange(n, dtype=np.int64) * 30_000, streams)
+    res = det.process(np.tile(np.arange(streams), n), x.reshape(n * streams, -1), mask.reshape(n * streams, -1), ts)
+    flagged = res.is_anomaly.reshape(n, streams)
+    print(f"\nflagged as warm-up ended: {int(flagged[95:110].sum())} of {streams}; flags in {n} events each: {flagged.sum(0).tolist()}")
+    assert not flagged[95:110].any()
+    assert not flagged[:, :8].any()
+    assert flagged[:, 8:].mean() < 2e-3
+
+
 def test_a_setpoint_step_no_longer_raises_the_bar_for_the_other_features(one_torch_thread):
     """Found by a review (README, Calibration). Twin chillers (setpoint, supply and return
     temperature, condenser pressure; 1-minute readings) with the same noise and one spike of 10
