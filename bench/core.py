@@ -9,6 +9,13 @@ itself has. The three stream counts are the three shapes a poll can take:
 * 1,000 streams: a typical poll of 5,000 records is 5 wavefronts of 1,000 rows;
 * 100,000 streams: each stream has one event per batch, so a 100,000-event batch is a single
   wavefront, the best case for batching (and the state bank is as large as it gets here).
+
+Events carry what the daemon passes with them (`--core-events daemon`, the default): an event
+time (one reading a second per stream) and a delivery stamp (the Kafka record's timestamp, a
+little later), so the time-of-day profile, the gap check and the duplicate check run as they do
+in `streamer run`. `untimed` passes neither, the shape this benchmark had until 2026-12-07 (for
+comparing with figures measured then), and `no-stamps` passes times but no stamps (no event is
+checked for a re-delivery): a run of each gives what those parts cost.
 """
 
 from __future__ import annotations
@@ -26,6 +33,10 @@ from bench.machine import peak_rss_bytes
 from models.detector import Detector
 from models.gru import DEFAULT_WEIGHTS, ModelConfig, StreamGRU, load_checkpoint
 
+# What each event carries besides its readings (the module docstring).
+CORE_EVENTS = ("daemon", "untimed", "no-stamps")
+T0_MS = 1_700_000_000_000  # the first event time, 2023-11-14 (any date does)
+STAMP_DELAY_MS = 20  # a record's timestamp after its reading's time
 ACTIVE_FEATURES = 4  # the synthetic sensors' temp, rpm, vibration, pressure; the rest is masked
 # Typical level and noise of each active feature, so normalisation sees realistic magnitudes.
 LEVELS = np.array([55.0, 1800.0, 0.6, 4.0])
@@ -63,6 +74,7 @@ class CoreResult:
     peak_rss_bytes: int
     cuda_peak_bytes: int | None
     note: str = ""
+    events_carry: str = "daemon"
 
 
 def load_model() -> tuple[StreamGRU, str]:
@@ -98,24 +110,30 @@ class BatchMaker:
     consecutive batches continue where the last one stopped, as successive polls would.
     """
 
-    def __init__(self, streams: int, max_features: int, seed: int = 0) -> None:
+    def __init__(self, streams: int, max_features: int, seed: int = 0, carry: str = "daemon") -> None:
         self.streams = streams
+        self.carry = carry
         self.max_features = max_features
         self.rng = np.random.default_rng(seed)
         self.levels = LEVELS * (1.0 + 0.2 * self.rng.standard_normal((streams, ACTIVE_FEATURES)))
         self.next_event = 0
 
-    def make(self, batch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        slots = (self.next_event + np.arange(batch, dtype=np.int64)) % self.streams
+    def make(self, batch: int) -> tuple[np.ndarray, ...]:
+        """(slots, x, mask[, ts_ms[, stamps]]): `Detector.process`'s arguments."""
+        index = self.next_event + np.arange(batch, dtype=np.int64)
+        slots = index % self.streams
         self.next_event += batch
         x = np.zeros((batch, self.max_features), dtype=np.float64)
         x[:, :ACTIVE_FEATURES] = self.levels[slots] + NOISE * self.rng.standard_normal((batch, ACTIVE_FEATURES))
         mask = np.zeros((batch, self.max_features), dtype=bool)
         mask[:, :ACTIVE_FEATURES] = True
-        return slots, x, mask
+        if self.carry == "untimed":
+            return slots, x, mask
+        ts = T0_MS + (index // self.streams) * 1000  # each stream's own clock, a reading a second
+        return (slots, x, mask, ts) if self.carry == "no-stamps" else (slots, x, mask, ts, ts + STAMP_DELAY_MS)
 
 
-def _run_once(detector: Detector, batch: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[float, int]:
+def _run_once(detector: Detector, batch: tuple[np.ndarray, ...]) -> tuple[float, int]:
     """Seconds and wavefronts of one `process` call, device work included."""
     _sync(detector.device)
     t0 = time.perf_counter()
@@ -132,6 +150,7 @@ def bench_case(
     min_seconds: float,
     max_batch_seconds: float,
     min_batches: int,
+    carry: str = "daemon",
 ) -> CoreResult:
     """Warm up, then time whole batches until both min_seconds and min_batches are reached.
 
@@ -142,7 +161,7 @@ def bench_case(
     note = ""
     with torch_threads(threads):
         detector = Detector(model, device=device, capacity=case.streams)
-        maker = BatchMaker(case.streams, detector.max_features)
+        maker = BatchMaker(case.streams, detector.max_features, carry=carry)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         # Warm-up: first calls pay allocator, oneDNN and kernel-selection costs. A small batch
@@ -188,10 +207,13 @@ def bench_case(
             peak_rss_bytes=peak_rss_bytes(),
             cuda_peak_bytes=cuda_peak,
             note=note,
+            events_carry=carry,
         )
 
 
-def run_core(device: torch.device, thread_settings: list[int], quick: bool, log: Any = print) -> tuple[list[CoreResult], str]:
+def run_core(
+    device: torch.device, thread_settings: list[int], quick: bool, log: Any = print, carry: str = "daemon"
+) -> tuple[list[CoreResult], str]:
     """Every (thread count, stream count) pair; returns the results and which weights were used."""
     model, weights_note = load_model()
     min_seconds, max_batch_seconds, min_batches = (0.5, 1.5, 2) if quick else (4.0, 15.0, 3)
@@ -199,5 +221,5 @@ def run_core(device: torch.device, thread_settings: list[int], quick: bool, log:
     for threads in thread_settings:
         for case in cases(quick):
             log(f"core step: {case.streams:,} streams, batch {case.batch:,}, {threads} thread(s) on {device}")
-            results.append(bench_case(model, case, device, threads, min_seconds, max_batch_seconds, min_batches))
+            results.append(bench_case(model, case, device, threads, min_seconds, max_batch_seconds, min_batches, carry))
     return results, weights_note

@@ -22,7 +22,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from bench.core import CoreResult, run_core
+from bench.core import CORE_EVENTS, CoreResult, run_core
 from bench.e2e import E2EResult, run_e2e
 from bench.logs import LogResult, run_logs
 from bench.machine import describe, load_average, peak_rss_bytes
@@ -49,6 +49,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "the daemon with torch's default (as `streamer run` does)",
     )
     p.add_argument("--only", choices=("core", "e2e", "logs"), help="run one part only")
+    p.add_argument(
+        "--core-events",
+        choices=CORE_EVENTS,
+        default="daemon",
+        help="what the core step's events carry: times and delivery stamps as the daemon passes them (default), "
+        "neither (untimed: this benchmark before 2026-12-07), or times without stamps (no duplicate check)",
+    )
     p.add_argument(
         "--max-poll-records", type=int, default=5_000, help="daemon consumer.max_poll_records (default: the daemon default, 5000)"
     )
@@ -98,7 +105,12 @@ def machine_lines(info: dict[str, Any], weights: str | None) -> list[str]:
 
 
 def core_table(rows: list[CoreResult]) -> Table:
-    t = Table(title="Core step alone: Detector.process, 4 of 8 features per stream, no Kafka")
+    carry = {
+        "daemon": "event times and stamps as the daemon passes them",
+        "untimed": "no event times",
+        "no-stamps": "event times, no stamps",
+    }
+    t = Table(title=f"Core step alone: Detector.process, 4 of 8 features per stream, {carry[rows[0].events_carry]}, no Kafka")
     for col in ("streams", "threads", "batch", "wavefronts/batch", "batches timed", "events/s", "µs/wavefront", "µs/event", "note"):
         t.add_column(col, justify="left" if col == "note" else "right")
     for r in rows:
@@ -235,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     single = args.threads is not None or device.type == "cuda"
     settings = [default_threads] if single else sorted({default_threads, 1}, reverse=True)
     if args.only in (None, "core"):
-        core, weights = run_core(device, settings, args.quick, log)
+        core, weights = run_core(device, settings, args.quick, log, args.core_events)
 
     e2e: list[E2EResult] = []
     if args.only in (None, "e2e"):
