@@ -285,7 +285,15 @@ def advance(
     hists = torch.stack([state[k] for k in CAL_HISTS + CAL_HISTS_LONG], dim=1)  # [B, 10, bins]: one call
     nv = len(CAL_HISTS)
     lp_both, _, tops = tail_log10_p(cal, views.repeat(1, 2), hists)
-    bins = hist_bin(learned.repeat(1, 2))
+    # The long histories learn the time-of-day view only where it is scored. Before a feature
+    # has come back to an hour, its profile error compares the reading with the stream's overall
+    # level (an hour never seen), which says nothing of what the stream does at that hour: at a
+    # machine's first switch-off that was thousands of times the running readings' spread, and
+    # at full weight its trace set the long history's top for ~20,000 events, hiding ordinary
+    # spikes in that view (`tests/test_adapt.py -k daily_shift`). The short history still
+    # learns it from the first event, to judge the first scored hours against.
+    learned_long = torch.cat((learned[:, :1], views[:, 1:2], learned[:, 2:]), dim=1)
+    bins = hist_bin(torch.cat((learned, learned_long), dim=1))
     lp = torch.where(applies, torch.minimum(lp_both[:, :nv], lp_both[:, nv:]), 0.0)
     # The per-feature view, a sixth test where it applies: each feature's mixed prediction error
     # against its own history, so a noisy sensor's tail does not hide a quiet one's spike. It
@@ -361,7 +369,9 @@ def advance(
     weight_views = torch.where(unsettled, weight.clamp(max=cal.flagged_weight), weight)
     weight_long = torch.where(flagged | unsettled, 0.0, weight_views)
     weight_short = run_weight(cal, weight_views, onset, bins[:, :nv], tops[:, :nv], state["cal_onset_bin"])
-    cal_weight = torch.cat((weight_short * learns, weight_long[:, None] * learns), dim=1)  # [B, 10]
+    learns_long = learns.clone()
+    learns_long[:, 1] &= prof_applies
+    cal_weight = torch.cat((weight_short * learns, weight_long[:, None] * learns_long), dim=1)  # [B, 10]
     windows = torch.full((2, nv), float(cal.window), dtype=hists.dtype, device=hists.device)  # (fills: no copy from host)
     windows[1] = float(cal.long_window)
     # (Only the short histories learn flagged events; the long ones take the short ones' caps.)
