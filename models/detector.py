@@ -153,9 +153,11 @@ def wakes(state: dict[str, torch.Tensor], mask: torch.Tensor, flat: torch.Tensor
     first, against the constant past (the first is usually flagged: the stream woke up). A move
     an event in between takes back is a glitch, handled as ever (winsorised), and the stream may
     still wake later; one of two readings restarted a stream from its value in a first version
-    and hid a real step 30 events later. Events carrying only features still constant neither
-    count nor take the move back: a stream whose events each carry one feature never woke while
-    another of its features stayed constant (`-k one_feature_events`).
+    and hid a real step 30 events later. The moves counted are those of a feature that has
+    moved already; events of features still constant neither count nor take the move back,
+    whether one of them moves too or not: a stream whose events each carry one feature never
+    woke while another of its features stayed constant (`-k one_feature_events`), and moves of
+    two sensors, a glitch on each, added up to a restart (`-k add_up`).
 
     Judged on, its first readings measured hundreds of deviations against spreads at the floor,
     and the few of them not flagged (the histories' tops had climbed to them through the first
@@ -171,14 +173,17 @@ def wakes(state: dict[str, torch.Tensor], mask: torch.Tensor, flat: torch.Tensor
     WAKE_AFTER restarted.)"""
     wake = state["cal_wake"]
     idle = (flat | (state["norm_n"] == 0)).all(dim=1)
-    moving = (mask & moved).any(dim=1)
     first = (wake == 0) & idle & (mask & moved & flat).any(dim=1)
     waking = (wake > 0) & (wake < WAKE_AFTER)
-    again = waking & moving
-    # An event that carries only features still flat, none moved, says nothing of the one that
-    # moved (its features come in separate events: a sensor's reading, then another's).
-    silent = ~moving & (~mask | flat).all(dim=1)
-    after = torch.where(first, 1, torch.where(again, wake + 1, torch.where(waking & ~silent, 0, wake)))
+    # Counted: a feature that has moved since it was flat (so no longer flat) moves again. Reset:
+    # such a feature reads within the clip again (the move was taken back: a glitch). Neither:
+    # an event of features still flat (its features come in separate events: a sensor's
+    # reading, then another's), whether one of them moves too (a second sensor switching on)
+    # or not. (Counted as moves of the first, a glitch on one sensor and later a two-reading
+    # glitch on another restarted the stream from the second glitch's value: a review.)
+    again = waking & (mask & moved & ~flat).any(dim=1)
+    back = waking & (mask & ~moved & ~flat).any(dim=1)
+    after = torch.where(first, 1, torch.where(again, wake + 1, torch.where(back, 0, wake)))
     return again & (wake + 1 == WAKE_AFTER), after.to(wake.dtype)
 
 
@@ -398,9 +403,12 @@ def advance(
     restart, wake = wakes(state, mask, flat, x_norm != x)
     # (Every feature the stream has, not only the event's: with its features in separate events,
     # one kept its count and the other, restarted, was late against it through the new warm-up.
-    # One the event does not carry starts from its mean: its constant.)
+    # One the event does not carry starts from its last reading: its constant, or where it has
+    # moved too, where it went (from its normaliser's mean, still near the old constant, the
+    # exact average kept that phantom reading in its spread for ~1,000 readings: a review).)
     fresh = restart[:, None] & (mask | (n > 0))
-    n_new, mean_new = torch.where(fresh, 1.0, n_new).to(n_new.dtype), torch.where(fresh & mask, x, mean_new)
+    n_new = torch.where(fresh, 1.0, n_new).to(n_new.dtype)
+    mean_new = torch.where(fresh, torch.where(mask, x, state["rep_last"]), mean_new)
     var_new = torch.where(fresh, 0.0, var_new)
     z_in = (x - mean_new) / _std(cfg.rel_std_floor, cfg.abs_std_floor, mean_new, var_new)
     z_in = torch.where(mask, z_in, torch.zeros_like(z_in)).float()
