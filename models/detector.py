@@ -157,7 +157,9 @@ def wakes(state: dict[str, torch.Tensor], mask: torch.Tensor, flat: torch.Tensor
     moved already; events of features still constant neither count nor take the move back,
     whether one of them moves too or not: a stream whose events each carry one feature never
     woke while another of its features stayed constant (`-k one_feature_events`), and moves of
-    two sensors, a glitch on each, added up to a restart (`-k add_up`).
+    two sensors, a glitch on each, added up to a restart (`-k add_up`). Left (reviews): a count
+    left by a sensor that went silent does not expire, so a two-reading glitch before it did
+    and two moving readings of another sensor later restart the stream.
 
     Judged on, its first readings measured hundreds of deviations against spreads at the floor,
     and the few of them not flagged (the histories' tops had climbed to them through the first
@@ -181,9 +183,13 @@ def wakes(state: dict[str, torch.Tensor], mask: torch.Tensor, flat: torch.Tensor
     # reading, then another's), whether one of them moves too (a second sensor switching on)
     # or not. (Counted as moves of the first, a glitch on one sensor and later a two-reading
     # glitch on another restarted the stream from the second glitch's value: a review.)
+    # (Taken back in the event where another, still-flat feature moves: that move starts the count
+    # afresh. Reset to 0, a sag on one sensor as another switched on kept the stream asleep for
+    # good: it was never flat on every feature again. A review.)
     again = waking & (mask & moved & ~flat).any(dim=1)
     back = waking & (mask & ~moved & ~flat).any(dim=1)
-    after = torch.where(first, 1, torch.where(again, wake + 1, torch.where(back, 0, wake)))
+    new = (mask & moved & flat).any(dim=1)
+    after = torch.where(first, 1, torch.where(again, wake + 1, torch.where(back, new.to(wake.dtype), wake)))
     return again & (wake + 1 == WAKE_AFTER), after.to(wake.dtype)
 
 
@@ -403,12 +409,13 @@ def advance(
     restart, wake = wakes(state, mask, flat, x_norm != x)
     # (Every feature the stream has, not only the event's: with its features in separate events,
     # one kept its count and the other, restarted, was late against it through the new warm-up.
-    # One the event does not carry starts from its last reading: its constant, or where it has
-    # moved too, where it went (from its normaliser's mean, still near the old constant, the
-    # exact average kept that phantom reading in its spread for ~1,000 readings: a review).)
+    # One the event does not carry starts from its next reading, as a feature never seen: from
+    # its normaliser's mean, still near the old constant where it had moved too, the exact average
+    # kept that phantom reading in its spread for ~1,000 readings, and from its last reading, a
+    # glitch before it went offline. Reviews.)
     fresh = restart[:, None] & (mask | (n > 0))
-    n_new = torch.where(fresh, 1.0, n_new).to(n_new.dtype)
-    mean_new = torch.where(fresh, torch.where(mask, x, state["rep_last"]), mean_new)
+    n_new = torch.where(restart[:, None], mask.to(n_new.dtype), n_new)
+    mean_new = torch.where(fresh & mask, x, mean_new)
     var_new = torch.where(fresh, 0.0, var_new)
     z_in = (x - mean_new) / _std(cfg.rel_std_floor, cfg.abs_std_floor, mean_new, var_new)
     z_in = torch.where(mask, z_in, torch.zeros_like(z_in)).float()

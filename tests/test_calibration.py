@@ -295,18 +295,25 @@ def test_a_stream_of_one_feature_events_wakes_up_too(one_torch_thread):
 
 
 def test_moves_of_two_sensors_add_up_only_when_both_switch_on(one_torch_thread):
-    """From a review of the wake-up for separate events. Streams 0-3, constant (50, 10) on both
-    sensors in every event: the first reads garbage once and drops out, and 500 events later
-    the second glitches for two readings, then steps by 2 for good. The garbage reading began
-    the count and, with only still-constant readings between, the second's two glitch readings
-    finished it: the stream restarted from the glitch and its step was never flagged. A flat
-    sensor's move now neither counts nor resets; the next reading of a sensor that has moved
-    does. Streams 4-7, the two sensors in separate events, both switch on (to 80 and 60, noise
-    ~1.4): they wake, and the sensor not in the restart event starts from its last reading (from
-    its normaliser's mean, near the old constant, a phantom reading 50 away stayed in its spread
-    for ~1,000 readings: 7 where its noise is ~1.4, 100 events later)."""
+    """From two reviews of the wake-up for separate events. Streams 0-3, constant (50, 10) on
+    both sensors in every event: the first reads garbage once and drops out, and 500 events
+    later the second glitches for two readings, then steps by 2 for good. The garbage reading
+    began the count and, with only still-constant readings between, the second's two glitch
+    readings finished it: the stream restarted from the glitch and its step was never flagged.
+    A flat sensor's move now neither counts nor resets; the next reading of a sensor that has
+    moved does. Streams 4-7, the two sensors in separate events, both switch on (to 80 and 60,
+    noise ~1.4): they wake, and the sensor not in the restart event starts afresh from its next
+    reading (from its normaliser's mean, near the old constant, a phantom reading 50 away stayed
+    in its spread for ~1,000 readings: 7 where its noise is ~1.4, 100 events later). Streams
+    8-11, both in every event: the first sags for one reading as the second switches on for
+    good at the next event; the sag taken back reset the count, and the stream, never flat on
+    both again, never woke. A move taken back in an event where a still-flat sensor moves now
+    starts the count afresh. Streams 12-15, separate events: the first reads garbage once and
+    goes offline, the second switches on 300 events later, and the first comes back at its old
+    level (noise 1) 300 events after that; started from its last reading, the garbage, its
+    spread was 14 a hundred events after it was back."""
     model, _ = load_checkpoint(DEFAULT_WEIGHTS)
-    n, k, on = 1700, 8, 1000
+    n, k, on = 1800, 16, 1000
     x = np.zeros((n, k, 8))
     x[:, :, :2] = [50.0, 10.0]
     mask = np.zeros((n, k, 8), dtype=bool)
@@ -316,25 +323,38 @@ def test_moves_of_two_sensors_add_up_only_when_both_switch_on(one_torch_thread):
     x[[1500, 1501], :4, 1] += 100.0
     x[1530:, :4, 1] += 2.0
     rng = np.random.default_rng(0)
-    e = rng.normal(size=(n, 4, 2))
+    e = rng.normal(size=(n, 12, 2))
     for i in range(2, n):
-        e[i] += 0.7 * e[i - 2]
-    x[on:, 4:, :2] = e[on:] + np.array([80.0, 60.0])
-    mask[0::2, 4:, 0] = True
-    mask[1::2, 4:, 1] = True
+        e[i, :4] += 0.7 * e[i - 2, :4]
+    x[on:, 4:8, :2] = e[on:, :4] + np.array([80.0, 60.0])
+    mask[0::2, 4:8, 0] = mask[1::2, 4:8, 1] = True
+    x[on, 8:12, 0] -= 40.0
+    x[on + 1 :, 8:12, 1] = 60.0 + e[on + 1 :, 4:8, 1]
+    mask[:, 8:12, :2] = True
+    x[on, 12:, 0] += 100.0
+    x[on + 301 :, 12:, 1] = 60.0 + e[on + 301 :, 8:, 1]
+    x[on + 600 :, 12:, 0] = 50.0 + e[on + 600 :, 8:, 0]
+    mask[0::2, 12:, 0] = mask[1::2, 12:, 1] = True
+    mask[on + 1 : on + 600, 12:, 0] = False
     det = Detector(model, CalibrationConfig(threshold=TAIL_THRESHOLD))
     ts = np.repeat(1_600_000_000_000 + 30_000 * np.arange(n), k)
     slots = np.tile(np.arange(k), n)
-    cut = (on + 100) * k
-    res = det.process(slots[:cut], x[: on + 100].reshape(-1, 8), mask[: on + 100].reshape(-1, 8), ts[:cut])
-    spread = det.bank.tensors["norm_var"][4:k, 1].sqrt().numpy().copy()
-    rest = det.process(slots[cut:], x[on + 100 :].reshape(-1, 8), mask[on + 100 :].reshape(-1, 8), ts[cut:])
-    anom = np.r_[res.is_anomaly, rest.is_anomaly].reshape(n, k)
+    anom, spread = [], []
+    for t0, t1 in ((0, on + 100), (on + 100, on + 700), (on + 700, n)):
+        part = det.process(slots[t0 * k : t1 * k], x[t0:t1].reshape(-1, 8), mask[t0:t1].reshape(-1, 8), ts[t0 * k : t1 * k])
+        anom.append(part.is_anomaly.reshape(t1 - t0, k))
+        spread.append(det.bank.tensors["norm_var"][:k, :2].sqrt().numpy().copy())
+    flagged = np.concatenate(anom)
     wake = det.bank.tensors["cal_wake"][:k].tolist()
-    print(f"\nwake-up state {wake}; step after the glitches flagged {anom[1530:1540, :4].any(axis=0).tolist()}; ", end="")
-    print(f"second sensor's spread 100 events after both switched on {spread.round(2).tolist()} (noise {e[on:, :, 1].std():.2f})")
-    assert wake[:4] == [0, 0, 0, 0] and anom[1530:1540, :4].any(axis=0).all()
-    assert wake[4:] == [3, 3, 3, 3] and (spread < 2 * e[on:, :, 1].std()).all()
+    second, first_back = spread[0][4:8, 1], spread[1][12:, 0]
+    print(f"\nwake-up state {wake}; step after the glitches flagged {flagged[1530:1540, :4].any(axis=0).tolist()}; ", end="")
+    print(
+        f"second sensor's spread 100 events after both switched on {second.round(2).tolist()} (noise {e[on:, :4, 1].std():.2f}); ", end=""
+    )
+    print(f"first sensor's 100 events after it is back {first_back.round(2).tolist()} (noise {e[on:, 8:, 0].std():.2f})")
+    assert wake[:4] == [0, 0, 0, 0] and flagged[1530:1540, :4].any(axis=0).all()
+    assert wake[4:] == [3] * 12
+    assert (second < 2 * e[on:, :4, 1].std()).all() and (first_back < 2 * e[on:, 8:, 0].std()).all()
 
 
 def test_a_lasting_change_stops_being_flagged(one_torch_thread):
