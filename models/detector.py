@@ -159,7 +159,8 @@ def wakes(state: dict[str, torch.Tensor], mask: torch.Tensor, flat: torch.Tensor
     woke while another of its features stayed constant (`-k one_feature_events`), and moves of
     two sensors, a glitch on each, added up to a restart (`-k add_up`). Left (reviews): a count
     left by a sensor that went silent does not expire, so a two-reading glitch before it did
-    and two moving readings of another sensor later restart the stream.
+    and two moving readings of another sensor later restart the stream; a sensor whose move is
+    taken back as another switches on keeps the stream asleep (below).
 
     Judged on, its first readings measured hundreds of deviations against spreads at the floor,
     and the few of them not flagged (the histories' tops had climbed to them through the first
@@ -183,13 +184,13 @@ def wakes(state: dict[str, torch.Tensor], mask: torch.Tensor, flat: torch.Tensor
     # reading, then another's), whether one of them moves too (a second sensor switching on)
     # or not. (Counted as moves of the first, a glitch on one sensor and later a two-reading
     # glitch on another restarted the stream from the second glitch's value: a review.)
-    # (Taken back in the event where another, still-flat feature moves: that move starts the count
-    # afresh. Reset to 0, a sag on one sensor as another switched on kept the stream asleep for
-    # good: it was never flat on every feature again. A review.)
+    # (Taken back, the count starts from 0 even where another, still-flat feature moves in that
+    # event: counted from 1 there, glitches of one or two readings on two sensors over four events
+    # restarted the stream from a glitch. The price, a review's: a sag on one sensor as another
+    # switches on keeps the stream asleep, never flat on every feature again.)
     again = waking & (mask & moved & ~flat).any(dim=1)
     back = waking & (mask & ~moved & ~flat).any(dim=1)
-    new = (mask & moved & flat).any(dim=1)
-    after = torch.where(first, 1, torch.where(again, wake + 1, torch.where(back, new.to(wake.dtype), wake)))
+    after = torch.where(first, 1, torch.where(again, wake + 1, torch.where(back, 0, wake)))
     return again & (wake + 1 == WAKE_AFTER), after.to(wake.dtype)
 
 

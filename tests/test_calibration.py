@@ -295,7 +295,7 @@ def test_a_stream_of_one_feature_events_wakes_up_too(one_torch_thread):
 
 
 def test_moves_of_two_sensors_add_up_only_when_both_switch_on(one_torch_thread):
-    """From two reviews of the wake-up for separate events. Streams 0-3, constant (50, 10) on
+    """From three reviews of the wake-up for separate events. Streams 0-3, constant (50, 10) on
     both sensors in every event: the first reads garbage once and drops out, and 500 events
     later the second glitches for two readings, then steps by 2 for good. The garbage reading
     began the count and, with only still-constant readings between, the second's two glitch
@@ -305,10 +305,10 @@ def test_moves_of_two_sensors_add_up_only_when_both_switch_on(one_torch_thread):
     noise ~1.4): they wake, and the sensor not in the restart event starts afresh from its next
     reading (from its normaliser's mean, near the old constant, a phantom reading 50 away stayed
     in its spread for ~1,000 readings: 7 where its noise is ~1.4, 100 events later). Streams
-    8-11, both in every event: the first sags for one reading as the second switches on for
-    good at the next event; the sag taken back reset the count, and the stream, never flat on
-    both again, never woke. A move taken back in an event where a still-flat sensor moves now
-    starts the count afresh. Streams 12-15, separate events: the first reads garbage once and
+    8-11, both in every event: glitches of one or two readings on each sensor over four events
+    (first, second, second, first; and alternating), then a step of 2 on the first: no restart
+    (counting afresh from a taken-back move where a flat sensor moved restarted these from the
+    glitch, and their step was missed). Streams 12-15, separate events: the first reads garbage once and
     goes offline, the second switches on 300 events later, and the first comes back at its old
     level (noise 1) 300 events after that; started from its last reading, the garbage, its
     spread was 14 a hundred events after it was back."""
@@ -328,8 +328,11 @@ def test_moves_of_two_sensors_add_up_only_when_both_switch_on(one_torch_thread):
         e[i, :4] += 0.7 * e[i - 2, :4]
     x[on:, 4:8, :2] = e[on:, :4] + np.array([80.0, 60.0])
     mask[0::2, 4:8, 0] = mask[1::2, 4:8, 1] = True
-    x[on, 8:12, 0] -= 40.0
-    x[on + 1 :, 8:12, 1] = 60.0 + e[on + 1 :, 4:8, 1]
+    x[[on, on + 3], 8:10, 0] += 100.0
+    x[[on + 1, on + 2], 8:10, 1] += 100.0
+    x[[on, on + 2], 10:12, 0] += 100.0
+    x[[on + 1, on + 3], 10:12, 1] += 100.0
+    x[on + 30 :, 8:12, 0] += 2.0
     mask[:, 8:12, :2] = True
     x[on, 12:, 0] += 100.0
     x[on + 301 :, 12:, 1] = 60.0 + e[on + 301 :, 8:, 1]
@@ -347,13 +350,14 @@ def test_moves_of_two_sensors_add_up_only_when_both_switch_on(one_torch_thread):
     flagged = np.concatenate(anom)
     wake = det.bank.tensors["cal_wake"][:k].tolist()
     second, first_back = spread[0][4:8, 1], spread[1][12:, 0]
-    print(f"\nwake-up state {wake}; step after the glitches flagged {flagged[1530:1540, :4].any(axis=0).tolist()}; ", end="")
+    stepped = np.r_[flagged[1530:1540, :4].any(axis=0), flagged[on + 30 : on + 40, 8:12].any(axis=0)]
+    print(f"\nwake-up state {wake}; steps after the glitches flagged {stepped.tolist()}; ", end="")
     print(
         f"second sensor's spread 100 events after both switched on {second.round(2).tolist()} (noise {e[on:, :4, 1].std():.2f}); ", end=""
     )
     print(f"first sensor's 100 events after it is back {first_back.round(2).tolist()} (noise {e[on:, 8:, 0].std():.2f})")
-    assert wake[:4] == [0, 0, 0, 0] and flagged[1530:1540, :4].any(axis=0).all()
-    assert wake[4:] == [3] * 12
+    assert wake[:4] == wake[8:12] == [0, 0, 0, 0] and stepped.all()
+    assert wake[4:8] == wake[12:] == [3, 3, 3, 3]
     assert (second < 2 * e[on:, :4, 1].std()).all() and (first_back < 2 * e[on:, 8:, 0].std()).all()
 
 
