@@ -253,9 +253,10 @@ def advance(
     # readings were missing) has statistics resting on a few readings while the stream is past
     # warm-up: its third reading was flagged as if it were a spike. Like a new stream's, its first
     # half warm-up is kept out of the views (it still learns). Late against the stream's best-fed
-    # feature, not its event count: a stream whose events each carry one of its features (a sensor's reading, then another's)
-    # has every feature behind its count, and all were kept out through warm-up, so the views'
-    # histories learned nothing but zeros and flagged the first event after it, noisy or not.
+    # feature, not its event count: a stream whose events each carry one of its features (a
+    # sensor's reading, then another's) has every feature behind its count, and all were kept
+    # out through warm-up, so the views' histories learned nothing but zeros and flagged the
+    # first event after it, noisy or not.
     late = mask & (n < cal.warmup // 2) & (n.max(dim=1, keepdim=True).values >= cal.warmup // 2)
     per_feature = torch.where(late[:, None, :], 0.0, per_feature)
     # Every view's history learns from the first event on. A feature's profile error is scored

@@ -180,6 +180,15 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def autoregressive(e: np.ndarray, phi: Any, lag: int = 1) -> np.ndarray:
+    """e, in place and returned, as an autoregressive process driven by its own rows: each row
+    plus phi (a number, or one per column) times the row `lag` before it, in order. The tests'
+    noisy sensors: consecutive readings that wander, not independent draws."""
+    for i in range(lag, len(e)):
+        e[i] += phi * e[i - lag]
+    return e
+
+
 def interleaved(
     x: np.ndarray, ts_ms: np.ndarray, calibration: CalibrationConfig | None = None, stamps: np.ndarray | None = None
 ) -> tuple[BatchResult, np.ndarray]:

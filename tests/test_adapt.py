@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 import torch
+from conftest import autoregressive
 
 from models.adapt import LEVEL_ALPHA, SHIFT_ALPHA, SHIFT_CLIP, gap, gap_update, level_q, level_update, profile_scored, shift_q, shift_update
 from models.calibration import TAIL_THRESHOLD, CalibrationConfig
@@ -79,9 +80,7 @@ def test_a_machine_on_a_daily_shift_is_judged_by_its_hour_after_the_first_day(on
     rng = np.random.default_rng(0)
     x = np.zeros((len(t), k, 8))
     for s in range(k):
-        e = rng.normal(0.0, 1.0, (len(t), 2)) * [0.5, 10.0]
-        for i in range(1, len(t)):
-            e[i] += [0.9, 0.8] * e[i - 1]
+        e = autoregressive(rng.normal(0.0, 1.0, (len(t), 2)) * [0.5, 10.0], np.array([0.9, 0.8]))
         x[:, s, 0] = np.where(on, 70.0 + e[:, 0], 20.0)
         x[:, s, 1] = np.where(on, 1500.0 + e[:, 1], 0.0)
     at = np.where(np.arange(k) < 6, 4, 2) * day + 12 * 60 + 7 * np.arange(k)

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import torch
+from conftest import autoregressive
 
 from models.calibration import (
     HIST_BINS,
@@ -191,9 +192,7 @@ def test_a_stream_constant_until_it_moves_starts_over(one_torch_thread):
         n, k = const + 1600, 8
         x = np.zeros((n, k, 8))
         for s in range(k):
-            e = rng.normal(0.0, 1.0, (n, 2)) * [1.0, 0.5]
-            for i in range(1, n):
-                e[i] += [0.9, 0.7] * e[i - 1]
+            e = autoregressive(rng.normal(0.0, 1.0, (n, 2)) * [1.0, 0.5], np.array([0.9, 0.7]))
             x[:, s, :2] = e + np.array([50.0, 10.0])
         x[:const, :, :2] = [50.0, 10.0]
         at = const + np.where(np.arange(k) < 4, 400, 1500)
@@ -230,10 +229,7 @@ def test_a_glitch_or_fine_noise_does_not_start_a_stream_over(one_torch_thread):
     n, k = 1200, 8
     x = np.zeros((n, k, 8))
     for s in range(4):
-        e = rng.normal(0.0, 1.0, n)
-        for i in range(1, n):
-            e[i] += 0.9 * e[i - 1]
-        x[:, s, 0] = 101_325.0 + e
+        x[:, s, 0] = 101_325.0 + autoregressive(rng.normal(0.0, 1.0, n), 0.9)
         x[1000, s, 0] += 400.0
         x[1050, s, 0] += 60.0
     x[:, 4:, :2] = [50.0, 10.0]
@@ -269,10 +265,7 @@ def test_a_stream_of_one_feature_events_wakes_up_too(one_torch_thread):
         n, k = const + 3200, 8
         x = np.zeros((n, k, 8))
         for s in range(k):
-            e = rng.normal(0.0, 1.0, n)
-            for i in range(2, n):
-                e[i] += 0.9 * e[i - 2]
-            x[:, s, 0] = 50.0 + e
+            x[:, s, 0] = 50.0 + autoregressive(rng.normal(0.0, 1.0, n), 0.9, lag=2)
         x[:const, :, 0] = 50.0
         x[:, :, 1] = 10.0
         at = const + np.where(np.arange(k) < 4, 800, 3000)  # (even events carry the first sensor)
@@ -324,8 +317,7 @@ def test_moves_of_two_sensors_add_up_only_when_both_switch_on(one_torch_thread):
     x[1530:, :4, 1] += 2.0
     rng = np.random.default_rng(0)
     e = rng.normal(size=(n, 12, 2))
-    for i in range(2, n):
-        e[i, :4] += 0.7 * e[i - 2, :4]
+    autoregressive(e[:, :4], 0.7, lag=2)
     x[on:, 4:8, :2] = e[on:, :4] + np.array([80.0, 60.0])
     mask[0::2, 4:8, 0] = mask[1::2, 4:8, 1] = True
     x[[on, on + 3], 8:10, 0] += 100.0
