@@ -89,6 +89,18 @@ HIST_PRIOR = 1.0
 HIST_OCCUPIED = 0.01
 
 
+# The views of the recent past keep an episode out of their long histories: its flagged events
+# and its tail, the events after its last flag while the model, the recent level and the recent
+# mean catch up with a new level or a burst dies down (models/detector.py `advance`): at most
+# EPISODE_TAIL of them, and none after the first calm one (scoring under TAIL_CALM, which one
+# ordinary event in four beats). Without the calm end, a busy stream's next spike 20 events after
+# a flagged one was a tail's, and its large surprise (the model not yet used to such spikes) was
+# what kept the stream's habitual spike from being news after a quiet spell (`tests/
+# test_calibration.py -k quiet_spell`); a level shift's tail is not calm until it is over.
+EPISODE_TAIL = 30
+TAIL_CALM = 0.1
+
+
 def _top_bin(h: torch.Tensor) -> torch.Tensor:
     """Highest bin of each history holding at least HIST_OCCUPIED, -1 where none does."""
     # (In uint8: with thousands of streams the histograms are most of the step's memory traffic.)

@@ -75,6 +75,9 @@ FIELDS: tuple[Field, ...] = (
     # learned at more than flagged_weight (`tail_weight`).
     Field("cal_onsets", False, False, torch.float64),
     Field("flag_prev", False, False, torch.bool),
+    # Events left of the tail of the last flagged episode, which the long histories of the views of
+    # the recent past do not learn (EPISODE_TAIL in models/calibration.py).
+    Field("cal_settle", False, False, torch.int8),
     # Whether a stream constant so far has just moved or has restarted its warm-up already
     # (`wakes` in models/detector.py).
     Field("cal_wake", False, False, torch.int8),

@@ -35,10 +35,10 @@ TP = tuple[str, int]
 # alerts; 15 each feature's last reading, run of repeats and counts of repeats, for the repeat
 # view; 16 the bin of the last run of flags' first event in each short history, for the cap on
 # what a flag teaches it; 17 the previous event's features and stamp, for duplicates; 18 whether a
-# constant stream has woken up. Layouts 4 to 17
-# are upgraded on load (see `_upgrade`).
-SNAPSHOT_VERSION = 18
-UPGRADABLE = (4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17)
+# constant stream has woken up; 19 the events left of the last flagged episode's tail, which the
+# long histories do not learn. Layouts 4 to 18 are upgraded on load (see `_upgrade`).
+SNAPSHOT_VERSION = 19
+UPGRADABLE = (4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18)
 log = logging.getLogger(__name__)
 
 
@@ -262,7 +262,9 @@ def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Te
     bins of the last run's first event start at 0, as if none: the next such run is capped, as
     every flag was before. Layout 17's features and stamp of the previous event start empty: the
     next event of each stream is not taken for a duplicate. Layout 18's wake-up mark starts at
-    0: no stream has restarted its warm-up yet (one constant so far may still)."""
+    0: no stream has restarted its warm-up yet (one constant so far may still). Layout 19's
+    count of an episode's tail starts at 0, as after none: a stream restored inside one learns
+    the rest of its tail, as every stream did before."""
     if version <= 4:
         state = with_empty_fields(state, ("corr_cov", "corr_n", "cal_hist_corr"))
     if version <= 5:
@@ -292,4 +294,6 @@ def _upgrade(state: dict[str, torch.Tensor], version: int) -> dict[str, torch.Te
         state = with_empty_fields(state, ("last_mask", "last_stamp"))
     if version <= 17:
         state = with_empty_fields(state, ("cal_wake",))
+    if version <= 18:
+        state = with_empty_fields(state, ("cal_settle",))
     return state if "prof_start" in state else with_empty_fields(state, ("prof_start",))

@@ -156,7 +156,7 @@ def test_a_snapshot_of_another_state_layout_is_ignored_not_fatal(tmp_path):
     assert store.load(("sensors", 0), arch) is None
 
 
-@pytest.mark.parametrize("layout", [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17])
+@pytest.mark.parametrize("layout", [4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18])
 def test_a_snapshot_of_an_older_layout_is_upgraded_keeping_every_stream(tmp_path, layout):
     """Layout 5 added the correlation view, layout 6 a long-memory histogram per view, layout 7
     the alert hold-off, layout 8 the memory of recurring events, layout 9 the hour of the last
@@ -166,15 +166,16 @@ def test_a_snapshot_of_an_older_layout_is_upgraded_keeping_every_stream(tmp_path
     the count of recent runs of flags (in place of the alerts) and the last event's flag, layout
     15 each feature's last reading, run and counts of repeats, layout 16 the bin of the last
     run's first flag in each short history, layout 17 the features and stamp of the previous event
-    (for duplicates), layout 18 whether a constant stream has woken up. An older snapshot restores every
+    (for duplicates), layout 18 whether a constant stream has woken up, layout 19 the events left
+    of the last flagged episode's tail. An older snapshot restores every
     stream's state as it was; the correlation view starts empty, as on a new stream (it applies
     after CORR_MIN events), each long-memory histogram starts as a copy of its view's short one
     (empty, it would rank every event as ordinary), the hold-off starts off and the recurrence
     memory empty, the first hours long ago, the gap fields empty, the per-feature histories
     empty, the recent runs of flags counted by layouts 12 and 13's alerts (none before), the
     last event not flagged, the repeat fields empty, the bins of the last run's first flag 0
-    (none), the previous event's features and stamp none and no restart."""
-    assert SNAPSHOT_VERSION == 18
+    (none), the previous event's features and stamp none, no restart and no episode's tail."""
+    assert SNAPSHOT_VERSION == 19
     model, _ = load_checkpoint(DEFAULT_WEIGHTS)
     rng = np.random.default_rng(0)
     det = Detector(model, CalibrationConfig(warmup=10))
@@ -185,7 +186,8 @@ def test_a_snapshot_of_an_older_layout_is_upgraded_keeping_every_stream(tmp_path
     det.process(np.zeros(n, dtype=np.int64), x, mask)
     state = det.bank.export_rows(torch.tensor([0]))
     added = (
-        {"cal_wake"}
+        {"cal_settle"}
+        | ({"cal_wake"} if layout <= 17 else set())
         | ({"last_mask", "last_stamp"} if layout <= 16 else set())
         | ({"cal_onset_bin", "cal_feat_onset_bin"} if layout <= 15 else set())
         | (set(REPEAT_FIELDS) if layout <= 14 else set())
