@@ -398,6 +398,7 @@ def advance(
     # (A restart empties the count with the histories: `_RESTARTED`.)
     settle = state["cal_settle"]
     learns_long[:, _SHORT_VIEWS] &= (settle == 0)[:, None]
+    calm = valid & (raw < TAIL_CALM)  # (ends a tail; an event with no feature ready scores 0 and says nothing)
     cal_weight = torch.cat((weight_short * learns, weight_long[:, None] * learns_long), dim=1)  # [B, 10]
     windows = torch.full((2, nv), float(cal.window), dtype=hists.dtype, device=hists.device)  # (fills: no copy from host)
     windows[1] = float(cal.long_window)
@@ -476,7 +477,7 @@ def advance(
         # again; a nightly job's recurrences start none.)
         "cal_onsets": state["cal_onsets"] * (1.0 - 1.0 / cal.window) + onset.double(),
         "flag_prev": flagged,
-        "cal_settle": torch.where(flagged, EPISODE_TAIL, torch.where(raw < TAIL_CALM, 0, (settle - 1).clamp(min=0))).to(torch.int8),
+        "cal_settle": torch.where(flagged, EPISODE_TAIL, torch.where(calm, 0, (settle - 1).clamp(min=0))).to(torch.int8),
         "cal_feat": cal_feat,
         "cal_onset_bin": onset_bin,
         "cal_feat_onset_bin": feat_onset_bin,
