@@ -96,11 +96,11 @@ HIST_OCCUPIED = 0.01
 # calibration's bound at most one ordinary event in four scores more, 9-18% on anomaly-free
 # streams). Without the calm end, a busy stream's next spike 20 events after a flagged one was a
 # tail's, and its large surprise (the model not yet used to such spikes) was what kept the
-# stream's habitual spike from being news after a quiet spell (`tests/test_calibration.py -k
-# quiet_spell`). A level shift's tail on a wandering sensor turns calm 4-7 events in, past its
-# largest surprises, which are what set the long history's top (a review). A shift in two steps
-# whose second is not flagged (+10, then +10 again 10-20 events later) lets the second step's
-# tail in again, as before tails were skipped.
+# stream's habitual spike from being news after a quiet spell (the README, under calibration).
+# A level shift's tail on a wandering sensor turns calm 4-7 events in, past its largest
+# surprises, which are what set the long history's top (a review). A shift in two steps whose
+# second is not flagged (+10, then +10 again 10-20 events later) lets the second step's tail in
+# again, as before tails were skipped.
 EPISODE_TAIL = 30
 TAIL_CALM = 0.1
 
