@@ -42,14 +42,21 @@ def test_injected_anomalies_rank_high_and_false_alarms_are_rare():
         near[a.stream, a.start : min(steps, a.end + 60)] = True
     percentile = defaultdict(list)
     caught = defaultdict(list)
+    during = defaultdict(list)
     for a in data.anomalies:
         if a.start >= steps:
             continue
+        # (The anomaly and the three events after it: where it ends with a step back to normal,
+        # that step counts. `during` is the anomaly alone.)
         window = slice(a.start, min(steps, a.end + 3))
         normal = scores[a.stream, 300:][~near[a.stream, 300:]]
         percentile[a.kind].append((normal < scores[a.stream, window].max()).mean())
         caught[a.kind].append(flagged[a.stream, window].any())
-    # (Measured with seed 11: spikes 8 of 11 flagged, level shifts 9 of 12, drifts 17 of 24, stuck 18 of 18.)
+        during[a.kind].append(flagged[a.stream, a.start : min(steps, a.end)].any())
+    # (Measured with seed 11: spikes 8 of 11 flagged, level shifts 9 of 12, drifts 17 of 24, stuck
+    # 18 of 18. Every drift flagged is flagged at its end, by the step back to normal: 0 of 24
+    # while it builds, where they peak at 0.12-0.37. Each reading of a drift is a new record of
+    # its views, and the calibration learns it as it climbs; see the README under Model.)
     for kind, min_caught in (("spike", 0.4), ("level_shift", 0.55), ("drift", 0.4)):
         assert len(percentile[kind]) >= 5, kind
         # The typical anomaly's peak beats 99.5% of its stream's normal scores, every one beats 90% ...
@@ -67,7 +74,10 @@ def test_injected_anomalies_rank_high_and_false_alarms_are_rare():
     false_alarm_rate = flagged[:, 300:][~near[:, 300:]].mean()
     for kind in sorted(percentile):
         p = np.asarray(percentile[kind])
-        print(f"{kind:12s} n={len(p):3d} peak percentile min {p.min():.4f} median {np.median(p):.4f} flagged {np.mean(caught[kind]):.2f}")
+        print(
+            f"{kind:12s} n={len(p):3d} peak percentile min {p.min():.4f} median {np.median(p):.4f} "
+            f"flagged {sum(caught[kind])} (while it lasts: {sum(during[kind])})"
+        )
     print(f"false alarms per normal event: {false_alarm_rate:.5f}")
     assert false_alarm_rate < 0.0005, false_alarm_rate
 
@@ -127,13 +137,15 @@ def test_features_are_compared_within_the_view_that_decided(one_torch_thread):
     assert res.contributions[0, 1] < 0.01 * res.contributions[0, 0]
 
 
-def test_a_feature_that_drifts_out_of_step_with_its_neighbours_is_flagged_and_named(one_torch_thread):
+def test_a_feature_that_steps_out_of_line_with_its_neighbours_is_flagged_and_named(one_torch_thread):
     """Three features follow one driver (a sine plus a random walk, as temperatures follow load):
     each stays within its own range while one drifts by 15 of its noise deviations over 200
-    events, small next to the driver's swings. No single feature looks unusual on its own (the
-    four per-feature views flagged 3 of 13 such drifts); its error given the others' does.
-    Measured: 11 of 12 flagged, each naming the drifting feature and decided by the correlation
-    view; the twelfth peaks at 0.495 (12 of 12 when the view was added, commit d52707f)."""
+    events, small next to the driver's swings, then steps back. No single feature looks unusual
+    on its own (the four per-feature views flagged 3 of 13 such drifts); its error given the
+    others' does. Measured: 11 of 12 flagged, each naming the drifting feature and decided by
+    the correlation view; the twelfth peaks at 0.484 (12 of 12 when the view was added, commit
+    d52707f). Every flag is the step back, 200 events in: none while the drift builds (a limit,
+    README under Model), so what this checks is a step of one feature against its neighbours."""
     rng = np.random.default_rng(3)
     n, s, start, length = 2500, 12, 1800, 200
     noise = np.array([0.2, 0.3, 0.2])
@@ -158,6 +170,7 @@ def test_a_feature_that_drifts_out_of_step_with_its_neighbours_is_flagged_and_na
     named = sum(top[int(first[k][0]), k] == k % 3 for k in caught)
     by_view = sum(VIEWS[view[int(first[k][0]), k]] == "correlation" for k in caught)
     print(f"\n{len(caught)} of {s} drifts flagged, {named} naming the drifting feature, {by_view} decided by the correlation view")
+    print(f"first flags, events after the drift began: {[int(first[k][0]) - start for k in caught]}")
     peaks = [round(float(res.score.reshape(n, s)[start : start + length + 3, k].max()), 3) for k in range(s) if k not in caught]
     print(f"peak scores of the drifts not flagged: {peaks}")
     assert len(caught) >= 10, len(caught)
