@@ -31,6 +31,9 @@ from streamer.state import TP
 from streamer.transport import OutRecord, Polled, SendError, Transport
 
 log = logging.getLogger(__name__)
+# Streams named in a warning about events on another partition than their state's (`_strays`):
+# a producer without keys would otherwise log one line per stream, thousands of them.
+STRAY_WARNINGS = 20
 # A failed send that took less than this was refused, not timed out: worth resending while
 # stopping (see Runner._send).
 QUICK_SEND_FAILURE_S = 5.0
@@ -78,6 +81,7 @@ class Runner(PartitionOwnership):
         self._last_gauges = 0.0
         self.watcher: Any = None  # set by streamer.app: notices a replaced checkpoint file
         self.notifier = Notifier()  # streamer.app gives `run` systemd's, when it has one
+        self._warned_strays: set[str] = set()  # streams named in a stray-event warning (`_strays`)
 
     def start(self) -> None:
         self.transport.subscribe([*self.config.topics.inputs, *self.config.logs.topics], self._on_assign, self._on_revoke)
@@ -192,7 +196,10 @@ class Runner(PartitionOwnership):
         outputs.extend(self._dead_letters(polled, dec.dead, emit))
 
         if len(dec.index):
-            slots, _new = self.slots.assign(dec.stream, [tps[i] for i in dec.index.tolist()])
+            event_tps = [tps[i] for i in dec.index.tolist()]
+            slots, _new, strays = self.slots.assign(dec.stream, event_tps)
+            if strays:
+                self._strays(dec.stream, event_tps, strays)
             self.slots.touch(slots, self.clock())
             t0 = time.perf_counter()
             # A copy of an event is told by its record's timestamp too (kept by a producer's retry);
@@ -268,6 +275,30 @@ class Runner(PartitionOwnership):
         ready, detail = self.health.readiness()
         owned = len(self.transport.assignment())
         return f"{'ready' if ready else 'not ready'}: {detail}; {owned} partitions, {self._stream_count()} streams"
+
+    def _strays(self, streams: list[str], tps: list[TP], strays: list[int]) -> None:
+        """Events of a stream whose state belongs to another partition: a producer that does not
+        key each stream by a stable key. They are scored against the one state, which moves with
+        the partition it was first seen on (README, Input); counted, and each such stream named
+        once in the log (up to STRAY_WARNINGS of them), so an operator sees it before a rebalance
+        drops that state under the other partition's events."""
+        self.metrics.stray_events.inc(len(strays))
+        for i in strays:
+            stream = streams[i]
+            if stream in self._warned_strays or len(self._warned_strays) >= STRAY_WARNINGS:
+                continue
+            self._warned_strays.add(stream)
+            owner, tp = self.slots.owner[stream], tps[i]
+            log.warning(
+                "stream %r arrives on %s[%d] but its state belongs to %s[%d]: produce each stream with a stable key%s",
+                stream,
+                tp[0],
+                tp[1],
+                owner[0],
+                owner[1],
+                " (no more such warnings: streamer_events_stray_total counts them)" if len(self._warned_strays) == STRAY_WARNINGS else "",
+                extra={"stream": stream, "topic": tp[0], "partition": tp[1]},
+            )
 
     def _send(self, outputs: list[OutRecord]) -> bool:
         """Send until acknowledged. Gives up only when asked to stop, returning False."""

@@ -141,6 +141,11 @@ class Metrics:
         self.send_failures = Counter("streamer_send_failures", "Output batches not acknowledged (then resent).", registry=r)
         self.commit_failures = Counter("streamer_commit_failures", "Offset commits rejected by the group coordinator.", registry=r)
         self.evicted = Counter("streamer_streams_evicted", "Streams dropped after being idle.", registry=r)
+        self.stray_events = Counter(
+            "streamer_events_stray",
+            "Sensor events of a stream whose state belongs to another input partition (a producer without a stable key per stream).",
+            registry=r,
+        )
         self.snapshots = Counter("streamer_snapshots", "Partition state snapshots written.", registry=r)
         self.snapshot_failures = Counter(
             "streamer_snapshot_failures", "Partition state snapshots that could not be written (the previous one stands).", registry=r

@@ -156,7 +156,7 @@ class PartitionOwnership:
                     extra={"topic": tp[0], "partition": tp[1], "offset": snap.offset},
                 )
                 continue
-            slots, _ = self.slots.assign(snap.streams, [tp] * len(snap.streams))
+            slots, _, _ = self.slots.assign(snap.streams, [tp] * len(snap.streams))
             if len(slots):
                 self.detector.bank.ensure_capacity(int(slots.max()) + 1)
                 self.detector.bank.import_rows(torch.as_tensor(slots), snap.state)

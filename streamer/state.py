@@ -64,20 +64,26 @@ class SlotTable:
             self.last_seen = np.concatenate([self.last_seen, np.zeros_like(self.last_seen)])
         return slot
 
-    def assign(self, streams: list[str], tps: list[TP]) -> tuple[np.ndarray, list[int]]:
-        """Slots for the streams (allocating new ones); also returns the newly allocated slots."""
+    def assign(self, streams: list[str], tps: list[TP]) -> tuple[np.ndarray, list[int], list[int]]:
+        """Slots for the streams (allocating new ones); also returns the newly allocated slots and
+        the strays: indices of events whose stream's state belongs to another partition than
+        theirs (the stream is stepped all the same: its state is one, whichever partition an event
+        came through)."""
         slots = np.empty(len(streams), dtype=np.int64)
         new: list[int] = []
-        slot_of = self.slot_of
+        strays: list[int] = []
+        slot_of, owner = self.slot_of, self.owner
         for i, stream in enumerate(streams):
             slot = slot_of.get(stream)
             if slot is None:
                 slot = self._new_slot()
                 slot_of[stream] = slot
-                self.owner[stream] = tps[i]
+                owner[stream] = tps[i]
                 new.append(slot)
+            elif owner[stream] != tps[i]:
+                strays.append(i)
             slots[i] = slot
-        return slots, new
+        return slots, new, strays
 
     def touch(self, slots: np.ndarray, now: float | np.ndarray) -> None:
         self.last_seen[slots] = now

@@ -199,3 +199,25 @@ def test_held_events_say_why_and_are_counted(broker, topics, state_dir):
     assert all(r["held"] in (None, "warmup") and not r["is_anomaly"] for r in out[:20])
     for reason in HELD[1:]:
         assert daemon.metrics.held.labels(reason)._value.get() == held.get(reason, 0)
+
+
+def test_a_stream_fed_through_two_partitions_is_scored_counted_and_named_once(broker, topics, state_dir, caplog):
+    """A producer that does not key each stream by a stable key spreads it over partitions; its
+    state lives with the partition it was first seen on (README, Input), so a rebalance would drop
+    it under the other partition's events. Its events are still all scored, and the ones that
+    came through another partition are counted (streamer_events_stray_total) and the stream named
+    once in the log, not once per event."""
+    split = [(b"a" if i % 2 else b"b", event("pump-7", 1_732_190_000_000 + i, {"temp": 70.0 + i % 3})) for i in range(40)]
+    keyed = [(b"fan-1", event("fan-1", 1_732_190_000_000 + i, {"rpm": 1480.0 + i % 5})) for i in range(40)]
+    produce(broker, topics["input"], split + keyed, partition_of=lambda key: {b"a": 0, b"b": 1, b"fan-1": 2}[key])
+    with DaemonThread(make_config(broker, topics, state_dir)) as daemon:
+        daemon.wait_scored(80)
+        runner = daemon.runner
+        owner = runner.slots.owner["pump-7"]
+    out = scores_of(read_all(broker, topics["scores"], expect=80))
+    assert Counter(r["stream"] for r in out) == {"pump-7": 40, "fan-1": 40}
+    assert owner in ((topics["input"], 0), (topics["input"], 1))
+    # Whichever partition pump-7 was first seen on owns it: every event of the other is a stray.
+    assert daemon.metrics.registry.get_sample_value("streamer_events_stray_total") == 20
+    said = [r.getMessage() for r in caplog.records if "its state belongs to" in r.getMessage()]
+    assert len(said) == 1 and "'pump-7'" in said[0] and "stable key" in said[0], said

@@ -607,9 +607,14 @@ def overview() -> Json:
     b.timeseries(
         "Dead letters by reason",
         "Input records sent to the dead-letter topic, per second, by reason (the streamer.reason header). "
-        "StreamerDeadLetters fires when one reason is over 0.1% of the input for 10 minutes.",
+        "StreamerDeadLetters fires when one reason is over 0.1% of the input for 10 minutes. Also stray events: scored, "
+        "not dead-lettered, but their stream's state belongs to another partition (a producer without a stable key per stream; "
+        "the daemon's log names the first streams).",
         "cps",
-        targets((f"sum by (reason) ({rate('streamer_dead_letters_total')}) > 0", "{{reason}}")),
+        targets(
+            (f"sum by (reason) ({rate('streamer_dead_letters_total')}) > 0", "{{reason}}"),
+            (f"sum({rate('streamer_events_stray_total')})", "stray events (scored)"),
+        ),
         bars=True,
         stack=True,
     )
