@@ -217,6 +217,8 @@ def read_checkpoint(path: str | Path, fmt: str, data: bytes | None = None) -> di
     version. `data`: the file's bytes, already read (path then only names it in errors)."""
     if data is None:
         data = Path(path).read_bytes()  # (an OSError here is the file's: torch's reader raised EINVAL for a cut file)
+    if not data:
+        raise ValueError(f"{path}: empty file, not a {fmt} checkpoint")
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -225,6 +227,8 @@ def read_checkpoint(path: str | Path, fmt: str, data: bytes | None = None) -> di
         raise ValueError(f"{path}: not a {fmt} checkpoint: {detail}") from None
     except (ValueError, RuntimeError, EOFError) as err:
         raise ValueError(f"{path}: not a complete checkpoint (cut short, or not a file torch.save wrote): {err}") from None
+    except Exception as err:  # noqa: BLE001 (a text file, a URL saved as a file: torch's legacy reader fails in many ways, KeyError among them)
+        raise ValueError(f"{path}: not a {fmt} checkpoint (not a file torch.save wrote: {type(err).__name__}: {err})") from None
     if not isinstance(payload, dict) or payload.get("format") != fmt:
         raise ValueError(f"{path}: not a {fmt} checkpoint")
     if payload.get("version") != CHECKPOINT_VERSION:

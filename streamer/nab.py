@@ -26,8 +26,8 @@ import torch
 
 from models.detector import MAX_ABS_VALUE, Detector
 from models.gru import DEFAULT_WEIGHTS, load_checkpoint
-from streamer.config import ConfigError, DetectorConfig, load_config
-from streamer.decode import epoch_ms
+from streamer.config import ConfigError, DetectorConfig, InputConfig, load_config
+from streamer.decode import REASONS, epoch_ms
 
 
 @dataclass
@@ -37,16 +37,25 @@ class Series:
     values: np.ndarray
 
 
-def read_series(data_dir: Path) -> list[Series]:
-    """Every CSV with a value column under data_dir. ValueError names the file and row of a value
-    that is not a finite number within the detector's range (the daemon would dead-letter it,
-    and a NAB result file needs a score for every row)."""
+def read_series(data_dir: Path, max_name: int | None = None) -> list[Series]:
+    """Every CSV with a value column under data_dir. ValueError names the file (and row) of what
+    the harness cannot score as the daemon would: a value that is not a finite number within the
+    detector's range (the daemon would dead-letter it, and a NAB result file needs a score for
+    every row), a missing `timestamp` column or a timestamp that is not ISO 8601 (NAB's layout),
+    or a path longer than `max_name` characters (the series' stream id through Kafka: the daemon
+    would dead-letter its rows as `invalid_stream`). A UTF-8 byte-order mark is read as none."""
     out = []
     for path in sorted(data_dir.rglob("*.csv")):
-        with path.open() as fh:
+        with path.open(encoding="utf-8-sig") as fh:
             rows = list(csv.DictReader(fh))
         if not rows or "value" not in rows[0]:
             continue
+        if "timestamp" not in rows[0]:
+            raise ValueError(f"{path}: no timestamp column (a NAB series has the columns timestamp,value)")
+        rel = path.relative_to(data_dir)
+        if max_name is not None and len(str(rel)) > max_name:
+            what = "its path under the data folder, the series' stream id through Kafka,"
+            raise ValueError(f"{path}: {what} is {len(str(rel))} characters, over the daemon's {max_name}")
         values = np.empty(len(rows))
         for i, r in enumerate(rows):
             try:
@@ -55,7 +64,11 @@ def read_series(data_dir: Path) -> list[Series]:
                 values[i] = np.nan
             if not abs(values[i]) <= MAX_ABS_VALUE:
                 raise ValueError(f"{path}: row {i + 2}: value {r['value']!r} is not a finite number of magnitude <= {MAX_ABS_VALUE:g}")
-        out.append(Series(path.relative_to(data_dir), [r["timestamp"] for r in rows], values))
+            try:
+                _ts_ms(r["timestamp"])
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: row {i + 2}: timestamp {r['timestamp']!r} is not ISO 8601 (as 2014-04-01 00:00:00)") from None
+        out.append(Series(rel, [r["timestamp"] for r in rows], values))
     return out
 
 
@@ -181,9 +194,19 @@ def score_through_kafka(series: list[Series], detector: DetectorConfig, partitio
         runner = build_runner(cfg, metrics)
         thread = threading.Thread(target=runner.run, daemon=True)
         thread.start()
-        while metrics.scored._value.get() < total:
+        # (Every row is scored or dead-lettered: a row the daemon refuses would otherwise be waited
+        # for forever. `read_series` refuses what it knows the daemon would.)
+        while (scored := metrics.scored._value.get()) < total:
             if not thread.is_alive():
                 raise RuntimeError("the daemon loop stopped before scoring every row")
+            dead = {r: metrics.dead_letters.labels(r)._value.get() for r in REASONS}
+            if scored + sum(dead.values()) >= total:
+                runner.stop()
+                thread.join()
+                reasons = ", ".join(f"{n:.0f} {r}" for r, n in dead.items() if n)
+                raise RuntimeError(
+                    f"the daemon dead-lettered {total - scored:.0f} of {total} rows ({reasons}): through Kafka they have no score"
+                )
             time.sleep(0.2)
         runner.stop()
         thread.join()
@@ -244,10 +267,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"streamer nab: {err}", file=sys.stderr)
         return 2
     torch.set_num_threads(1)  # one small GRU call per wavefront: more threads only add overhead
-    model, _meta = load_checkpoint(Path(detector.checkpoint) if detector.checkpoint else DEFAULT_WEIGHTS)
     try:
-        series = read_series(args.data_dir)
-    except ValueError as err:
+        model, _meta = load_checkpoint(Path(detector.checkpoint) if detector.checkpoint else DEFAULT_WEIGHTS)
+    except (OSError, ValueError) as err:
+        print(f"streamer nab: {err}", file=sys.stderr)
+        return 2
+    try:
+        series = read_series(args.data_dir, InputConfig().max_stream_id_length if args.through_kafka else None)
+    except (OSError, ValueError) as err:
         print(f"streamer nab: {err}", file=sys.stderr)
         return 2
     if not series:
@@ -259,7 +286,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.baseline:
         scores = score_baseline(series, args.baseline)
     elif args.through_kafka:
-        scores = score_through_kafka(series, detector)
+        try:
+            scores = score_through_kafka(series, detector)
+        except RuntimeError as err:
+            print(f"streamer nab: {err}", file=sys.stderr)
+            return 1
     else:
         scores = score_series(series, Detector(model, detector.calibration()))
     write_results(args.out_dir, series, scores)

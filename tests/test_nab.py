@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import csv
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import numpy as np
+import pytest
 
 from models.calibration import TAIL_THRESHOLD, CalibrationConfig
 from models.detector import Detector
@@ -73,6 +75,39 @@ def test_a_value_that_is_not_a_finite_number_is_named_not_a_traceback(tmp_path, 
     _write_series(data, "catA/gap.csv", [1.0, 2.0, "nan"])
     assert main([str(data), str(tmp_path / "out"), "--through-kafka"]) == 2
     assert "gap.csv: row 4: value 'nan'" in capsys.readouterr().err
+
+
+def test_what_the_harness_cannot_score_is_named_not_a_traceback_or_a_hang(tmp_path, capsys):
+    """A review found tracebacks (a text file as the checkpoint: KeyError: 116; no timestamp
+    column or a byte-order mark before it: KeyError: 'timestamp'; a timestamp that is not ISO
+    8601: a bare ValueError) and `--through-kafka` waiting forever for rows the daemon had
+    dead-lettered (a series path longer than a stream id may be)."""
+    data = tmp_path / "data"
+    out = str(tmp_path / "out")
+    _write_series(data, "catA/ok.csv", [1.0, 2.0, 3.0])
+    (data / "catA/bom.csv").write_bytes("\ufefftimestamp,value\n2024-01-01 00:00:00,1.5\n".encode())
+    assert main([str(data), out]) == 0  # (the byte-order mark is read as none)
+    for text, said in ((b"https://example.com/models/model.pt", "not a streamer-gru checkpoint"), (b"", "empty file")):
+        (tmp_path / "bad.pt").write_bytes(text)
+        assert main([str(data), out, "--checkpoint", str(tmp_path / "bad.pt")]) == 2
+        assert said in capsys.readouterr().err
+    (data / "catA/time.csv").write_text("time,value\n2024-01-01 00:00:00,1.0\n")
+    assert main([str(data), out]) == 2
+    assert "time.csv: no timestamp column" in capsys.readouterr().err
+    (data / "catA/time.csv").write_text("timestamp,value\n2024-01-01 00:00:00,1.0\n01/02/2024 00:05,2.0\n")
+    assert main([str(data), out]) == 2
+    assert "time.csv: row 3: timestamp '01/02/2024 00:05' is not ISO 8601" in capsys.readouterr().err
+    (data / "catA/time.csv").unlink()
+    deep = "d" * 120 + "/" + "e" * 120 + "/" + "f" * 20 + ".csv"  # (266 characters)
+    _write_series(data, deep, [1.0, 2.0, 3.0])
+    assert main([str(data), out]) == 0  # (direct, the path is no stream id)
+    assert main([str(data), out, "--through-kafka"]) == 2
+    assert "the series' stream id through Kafka, is 266 characters, over the daemon's 256" in capsys.readouterr().err
+    # Past read_series: rows the daemon dead-letters end the run with their reason, not a hang.
+    series = [s for s in read_series(data) if s.rel.name == "ok.csv"]
+    series[0].rel = Path("x" * 300 + ".csv")
+    with pytest.raises(RuntimeError, match=r"dead-lettered 3 of 3 rows \(3 invalid_stream\)"):
+        score_through_kafka(series, DetectorConfig(warmup=0), partitions=1)
 
 
 def test_through_kafka_equals_direct(tmp_path):
