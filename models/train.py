@@ -168,6 +168,16 @@ def train(
     base: Sampler = data if data is not None else univariate_batch
     mixer = None if public is None else MixedSampler([(base, 1.0 - cfg.public_share), (public, cfg.public_share)])
     sample = base if mixer is None else mixer
+    # Rows of every batch from each source: a share that rounds one to none is refused (a review:
+    # at a batch of 2 and a share of 0.8 no row of the files was used, while the checkpoint
+    # described them as the training data).
+    n_base, n_public = (cfg.batch, 0) if mixer is None else mixer.counts(cfg.batch)
+    if mixer is not None and min(n_base, n_public) < 1:
+        who = "the public series" if n_public < 1 else ("the synthetic series" if data is None else "the training data")
+        raise ValueError(
+            f"a public share of {cfg.public_share:g} in batches of {cfg.batch} leaves {who} no row of any batch: "
+            "take a larger batch or a share nearer one half"
+        )
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = StreamGRU(ModelConfig(hidden=cfg.hidden, max_features=cfg.max_features))
@@ -213,15 +223,15 @@ def train(
     window = _loss_window(len(losses))
     # (With public series mixed in, the name and the batch description say so: a quarter of each
     # batch was real data, and the checkpoint called itself "synthetic" and "64 series" of it.)
-    n_public = 0 if mixer is None else mixer.counts(cfg.batch)[1]
-    mixed = f" ({cfg.batch - n_public} synthetic, {n_public} public)" if n_public else ""
+    mixed = f" ({n_base} synthetic, {n_public} public)" if n_public else ""
+    mixed_in = f" ({n_base} from it, {n_public} public)" if n_public else ""
     summary = {
         "name": ("synthetic" if data is None else "custom") + ("+public" if public is not None else ""),
         "data": (
             f"models.synthetic.univariate_batch: {cfg.steps} batches of {cfg.batch} series{mixed} x {cfg.length} steps, seed {cfg.seed}"
             if data is None
             else f"{data_description}: {len(data.names)} series, {data.rows:,} values; "
-            f"{cfg.steps} batches of {cfg.batch} windows x {cfg.length}"
+            f"{cfg.steps} batches of {cfg.batch} windows{mixed_in} x {cfg.length}"
             + (f" ({empty} with no value to predict, not trained on)" if empty else "")
         ),
         "series": None if data is None else data.names[:1000],
@@ -229,7 +239,8 @@ def train(
         if public is None
         else {
             "data": f"{public_description}: {len(public.names)} series, {public.rows:,} values",
-            "share": cfg.public_share,
+            "share": cfg.public_share,  # (as asked; rows_per_batch is what it came to)
+            "rows_per_batch": n_public,
             "series": public.names[:1000],
         },
         "train_config": asdict(cfg),

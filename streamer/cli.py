@@ -140,7 +140,7 @@ def _train(args: argparse.Namespace) -> int:
                 found = load_files(args.files, columns, skipped, notes)
             finally:  # (before SeriesSampler, which refuses data left with no series: they say why)
                 if skipped:
-                    print(f"not series (index or time; --columns to train them): {', '.join(skipped)}", file=sys.stderr)
+                    print(f"left out as index or time columns (--columns picks what to train): {', '.join(skipped)}", file=sys.stderr)
                 for note in notes:
                     print(note, file=sys.stderr)
             data = SeriesSampler(found)
@@ -187,7 +187,7 @@ def _train(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f} in {summary['seconds']}s")
     print(f"data: {summary['data']}")
     if summary["public"]:
-        print(f"public: {summary['public']['data']}, {summary['public']['share']:.0%} of every batch")
+        print(f"public: {summary['public']['data']}, {summary['public']['rows_per_batch']} of the {args.batch} series of every batch")
     return 0
 
 

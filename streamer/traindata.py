@@ -49,13 +49,15 @@ def load_files(
         if not p.exists():  # (a pipe counts: `streamer train <(zcat data.csv.gz)`)
             raise ValueError(f"{p}: no such file")
         kind = _file_kind(p)
+        if kind == "csv" and p.is_dir():  # (it said "[Errno 21] Is a directory")
+            raise ValueError(f"{p}: a folder; name its files ({p}/*.csv), or a folder of Parquet parts named *.parquet")
         if kind == "gzip":
             raise ValueError(f"{p}: gzip-compressed; decompress it first (or pass <(zcat {p}))")
         if kind == "parquet":
-            found = _parquet_columns(p, notes)
+            found = _parquet_columns(p, notes, skipped)
         else:
             try:
-                found = _csv_columns(p, notes)
+                found = _csv_columns(p, notes, skipped)
             except UnicodeDecodeError as err:
                 # (No position: the decoder's counts from the start of its chunk, not of the file.)
                 raise ValueError(f"{p}: not a UTF-8 CSV file (it holds the byte {err.object[err.start : err.start + 1]!r})") from None
@@ -74,11 +76,12 @@ def load_files(
     return out
 
 
-def _parquet_columns(p: Path, notes: list[str] | None = None) -> dict[str, np.ndarray]:
+def _parquet_columns(p: Path, notes: list[str] | None = None, skipped: list[str] | None = None) -> dict[str, np.ndarray]:
     """Numeric columns of a Parquet file, as `_csv_columns` reads a CSV's: nulls, NaN and
     infinities are gaps, a column of gaps only is none, what is left out is said. Decimals (a
     database's NUMERIC) are numbers: read as Python objects they were left out as "not numeric".
-    Booleans are not, as the daemon refuses them (`non_numeric`)."""
+    Booleans are not, as the daemon refuses them (`non_numeric`). An index or time column that is
+    not numeric (a timestamp-typed one) goes to `skipped`, as a numeric one does in `load_files`."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -106,7 +109,10 @@ def _parquet_columns(p: Path, notes: list[str] | None = None) -> dict[str, np.nd
             values = values[np.isfinite(values)]  # NaN (a null), inf: gaps, skipped as in a CSV
             if values.size:  # (a column of gaps only is no series, as in a CSV)
                 found[name] = values
-        elif notes is not None and not _NOT_SERIES.fullmatch(name.strip()):
+        elif _NOT_SERIES.fullmatch(name.strip()):
+            if skipped is not None:
+                skipped.append(f"{p}:{name}")
+        elif notes is not None:
             notes.append(f"{p}:{name}: not numeric ({column.type}), left out")
     return found
 
@@ -169,11 +175,13 @@ def _unique(header: list[str], p: Path, notes: list[str] | None) -> list[str]:
 TEXT_CELL_SHARE = 0.05
 
 
-def _csv_columns(p: Path, notes: list[str] | None = None) -> dict[str, np.ndarray]:
+def _csv_columns(p: Path, notes: list[str] | None = None, skipped: list[str] | None = None) -> dict[str, np.ndarray]:
     """Streamed row by row into one float array per column (8 bytes a value: a file of millions
     of rows is not held as Python objects). Cells that are neither numbers nor gaps make a column
     text past TEXT_CELL_SHARE of its cells; what was left out or read as a gap goes to `notes`.
-    A short row's missing cells are gaps, a long row's extra cells belong to no column."""
+    A short row's missing cells are gaps, a long row's extra cells belong to no column. A text
+    column named as an index or time column (ISO dates) goes to `skipped`, as a numeric one does
+    in `load_files`: left out without a word, it was not named as the README says."""
     # (utf-8-sig: spreadsheets' "CSV UTF-8" starts with a byte-order mark, which made the first
     # header "\ufefftimestamp": its time column was trained as a series and --columns missed it.)
     with p.open(newline="", encoding="utf-8-sig") as fh:
@@ -181,6 +189,8 @@ def _csv_columns(p: Path, notes: list[str] | None = None) -> dict[str, np.ndarra
         first = next(reader, [])
         if first and notes is not None and all(_is_number(h) for h in first):
             notes.append(f"{p}: its first row ({','.join(first)[:60]}) is read as column names; if it is data, add a header row")
+        if len(first) == 1 and first[0].count(";") >= 1 and notes is not None:
+            notes.append(f"{p}: one column named {first[0][:60]!r}: read as comma-separated, the file looks separated by ';'")
         header = _unique(first, p, notes)
         columns = [array("d") for _ in header]
         bad = [0] * len(header)
@@ -201,7 +211,10 @@ def _csv_columns(p: Path, notes: list[str] | None = None) -> dict[str, np.ndarra
     out = {}
     for name, col, n_bad, ex in zip(header, columns, bad, example):
         if n_bad > TEXT_CELL_SHARE * (n_bad + len(col)):
-            if notes is not None and not _NOT_SERIES.fullmatch(name.strip()):
+            if _NOT_SERIES.fullmatch(name.strip()):
+                if skipped is not None:
+                    skipped.append(f"{p}:{name}")
+            elif notes is not None:
                 notes.append(f"{p}:{name}: text ({n_bad:,} cells such as {ex!r}), left out")
             continue
         if n_bad and notes is not None:
