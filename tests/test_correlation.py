@@ -124,3 +124,50 @@ def test_the_view_is_scored_once_its_history_holds_half_a_warm_up_whatever_the_s
     mask[:, :2] = True
     res = det.process(np.zeros(n, dtype=np.int64), xs, mask, 1_767_225_600_000 + np.arange(n, dtype=np.int64) * 60_000)
     assert res.is_anomaly[-1] and VIEWS[res.view[-1]] == "correlation"
+
+
+def test_with_two_features_the_view_cannot_tell_which_one_left_the_other(one_torch_thread):
+    """A limit, from a review: rpm (white noise) and a temperature that follows it, one of the
+    two stuck for 60 readings. Each feature's part of this view is its error given the others';
+    with only one other, the two parts differ by the difference of the features' own squared
+    errors, so the view names whichever error is larger, the healthy feature's as often as not,
+    and the two parts are close (the record's contributions show it). With a third feature that
+    follows the same driver, the stuck one is the one the other two disagree with, and it is
+    named. Measured: pairs flagged 16 of 16, the stuck feature named by 5; trios flagged 16 of 16,
+    named by 16."""
+    rng = np.random.default_rng(0)
+    n, at, copies = 3000, 2500, 8
+    streams, targets = [], []
+    for width in (2, 3):
+        for c in range(2 * copies):
+            rpm = 1500 + 300 * rng.normal(size=n)
+            temp = 60 + 0.02 * (rpm - 1500) + rng.normal(0, 1.0, n)
+            vib = 2 + 0.001 * (rpm - 1500) + rng.normal(0, 0.05, n)
+            v = np.stack([rpm, temp, vib][:width], 1)
+            f = c % 2  # the driver or the follower sticks
+            v[at : at + 60, f] = v[at - 1, f]
+            streams.append(v)
+            targets.append(f)
+    s = len(streams)
+    model, _ = load_checkpoint(DEFAULT_WEIGHTS)
+    det = Detector(model, CalibrationConfig())
+    x = np.zeros((n * s, det.max_features))
+    mask = np.zeros_like(x, dtype=bool)
+    for k, v in enumerate(streams):
+        x[k::s, : v.shape[1]] = v
+        mask[k::s, : v.shape[1]] = True
+    res = det.process(np.tile(np.arange(s), n), x, mask, np.repeat(60_000 * np.arange(n), s))
+    flagged = res.is_anomaly.reshape(n, s)
+    top = res.top_feature(mask).reshape(n, s)
+    caught, named = {2: 0, 3: 0}, {2: 0, 3: 0}
+    for k, v in enumerate(streams):
+        first = np.flatnonzero(flagged[at : at + 60, k])
+        if first.size:
+            caught[v.shape[1]] += 1
+            named[v.shape[1]] += int(top[at + first[0], k] == targets[k])
+    print(f"\npairs: {caught[2]} of {2 * copies} flagged, {named[2]} naming the stuck feature")
+    print(f"trios: {caught[3]} of {2 * copies} flagged, {named[3]} naming it")
+    assert caught[2] >= 14 and caught[3] >= 14
+    assert named[3] >= caught[3] - 1
+    # (No assertion on the pairs' naming: it is the limit this test measures, printed above.)
+    assert not flagged[1000:at].any()
