@@ -123,6 +123,27 @@ class SeriesSampler:
 Sampler = Callable[[np.random.Generator, int, int], np.ndarray]
 
 
+def batch_split(batch: int, shares: list[float]) -> list[int]:
+    """Rows of a batch that sources in these shares (summing to 1) give: rounded, the remainder
+    to the first."""
+    counts = [round(batch * share) for share in shares]
+    counts[0] += batch - sum(counts)
+    return counts
+
+
+def public_share_problem(batch: int, share: float, base: str) -> str | None:
+    """Why a public share cannot be used in batches of `batch` (`base`: what the rest of each batch
+    is), or None: a share that rounds one source to no row of any batch would train on the other
+    alone while the checkpoint described both (a review: 0.8 of a batch of 2 used no row of the
+    files; another file gave the same weights)."""
+    n_base, n_public = batch_split(batch, [1.0 - share, share])
+    if min(n_base, n_public) >= 1:
+        return None
+    who = "the public series" if n_public < 1 else base
+    advice = "take a larger batch or a share nearer one half"
+    return f"a public share of {share:g} in batches of {batch} leaves {who} no row of any batch: {advice}"
+
+
 class MixedSampler:
     """Each batch drawn from several samplers in fixed shares (the synthetic families plus real
     public series, say), shuffled so no sampler owns particular rows."""
@@ -135,15 +156,17 @@ class MixedSampler:
 
     def counts(self, batch: int) -> list[int]:
         """Rows of a batch each part gives (the rounding's remainder goes to the first)."""
-        counts = [round(batch * share) for _, share in self.parts]
-        counts[0] += batch - sum(counts)
-        return counts
+        return batch_split(batch, [share for _, share in self.parts])
 
     def __call__(self, rng: np.random.Generator, batch: int, length: int) -> np.ndarray:
         counts = self.counts(batch)
         rows = [np.asarray(sample(rng, k, length), dtype=np.float64) for (sample, _), k in zip(self.parts, counts) if k > 0]
         out = np.concatenate(rows)
         return out[rng.permutation(batch)]
+
+
+def _base_name(data: SeriesSampler | None) -> str:
+    return "the synthetic series" if data is None else "the training data"
 
 
 def _loss_window(steps: int) -> int:
@@ -168,16 +191,10 @@ def train(
     base: Sampler = data if data is not None else univariate_batch
     mixer = None if public is None else MixedSampler([(base, 1.0 - cfg.public_share), (public, cfg.public_share)])
     sample = base if mixer is None else mixer
-    # Rows of every batch from each source: a share that rounds one to none is refused (a review:
-    # at a batch of 2 and a share of 0.8 no row of the files was used, while the checkpoint
-    # described them as the training data).
     n_base, n_public = (cfg.batch, 0) if mixer is None else mixer.counts(cfg.batch)
-    if mixer is not None and min(n_base, n_public) < 1:
-        who = "the public series" if n_public < 1 else ("the synthetic series" if data is None else "the training data")
-        raise ValueError(
-            f"a public share of {cfg.public_share:g} in batches of {cfg.batch} leaves {who} no row of any batch: "
-            "take a larger batch or a share nearer one half"
-        )
+    problem = None if mixer is None else public_share_problem(cfg.batch, cfg.public_share, _base_name(data))
+    if problem:
+        raise ValueError(problem)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = StreamGRU(ModelConfig(hidden=cfg.hidden, max_features=cfg.max_features))

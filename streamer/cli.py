@@ -58,7 +58,7 @@ def _train(args: argparse.Namespace) -> int:
     from kafka.errors import KafkaError
 
     from models.gru import save_checkpoint
-    from models.train import MIN_SERIES_VALUES, SeriesSampler, TrainConfig, listed
+    from models.train import MIN_SERIES_VALUES, SeriesSampler, TrainConfig, listed, public_share_problem
     from models.train import train as train_model
     from streamer.traindata import DataUnavailable
 
@@ -67,6 +67,12 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     if args.topic and args.files:
         print("streamer: train from files or from --topic, not both", file=sys.stderr)
+        return 2
+    # (Before any data is read: a topic replay can take minutes.)
+    base = "the training data" if args.topic or args.files else "the synthetic series"
+    share_problem = public_share_problem(args.batch, args.public_share, base) if args.public and args.batch >= 1 else None
+    if share_problem:
+        print(f"streamer: --public-share: {share_problem}", file=sys.stderr)
         return 2
     for name in ("steps", "batch", "length", "hidden"):
         if getattr(args, name) < 1:

@@ -199,7 +199,7 @@ class Runner(PartitionOwnership):
             event_tps = [tps[i] for i in dec.index.tolist()]
             slots, _new, strays = self.slots.assign(dec.stream, event_tps)
             if strays:
-                self._strays(dec.stream, event_tps, strays)
+                self._strays(dec.stream, event_tps, strays, emit[dec.index])
             self.slots.touch(slots, self.clock())
             t0 = time.perf_counter()
             # A copy of an event is told by its record's timestamp too (kept by a producer's retry);
@@ -276,13 +276,14 @@ class Runner(PartitionOwnership):
         owned = len(self.transport.assignment())
         return f"{'ready' if ready else 'not ready'}: {detail}; {owned} partitions, {self._stream_count()} streams"
 
-    def _strays(self, streams: list[str], tps: list[TP], strays: list[int]) -> None:
+    def _strays(self, streams: list[str], tps: list[TP], strays: list[int], emitted: np.ndarray) -> None:
         """Events of a stream whose state belongs to another partition: a producer that does not
         key each stream by a stable key. They are scored against the one state, which moves with
         the partition it was first seen on (README, Input); counted, and each such stream named
         once in the log (up to STRAY_WARNINGS of them), so an operator sees it before a rebalance
-        drops that state under the other partition's events."""
-        self.metrics.stray_events.inc(len(strays))
+        drops that state under the other partition's events. (Counted once: an event replayed to
+        rebuild state after a restore was counted when it was scored.)"""
+        self.metrics.stray_events.inc(int(emitted[strays].sum()))
         for i in strays:
             stream = streams[i]
             if stream in self._warned_strays or len(self._warned_strays) >= STRAY_WARNINGS:

@@ -54,10 +54,10 @@ def load_files(
         if kind == "gzip":
             raise ValueError(f"{p}: gzip-compressed; decompress it first (or pass <(zcat {p}))")
         if kind == "parquet":
-            found = _parquet_columns(p, notes, skipped)
+            found = _parquet_columns(p, notes, skipped if columns is None else None)
         else:
             try:
-                found = _csv_columns(p, notes, skipped)
+                found = _csv_columns(p, notes, skipped if columns is None else None)
             except UnicodeDecodeError as err:
                 # (No position: the decoder's counts from the start of its chunk, not of the file.)
                 raise ValueError(f"{p}: not a UTF-8 CSV file (it holds the byte {err.object[err.start : err.start + 1]!r})") from None

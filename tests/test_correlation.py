@@ -133,8 +133,8 @@ def test_with_two_features_the_view_cannot_tell_which_one_left_the_other(one_tor
     errors, so the view names whichever error is larger, the healthy feature's as often as not,
     and the two parts are close (the record's contributions show it). With a third feature that
     follows the same driver, the stuck one is the one the other two disagree with, and it is
-    named. Measured: pairs flagged 16 of 16, the stuck feature named by 5; trios flagged 16 of 16,
-    named by 16."""
+    named. Measured: pairs flagged 16 of 16, 13 first by this view, 2 of those naming the stuck
+    feature (the repeat view decided 3, naming it); trios 16 of 16, 12 by this view, all naming it."""
     rng = np.random.default_rng(0)
     n, at, copies = 3000, 2500, 8
     streams, targets = [], []
@@ -159,15 +159,20 @@ def test_with_two_features_the_view_cannot_tell_which_one_left_the_other(one_tor
     res = det.process(np.tile(np.arange(s), n), x, mask, np.repeat(60_000 * np.arange(n), s))
     flagged = res.is_anomaly.reshape(n, s)
     top = res.top_feature(mask).reshape(n, s)
-    caught, named = {2: 0, 3: 0}, {2: 0, 3: 0}
+    view = res.view.reshape(n, s)
+    corr = VIEWS.index("correlation")
+    caught, by_corr, named = {2: 0, 3: 0}, {2: 0, 3: 0}, {2: 0, 3: 0}
     for k, v in enumerate(streams):
         first = np.flatnonzero(flagged[at : at + 60, k])
         if first.size:
             caught[v.shape[1]] += 1
-            named[v.shape[1]] += int(top[at + first[0], k] == targets[k])
-    print(f"\npairs: {caught[2]} of {2 * copies} flagged, {named[2]} naming the stuck feature")
-    print(f"trios: {caught[3]} of {2 * copies} flagged, {named[3]} naming it")
-    assert caught[2] >= 14 and caught[3] >= 14
-    assert named[3] >= caught[3] - 1
+            if view[at + first[0], k] == corr:  # (the repeat view decides some, and names the stuck one)
+                by_corr[v.shape[1]] += 1
+                named[v.shape[1]] += int(top[at + first[0], k] == targets[k])
+    for width, what in ((2, "pairs"), (3, "trios")):
+        first_by = f"{by_corr[width]} first by the correlation view, {named[width]} of those naming the stuck feature"
+        print(f"\n{what}: {caught[width]} of {2 * copies} flagged, {first_by}")
+    assert caught[2] >= 14 and caught[3] >= 14 and by_corr[3] >= 8
+    assert named[3] >= by_corr[3] - 1
     # (No assertion on the pairs' naming: it is the limit this test measures, printed above.)
     assert not flagged[1000:at].any()

@@ -43,6 +43,7 @@ def test_injected_anomalies_rank_high_and_false_alarms_are_rare():
     percentile = defaultdict(list)
     caught = defaultdict(list)
     during = defaultdict(list)
+    peak = defaultdict(list)
     for a in data.anomalies:
         if a.start >= steps:
             continue
@@ -53,6 +54,7 @@ def test_injected_anomalies_rank_high_and_false_alarms_are_rare():
         percentile[a.kind].append((normal < scores[a.stream, window].max()).mean())
         caught[a.kind].append(flagged[a.stream, window].any())
         during[a.kind].append(flagged[a.stream, a.start : min(steps, a.end)].any())
+        peak[a.kind].append(scores[a.stream, a.start : min(steps, a.end)].max())
     # (Measured with seed 11: spikes 8 of 11 flagged, level shifts 9 of 12, drifts 17 of 24, stuck
     # 18 of 18. Every drift flagged is flagged at its end, by the step back to normal: 0 of 24
     # while it builds, where they peak at 0.12-0.37. Each reading of a drift is a new record of
@@ -76,7 +78,8 @@ def test_injected_anomalies_rank_high_and_false_alarms_are_rare():
         p = np.asarray(percentile[kind])
         print(
             f"{kind:12s} n={len(p):3d} peak percentile min {p.min():.4f} median {np.median(p):.4f} "
-            f"flagged {sum(caught[kind])} (while it lasts: {sum(during[kind])})"
+            f"flagged {sum(caught[kind])} (while it lasts: {sum(during[kind])}, "
+            f"peak scores then {min(peak[kind]):.2f}-{max(peak[kind]):.2f})"
         )
     print(f"false alarms per normal event: {false_alarm_rate:.5f}")
     assert false_alarm_rate < 0.0005, false_alarm_rate

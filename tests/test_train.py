@@ -229,6 +229,8 @@ def test_files_as_spreadsheets_and_tools_write_them_are_read_or_refused_naming_t
     skipped.clear()
     notes.clear()
     assert list(load_files([str(iso)], skipped=skipped, notes=notes)) == [f"{iso}:temp"] and skipped == [f"{iso}:Date"] and notes == []
+    skipped.clear()  # (with --columns nothing is left out as a time column: the columns were named)
+    assert list(load_files([str(iso)], columns=["temp"], skipped=skipped)) == [f"{iso}:temp"] and skipped == []
     semi = tmp_path / "semi.csv"  # (a review: "text (100 cells such as '0;0.000;0'), left out", no hint)
     semi.write_text("ts;temp\n" + "".join(f"{i};{i % 3}\n" for i in range(5)))
     notes.clear()
@@ -603,7 +605,7 @@ def test_public_data_without_statsmodels_is_unavailable_not_a_bare_exit(monkeypa
         load_statsmodels()
 
 
-def test_a_public_share_that_leaves_a_source_no_row_is_refused_and_the_split_is_described():
+def test_a_public_share_that_leaves_a_source_no_row_is_refused_and_the_split_is_described(tmp_path, capsys):
     """A review: at a batch of 2 and a share of 0.8 (or 64 and 0.995) no row of the files was
     used, and at a batch of 1 none of the public series, while the checkpoint described both as
     the training data (training on another file gave the same weights)."""
@@ -616,5 +618,12 @@ def test_a_public_share_that_leaves_a_source_no_row_is_refused_and_the_split_is_
         with pytest.raises(ValueError, match=f"in batches of {batch} leaves {who} no row"):
             train(TrainConfig(steps=1, batch=batch, length=32, public_share=share), progress=False, **sources)
     _, summary = train(TrainConfig(steps=2, batch=4, length=32), progress=False, **sources)
+    # The command says so before reading any data (a topic replay can take minutes).
+    from streamer.cli import main
+
+    out = tmp_path / "m.pt"
+    assert main(["train", "--public", "--public-share", "0.8", "--batch", "2", "--out", str(out), "--topic", "nowhere"]) == 2
+    assert "--public-share: a public share of 0.8 in batches of 2 leaves the training data no row" in capsys.readouterr().err
+    assert not out.exists()
     assert "2 batches of 4 windows (3 from it, 1 public) x 32" in summary["data"]
     assert summary["public"]["share"] == 0.25 and summary["public"]["rows_per_batch"] == 1

@@ -607,14 +607,9 @@ def overview() -> Json:
     b.timeseries(
         "Dead letters by reason",
         "Input records sent to the dead-letter topic, per second, by reason (the streamer.reason header). "
-        "StreamerDeadLetters fires when one reason is over 0.1% of the input for 10 minutes. Also stray events: scored, "
-        "not dead-lettered, but their stream's state belongs to another partition (a producer without a stable key per stream; "
-        "the daemon's log names the first streams).",
+        "StreamerDeadLetters fires when one reason is over 0.1% of the input for 10 minutes.",
         "cps",
-        targets(
-            (f"sum by (reason) ({rate('streamer_dead_letters_total')}) > 0", "{{reason}}"),
-            (f"sum({rate('streamer_events_stray_total')})", "stray events (scored)"),
-        ),
+        targets((f"sum by (reason) ({rate('streamer_dead_letters_total')}) > 0", "{{reason}}")),
         bars=True,
         stack=True,
     )
@@ -624,6 +619,15 @@ def overview() -> Json:
         "short",
         targets((f"sort_desc(sum by (reason) (increase({m('streamer_dead_letters_total')}[$__range])))", "{{reason}}"), instant=True),
         h=8,
+    )
+    b.timeseries(
+        "Stray events",
+        "Sensor events scored against a stream whose state belongs to another input partition or topic, per second: a producer "
+        "without a stable key per stream. They are scored, not dead-lettered, but a rebalance drops that state under them; "
+        "the daemon's log names the first such streams. 0 is healthy.",
+        "cps",
+        targets((f"sum({rate('streamer_events_stray_total')})", "stray events")),
+        min_=0,
     )
     return b.render([RESTART_ANNOTATION])
 
