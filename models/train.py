@@ -165,6 +165,17 @@ class MixedSampler:
         return out[rng.permutation(batch)]
 
 
+def _streamer_version() -> str:
+    """The installed package's version, which wrote the checkpoint (a review: a file said which
+    torch trained it but not which streamer)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("streamer")
+    except PackageNotFoundError:  # (run from a checkout that was never installed)
+        return "unknown"
+
+
 def _base_name(data: SeriesSampler | None) -> str:
     return "the synthetic series" if data is None else "the training data"
 
@@ -267,5 +278,6 @@ def train(
         "first_loss": float(np.mean(losses[:window])),
         "seconds": round(time.time() - started, 1),
         "torch": str(torch.__version__),
+        "streamer": _streamer_version(),
     }
     return model, summary

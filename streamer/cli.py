@@ -138,6 +138,7 @@ def _train(args: argparse.Namespace) -> int:
         elif args.files:
             from streamer.traindata import load_files
 
+            args.files = list(dict.fromkeys(args.files))  # (a file named twice was listed twice, trained once)
             description = "files " + ", ".join(args.files[:10]) + (" ..." if len(args.files) > 10 else "")
             skipped: list[str] = []
             columns = [c.strip() for c in args.columns.split(",") if c.strip()] if args.columns else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.metadata
 import subprocess
 import sys
 import time
@@ -30,12 +31,17 @@ def test_train_from_csv_writes_a_described_checkpoint(tmp_path):
             # One gap in the temperature (an empty cell) is skipped: it dropped the whole column.
             w.writerow([f"2024-01-01 00:{i // 60 % 60:02d}:{i % 60:02d}", "" if i == 100 else temp, rpm, "ok"])
     out = tmp_path / "m.pt"
-    cmd = [sys.executable, "-m", "streamer.cli", "train", str(path), "--out", str(out), "--steps", "3", "--batch", "4", "--length", "64"]
+    # (The file named twice: it was listed twice in the description, and trained once.)
+    cmd = [sys.executable, "-m", "streamer.cli", "train", str(path), str(path), "--out", str(out)]
+    cmd += ["--steps", "3", "--batch", "4", "--length", "64"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "wrote" in proc.stdout
     model, meta = load_checkpoint(out)
     assert meta["training"]["name"] == "custom" and model.config.hidden == 32
+    assert meta["training"]["data"].count("plant.csv") == 1, meta["training"]["data"]
+    # Which streamer wrote it, beside which torch (a review: only torch was recorded).
+    assert meta["training"]["streamer"] == importlib.metadata.version("streamer") != "unknown"
     assert meta["training"]["series"] == [f"{path}:temp", f"{path}:rpm"]  # the text column is not a series
     # The feature schema: what the model serves (any names, up to max_features), and the
     # features it was trained on.
