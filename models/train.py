@@ -131,15 +131,15 @@ def batch_split(batch: int, shares: list[float]) -> list[int]:
     return counts
 
 
-def public_share_problem(batch: int, share: float, base: str) -> str | None:
-    """Why a public share cannot be used in batches of `batch` (`base`: what the rest of each batch
-    is), or None: a share that rounds one source to no row of any batch would train on the other
+def public_share_problem(batch: int, share: float, from_data: bool) -> str | None:
+    """Why a public share cannot be used in batches of `batch` (`from_data`: the rest of each batch
+    is the user's data, not the synthetic series), or None: a share that rounds one source to no row of any batch would train on the other
     alone while the checkpoint described both (a review: 0.8 of a batch of 2 used no row of the
     files; another file gave the same weights)."""
     n_base, n_public = batch_split(batch, [1.0 - share, share])
     if min(n_base, n_public) >= 1:
         return None
-    who = "the public series" if n_public < 1 else base
+    who = "the public series" if n_public < 1 else ("the training data" if from_data else "the synthetic series")
     advice = "take a larger batch or a share nearer one half"
     return f"a public share of {share:g} in batches of {batch} leaves {who} no row of any batch: {advice}"
 
@@ -176,10 +176,6 @@ def _streamer_version() -> str:
         return "unknown"
 
 
-def _base_name(data: SeriesSampler | None) -> str:
-    return "the synthetic series" if data is None else "the training data"
-
-
 def _loss_window(steps: int) -> int:
     return max(1, min(20, steps // 4))
 
@@ -203,7 +199,7 @@ def train(
     mixer = None if public is None else MixedSampler([(base, 1.0 - cfg.public_share), (public, cfg.public_share)])
     sample = base if mixer is None else mixer
     n_base, n_public = (cfg.batch, 0) if mixer is None else mixer.counts(cfg.batch)
-    problem = None if mixer is None else public_share_problem(cfg.batch, cfg.public_share, _base_name(data))
+    problem = None if mixer is None else public_share_problem(cfg.batch, cfg.public_share, data is not None)
     if problem:
         raise ValueError(problem)
     torch.manual_seed(cfg.seed)

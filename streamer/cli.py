@@ -69,8 +69,8 @@ def _train(args: argparse.Namespace) -> int:
         print("streamer: train from files or from --topic, not both", file=sys.stderr)
         return 2
     # (Before any data is read: a topic replay can take minutes.)
-    base = "the training data" if args.topic or args.files else "the synthetic series"
-    share_problem = public_share_problem(args.batch, args.public_share, base) if args.public and args.batch >= 1 else None
+    from_data = bool(args.topic or args.files)
+    share_problem = public_share_problem(args.batch, args.public_share, from_data) if args.public and args.batch >= 1 else None
     if share_problem:
         print(f"streamer: --public-share: {share_problem}", file=sys.stderr)
         return 2
